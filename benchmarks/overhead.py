@@ -1,0 +1,199 @@
+"""Overhead of gradscope against the bare training step, measured side by side in one process.
+
+Each workload is built twice from the same seed: a bare copy and a watched copy. Steps alternate
+(bare, watched, then watched, bare, ...) so both see the same machine state, and the ratio of each
+pair is taken. Printed per variant:
+
+* ``amortised``: total watched time / total bare time over all timed pairs, so periodic work
+  (flushes and rules every 50 steps, activation sampling every 10) is included: this is the figure
+  the targets refer to.
+* ``median``: median of the per-pair ratios (an ordinary step).
+
+Run ``python benchmarks/overhead.py`` (CPU) or ``python benchmarks/overhead.py --device cuda --dtype bf16``.
+Ratios only; absolute times are printed for context, never judged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from workloads import Workload, cpu_workloads, gpu_workloads
+
+import gradscope
+
+
+def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+
+class Runner:
+    """One model + optimizer + (optional) monitoring, stepping on pre-generated batches."""
+
+    def __init__(
+        self, wl: Workload, model: nn.Module, device: str, dtype: torch.dtype | None, variant: str, steps: int
+    ) -> None:
+        self.model = model
+        self.opt = make_optimizer(wl.optimizer, model)
+        self.wl = wl
+        self.device = device
+        self.dtype = dtype
+        self.variant = variant
+        self.scope = None
+        self.handles: list = []
+        if variant == "gradscope":
+            self.scope = gradscope.watch(model, optimizer=self.opt)
+        elif variant == "gradscope-tb":
+            self.scope = gradscope.watch(model, optimizer=self.opt, log_dir=os.path.join(_tmpdir(), "tb"))
+        elif variant == "gradscope-every10":
+            self.scope = gradscope.watch(model, optimizer=self.opt, every=10)
+        elif variant == "naive-item-hooks":
+            # what people write by hand: per-parameter hooks with .item() (a host sync per parameter on GPU)
+            self.log: list = []
+            for name, p in model.named_parameters():
+                if p.requires_grad:
+                    self.handles.append(p.register_post_accumulate_grad_hook(self._naive(name)))
+        elif variant != "bare":
+            raise ValueError(variant)
+
+    def _naive(self, name: str) -> Callable:
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad
+            self.log.append((name, g.norm().item(), g.abs().max().item(), g.mean().item(), g.std().item()))
+
+        return hook
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.dtype is not None:
+            with torch.autocast(device_type=self.device.split(":")[0], dtype=self.dtype):
+                loss = self.wl.loss_fn(self.model(x), y)
+        else:
+            loss = self.wl.loss_fn(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+        if self.scope is not None:
+            self.scope.step(loss=loss)
+        self.opt.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        if self.scope is not None:
+            self.scope.close()
+        for h in self.handles:
+            h.remove()
+
+
+_TMP: list[str] = []
+
+
+def _tmpdir() -> str:
+    import tempfile
+
+    if not _TMP:
+        _TMP.append(tempfile.mkdtemp(prefix="gradscope-bench-"))
+    return _TMP[0]
+
+
+def measure(wl: Workload, variant: str, *, device: str, dtype: torch.dtype | None, warmup: int, pairs: int) -> dict:
+    torch.manual_seed(0)
+    base = wl.make_model().to(device)
+    g = torch.Generator().manual_seed(1)
+    batches = [tuple(t.to(device) for t in wl.make_batch(g)) for _ in range(4)]
+    bare = Runner(wl, base, device, dtype, "bare", pairs)
+    watched = Runner(wl, copy.deepcopy(base), device, dtype, variant, pairs)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed(r: Runner, i: int) -> float:
+        x, y = batches[i % len(batches)]
+        sync()
+        t0 = time.perf_counter()
+        r.step(x, y)
+        sync()
+        return time.perf_counter() - t0
+
+    for i in range(warmup):
+        timed(bare, i)
+        timed(watched, i)
+    tb, tw = [], []
+    for i in range(pairs):
+        if i % 2 == 0:
+            a = timed(bare, i)
+            b = timed(watched, i)
+        else:
+            b = timed(watched, i)
+            a = timed(bare, i)
+        tb.append(a)
+        tw.append(b)
+    bare.close()
+    watched.close()
+    ratios = [b / a for a, b in zip(tb, tw)]
+    q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), 0, max(ratios)]
+    return {
+        "workload": wl.name,
+        "variant": variant,
+        "bare_ms": statistics.median(tb) * 1e3,
+        "amortised": sum(tw) / sum(tb),
+        "median": statistics.median(ratios),
+        "iqr": (q[0], q[-1]),
+        "pairs": pairs,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--workloads", default=None, help="comma-separated names (default: cpu set, or gpu set on cuda)")
+    ap.add_argument("--variants", default="gradscope,gradscope-tb,naive-item-hooks")
+    ap.add_argument("--pairs", type=int, default=None, help="timed pairs per variant (default by workload)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="a few pairs only (smoke test; ratios are noisy)")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    pool = {w.name: w for w in cpu_workloads() + gpu_workloads()}
+    default = [w.name for w in (gpu_workloads() if args.device.startswith("cuda") else cpu_workloads())]
+    names = args.workloads.split(",") if args.workloads else default
+    default_pairs = {"mlp": 150, "cnn": 100, "gpt": 60, "gpt2-small": 60, "resnet50": 60}
+
+    dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
+    print(
+        f"gradscope {gradscope.__version__}, torch {torch.__version__}, device {args.device} ({dev}), "
+        f"threads {torch.get_num_threads()}, dtype {args.dtype}"
+    )
+    print(f"{'workload':<12} {'variant':<20} {'bare ms':>9} {'amortised':>10} {'median':>8} {'IQR':>13} {'pairs':>6}")
+    rows = []
+    for name in names:
+        wl = pool[name]
+        print(f"# {wl.name}: {wl.description}")
+        for variant in args.variants.split(","):
+            pairs = 6 if args.quick else (args.pairs or default_pairs.get(name, 60))
+            r = measure(
+                wl, variant, device=args.device, dtype=dtype, warmup=2 if args.quick else args.warmup, pairs=pairs
+            )
+            rows.append(r)
+            print(
+                f"{r['workload']:<12} {r['variant']:<20} {r['bare_ms']:>9.2f} {r['amortised']:>9.3f}x {r['median']:>7.3f}x "
+                f"{r['iqr'][0]:>6.3f}-{r['iqr'][1]:<6.3f} {r['pairs']:>6}"
+            )
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

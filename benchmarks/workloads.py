@@ -1,0 +1,191 @@
+"""Models used by the overhead benchmark: small ones for CPUs, GPT-2-small- and ResNet-50-sized ones for GPUs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Workload:
+    name: str
+    make_model: Callable[[], nn.Module]
+    make_batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: str = "sgd"
+    description: str = ""
+
+
+def mlp(width: int = 1024, depth: int = 3, d_in: int = 784, classes: int = 10) -> nn.Module:
+    layers: list[nn.Module] = []
+    d = d_in
+    for _ in range(depth - 1):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    layers.append(nn.Linear(d, classes))
+    return nn.Sequential(*layers)
+
+
+def small_cnn(classes: int = 10) -> nn.Module:
+    def block(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+    return nn.Sequential(
+        *block(3, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 128),
+        nn.MaxPool2d(2),
+        *block(128, 128),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, classes),
+    )
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 4 * d)
+        self.act = nn.GELU(approximate="tanh")
+        self.out = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.proj(y)
+        return x + self.out(self.act(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int, ctx: int, d: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.wte.weight  # tied, as in GPT-2
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(
+                    p, std=0.02 / (math.sqrt(2 * layers) if name.endswith(("proj.weight", "out.weight")) else 1)
+                )
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.ln_f(x))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, mid: int, stride: int) -> None:
+        super().__init__()
+        cout = mid * 4
+        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idt = x if self.down is None else self.down(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += idt
+        return self.relu(out)
+
+
+def resnet50(classes: int = 1000) -> nn.Module:
+    """ResNet-50's layout (3-4-6-3 bottlenecks, 25.6M parameters), written out so no torchvision is needed."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+    ]
+    cin = 64
+    for mid, n, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for i in range(n):
+            layers.append(Bottleneck(cin, mid, stride if i == 0 else 1))
+            cin = mid * 4
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
+    return nn.Sequential(*layers)
+
+
+def cpu_workloads() -> list[Workload]:
+    return [
+        Workload(
+            "mlp",
+            lambda: mlp(1024, 4),
+            lambda g: (torch.randn(512, 784, generator=g), torch.randint(0, 10, (512,), generator=g)),
+            F.cross_entropy,
+            "sgd",
+            "MLP with 3 hidden layers 784-1024-1024-1024-10 (2.9M params, 8 tensors), batch 512, SGD",
+        ),
+        Workload(
+            "cnn",
+            small_cnn,
+            lambda g: (torch.randn(64, 3, 32, 32, generator=g), torch.randint(0, 10, (64,), generator=g)),
+            F.cross_entropy,
+            "sgd",
+            "4-conv CNN with BatchNorm (0.29M params, 14 tensors), batch 64 of 3x32x32, SGD",
+        ),
+        Workload(
+            "gpt",
+            lambda: GPT(vocab=4096, ctx=128, d=256, layers=4, heads=4),
+            lambda g: (torch.randint(0, 4096, (8, 128), generator=g), torch.randint(0, 4096, (8, 128), generator=g)),
+            lm_loss,
+            "adamw",
+            "GPT-style transformer, 4 blocks, d=256, ctx 128, vocab 4096 tied (4.2M params), batch 8, AdamW",
+        ),
+    ]
+
+
+def gpu_workloads() -> list[Workload]:
+    return [
+        Workload(
+            "gpt2-small",
+            lambda: GPT(vocab=50304, ctx=1024, d=768, layers=12, heads=12),
+            lambda g: (
+                torch.randint(0, 50304, (8, 1024), generator=g),
+                torch.randint(0, 50304, (8, 1024), generator=g),
+            ),
+            lm_loss,
+            "adamw",
+            "GPT-2-small-sized transformer (124M params), batch 8 x 1024 tokens, AdamW",
+        ),
+        Workload(
+            "resnet50",
+            resnet50,
+            lambda g: (torch.randn(64, 3, 224, 224, generator=g), torch.randint(0, 1000, (64,), generator=g)),
+            F.cross_entropy,
+            "sgd",
+            "ResNet-50-sized CNN (25.6M params), batch 64 of 3x224x224, SGD with momentum",
+        ),
+    ]

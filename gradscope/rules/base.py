@@ -1,0 +1,139 @@
+"""The Rule contract: host-side checks that turn statistics into findings.
+
+A rule is a small class registered by name (the finding ``kind``) with
+``@gradscope.register_rule``. It declares the statistics it needs (``requires``) and its thresholds
+(``defaults``, overridable per scope with ``watch(..., thresholds={name: {...}})``). At each flush
+the engine calls :meth:`Rule.check` with a :class:`RuleContext`; the rule returns findings. Rules see
+NumPy arrays only, so they cannot synchronise with a device.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from gradscope.errors import ConfigurationError
+from gradscope.report import SEVERITIES, Finding
+
+if TYPE_CHECKING:
+    from gradscope.stats.frame import StatsFrame
+
+__all__ = ["Rule", "RuleContext"]
+
+
+@dataclass
+class RuleContext:
+    """What a rule sees at a flush.
+
+    Attributes:
+        frame: every recorded step so far (host arrays; see :class:`gradscope.stats.frame.StatsFrame`).
+        new_from: index of the first row added since the previous flush (``frame.steps[new_from:]``).
+        forward_order: layer indices in the order their modules first ran forward (earliest layer
+            first); layers never seen running are appended in registration order. Backward order is
+            the reverse.
+        has_optimizer: whether the scope was given an optimizer.
+        final: True at the last flush (``close()``).
+        extra: free-form information from the scope (``{"every": 1, ...}``).
+    """
+
+    frame: StatsFrame
+    new_from: int
+    forward_order: list[int]
+    has_optimizer: bool = False
+    final: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> np.ndarray:
+        """Step numbers of all recorded rows."""
+        return self.frame.steps
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer keys (module paths)."""
+        return self.frame.schema.layers
+
+    def layers_by_depth(self) -> list[str]:
+        """Layer keys in forward order (input side first)."""
+        return [self.frame.schema.layers[i] for i in self.forward_order]
+
+
+class Rule(ABC):
+    """Base class of diagnosis rules.
+
+    Subclasses set ``name`` (through ``@register_rule``), ``severity``, ``requires`` (statistic names
+    that must be collected), ``defaults`` (threshold name -> default value) and implement
+    :meth:`check`. The docstring of a subclass states the definition, the thresholds and where they
+    come from.
+
+    Args:
+        **thresholds: overrides of ``defaults``; unknown names raise ``ConfigurationError``.
+    """
+
+    name: ClassVar[str] = ""
+    severity: ClassVar[str] = "warning"
+    requires: ClassVar[tuple[str, ...]] = ()
+    requires_activations: ClassVar[bool] = False
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **thresholds: Any) -> None:
+        unknown = sorted(set(thresholds) - set(self.defaults))
+        if unknown:
+            raise ConfigurationError(
+                f"Unknown threshold(s) {', '.join(map(repr, unknown))} for rule {self.name!r}. "
+                f"Its thresholds are: {', '.join(sorted(self.defaults)) or '(none)'}."
+            )
+        values = dict(self.defaults)
+        for key, value in thresholds.items():
+            default = self.defaults[key]
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                    raise ConfigurationError(
+                        f"Expected threshold {key!r} of rule {self.name!r} to be a number like {default!r}, but got {value!r}."
+                    )
+                value = type(default)(value) if isinstance(default, float) else value
+            values[key] = value
+        self.thresholds: dict[str, Any] = values
+        self.validate()
+
+    def validate(self) -> None:  # noqa: B027 - optional hook
+        """Check threshold values (override to add range checks); raise ``ConfigurationError``."""
+
+    def reset(self) -> None:  # noqa: B027 - optional hook
+        """Forget state kept between flushes (override in stateful rules)."""
+
+    @abstractmethod
+    def check(self, ctx: RuleContext) -> list[Finding]:
+        """Return the findings visible in ``ctx`` (the engine drops ones already reported)."""
+
+    def finding(
+        self,
+        *,
+        step: int,
+        layer: str | None,
+        message: str,
+        suggestion: str,
+        evidence: dict[str, Any],
+        severity: str | None = None,
+    ) -> Finding:
+        """Build a finding of this rule's kind."""
+        sev = severity or self.severity
+        if sev not in SEVERITIES:
+            raise ConfigurationError(f"Expected severity to be one of {SEVERITIES}, but got {sev!r}.")
+        return Finding(
+            kind=self.name,
+            severity=sev,
+            step=int(step),
+            layer=layer,
+            message=message,
+            suggestion=suggestion,
+            evidence=dict(evidence),
+        )
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.thresholds.items() if self.defaults.get(k) != v}
+        args = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+        return f"{type(self).__name__}({args})"

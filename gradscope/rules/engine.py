@@ -1,0 +1,155 @@
+"""Builds the rules a scope runs and runs them at each flush, on host data only."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any, Union
+
+from gradscope.errors import ConfigurationError, GradscopeWarning, RegistryError
+from gradscope.registry import RULES
+from gradscope.report import Finding
+from gradscope.rules.base import Rule, RuleContext
+
+__all__ = ["RuleEngine", "RuleSpec", "build_rules"]
+
+RuleSpec = Union[str, Iterable[Union[str, Rule]], None]
+
+
+def _rule_class(name: str) -> type[Rule]:
+    try:
+        return RULES.get(name)
+    except RegistryError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | None = None) -> list[Rule]:
+    """Instantiate the rules a scope runs.
+
+    Args:
+        spec: ``"all"`` (every registered rule, the default), ``"none"``, or an iterable of rule names and
+            :class:`Rule` instances. A name prefixed with ``-`` removes that rule, so
+            ``["all", "-overfitting"]`` runs every rule but one.
+        thresholds: ``{rule name: {threshold: value}}`` overrides.
+
+    Raises:
+        ConfigurationError: for unknown rule names, thresholds of rules not selected, or bad values.
+    """
+    import gradscope.rules  # noqa: F401  (registers the built-in rules)
+
+    if spec is None:
+        spec = "all"
+    if isinstance(spec, str):
+        spec = [spec]
+    if isinstance(spec, Rule) or not isinstance(spec, Iterable):
+        raise ConfigurationError(
+            f'Expected `rules` to be "all", "none" or a list of rule names / Rule instances, but got {spec!r}.'
+        )
+    chosen: dict[str, Rule | None] = {}
+    for item in spec:
+        if isinstance(item, Rule):
+            chosen[item.name] = item
+        elif isinstance(item, type) and issubclass(item, Rule):
+            raise ConfigurationError(
+                f"`rules` got the class {item.__name__}; pass an instance ({item.__name__}()) or its name {item.name!r}."
+            )
+        elif item == "all":
+            for name in RULES.keys():
+                chosen.setdefault(name, None)
+        elif item == "none":
+            chosen.clear()
+        elif isinstance(item, str) and item.startswith("-"):
+            _rule_class(item[1:])
+            chosen.pop(item[1:], None)
+        elif isinstance(item, str):
+            _rule_class(item)
+            chosen.setdefault(item, None)
+        else:
+            raise ConfigurationError(
+                f"Expected each entry of `rules` to be a rule name or a Rule instance, but got {item!r}."
+            )
+    thresholds = dict(thresholds or {})
+    if not isinstance(thresholds, Mapping):
+        raise ConfigurationError(
+            f"Expected `thresholds` to be a dict {{rule name: {{threshold: value}}}}, but got {thresholds!r}."
+        )
+    for name, values in thresholds.items():
+        _rule_class(name)
+        if name not in chosen:
+            raise ConfigurationError(
+                f"`thresholds` sets values for rule {name!r}, which is not enabled in `rules`. Enable it or drop the entry."
+            )
+        if not isinstance(values, Mapping):
+            raise ConfigurationError(
+                f"Expected thresholds[{name!r}] to be a dict of threshold values, but got {values!r}."
+            )
+        if chosen[name] is not None:
+            raise ConfigurationError(
+                f"Rule {name!r} was passed as an instance and has thresholds in `thresholds` too; set them in one place."
+            )
+    rules: list[Rule] = []
+    for name, instance in chosen.items():
+        rules.append(instance if instance is not None else _rule_class(name)(**dict(thresholds.get(name, {}))))
+    return rules
+
+
+class RuleEngine:
+    """Runs rules at each flush and keeps the findings, one per (kind, layer), at their first step.
+
+    A rule that raises is reported as a warning and switched off: monitoring never crashes training.
+    """
+
+    def __init__(self, rules: list[Rule]) -> None:
+        self.rules = rules
+        self.findings: list[Finding] = []
+        self.errors: list[str] = []
+        self._seen: set[tuple[str, str | None]] = set()
+        self._broken: set[str] = set()
+
+    def check_requirements(self, collected: Iterable[str], *, activations: bool) -> None:
+        """Raise ``ConfigurationError`` when a rule needs a statistic that is not collected."""
+        have = set(collected)
+        for rule in self.rules:
+            missing = [s for s in rule.requires if s not in have]
+            if missing:
+                raise ConfigurationError(
+                    f"Rule {rule.name!r} needs statistic(s) {', '.join(map(repr, missing))}, which this scope does "
+                    f"not collect. Add them to `stats`, or leave the rule out with rules=['all', '-{rule.name}']."
+                )
+            if rule.requires_activations and not activations:
+                raise ConfigurationError(
+                    f"Rule {rule.name!r} needs activation statistics, but activations=False. Turn them on, or leave "
+                    f"the rule out with rules=['all', '-{rule.name}']."
+                )
+
+    def run(self, ctx: RuleContext) -> list[Finding]:
+        """Run every rule; return the findings not reported before, ordered by step."""
+        new: list[Finding] = []
+        for rule in self.rules:
+            if rule.name in self._broken:
+                continue
+            try:
+                found = rule.check(ctx)
+            except Exception as exc:  # a broken rule must not stop training
+                self._broken.add(rule.name)
+                msg = f"Rule {rule.name!r} raised {type(exc).__name__}: {exc}; it is switched off for this run."
+                self.errors.append(msg)
+                warnings.warn(msg, GradscopeWarning, stacklevel=2)
+                continue
+            for f in found:
+                key = (f.kind, f.layer)
+                if key not in self._seen:
+                    self._seen.add(key)
+                    new.append(f)
+        new.sort(key=lambda f: f.step)
+        self.findings.extend(new)
+        self.findings.sort(key=lambda f: f.step)
+        return new
+
+    def reset(self) -> None:
+        """Forget findings and rule state."""
+        self.findings.clear()
+        self._seen.clear()
+        self._broken.clear()
+        for rule in self.rules:
+            rule.reset()

@@ -1,0 +1,170 @@
+"""The fused pass: a few reductions per gradient from which every built-in statistic follows.
+
+Reading the gradients is the whole cost of monitoring on a CPU and most of it on a GPU, so the
+built-in statistics are not computed one by one. Instead each gradient is reduced to *moments*
+(sum, sum of squares, min, max, non-zero count, non-finite count) and each weight to its sum of
+squares; the statistics are derived from these on the host at flush time
+(:mod:`gradscope.stats.frame`). Moments also aggregate exactly: a layer's or a shard's moments are
+sums (or min/max) of its parts, which is what layer aggregates and distributed reductions need.
+
+Nothing here synchronises with an accelerator. Results land in the device buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CORE_MOMENTS",
+    "GRAD_MOMENTS",
+    "MOMENTS",
+    "PARAM_MOMENTS",
+    "STAT_MOMENTS",
+    "MomentPlan",
+]
+
+GRAD_MOMENTS = ("sum", "sumsq", "min", "max", "nnz", "nonfinite")
+PARAM_MOMENTS = ("psumsq", "dsumsq")
+MOMENTS = GRAD_MOMENTS + PARAM_MOMENTS
+M = {name: i for i, name in enumerate(MOMENTS)}
+
+#: Moments taken at every recorded step: one pass over the gradients (the sum of squares), plus the
+#: non-finite count, which costs nothing while every gradient is finite. The others need a pass
+#: each (the weights and the update: three) and are taken on sampled steps (``sample_every``).
+CORE_MOMENTS = frozenset({"sumsq", "nonfinite"})
+
+#: Which moments each built-in statistic is derived from.
+STAT_MOMENTS: dict[str, tuple[str, ...]] = {
+    "l2_norm": ("sumsq",),
+    "rms": ("sumsq",),
+    "mean": ("sum",),
+    "std": ("sum", "sumsq"),
+    "abs_max": ("min", "max"),
+    "zero_fraction": ("nnz",),
+    # the sum of squares doubles as a free "all finite?" flag; the exact count only runs when that
+    # flag is down (see MomentPlan._nonfinite).
+    "nonfinite_count": ("sumsq", "nonfinite"),
+    "param_norm": ("psumsq",),
+    "update_ratio": ("psumsq", "dsumsq"),
+}
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _local(t: Tensor) -> Tensor:
+    # DTensor (FSDP2, tensor parallel): reduce the local shard; shards are combined at flush.
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+class MomentPlan:
+    """Which moments to compute for a set of statistics, and the code that computes them.
+
+    Args:
+        moments: moment names to compute (a subset of :data:`MOMENTS`).
+        custom: user statistics, ``(grad, param) -> 0-d tensor``, appended as extra columns.
+    """
+
+    def __init__(self, moments: Sequence[str], custom: Sequence[Callable[[Tensor, Tensor], Tensor]] = ()) -> None:
+        wanted = set(moments)
+        unknown = wanted - set(MOMENTS)
+        if unknown:
+            raise ValueError(f"Unknown moments {sorted(unknown)}; known: {', '.join(MOMENTS)}.")
+        if wanted & {"min", "max"}:
+            wanted |= {"min", "max"}  # one pass gives both
+        if "nonfinite" in wanted:
+            wanted.add("sumsq")  # the finite flag that gates the exact count
+        self.moments = frozenset(wanted)
+        self.custom = tuple(custom)
+        self.n_cols = len(MOMENTS) + len(self.custom)
+        self._nan_cache: dict[tuple[int, torch.device], Tensor] = {}
+
+    @property
+    def needs_grads(self) -> bool:
+        """True when any gradient moment or custom statistic is collected."""
+        return bool(self.moments & set(GRAD_MOMENTS)) or bool(self.custom)
+
+    def _nan(self, n: int, device: torch.device) -> Tensor:
+        key = (n, device)
+        if key not in self._nan_cache:
+            self._nan_cache[key] = torch.full((n,), float("nan"), dtype=torch.float64, device=device)
+        return self._nan_cache[key]
+
+    def grad_moments(self, grads: Sequence[Tensor], params: Sequence[Tensor], *, sampled: bool = True) -> Tensor:
+        """Moments of each gradient (and custom statistics), as a ``[len(grads), n_cols]`` float64 tensor.
+
+        Columns follow :data:`MOMENTS` then the custom statistics; moments not in the plan, moments
+        outside :data:`CORE_MOMENTS` when ``sampled`` is False, and the parameter moments (filled
+        elsewhere) are NaN. All gradients must be on one device.
+        """
+        wanted = self.moments if sampled else self.moments & CORE_MOMENTS
+        grad_cols = [m for m in GRAD_MOMENTS if m in wanted]
+        n = len(grads)
+        device = grads[0].device
+        cols: dict[str, Tensor] = {}
+        local = [_local(g) for g in grads]
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, g in enumerate(local):
+            by_dtype.setdefault(g.dtype, []).append(i)
+        single = len(by_dtype) == 1
+        parts: dict[str, list[tuple[list[int], Tensor]]] = {m: [] for m in grad_cols if m != "nonfinite"}
+        for dtype, idx in by_dtype.items():
+            gs = [local[i].reshape(-1) for i in idx] if not single else [g.reshape(-1) for g in local]
+            acc = _acc_dtype(dtype)
+            if "sum" in wanted:
+                parts["sum"].append((idx, torch.stack([g.sum(dtype=acc) for g in gs]).to(torch.float64)))
+            if "sumsq" in wanted:
+                parts["sumsq"].append((idx, torch.stack(torch._foreach_powsum(gs, 2, dtype=acc)).to(torch.float64)))
+            if "min" in wanted:
+                # aminmax reads the data once for both; never an inf-norm (12x slower on CPU).
+                mm = [torch.aminmax(g) if g.numel() else (g.new_zeros(()), g.new_zeros(())) for g in gs]
+                parts["min"].append((idx, torch.stack([a for a, _ in mm]).to(torch.float64)))
+                parts["max"].append((idx, torch.stack([b for _, b in mm]).to(torch.float64)))
+            if "nnz" in wanted:
+                parts["nnz"].append((idx, torch.stack([torch.count_nonzero(g) for g in gs]).to(torch.float64)))
+        for m, pieces in parts.items():
+            if single:
+                cols[m] = pieces[0][1]
+            else:
+                out = torch.empty(n, dtype=torch.float64, device=device)
+                for idx, vals in pieces:
+                    out[torch.tensor(idx, device=device)] = vals
+                cols[m] = out
+        if "nonfinite" in wanted:
+            cols["nonfinite"] = self._nonfinite(local, cols["sumsq"])
+        columns = [cols.get(m, self._nan(n, device)) for m in MOMENTS]
+        for fn in self.custom:
+            columns.append(torch.stack([fn(g, p).reshape(()) for g, p in zip(grads, params)]).to(torch.float64))
+        return torch.stack(columns, dim=1)
+
+    def _nonfinite(self, grads: Sequence[Tensor], sumsq: Tensor) -> Tensor:
+        # The sum of squares is finite when every entry is (NaN and Inf propagate into it), so the
+        # flag comes free with the core pass. (It also trips when squares overflow, |g| > 1e19 in
+        # float32; the exact count below then reports 0.)
+        finite = torch.isfinite(sumsq)
+        if sumsq.device.type == "cpu":
+            # sync point: CPU tensors only; reading a CPU value is a memory load, not a device sync.
+            # It lets the exact count (a full extra pass, the costliest moment on a CPU) run only on
+            # steps where something is non-finite.
+            if bool(finite.all()):
+                return torch.zeros_like(sumsq)
+        counts = torch.stack([g.numel() - torch.isfinite(g).sum() for g in grads]).to(torch.float64)
+        return torch.where(finite, torch.zeros_like(counts), counts)
+
+    @staticmethod
+    def param_sumsq(params: Sequence[Tensor]) -> Tensor:
+        """Sum of squares of each weight, ``[len(params)]`` float64."""
+        local = [_local(p.detach()).reshape(-1) for p in params]
+        dtypes = {p.dtype for p in local}
+        if len(dtypes) == 1:
+            (dtype,) = dtypes
+            return torch.stack(torch._foreach_powsum(local, 2, dtype=_acc_dtype(dtype))).to(torch.float64)
+        return torch.stack(
+            [torch._foreach_powsum([p], 2, dtype=_acc_dtype(p.dtype))[0].to(torch.float64) for p in local]
+        )
