@@ -128,7 +128,8 @@ class VanishingGradients(Rule):
         med = nanmedian(np.where(collapsed[span], ratio[span], np.nan), axis=0)
         steps = ctx.frame.steps[rows]
         first_step, last_step = int(steps[w]), int(steps[w + length - 1])
-        ref_layer = int(np.nanargmax(nanmedian(rms[span], axis=0)[origin + 1 :])) + origin + 1
+        later = nanmedian(rms[span], axis=0)[origin + 1 :]
+        ref_layer = int(np.nanargmax(later)) + origin + 1 if np.isfinite(later).any() else None
         self._fired = True
         underflow = bool(nanmedian(rms[span, origin]) < tiny[origin])
         how = (
@@ -158,7 +159,7 @@ class VanishingGradients(Rule):
                 evidence={
                     "stat": "rms",
                     "ratio_to_later_max": {names[i]: float(med[i]) for i in block},
-                    "reference_layer": names[ref_layer],
+                    "reference_layer": names[ref_layer] if ref_layer is not None else None,
                     "threshold": float(th["ratio"]),
                     "collapsed_layers": [names[i] for i in block],
                     "window": [first_step, last_step],
@@ -326,7 +327,7 @@ class ExplodingGradients(Rule):
             peak = float(np.nanmax(lg[span]))
             ref = info["reference"]
             what = (
-                f"grew {fmt(_pow10(peak - lg[start]))} x over {steps_label(first_step, last_step)}"
+                f"grew {fmt(_pow10(peak - info['low']))} x over {steps_label(first_step, last_step)}"
                 if how == "runaway"
                 else f"stayed above {fmt(th['growth'])} x its warm-up level over {steps_label(first_step, last_step)}"
             )
@@ -375,8 +376,8 @@ class ExplodingGradients(Rule):
     ) -> tuple[int, int, str, dict[str, Any]] | None:
         """A growth of ``g`` decades within ``length`` rows, mostly rising, far above the warm-up level.
 
-        The start is the last row still near (within 2x of) the lowest level before the peak, so the
-        finding's step is where the growth began, not an earlier dip of noise.
+        The start is the first row after the last one still near (within 2x of) the lowest level
+        before the peak, so the finding's step is where the growth began, not an earlier dip of noise.
         """
         fin = np.isfinite(lg)
         for k in range(1, len(lg)):
@@ -395,7 +396,9 @@ class ExplodingGradients(Rule):
                 continue
             vals = lg[i : k + 1][fin[i : k + 1]]
             if (np.diff(vals) > 0).mean() >= min_rising:
-                return (i, k, "runaway", {"reference": ref})
+                start = min(i + 1, k)
+                end = max(k, min(start + length - 1, len(lg) - 1))  # the episode's window, for its peak
+                return (start, end, "runaway", {"reference": ref, "low": float(lg[i])})
         return None
 
     @staticmethod

@@ -1,8 +1,8 @@
 """Rules about the loss curves passed to ``scope.step(loss=..., val_loss=...)``: stalled and overfitting.
 
 Both are robust to noise: they compare medians of groups of steps, and measure noise from the curve
-itself (median absolute deviation of step-to-step changes), so a noisy mini-batch loss that goes up
-on some steps never fires by itself.
+itself (median absolute deviation of its second differences, which cancel a local trend), so a noisy
+mini-batch loss that goes up on some steps never fires by itself.
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ _MEDIAN_SE = 1.2533
 
 
 def _noise(values: np.ndarray) -> float:
-    """Per-step noise of a curve: robust standard deviation of its step-to-step changes / sqrt(2)."""
-    d = np.diff(values)
+    """Per-step noise of a curve, robust to its trend.
+
+    Second differences cancel any locally linear trend; for white noise of standard deviation sigma
+    they have standard deviation sigma * sqrt(6). The median absolute deviation (x 1.4826) makes it
+    robust to outliers and kinks.
+    """
+    d = np.diff(values, n=2)
     if len(d) == 0:
         return 0.0
-    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(6.0))
 
 
 @register_rule("loss_not_decreasing")
@@ -39,7 +44,7 @@ class LossNotDecreasing(Rule):
     Definition: take a window of ``window`` steps of recorded, finite training losses; ``a`` and ``b``
     are the medians of its first and second halves, ``s`` the standard error of their difference
     (``1.2533 * sigma * sqrt(2 / half)``, with ``sigma`` the per-step noise measured from the
-    window's own step-to-step changes). The loss is *not decreasing* in the window when even the
+    window's own second differences). The loss is *not decreasing* in the window when even the
     upper confidence bound of its drop is small: ``(a - b) + z * s < decrease * |a|``. The rule fires
     when, in addition, the same holds since the start of the run (``a`` replaced by the median of the
     run's first half-window), and the optimizer's steps are not still growing (with an optimizer, the
@@ -128,10 +133,12 @@ class LossNotDecreasing(Rule):
             # The episode starts where the smoothed loss last came back above the starting level minus
             # `decrease` (the window's start when it never left it: stalled from the start).
             level = base - dec * abs(base)
-            smooth = np.array([np.median(w[j : j + half]) for j in range(length - half + 1)])
+            k = max(1, min(half, 10))  # a short running median: locates the step without blurring it
+            smooth = np.array([np.median(w[j : j + k]) for j in range(length - k + 1)])
             below = np.flatnonzero(smooth < level)
             end = i + length - 1
-            start = i + (int(below[-1]) + 1 if len(below) else 0)
+            # smooth[j] is centred on row j + k // 2
+            start = min(end, i + (int(below[-1]) + k // 2 + 1 if len(below) else 0))
             first, last = int(steps[start]), int(steps[end])
             trend = "rose" if b > a else "changed"
             return [

@@ -122,19 +122,18 @@ def dtype_info(schema: FrameSchema) -> tuple[np.ndarray, np.ndarray]:
     """
     import torch
 
-    tiny = np.full(len(schema.layers), np.finfo(np.float32).tiny, dtype=np.float64)
-    eps = np.full(len(schema.layers), np.finfo(np.float32).eps, dtype=np.float64)
+    f32 = torch.finfo(torch.float32)
+    tiny = np.zeros(len(schema.layers), dtype=np.float64)
+    eps = np.zeros(len(schema.layers), dtype=np.float64)
     dtypes = schema.dtypes or []
     for li, members in enumerate(schema.layer_members):
         for p in members:
-            if p >= len(dtypes):
-                continue
-            dt = getattr(torch, dtypes[p], None)
-            if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-                continue
-            fi = torch.finfo(dt)
+            dt = getattr(torch, dtypes[p], None) if p < len(dtypes) else None
+            fi = torch.finfo(dt) if isinstance(dt, torch.dtype) and dt.is_floating_point else f32
             tiny[li] = max(tiny[li], fi.tiny)
             eps[li] = max(eps[li], fi.eps)
+    tiny[tiny == 0] = f32.tiny
+    eps[eps == 0] = f32.eps
     return tiny, eps
 
 
