@@ -61,7 +61,7 @@ class Block(nn.Module):
 class TinyGPT(nn.Module):
     """A GPT-style language model: token and position embeddings, blocks, tied output head."""
 
-    def __init__(self, vocab: int = 512, ctx: int = 64, d: int = 128, layers: int = 4, heads: int = 4) -> None:
+    def __init__(self, vocab: int = 256, ctx: int = 32, d: int = 64, layers: int = 4, heads: int = 4) -> None:
         super().__init__()
         self.wte = nn.Embedding(vocab, d)
         self.wpe = nn.Embedding(ctx, d)

@@ -60,13 +60,26 @@ def make_mlp(scale: float = 1.0, dropout: float = 0.0):
     return model, batch, F.cross_entropy
 
 
+def _entry_point_visible(paths: list[str]) -> bool:
+    for dist in importlib.metadata.distributions(path=paths):
+        if dist.metadata["Name"] == "gradscope":
+            return any(ep.group == "pytest11" and ep.name == "gradscope" for ep in dist.entry_points)
+    return False
+
+
 def plugin_installed() -> bool:
-    """Whether pytest loads gradscope's plugin by itself (the package is installed with its entry point)."""
-    return any(ep.name == "gradscope" for ep in importlib.metadata.entry_points(group="pytest11"))
+    """Whether gradscope is installed with its entry point, apart from this checkout's own folder.
+
+    (An editable install leaves ``gradscope.egg-info`` in the checkout, which makes the entry point
+    visible to any process with the checkout on ``sys.path``; that is not an installation.)
+    """
+    return _entry_point_visible([p for p in sys.path if Path(p or ".").resolve() != REPO])
 
 
-#: Arguments that make a pytest run load the plugin when the package is not installed (running from a checkout).
-PLUGIN_ARGS = () if plugin_installed() else ("-p", "gradscope.pytest_plugin")
+def plugin_args(extra_paths: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """What makes a pytest run load the plugin: nothing when pytest finds its entry point by itself, else
+    ``-p gradscope.pytest_plugin`` (both at once would register the plugin twice, which pytest refuses)."""
+    return () if _entry_point_visible([*extra_paths, *sys.path]) else ("-p", "gradscope.pytest_plugin")
 
 
 def installed_command() -> list[str] | None:
@@ -83,13 +96,18 @@ def gradscope_command() -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", "gradscope.cli"], {"PYTHONPATH": str(REPO)}
 
 
-#: Factory file for command-line tests: registers BigGradient by name (command lines select rules by name).
-FACTORY_SOURCE = """
-import torch, torch.nn as nn, torch.nn.functional as F
+#: Registers BigGradient by name, for factory files run in a subprocess (command lines select rules by name).
+REGISTER_SOURCE = """
 import gradscope
-from ci_helpers import BigGradient, make_mlp
+from ci_helpers import BigGradient
 
 gradscope.register_rule("ci_big_gradient", overwrite=True)(BigGradient)
+"""
+
+#: Factory file for command-line tests.
+FACTORY_SOURCE = """
+import torch, torch.nn as nn, torch.nn.functional as F
+from ci_helpers import make_mlp
 
 
 def healthy():
