@@ -141,6 +141,12 @@ def vector_loss():
     return model, batch, lambda out, y: F.cross_entropy(out, y, reduction="none")
 
 
+def nan_batch():
+    model, (x, y), loss_fn = make_mlp()
+    x[0, 0] = float("nan")
+    return model, (x, y), loss_fn
+
+
 def forward_fails():
     model, (x, y), loss_fn = make_mlp()
     return model, (x[:, :3], y), loss_fn

@@ -138,6 +138,16 @@ def test_snapshot_writes_a_profile(factories, capsys):
     code, out, _ = run(capsys, "check", "f.py:exploding", "--rules", "none", "--baseline", "prof/p.json", "-q")
     assert code == 1
     assert out.splitlines()[1].startswith("f.py:exploding [baseline] MOVED, 2 of 2 layer(s) changed")
+    # A gradient that is not finite now is a moved profile (exit 1), reported in valid JSON.
+    code, out, err = run(
+        capsys, "check", "f.py:nan_batch", "--rules", "none", "--baseline", "prof/p.json", "-q", "--json", "n.json"
+    )
+    assert code == 1, err
+    layers = json.loads(Path("n.json").read_text())["checks"][1]["baseline"]["layers"]
+    assert [(lc["layer"], lc["status"], lc["current"]) for lc in layers] == [
+        ("0", "nonfinite", None),
+        ("3", "nonfinite", None),
+    ]
 
 
 # -- the installed command, in a subprocess ----------------------------------------------------------------
