@@ -136,9 +136,9 @@ def test_build_rules_selection_and_thresholds():
         assert "big_layer_for_test" not in [r.name for r in rules]
         rules = build_rules(["big_layer_for_test"], {"big_layer_for_test": {"limit": 3}})
         assert rules[0].thresholds["limit"] == 3.0
-        with pytest.raises(gradscope.ConfigurationError, match="Unknown threshold.*'limt'.*limit"):
+        with pytest.raises(gradscope.ConfigurationError, match=r"Unknown threshold.*'limt'.*limit"):
             build_rules(["big_layer_for_test"], {"big_layer_for_test": {"limt": 3}})
-        with pytest.raises(gradscope.ConfigurationError, match="to be a number like 1.0"):
+        with pytest.raises(gradscope.ConfigurationError, match=r"to be a number like 1\.0"):
             build_rules(["big_layer_for_test"], {"big_layer_for_test": {"limit": "high"}})
         with pytest.raises(gradscope.ConfigurationError, match="not enabled"):
             build_rules("none", {"big_layer_for_test": {"limit": 3}})
