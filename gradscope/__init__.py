@@ -9,6 +9,7 @@ from gradscope.errors import (
     GradscopeError,
     UnsupportedLayerError,
 )
+from gradscope.reference import VerificationReport, verify
 from gradscope.registry import register_reference, register_rule, register_sink, register_statistic
 
 __all__ = [
@@ -16,9 +17,11 @@ __all__ = [
     "GradientHealthError",
     "GradscopeError",
     "UnsupportedLayerError",
+    "VerificationReport",
     "__version__",
     "register_reference",
     "register_rule",
     "register_sink",
     "register_statistic",
+    "verify",
 ]
