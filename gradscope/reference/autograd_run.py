@@ -150,8 +150,10 @@ def run_autograd(
                 output.register_hook(lambda grad: setattr(result, "output_grad", grad.detach().clone()))
             loss = loss_fn(output, targets)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
+                got = f"shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
                 raise ConfigurationError(
-                    "Expected loss_fn(model(inputs), targets) to return a 0-d tensor. Use reduction='mean' or 'sum'."
+                    f"Expected loss_fn(model(inputs), targets) to return a 0-d tensor, but got {got}. Use "
+                    "reduction='mean' or 'sum'."
                 )
             wanted = ([leaf] if leaf.requires_grad else []) + [p for _, p in params]
             if not wanted or not loss.requires_grad:
@@ -159,7 +161,13 @@ def run_autograd(
                     "Nothing to verify: no parameter of the model requires grad and the inputs are not "
                     "floating point. Unfreeze at least one parameter."
                 )
-            grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+            try:
+                grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+            except RuntimeError as error:
+                raise RuntimeError(
+                    f"Autograd's own backward failed on the model, before any comparison (it fails in training "
+                    f"too): {error}"
+                ) from error
     finally:
         observer.close()
     result.loss = loss.detach()

@@ -36,6 +36,8 @@ class GradientComparison:
         method: ``"reference"`` (manual backprop) or ``"finite_difference"`` (a sample of coordinates).
         compared: how many entries were compared (all of them, or the finite-difference sample).
         layer: the module call that produced it (its path, as in ``name`` for inputs).
+        scale: max(|reference|, |autograd|) over the compared entries. When it is below ``atol`` the
+            gradient is zero up to rounding (a bias followed by BatchNorm), and ``rel_error`` means little.
     """
 
     name: str
@@ -47,6 +49,7 @@ class GradientComparison:
     method: str = "reference"
     compared: int = 0
     layer: str = ""
+    scale: float = 0.0
 
     def describe(self) -> str:
         """One sentence: what was compared and by how much it differs."""
@@ -108,6 +111,7 @@ def compare(
         method=method,
         compared=int(ref.numel()),
         layer=layer,
+        scale=scale,
     )
 
 
@@ -123,7 +127,8 @@ class VerificationReport:
         comparisons: every comparison, gradients in forward order of their layers, then the output.
         dtype: the dtype both sides ran in.
         rtol: relative tolerance for reference gradients.
-        atol: absolute tolerance for reference gradients.
+        atol: absolute tolerance for reference gradients (the floor computed from the model's gradients,
+            unless one was given).
         fd_rtol: relative tolerance for finite-difference samples.
         fd_atol: absolute tolerance for finite-difference samples.
         loss_reference: the loss the reference computed.
@@ -222,7 +227,7 @@ class VerificationReport:
                 c.kind,
                 "[" + ", ".join(map(str, c.shape)) + "]",
                 f"{c.abs_error:.2e}",
-                f"{c.rel_error:.2e}",
+                f"{c.rel_error:.2e}" if c.scale > self._atol_for(c) or not c.ok else "~0 (*)",
                 ("ok" if c.ok else "MISMATCH")
                 + (f" (finite differences, {c.compared} entries)" if c.method == "finite_difference" else ""),
             )
@@ -237,7 +242,7 @@ class VerificationReport:
         )
         lines = [
             f"gradscope.verify: reference backprop vs autograd in {str(self.dtype).replace('torch.', '')} "
-            f"(rtol={self.rtol:g}, atol={self.atol:g})",
+            f"(rtol={self.rtol:.3g}, atol={self.atol:.3g})",
             f"loss {self.loss_reference:.12g} (reference) vs {self.loss_autograd:.12g} (autograd); "
             f"d loss / d output {loss_how}",
             "",
@@ -246,8 +251,16 @@ class VerificationReport:
             "",
             ("PASS: " if self.ok else "FAIL: ") + self.summary(),
         ]
+        if any(r[4] == "~0 (*)" for r in rows):
+            lines.append(
+                "(*) both gradients are below atol: zero in exact arithmetic, rounding noise in floating point "
+                "(for example a bias followed by normalization), so their relative error means nothing."
+            )
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
+
+    def _atol_for(self, c: GradientComparison) -> float:
+        return self.fd_atol if c.method == "finite_difference" else self.atol
 
 
 def _where(c: GradientComparison) -> str:
