@@ -143,7 +143,7 @@ class Tape:
         self.resume = dict(resume or {})
         self.param_names = {id(p): name for name, p in model.named_parameters()}
         self.calls: Counter[str] = Counter()
-        self.result_param_grads: dict[str, GradientOrSample] = {}
+        self.param_grads: dict[str, GradientOrSample] = {}
         self.input_grads: dict[CallKey, GradientOrSample] = {}
         self.outputs: dict[CallKey, Tensor] = {}
         self.order: list[CallKey] = []
@@ -213,12 +213,12 @@ class Tape:
             full_name = self.param_names.get(id(param))
             if full_name is None or not param.requires_grad:
                 continue  # frozen parameters are frozen on purpose: nothing to compare
-            previous = self.result_param_grads.get(full_name)
+            previous = self.param_grads.get(full_name)
             if previous is None:
-                self.result_param_grads[full_name] = grad
+                self.param_grads[full_name] = grad
                 self.owners[full_name] = node.key
             elif isinstance(previous, Tensor) and isinstance(grad, Tensor):
-                self.result_param_grads[full_name] = previous + grad  # a shared parameter sums its uses
+                self.param_grads[full_name] = previous + grad  # a shared parameter sums its uses
             else:
                 self.notes.append(
                     f"{full_name!r} is used by a module checked by finite differences and by another module; "
@@ -385,7 +385,7 @@ def run_reference(
         loss=loss,
         output=output,
         output_grad=output_grad,
-        param_grads=tape.result_param_grads,
+        param_grads=tape.param_grads,
         input_grads=tape.input_grads,
         outputs=tape.outputs,
         order=tape.order,

@@ -286,6 +286,36 @@ CASES: list[dict[str, Any]] = [
         CE,
         train=False,
     ),
+    # --- Unbatched inputs: conv, pooling and attention accept a single sample ---
+    case(
+        "unbatched-conv-pool",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.MaxPool2d(2),
+            nn.AvgPool2d(1),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(0),
+            nn.Linear(12, 3),
+        ),
+        lambda: (_randn(2, 6, 6), torch.tensor(1)),
+        CE,
+    ),
+    case(
+        "unbatched-conv1d",
+        lambda: nn.Sequential(nn.Conv1d(2, 3, 3, dilation=2), nn.Flatten(0), nn.Linear(9, 3)),
+        lambda: (_randn(2, 7), torch.tensor(2)),
+        CE,
+    ),
+    case(
+        "unbatched-transformer",
+        lambda: nn.Sequential(
+            nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True),
+            nn.Flatten(0),
+            nn.Linear(40, 3),
+        ),
+        lambda: (_randn(5, 8), torch.tensor(0)),
+        CE,
+    ),
     # --- Losses and their options ---
     case("mse-mean", lambda: nn.Linear(5, 2), lambda: (_randn(6, 5), _randn(6, 2)), nn.MSELoss()),
     case(

@@ -163,3 +163,12 @@ def test_finite_difference_catches_a_bug_in_a_module_without_reference():
     assert not report.ok
     first = report.first_mismatch
     assert (first.kind, first.name, first.method) == ("input", "1", "finite_difference")
+
+
+def test_a_tiny_loss_scale_does_not_hide_a_bug():
+    # The default atol follows the model's own gradient scale, so a loss of order 1e-15 is checked as strictly.
+    model = _mlp(nn.Tanh())
+    model[2].register_full_backward_hook(lambda module, grad_in, grad_out: (grad_in[0] * 1.001,))
+    report = gradscope.verify(model, *_batch(), lambda out, target: 1e-15 * nn.functional.cross_entropy(out, target))
+    assert report.loss_method == "autograd"
+    assert (report.first_mismatch.kind, report.first_mismatch.name) == ("input", "2")
