@@ -36,6 +36,7 @@ class AutogradResult:
         param_grads: d loss / d parameter for every parameter with ``requires_grad``, by name; a
             parameter that autograd found unused gets zeros.
         input_grads: d loss / d input of each module call whose input requires grad and stayed observable.
+        watched: the module calls whose input required grad, so that its gradient was hooked.
         outputs: each module call's forward output (a copy, taken when the call returned).
         masks: the keep mask each ``nn.Dropout`` call in training mode drew.
         rng_states: the random state just before each module call.
@@ -45,6 +46,7 @@ class AutogradResult:
     output_grad: Tensor | None
     param_grads: dict[str, Tensor] = field(default_factory=dict)
     input_grads: dict[CallKey, Tensor] = field(default_factory=dict)
+    watched: set[CallKey] = field(default_factory=set)
     outputs: dict[CallKey, Tensor] = field(default_factory=dict)
     masks: dict[CallKey, Tensor] = field(default_factory=dict)
     rng_states: dict[CallKey, RngState] = field(default_factory=dict)
@@ -94,6 +96,7 @@ class _Observer:
                     views[id(arg)] = arg.view_as(arg)
                     if not observed:  # the first tensor argument is the input the reference sees
                         views[id(arg)].register_hook(self._recorder(key))
+                        self.result.watched.add(key)
                         observed = True
                 new_args.append(views[id(arg)])
             else:

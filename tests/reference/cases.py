@@ -238,6 +238,14 @@ CASES: list[dict[str, Any]] = [
         VECTOR_BATCH,
         CE,
     ),
+    case(
+        "tied-embedding-and-head",
+        lambda: (lambda emb, head: (setattr(head, "weight", emb.weight), nn.Sequential(emb, nn.Tanh(), head))[1])(
+            nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+        ),
+        lambda: (torch.randint(0, 7, (5,)), _classes(5, 7)),
+        CE,
+    ),
     # --- Attention and transformer blocks (eval mode: their attention dropout is functional) ---
     case(
         "transformer-prenorm",
