@@ -91,6 +91,8 @@ class BackpropResult:
             counts only the paths through that module (a residual branch's share, not the total).
         outputs: each module call's forward output, by :data:`CallKey`.
         order: the module calls in the order their forwards started (a container before its children).
+        forward_order: the module calls in the order their forwards finished (children before their
+            container), so the first call in it whose output is wrong is where a forward disagreement starts.
         backward_order: the module calls in the order their backwards finished, so the first call in it
             whose gradients are wrong is where a disagreement starts.
         owners: for each parameter name, the module call whose backward produced it.
@@ -106,6 +108,7 @@ class BackpropResult:
     input_grads: dict[CallKey, GradientOrSample] = field(default_factory=dict)
     outputs: dict[CallKey, Tensor] = field(default_factory=dict)
     order: list[CallKey] = field(default_factory=list)
+    forward_order: list[CallKey] = field(default_factory=list)
     backward_order: list[CallKey] = field(default_factory=list)
     owners: dict[str, CallKey] = field(default_factory=dict)
     loss_method: str = "reference"
@@ -147,6 +150,7 @@ class Tape:
         self.input_grads: dict[CallKey, GradientOrSample] = {}
         self.outputs: dict[CallKey, Tensor] = {}
         self.order: list[CallKey] = []
+        self.forward_order: list[CallKey] = []
         self.backward_order: list[CallKey] = []
         self.owners: dict[str, CallKey] = {}
         self.notes: list[str] = []
@@ -282,6 +286,7 @@ class Node:
         _require_plain(y, f"The output of the reference for {self.name!r}")
         self.output_shape = y.shape
         self.tape.outputs[self.key] = y
+        self.tape.forward_order.append(self.key)
         return y
 
     def backward(self, grad_out: Tensor | None) -> Tensor | None:
@@ -361,6 +366,9 @@ def run_reference(
             f"Expected `inputs` to be a single tensor (the model is called as model(inputs)), but got "
             f"{type(inputs).__name__}."
         )
+    # The reference reads values only: a caller's input that requires grad must not pull autograd in.
+    inputs = inputs.detach()
+    targets = targets.detach() if isinstance(targets, Tensor) else targets
     loss_reference = resolve_loss(loss_fn)
     tape = Tape(
         model,
@@ -389,6 +397,7 @@ def run_reference(
         input_grads=tape.input_grads,
         outputs=tape.outputs,
         order=tape.order,
+        forward_order=tape.forward_order,
         backward_order=tape.backward_order,
         owners=tape.owners,
         loss_method="reference" if loss_reference is not None else "autograd",

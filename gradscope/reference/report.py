@@ -136,7 +136,9 @@ class VerificationReport:
         loss_method: ``"reference"`` or ``"autograd"`` (an unrecognised loss_fn: d loss / d output came
             from autograd on the loss alone, so the output gradient is not an independent check).
         loss_name: the loss, in words (``"CrossEntropyLoss"``).
-        backward_rank: for each comparison name, its module call's position in the backward order.
+        origin_rank: for each ``(kind, name)``, the position of its module call in the order that locates
+            where a disagreement starts: forward values by when their forward finished, gradients by
+            when their backward finished.
         notes: what could not be compared, and why.
     """
 
@@ -150,7 +152,7 @@ class VerificationReport:
     loss_autograd: float
     loss_method: str
     loss_name: str
-    backward_rank: dict[tuple[str, str], int] = field(default_factory=dict)
+    origin_rank: dict[tuple[str, str], int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -172,19 +174,18 @@ class VerificationReport:
     def first_mismatch(self) -> GradientComparison | None:
         """Where the disagreement starts.
 
-        A forward disagreement (a layer whose reference output differs from the module's) comes first,
-        taken in forward order; otherwise the first gradient disagreement in backward order: a wrong
-        backward, or a hook that rescales a gradient, corrupts everything upstream of it, so the earliest
-        wrong gradient on the way back is the one to look at.
+        A forward disagreement (a layer whose reference output differs from the module's) comes first:
+        the first layer, in the order forwards finished, whose output is wrong. Otherwise the first
+        gradient disagreement in backward order: a wrong backward, or a hook that rescales a gradient,
+        corrupts everything upstream of it, so the earliest wrong gradient on the way back is the one to
+        look at.
         """
         bad = self.mismatches
         if not bad:
             return None
         forward = [c for c in bad if c.kind in ("forward", "loss")]
-        if forward:
-            return forward[0]
-        kind_order = {"output": 0, "parameter": 1, "input": 2}
-        return min(bad, key=lambda c: (self.backward_rank.get((c.kind, c.name), 1 << 30), kind_order[c.kind]))
+        kind_order = {"forward": 0, "loss": 1, "output": 0, "parameter": 1, "input": 2}
+        return min(forward or bad, key=lambda c: (self.origin_rank.get((c.kind, c.name), 1 << 30), kind_order[c.kind]))
 
     def raise_for_status(self) -> None:
         """Raise :class:`gradscope.GradientHealthError` listing every mismatch, if there is one."""

@@ -192,17 +192,15 @@ def verify(
         resume=autograd.input_grads,
     )
 
-    # sync point: verify is a one-off check; the tolerance floor needs the gradients' magnitude on the host.
-    scale = max(
-        [float(g.abs().max()) for g in autograd.param_grads.values() if g.numel()]
-        + [float(g.abs().max()) for g in autograd.input_grads.values() if g.numel()]
-        + [float(autograd.output_grad.abs().max()) if autograd.output_grad is not None else 0.0],
+    # The tolerance floor follows the reference's gradients (the side under no suspicion), ignoring
+    # non-finite entries, which fail their own comparison anyway.
+    scale = _largest_magnitude(
+        [g for g in (*reference.param_grads.values(), *reference.input_grads.values()) if isinstance(g, Tensor)]
+        + [reference.output_grad]
     )
     atol = ATOL_FRACTION * rtol * scale if atol is None else float(atol)
     fd_atol = ATOL_FRACTION * fd_rtol * scale if fd_atol is None else float(fd_atol)
-    value_scale = max(
-        [float(o.abs().max()) for o in autograd.outputs.values() if o.numel()] + [float(autograd.loss.abs())]
-    )
+    value_scale = _largest_magnitude([*reference.outputs.values(), reference.loss])
     value_atol = ATOL_FRACTION * rtol * value_scale
 
     def check(ref: Any, auto: Tensor, name: str, kind: str, layer: str = "") -> GradientComparison:
@@ -223,14 +221,15 @@ def verify(
     for param_name, key in reference.owners.items():
         owned.setdefault(key, []).append(param_name)
     rank = {key: i for i, key in enumerate(reference.backward_order)}
-    backward_rank: dict[tuple[str, str], int] = {("output", "(model)"): -1}
+    origin_rank: dict[tuple[str, str], int] = {("output", "(model)"): -1}
+    finished = {key: i for i, key in enumerate(reference.forward_order)}
 
     for key in reference.order:
         name = display_name(key)
         if key in reference.input_grads:
             if key in autograd.input_grads:
                 comparisons.append(check(reference.input_grads[key], autograd.input_grads[key], name, "input", name))
-                backward_rank[("input", name)] = rank.get(key, len(rank))
+                origin_rank[("input", name)] = rank.get(key, len(rank))
             elif key in autograd.watched:  # hooked, yet no gradient arrived: the view was written in place
                 notes.append(
                     f"Autograd's gradient at the input of {name!r} could not be observed (a module that writes "
@@ -247,7 +246,7 @@ def verify(
                         name,
                     )
                 )
-                backward_rank[("parameter", param_name)] = rank.get(key, len(rank))
+                origin_rank[("parameter", param_name)] = rank.get(key, len(rank))
     for param_name, grad in autograd.param_grads.items():
         if param_name not in reference.param_grads:
             # No reference produced it: compare against zero, which passes only if autograd agrees.
@@ -261,7 +260,9 @@ def verify(
         ref_out, auto_out = reference.outputs.get(key), autograd.outputs.get(key)
         if ref_out is not None and auto_out is not None and ref_out.shape == auto_out.shape:
             comparisons.append(check(ref_out, auto_out, display_name(key), "forward", display_name(key)))
+            origin_rank[("forward", display_name(key))] = finished.get(key, len(finished))
     comparisons.append(check(reference.loss, autograd.loss, "(loss)", "loss"))
+    origin_rank[("loss", "(loss)")] = len(finished)
 
     return VerificationReport(
         comparisons=comparisons,
@@ -274,9 +275,20 @@ def verify(
         loss_autograd=float(autograd.loss),
         loss_method=reference.loss_method,
         loss_name=_loss_name(loss_fn),
-        backward_rank=backward_rank,
+        origin_rank=origin_rank,
         notes=notes,
     )
+
+
+def _largest_magnitude(tensors: list[Tensor]) -> float:
+    """The largest |entry| over the finite entries of ``tensors`` (0 when there is none)."""
+    largest = 0.0
+    for tensor in tensors:
+        finite = tensor[torch.isfinite(tensor)]
+        if finite.numel():
+            # sync point: verify is a one-off check; the tolerance floor is needed on the host.
+            largest = max(largest, float(finite.abs().max()))
+    return largest
 
 
 def _loss_name(loss_fn: Callable[..., Any]) -> str:

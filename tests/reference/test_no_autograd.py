@@ -102,3 +102,10 @@ def test_a_reference_that_uses_autograd_is_rejected(scale_reference):
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     with pytest.raises(AssertionError, match="The output of the reference for '1' is attached to an autograd graph"):
         manual_backward(model, x, y, nn.MSELoss())
+
+
+def test_an_input_that_requires_grad_is_read_as_a_value():
+    model = nn.Sequential(nn.Identity(), nn.Linear(3, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    result = manual_backward(model, x, torch.randn(4, 2, dtype=torch.float64), nn.MSELoss())
+    assert not result.outputs[("0", 0)].requires_grad and x.grad is None

@@ -140,3 +140,28 @@ def test_frozen_parameters_are_not_compared():
 def test_top_level_exports():
     assert gradscope.verify is gradscope.reference.verify
     assert {"verify", "VerificationReport", "register_reference"} <= set(gradscope.__all__)
+
+
+class Triple(nn.Module):
+    def forward(self, x):
+        return 3 * x
+
+
+def test_a_reference_that_computes_another_function_is_a_forward_mismatch():
+    class DoubleReference(gradscope.reference.ReferenceLayer):  # wrong: the module triples
+        def forward(self, x):
+            return 2 * x
+
+        def backward(self, grad_out):
+            return 2 * grad_out, {}
+
+    gradscope.register_reference(Triple)(DoubleReference)
+    try:
+        model = nn.Sequential(nn.Linear(4, 3), Triple(), nn.Linear(3, 3))
+        report = gradscope.verify(model, *_batch(), nn.CrossEntropyLoss())
+    finally:
+        gradscope.registry.REFERENCES.unregister(Triple)
+    first = report.first_mismatch
+    assert (first.kind, first.name) == ("forward", "1")
+    assert "forward output of '1' differs" in report.summary()
+    assert "1  " in str(report) and "forward" in str(report)
