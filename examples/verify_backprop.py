@@ -1,7 +1,8 @@
 """Check autograd's gradients against gradscope's reference manual backprop, layer by layer.
 
-Two healthy models (a small residual CNN and a small pre-norm transformer language model) are verified
-in float64; then a planted bug (a backward hook that halves a gradient) is shown being caught.
+Three healthy models are verified in float64: a small residual CNN, a transformer language model built
+from nn.TransformerEncoderLayer, and a GPT-style causal block built from Residual and SelfAttention.
+Then a planted bug (a backward hook that halves a gradient) is shown being caught.
 
     python examples/verify_backprop.py
     gradscope verify examples/verify_backprop.py:make          # the same CNN check from the shell
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 import gradscope
-from gradscope.reference import Residual
+from gradscope.reference import Residual, SelfAttention
 
 
 def make():
@@ -51,9 +52,28 @@ def make_transformer():
     return model, (tokens, torch.randint(0, vocab, (3 * length,))), nn.CrossEntropyLoss()
 
 
+def make_gpt():
+    """A GPT-style language model: pre-norm residual blocks with causal self-attention."""
+    torch.manual_seed(0)
+    vocab, width, length = 11, 16, 6
+
+    def block():
+        return nn.Sequential(
+            Residual(nn.Sequential(nn.LayerNorm(width), SelfAttention(width, 4, causal=True))),
+            Residual(
+                nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+            ),
+        )
+
+    model = nn.Sequential(nn.Embedding(vocab, width), block(), block(), nn.LayerNorm(width), nn.Linear(width, vocab))
+    model.append(nn.Flatten(0, 1))
+    tokens = torch.randint(0, vocab, (2, length))
+    return model, (tokens, torch.randint(0, vocab, (2 * length,))), nn.CrossEntropyLoss()
+
+
 def main() -> int:
     healthy = True
-    for factory in (make, make_transformer):
+    for factory in (make, make_transformer, make_gpt):
         model, (inputs, targets), loss_fn = factory()
         report = gradscope.verify(model, inputs, targets, loss_fn)
         print(report, end="\n\n")

@@ -26,6 +26,7 @@ from gradscope.reference import (  # noqa: F401  (importing a layer module regis
     shape,
     transformer,
 )
+from gradscope.reference.attention import SelfAttention
 from gradscope.reference.backprop import BackpropResult, manual_backward
 from gradscope.reference.base import LossReference, ReferenceLayer
 from gradscope.reference.containers import Residual
@@ -38,6 +39,7 @@ __all__ = [
     "LossReference",
     "ReferenceLayer",
     "Residual",
+    "SelfAttention",
     "VerificationReport",
     "manual_backward",
     "verify",

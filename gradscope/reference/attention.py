@@ -4,7 +4,7 @@ Walked as a node, the module computes ``mha(x, x, x, need_weights=False)[0]`` (h
 call it). With E = embed_dim, H heads of size d = E/H, and per head:
 
     q, k, v = x W_qᵀ + b_q, x W_kᵀ + b_k, x W_vᵀ + b_v      (one packed [3E, E] in_proj_weight)
-    s = q kᵀ / √d           [L, L] scores
+    s = q kᵀ / √d           [L, L] scores (with -∞ above the diagonal when causal)
     a = softmax(s)          along the key axis
     o = a v                 [L, d]; heads concatenated back to [L, E]
     y = o W_oᵀ + b_o        out_proj
@@ -26,7 +26,57 @@ from gradscope.reference.activations import softmax_backward
 from gradscope.reference.base import ParamGrads, ReferenceLayer
 from gradscope.registry import register_reference
 
-__all__ = ["MultiheadAttentionReference"]
+__all__ = ["MultiheadAttentionReference", "SelfAttention", "SelfAttentionReference"]
+
+
+def _seq_len(x: Tensor, batch_first: bool) -> int:
+    return x.shape[0] if x.dim() == 2 or not batch_first else x.shape[1]
+
+
+class SelfAttention(nn.Module):
+    """Self-attention as a one-input module, so it can sit in ``nn.Sequential`` and ``Residual`` blocks.
+
+    Wraps ``nn.MultiheadAttention`` (as ``self.attention``) and calls it as ``attention(x, x, x)``, with a
+    causal mask when ``causal=True`` (position i attends to positions ≤ i, as in a GPT block). A
+    standard pre-norm block is then
+    ``Residual(nn.Sequential(nn.LayerNorm(d), SelfAttention(d, heads, causal=True)))`` followed by
+    ``Residual(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)))``.
+
+    Args:
+        embed_dim: E, the width of x.
+        num_heads: H; E must be divisible by H.
+        causal: mask attention to later positions.
+        bias: projection biases.
+        batch_first: x is ``[N, L, E]`` (default) rather than ``[L, N, E]``; ``[L, E]`` is always accepted.
+        dropout: attention dropout (the reference covers it in eval mode only).
+
+    Shape:
+        x: ``[N, L, E]`` (``batch_first``), ``[L, N, E]`` or ``[L, E]``; y: the same.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        causal: bool = False,
+        bias: bool = True,
+        batch_first: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(
+            embed_dim, num_heads, dropout=dropout, bias=bias, batch_first=batch_first
+        )
+        self.causal = causal
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Compute y = attention(x, x, x), causally masked when ``causal``."""
+        mask = None
+        if self.causal:
+            length = _seq_len(x, self.attention.batch_first)
+            mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)  # True: may not attend
+        return self.attention(x, x, x, attn_mask=mask, need_weights=False, is_causal=self.causal)[0]
 
 
 @register_reference(nn.MultiheadAttention)
@@ -36,7 +86,11 @@ class MultiheadAttentionReference(ReferenceLayer):
     Supported: packed projections (kdim = vdim = embed_dim), with or without bias, no
     ``add_bias_kv`` / ``add_zero_attn``, and attention dropout only in eval mode or with p = 0 (the
     dropout inside ``F.multi_head_attention_forward`` has no module whose mask could be recorded).
+    A composite reference that calls the module with a causal mask sets ``causal = True`` on this
+    reference (``node.reference``) before its forward, as :class:`SelfAttentionReference` does.
     """
+
+    causal: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
         """Multi-head self-attention of ``x`` with itself."""
@@ -55,6 +109,9 @@ class MultiheadAttentionReference(ReferenceLayer):
         self.q, self.k, self.v = q, k, v  # [N, H, L, d]
 
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # [N, H, L, L]
+        if self.causal:  # exp(-∞) = 0: no weight, and so no gradient, on later positions
+            later = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(later, -math.inf)
         e = torch.exp(scores - scores.amax(-1, keepdim=True))
         self.attn = e / e.sum(-1, keepdim=True)
         self.o = (self.attn @ v).transpose(1, 2).reshape(n, length, embed)  # heads side by side again
@@ -108,3 +165,19 @@ class MultiheadAttentionReference(ReferenceLayer):
                 "The reference covers packed self-attention; call model.eval() for dropout, or use "
                 "gradscope.verify(..., on_unsupported='finite_difference') to check it numerically."
             )
+
+
+@register_reference(SelfAttention)
+class SelfAttentionReference(ReferenceLayer):
+    """The wrapped attention's reference, told whether the mask is causal; its gradients are recorded under ``attention``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Run ``attention``'s reference as self-attention."""
+        self.attention = self.child("attention")
+        if isinstance(self.attention.reference, MultiheadAttentionReference):
+            self.attention.reference.causal = self.module.causal
+        return self.attention.forward(x)
+
+    def backward(self, grad_out: Tensor) -> tuple[Tensor | None, ParamGrads]:
+        """All parameters live in ``attention``, whose node records them."""
+        return self.attention.backward(grad_out), {}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradscope.reference import Residual
+from gradscope.reference import Residual, SelfAttention
 
 D = torch.float64
 
@@ -322,6 +322,26 @@ CASES: list[dict[str, Any]] = [
             nn.Linear(40, 3),
         ),
         lambda: (_randn(5, 8), torch.tensor(0)),
+        CE,
+    ),
+    # --- A GPT-style pre-norm block from Residual and causal SelfAttention ---
+    case(
+        "gpt-block-causal",
+        lambda: nn.Sequential(
+            nn.Embedding(9, 8),
+            Residual(nn.Sequential(nn.LayerNorm(8), SelfAttention(8, 2, causal=True))),
+            Residual(nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 32), nn.GELU(approximate="tanh"), nn.Linear(32, 8))),
+            nn.LayerNorm(8),
+            nn.Linear(8, 9),
+            nn.Flatten(0, 1),
+        ),
+        lambda: (torch.randint(0, 9, (3, 5)), torch.randint(0, 9, (15,))),
+        CE,
+    ),
+    case(
+        "self-attention-seq-first-unbatched",
+        lambda: nn.Sequential(SelfAttention(6, 3, batch_first=False, bias=False), nn.Flatten(0), nn.Linear(24, 2)),
+        lambda: (_randn(4, 6), torch.tensor(1)),
         CE,
     ),
     # --- Losses and their options ---

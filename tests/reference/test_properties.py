@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradscope
-from gradscope.reference import Residual
+from gradscope.reference import Residual, SelfAttention
 
 D = torch.float64
 RTOL = 1e-10
@@ -229,19 +229,37 @@ def test_random_transformers(data, seed, batch, length):
     vocab = data.draw(st.integers(3, 8))
     batch_first = data.draw(st.booleans())
     train = data.draw(st.booleans())
-    blocks = [
-        nn.TransformerEncoderLayer(
-            width,
-            heads,
-            data.draw(st.integers(2, 8)),
-            dropout=0.0 if train else 0.1,  # attention dropout has no module: training needs p = 0
-            activation=data.draw(st.sampled_from(["relu", "gelu"])),
-            batch_first=batch_first,
-            norm_first=data.draw(st.booleans()),
-            bias=data.draw(st.booleans()),
-        )
-        for _ in range(data.draw(st.integers(1, 2)))
-    ]
+    if data.draw(st.booleans()):  # a GPT-style block: Residual + causal SelfAttention + MLP
+        blocks = [
+            nn.Sequential(
+                Residual(
+                    nn.Sequential(
+                        nn.LayerNorm(width),
+                        SelfAttention(width, heads, causal=data.draw(st.booleans()), batch_first=batch_first),
+                    )
+                ),
+                Residual(
+                    nn.Sequential(
+                        nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+                    )
+                ),
+            )
+            for _ in range(data.draw(st.integers(1, 2)))
+        ]
+    else:
+        blocks = [
+            nn.TransformerEncoderLayer(
+                width,
+                heads,
+                data.draw(st.integers(2, 8)),
+                dropout=0.0 if train else 0.1,  # attention dropout has no module: training needs p = 0
+                activation=data.draw(st.sampled_from(["relu", "gelu"])),
+                batch_first=batch_first,
+                norm_first=data.draw(st.booleans()),
+                bias=data.draw(st.booleans()),
+            )
+            for _ in range(data.draw(st.integers(1, 2)))
+        ]
     model = nn.Sequential(
         nn.Embedding(vocab, width),
         *blocks,
