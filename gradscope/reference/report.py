@@ -249,15 +249,14 @@ class VerificationReport:
             "",
             "  " + line.format(*header).rstrip(),
             *("  " + line.format(*r).rstrip() for r in rows),
-            "",
-            ("PASS: " if self.ok else "FAIL: ") + self.summary(),
         ]
         if any(r[4] == "~0 (*)" for r in rows):
             lines.append(
-                "(*) both gradients are below atol: zero in exact arithmetic, rounding noise in floating point "
+                "  (*) both gradients are below atol: zero in exact arithmetic, rounding noise in floating point "
                 "(for example a bias followed by normalization), so their relative error means nothing."
             )
         lines.extend(f"note: {note}" for note in self.notes)
+        lines += ["", ("PASS: " if self.ok else "FAIL: ") + self.summary()]
         return "\n".join(lines)
 
     def _atol_for(self, c: GradientComparison) -> float:
