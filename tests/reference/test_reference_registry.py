@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_cases import CASES, build
 from torch import nn
 
 import gradscope
@@ -12,7 +13,6 @@ from gradscope.reference import LossReference, ReferenceLayer, manual_backward
 from gradscope.reference.linear import LinearReference
 from gradscope.reference.losses import FUNCTIONAL_LOSSES
 from gradscope.registry import REFERENCES
-from tests.reference.cases import CASES, build
 
 
 def _builtin_types():
@@ -31,7 +31,7 @@ def _covered_types():
 
 def test_every_builtin_reference_has_a_case():
     missing = sorted(t.__name__ for t in _builtin_types() - _covered_types())
-    assert not missing, f"reference layers without a test case in tests/reference/cases.py: {missing}"
+    assert not missing, f"reference layers without a test case in tests/reference/reference_cases.py: {missing}"
 
 
 def test_the_documented_layers_are_registered():

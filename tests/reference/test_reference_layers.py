@@ -10,11 +10,11 @@ import copy
 
 import pytest
 import torch
+from reference_cases import CASES, build
 from torch import nn
 
 import gradscope
 from gradscope.reference import manual_backward
-from tests.reference.cases import CASES, build
 
 RTOL = 1e-10
 ATOL = 1e-12  # for gradients that are zero in exact arithmetic (a bias before BatchNorm)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_cases import CASES, build
 from torch import nn
 
 import gradscope
 from gradscope.reference import ReferenceLayer, manual_backward
 from gradscope.registry import REFERENCES
-from tests.reference.cases import CASES, build
 
 
 def _tensors(result):
