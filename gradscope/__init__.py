@@ -27,6 +27,7 @@ from gradscope.errors import (
     UnsupportedLayerError,
 )
 from gradscope.health import assert_healthy, check
+from gradscope.reference import VerificationReport, verify
 from gradscope.registry import register_reference, register_rule, register_sink, register_statistic
 from gradscope.report import Finding, Report
 from gradscope.rules.base import Rule, RuleContext
@@ -44,6 +45,7 @@ __all__ = [
     "Rule",
     "RuleContext",
     "UnsupportedLayerError",
+    "VerificationReport",
     "__version__",
     "assert_healthy",
     "assert_matches_baseline",
@@ -53,5 +55,6 @@ __all__ = [
     "register_sink",
     "register_statistic",
     "snapshot",
+    "verify",
     "watch",
 ]
