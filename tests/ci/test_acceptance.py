@@ -60,7 +60,7 @@ def test_broken_init_fails_check_with_vanishing_gradients(examples):
         gradscope.assert_healthy(model, batch, loss_fn, optimizer=opt)
     kinds = {f.kind for f in info.value.report.findings}
     assert "vanishing_gradients" in kinds
-    assert "vanishing_gradients" in str(info.value) and "layers at step" in str(info.value)
+    assert "vanishing_gradients" in str(info.value) and "layers, latest values up to step" in str(info.value)
 
 
 @needs("no_gradient")

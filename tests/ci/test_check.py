@@ -146,7 +146,7 @@ def test_assert_healthy_passes_and_fails_with_the_table():
     text = str(info.value)
     assert text.startswith("gradscope: Sequential is unhealthy: 2 finding(s) at or above 'error'")
     assert "ci_big_gradient in '0'" in text and "ci_big_gradient in '3'" in text
-    assert "layers at step 5 (! = named in a finding):" in text  # the per-layer table
+    assert "layers, latest values up to step 5 (! = named in a finding):" in text  # the per-layer table
     assert "0 !" in text and "3 !" in text
     assert isinstance(info.value.report, gradscope.Report)
     assert [f.kind for f in info.value.report.findings] == ["ci_big_gradient"] * 2

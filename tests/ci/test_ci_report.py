@@ -69,7 +69,7 @@ def test_junit_xml(records):
     assert failure.get("message") == "2 finding(s) at or above 'error': ci_big_gradient in '0', ci_big_gradient in '3'"
     for f in records[1].report.findings:
         assert f.message in failure.text  # every finding message travels with the failure
-    assert "layers at step 2" in failure.text
+    assert "layers, latest values up to step 2" in failure.text
     assert cases[2].find("failure") is None and "[warning]" not in cases[2].find("system-out").text
     assert "WARNINGS" in cases[2].find("system-out").text
     moved = cases[3].find("failure")

@@ -89,7 +89,7 @@ def test_healthy_check_prints_the_report_and_the_time(factories, capsys):
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == "gradscope report: HEALTHY - Sequential, 3 steps, 0 error(s), 0 warning(s)"
-    assert "layers at step 3 (! = named in a finding):" in lines
+    assert "layers, latest values up to step 3 (! = named in a finding):" in lines
     headline = next(line for line in lines if line.startswith("f.py:with_sgd [check]"))
     assert headline.startswith("f.py:with_sgd [check] HEALTHY, 0 error(s), 0 warning(s), 3 step(s), ")
     assert headline.endswith(" s")
