@@ -17,8 +17,8 @@ Options (group ``gradscope``): ``--gradscope-fail-on=warning|error``, ``--gradsc
 JSON file with every check of the session), ``--gradscope-disable`` (the fixture does nothing and the
 tests still run). The terminal summary lists each check and its findings per test.
 
-The plugin imports torch only when a test uses the fixture or the marker, so it costs nothing in
-test sessions that do not.
+This module defers its own imports of gradscope's machinery to the tests that use the fixture or the
+marker. Loading it still imports the ``gradscope`` package, and with it torch.
 """
 
 from __future__ import annotations
