@@ -134,6 +134,7 @@ def add_parser(subparsers: Any) -> None:
         "--tolerance",
         type=_tolerance,
         default=None,
+        metavar="LOG10",
         help=f"allowed profile change in log10 units, on top of seed noise. Default: {DEFAULT_TOLERANCE!r}",
     )
     p.add_argument("--json", metavar="PATH", help="write every check with its full report as JSON")
