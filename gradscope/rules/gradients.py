@@ -72,7 +72,7 @@ class VanishingGradients(Rule):
         min_steps: 3 recorded steps, the fewest judged at the end of a short run (e.g. a CI check).
     """
 
-    severity = "warning"
+    severity = "error"
     requires = ("l2_norm",)
     defaults: ClassVar[dict[str, Any]] = {"ratio": 1e-3, "window": 20, "min_fraction": 0.8, "min_steps": 3}
 

@@ -140,15 +140,15 @@ class LossNotDecreasing(Rule):
             # smooth[j] is centred on row j + k // 2
             start = min(end, i + (int(below[-1]) + k // 2 + 1 if len(below) else 0))
             first, last = int(steps[start]), int(steps[end])
-            trend = "rose" if b > a else "changed"
             return [
                 self.finding(
                     step=first,
                     layer=None,
                     message=(
-                        f"The training loss is not decreasing: over {steps_label(first, last)} its median {trend} from "
-                        f"{fmt(a)} to {fmt(b)} (noise {fmt(sigma)} per step; a drop of {fmt(100 * dec)}% is excluded "
-                        f"at {fmt(z)} standard errors), and it is at {fmt(b)} against {fmt(base)} at the start of the run."
+                        f"The training loss is not decreasing: over {steps_label(first, last)} its median was {fmt(a)} in "
+                        f"the first half and {fmt(b)} in the second{' (it rose)' if b - a > z * se else ''}, against "
+                        f"{fmt(base)} at the start of the run; with a noise of {fmt(sigma)} per step, a drop of "
+                        f"{fmt(100 * dec)}% is excluded at {fmt(z)} standard errors."
                     ),
                     suggestion=(
                         "Check that the optimizer holds the model's parameters and the learning rate is not 0 or "

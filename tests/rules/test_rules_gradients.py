@@ -20,7 +20,7 @@ def _rms(rows: int, per_layer: list[float]) -> np.ndarray:
 def test_vanishing_names_where_the_collapse_begins_and_backdates_to_its_first_step() -> None:
     frame = build_frame(chain(4), rms=_rms(30, [1e-6, 1e-6, 1e-2, 1e-2]))
     (f,) = VanishingGradients().check(context(frame))
-    assert (f.kind, f.severity, f.step, f.layer) == ("vanishing_gradients", "warning", 1, "fc1")
+    assert (f.kind, f.severity, f.step, f.layer) == ("vanishing_gradients", "error", 1, "fc1")
     assert f.evidence["collapsed_layers"] == ["fc0", "fc1"]
     np.testing.assert_allclose(list(f.evidence["ratio_to_later_max"].values()), [1e-4, 1e-4])
     assert f.evidence["window"] == [1, 20]

@@ -80,7 +80,7 @@ def test_deep_sigmoid_network_reports_vanishing_gradients_with_its_layer() -> No
     torch.manual_seed(0)
     report = _train(_mlp([32] * 8, nn.Sigmoid), 60)
     (f,) = [f for f in report.findings if f.kind == "vanishing_gradients"]
-    assert f.step == 1 and f.severity == "warning" and report.ok
+    assert f.step == 1 and f.severity == "error" and not report.ok
     assert f.layer in {f"fc{i}" for i in range(8)} and f.evidence["collapsed_layers"][0] == "fc0"
     torch.manual_seed(0)
     silenced = _train(_mlp([32] * 8, nn.Sigmoid), 60, thresholds={"vanishing_gradients": {"ratio": 1e-20}})
