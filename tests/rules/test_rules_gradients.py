@@ -109,13 +109,19 @@ def test_runaway_growth_fires_where_it_starts_and_names_the_amplifying_layer() -
     assert f.evidence["amplification"] == pytest.approx(5.0)
 
 
-def test_far_above_the_warmup_level() -> None:
+def test_a_sudden_jump_is_a_runaway_and_a_slow_climb_far_above_the_warmup_level_is_too() -> None:
     rms = _rms(50, [1e-2, 1e-2, 1e-2])
-    rms[30:] = 2.0  # 200x from step 31 on (still below the weights' norm: not the "relative" criterion)
+    rms[30:] = 2.0  # 200x from step 31 on, in one step
     (f,) = ExplodingGradients().check(context(build_frame(chain(3), rms=rms)))
-    assert f.step == 31
+    assert (f.step, f.evidence["criterion"]) == (31, "runaway")
     assert f.evidence["growth"] == pytest.approx(200.0)
     assert f.layer == "head"  # no layer amplifies more than the ones after it: it enters from the loss
+    slow = _rms(60, [1e-2, 1e-2, 1e-2])
+    slow[10:30] *= (1.5 ** np.arange(1, 21))[:, None]  # x1.5 per step: never 100x within 10 steps
+    slow[30:] = slow[29]
+    (g,) = ExplodingGradients().check(context(build_frame(chain(3), rms=slow)))
+    assert (g.step, g.evidence["criterion"]) == (28, "warmup")  # 1.5^17 > 1000 at step 28
+    assert g.evidence["growth"] == pytest.approx(1.5**20)
 
 
 def test_gradients_larger_than_the_weights_from_the_first_step() -> None:
@@ -123,6 +129,20 @@ def test_gradients_larger_than_the_weights_from_the_first_step() -> None:
     (f,) = ExplodingGradients().check(context(frame))
     assert (f.step, f.evidence["criterion"]) == (1, "relative")
     assert f.evidence["ratio"] == pytest.approx(100.0)
+
+
+def test_gradients_above_the_weights_need_three_sampled_steps_across_flushes() -> None:
+    rms = _rms(60, [1e-2, 1e-2, 1e-2])
+    rms[20:] = 10.0  # 100x the weights' RMS (0.1) from step 21
+    sampled = np.arange(60) % 10 == 0  # sampled rows 1, 11, 21, ...
+    frame = build_frame(chain(3), rms=rms, sampled=sampled, param_rms=np.full((60, 3), 0.1))
+    only_relative = {"growth": 1e9, "above": 1e9}
+    found = feed(ExplodingGradients(**only_relative), frame, chunk_rows=25, sample_every=10)
+    assert [(f.step, f.evidence["criterion"]) for f in found] == [(21, "relative")]
+    assert found[0].evidence["window"] == [21, 41]
+    rms[40:] = 1e-2  # back down after two sampled steps: a transient, not an explosion
+    frame = build_frame(chain(3), rms=rms, sampled=sampled, param_rms=np.full((60, 3), 0.1))
+    assert feed(ExplodingGradients(**only_relative), frame, chunk_rows=25, sample_every=10) == []
 
 
 def test_explosion_with_depth() -> None:
