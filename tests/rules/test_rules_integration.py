@@ -224,3 +224,19 @@ def test_fast_subset_of_the_detection_benchmark() -> None:
         for kind, exp in sc.expected.items():
             if exp.origin is not None:
                 assert {f.layer for f in run.findings if f.kind == kind} & exp.origin, (name, kind)
+
+
+def test_rules_from_all_that_cannot_run_are_left_out_but_named_rules_are_strict() -> None:
+    model = _mlp([8])
+    with gradscope.watch(model, activations=False) as scope:
+        assert {r.name for r in scope.engine.rules}.isdisjoint({"dead_units", "saturated_activations"})
+        assert scope.engine.inactive == [
+            "dead_units (needs activation statistics)",
+            "saturated_activations (needs activation statistics)",
+        ]
+    with gradscope.watch(model, stats=["l2_norm", "rms"]) as scope:
+        assert scope.engine.inactive == ["nonfinite_gradients (needs nonfinite_count)"]
+    with pytest.raises(gradscope.ConfigurationError, match="needs activation statistics"):
+        gradscope.watch(model, activations=False, rules=["all", "dead_units"])
+    with pytest.raises(gradscope.ConfigurationError, match="nonfinite_count"):
+        gradscope.watch(model, stats=["l2_norm"], thresholds={"nonfinite_gradients": {}})
