@@ -49,6 +49,7 @@ __all__ = [
     "dead_fraction_by_rank",
     "reference_run",
     "run_spawn",
+    "run_spawn_cuda",
     "run_torchrun",
 ]
 
@@ -166,10 +167,18 @@ def extra_scalars(step: int, model: nn.Module, rank: int, world: int) -> dict[st
 
 
 def _train(
-    model: nn.Module, wrapped: nn.Module, opt: torch.optim.Optimizer, scope: Any, rank: int, world: int, *, extra: bool
+    model: nn.Module,
+    wrapped: nn.Module,
+    opt: torch.optim.Optimizer,
+    scope: Any,
+    rank: int,
+    world: int,
+    *,
+    extra: bool,
+    device: str = "cpu",
 ) -> None:
     for step in range(1, STEPS + 1):
-        tokens, targets = batch(step)
+        tokens, targets = (t.to(device) for t in batch(step))
         loss = loss_fn(wrapped(_slice(tokens, rank, world)), _slice(targets, rank, world))
         loss.backward()
         opt.step()
@@ -192,10 +201,10 @@ def scenario_ddp(rank: int, world: int, out: Path) -> None:
     _dump(out, f"ddp-rank{rank}", report, {"mid_report_steps": mid_steps})
 
 
-def _fsdp_model() -> nn.Module:
+def _fsdp_model(device: str = "cpu") -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model()
+    model = make_model().to(device)
     for m in (model.fc1, model.fc2, model.score):
         fully_shard(m)
     fully_shard(model)  # emb and the tied head stay in the root group
@@ -210,6 +219,16 @@ def scenario_fsdp(rank: int, world: int, out: Path) -> None:
     report = scope.close()
     local = {name: p.to_local().numel() for name, p in model.named_parameters()}
     _dump(out, f"fsdp-rank{rank}", report, {"local_numel": local})
+
+
+def scenario_fsdp_cuda(rank: int, world: int, out: Path) -> None:
+    """FSDP2 on NCCL, one GPU per rank (run only where the machine has several)."""
+    torch.cuda.set_device(rank)
+    model = _fsdp_model(f"cuda:{rank}")
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    scope = gradscope.watch(model, optimizer=opt, **WATCH)
+    _train(model, model, opt, scope, rank, world, extra=False, device=f"cuda:{rank}")
+    _dump(out, f"fsdp_cuda-rank{rank}", scope.close(), {})
 
 
 def scenario_fsdp_nan(rank: int, world: int, out: Path) -> None:
@@ -236,7 +255,9 @@ def scenario_fsdp_nan(rank: int, world: int, out: Path) -> None:
     _dump(out, f"fsdp_nan-rank{rank}", report, {"raised_at": raised})
 
 
-def run_rank(rank: int, world: int, out: str, scenarios: tuple[str, ...], init: str | None) -> None:
+def run_rank(
+    rank: int, world: int, out: str, scenarios: tuple[str, ...], init: str | None, backend: str = "gloo"
+) -> None:
     """Body of one rank: join the group, run the scenarios, leave."""
     import torch.distributed as dist
 
@@ -245,12 +266,18 @@ def run_rank(rank: int, world: int, out: str, scenarios: tuple[str, ...], init: 
     if "test_probe" not in RULES:
         gradscope.register_rule("test_probe")(ProbeRule)
     if init is None:
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
     else:
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     try:
         for name in scenarios:
-            {"ddp": scenario_ddp, "fsdp": scenario_fsdp, "fsdp_nan": scenario_fsdp_nan}[name](rank, world, Path(out))
+            run = {
+                "ddp": scenario_ddp,
+                "fsdp": scenario_fsdp,
+                "fsdp_nan": scenario_fsdp_nan,
+                "fsdp_cuda": scenario_fsdp_cuda,
+            }[name]
+            run(rank, world, Path(out))
             dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -264,6 +291,19 @@ def run_spawn(world: int, scenarios: tuple[str, ...] = SCENARIOS) -> Path:
     out = Path(tempfile.mkdtemp(prefix=f"gradscope-spawn{world}-"))
     _MADE.append(out)
     mp.spawn(run_rank, args=(world, str(out), scenarios, f"file://{out / 'rendezvous'}"), nprocs=world, join=True)
+    return out
+
+
+def run_spawn_cuda(world: int, out: Path) -> Path:
+    """FSDP2 on NCCL, ``world`` GPUs, started by ``torch.multiprocessing.spawn``."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(
+        run_rank,
+        args=(world, str(out), ("fsdp_cuda",), f"file://{out / 'rendezvous'}", "nccl"),
+        nprocs=world,
+        join=True,
+    )
     return out
 
 
