@@ -280,6 +280,12 @@ class GradScope:
         self._unreduced_rows = 0  # distributed: rows dropped at a non-collective close (shard-local)
         for note in self._dist.notes:
             self._problem("distributed", note)
+        if self._dist.sharded and custom:
+            self._warn(
+                "distributed-custom",
+                f"Custom statistics {sorted(custom)} are computed per shard and cannot be combined across FSDP/DTensor "
+                "shards: they are NaN for sharded parameters (the built-in statistics are global).",
+            )
         if optimizer is not None:
             in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
             if not any(id(t) in in_opt for t in layout.tensors):

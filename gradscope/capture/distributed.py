@@ -263,6 +263,7 @@ class DistributedContext:
         scalars[:, :K] = torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
         for s, red, lo in zip(self.shard_sets, sums, lows):
             sub = moments.index_select(1, s.index)  # type: ignore[arg-type]
+            sub[..., len(MOMENTS) :] = float("nan")  # custom statistics of a shard: not the tensor's
             sub[..., _SUM_COLS] = red[..., : len(_SUM_COLS)]
             nan = torch.full_like(sub[..., 0], float("nan"))
             sub[..., _M["min"]] = torch.where(red[..., -2] > 0, nan, lo[..., 0])

@@ -121,7 +121,9 @@ def _reduce_custom(vals: np.ndarray, present: np.ndarray, numel: np.ndarray, how
             out = np.sqrt(np.nansum(v * v, axis=1))
         else:  # pragma: no cover - validated at registration
             raise ValueError(how)
-    return np.where(anyp, out, np.nan)
+    # a NaN on a present parameter (a non-finite gradient, a shard's value withheld) makes the aggregate NaN
+    poisoned = (present & np.isnan(vals)).any(axis=1)
+    return np.where(anyp & ~poisoned, out, np.nan)
 
 
 class StatsFrame:

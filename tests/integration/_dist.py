@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import gradscope  # noqa: E402
-from gradscope.registry import RULES  # noqa: E402
+from gradscope.registry import RULES, STATISTICS  # noqa: E402
 from gradscope.rules.base import Rule, RuleContext  # noqa: E402
 
 __all__ = [
@@ -212,13 +212,21 @@ def _fsdp_model(device: str = "cpu") -> nn.Module:
 
 
 def scenario_fsdp(rank: int, world: int, out: Path) -> None:
+    from gradscope.stats import DEFAULT_STATISTICS
+
     model = _fsdp_model()
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    scope = gradscope.watch(model, optimizer=opt, log_dir=out / "tb-fsdp", **WATCH)
+    # A custom statistic cannot be combined across shards: it must come out NaN, with a warning.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", gradscope.GradscopeWarning)
+        scope = gradscope.watch(
+            model, optimizer=opt, log_dir=out / "tb-fsdp", stats=[*DEFAULT_STATISTICS, "test_abs_sum"], **WATCH
+        )
     _train(model, model, opt, scope, rank, world, extra=False)
     report = scope.close()
     local = {name: p.to_local().numel() for name, p in model.named_parameters()}
-    _dump(out, f"fsdp-rank{rank}", report, {"local_numel": local})
+    warned = [str(w.message) for w in caught if issubclass(w.category, gradscope.GradscopeWarning)]
+    _dump(out, f"fsdp-rank{rank}", report, {"local_numel": local, "warnings": warned})
 
 
 def scenario_fsdp_cuda(rank: int, world: int, out: Path) -> None:
@@ -265,6 +273,8 @@ def run_rank(
     warnings.filterwarnings("ignore", message=".*returned a view tensor")  # FSDP2 on our out-of-place model
     if "test_probe" not in RULES:
         gradscope.register_rule("test_probe")(ProbeRule)
+    if "test_abs_sum" not in STATISTICS:
+        gradscope.register_statistic("test_abs_sum", reduce="sum")(lambda g, p: g.abs().sum())
     if init is None:
         dist.init_process_group(backend)
     else:

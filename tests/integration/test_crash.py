@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn as nn
 
 import gradscope
 
@@ -199,3 +201,18 @@ def test_sigkill_at_random_moments_never_leaves_corrupt_json(tmp_path):
         target = _killed_writer(tmp_path, "loop", delay=rng.uniform(0.0, 0.05))
         data = json.loads(target.read_text())  # always a whole report
         assert len(data["rows"]) == 200_000
+
+
+def test_report_path_is_validated_and_written_at_close(tmp_path):
+    with pytest.raises(gradscope.ConfigurationError, match="Expected `report_path` to be a path"):
+        gradscope.watch(nn.Linear(2, 2), report_path=3)
+    target = tmp_path / "sub" / "report.json"
+    model = nn.Linear(2, 2)
+    with gradscope.watch(model, report_path=target) as scope:
+        for _ in range(3):
+            model(torch.ones(4, 2)).sum().backward()
+            scope.step()
+            model.zero_grad()
+    back = gradscope.Report.from_json(target)
+    assert back.steps == 3 and "ended_by" not in back.meta
+    assert sorted(set(back.stats["step"])) == [1, 2, 3]

@@ -125,3 +125,14 @@ def test_ddp_tied_weights_counted_once(how):
         assert rep.meta["parameters"] == distinct == ref.meta["parameters"]
         layers = set(rep.stats["layer"])
         assert "emb+head" in layers and "emb" not in layers and "head" not in layers
+
+
+def test_distributed_mode_is_validated():
+    import torch.nn as nn
+
+    with pytest.raises(gradscope.ConfigurationError, match="Expected `distributed` to be one of"):
+        gradscope.watch(nn.Linear(2, 2), distributed="nccl")
+    # without a process group, "auto" is a plain single-process scope: no reduction, it writes
+    with gradscope.watch(nn.Linear(2, 2)) as scope:
+        assert not scope._dist.active and scope._dist.writes
+    assert "distributed" not in scope.report().meta
