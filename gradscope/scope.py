@@ -598,17 +598,7 @@ class GradScope:
             return
         try:
             pending["opt_stepped"] = True
-            # GradScaler with an optimizer that unscales inside its own (fused) step: the gradients here
-            # are still multiplied by the loss scale, and the step is skipped on the device when
-            # found_inf > 0. Both tensors are set on the optimizer only for the duration of its step.
-            scale = getattr(optimizer, "grad_scale", None)
-            found_inf = getattr(optimizer, "found_inf", None)
-            if isinstance(scale, Tensor):
-                pending["grad_scale"] = scale
-            if isinstance(found_inf, Tensor) and self._trust_optimizer:
-                pending["found_inf"] = found_inf
-                col = self._buffer.scalars(pending["slot"])[_SKIP_COL]
-                col.copy_(found_inf.reshape(()).to(device=col.device, dtype=col.dtype, non_blocking=True))
+            self._read_loss_scale(optimizer, pending)
             self._capture_grads(pending)
             pending["grad_marker"] = self._grad_marker()
             if self._update_on and pending["sampled"]:
@@ -617,6 +607,22 @@ class GradScope:
             self._problem(
                 "optimizer-pre", f"capturing gradients before optimizer.step() failed: {type(exc).__name__}: {exc}"
             )
+
+    def _read_loss_scale(self, optimizer: Any, pending: dict[str, Any]) -> None:
+        """Note the loss scale still in the gradients and the device-side skip flag of a fused step.
+
+        GradScaler with an optimizer that unscales inside its own (fused) step: at the pre-hook the
+        gradients still carry the loss scale, and the step is skipped on the device when found_inf > 0.
+        GradScaler sets both tensors on the optimizer for the duration of its step only.
+        """
+        scale = getattr(optimizer, "grad_scale", None)
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(scale, Tensor):
+            pending["grad_scale"] = scale
+        if isinstance(found_inf, Tensor) and self._trust_optimizer:
+            pending["found_inf"] = found_inf
+            col = self._buffer.scalars(pending["slot"])[_SKIP_COL]
+            col.copy_(found_inf.reshape(()).to(device=col.device, dtype=col.dtype, non_blocking=True))
 
     def _grad_marker(self) -> tuple[int, int] | None:
         # Identity and version of one gradient: changes when a backward pass writes the gradients.
