@@ -104,6 +104,8 @@ class DistributedContext:
             tensors: the watched parameters, in layout order.
             mode: one of :data:`MODES`.
         """
+        import torch.distributed as dist
+
         rank, world = rank_and_world()
         active = mode == "auto" and world > 1
         sets: dict[tuple[tuple[int, ...], ...], _ShardSet] = {}
@@ -124,8 +126,6 @@ class DistributedContext:
                 if not dims:
                     continue  # replicated on every mesh dimension: the local tensor is the whole one
                 groups = tuple(mesh.get_group(d) for d in dims)
-                import torch.distributed as dist
-
                 ranks = tuple(tuple(dist.get_process_group_ranks(g)) for g in groups)
                 s = sets.setdefault(ranks, _ShardSet(members=[], groups=groups, ranks=ranks, empty=[]))
                 s.members.append(i)

@@ -78,8 +78,9 @@ def test_100k_steps_do_not_grow_memory():
     # The unbounded scope keeps 5,000 more rows over the second half: the measurement sees them ...
     assert control_grown > 1_000_000, control_grown
     # ... while the bounded one holds only its frame (at most 2 x history rows, rebuilt when it thins,
-    # so allocated in this window) and a few KiB of caches: nothing that grows with the step count.
-    assert grown <= frame_bytes + 16 * 1024, (grown, frame_bytes)
+    # so allocated in this window) and some one-off allocations (caches; in a full test session
+    # ~20 KiB from elsewhere): 128 KiB over 50,000 steps bounds any per-step leak below 3 bytes a step.
+    assert grown <= frame_bytes + 128 * 1024, (grown, frame_bytes)
     assert frame_bytes <= 200 * 200, frame_bytes  # ~150 bytes per row for 2 parameters
     assert rss < 16 * 1024, f"peak RSS grew by {rss} KiB over the second half"
 
