@@ -49,27 +49,26 @@ class NoGradient(Rule):
     def reset(self) -> None:
         """Forget what was seen and reported (a new run)."""
         self._state: dict[str, np.ndarray] | None = None
-        self._seen_rows = 0
+        self._last_step = 0  # steps, not row indices: a bounded frame thins old rows between flushes
         self._reported: set[int] = set()
 
     def check(self, ctx: RuleContext) -> list[Finding]:
-        """Findings visible in the rows added since the last flush (and their look-back window)."""
+        """Findings visible in the rows added since the last flush."""
         frame = ctx.frame
         P = len(frame.schema.param_names)
-        if getattr(self, "_state", None) is None or getattr(self, "_seen_rows", 0) > ctx.new_from:
+        if getattr(self, "_state", None) is None:
+            self.reset()
             self._state = {
                 "ever": np.zeros(P, dtype=bool),
                 "missing": np.zeros(P, dtype=np.int64),
                 "since": np.full(P, -1, dtype=np.int64),
                 "last": np.full(P, -1, dtype=np.int64),
             }
-            self._seen_rows = 0
-            self._reported = set()
         st = self._state
-        lo = self._seen_rows
-        rows = np.arange(lo, len(frame))
-        rows = rows[~frame.skipped[rows]]
-        self._seen_rows = len(frame)
+        assert st is not None
+        rows = np.flatnonzero((frame.steps > self._last_step) & ~frame.skipped)
+        if len(frame):
+            self._last_step = max(self._last_step, int(frame.steps[-1]))
         if len(rows):
             has = frame.has_grad[rows]
             trainable = frame.trainable[rows]

@@ -257,6 +257,7 @@ class ExplodingGradients(Rule):
     def reset(self) -> None:
         """Forget what was seen and reported (a new run)."""
         self._fired = False
+        self._w0: float | None = None
 
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Findings visible in the rows added since the last flush (and their look-back window)."""
@@ -278,7 +279,12 @@ class ExplodingGradients(Rule):
         numel = layer_present(ctx.frame, rows)[:, list(ctx.forward_order)]
         lg = _log_global(rms, numel, nonfinite)
         pos = np.searchsorted(valid, rows)  # position of each judged row among all judged rows of the run
-        w0 = self._warmup_level(ctx, valid, warm_rows)
+        # The warm-up level, measured once from full-resolution rows (a bounded frame thins old rows later).
+        w0 = getattr(self, "_w0", None)
+        if w0 is None:
+            w0, complete = self._warmup_level(ctx, valid, warm_rows)
+            if complete:
+                self._w0 = w0
         g = float(np.log10(th["growth"]))
         found: list[tuple[int, int, str, dict[str, Any]]] = []  # (start row, end row, criterion, details)
         if w0 is not None:
@@ -373,15 +379,21 @@ class ExplodingGradients(Rule):
         ]
 
     @staticmethod
-    def _warmup_level(ctx: RuleContext, valid: np.ndarray, n_rows: int) -> float | None:
-        """Median log10 global norm over the first ``n_rows`` judged finite rows of the run."""
-        head = valid[: max(4 * n_rows, n_rows + 8)]
+    def _warmup_level(ctx: RuleContext, valid: np.ndarray, n_rows: int) -> tuple[float | None, bool]:
+        """Median log10 global norm over the first ``n_rows`` judged finite rows, and whether it is final.
+
+        Final once ``n_rows`` finite rows were found, or once the look-ahead is exhausted (a run that
+        went non-finite within its warm-up keeps the few finite rows it had).
+        """
+        span = max(4 * n_rows, n_rows + 8)
+        head = valid[:span]
         if len(head) == 0:
-            return None
+            return None, False
         rms, nonfinite, _ = layer_rms_by_depth(ctx, head)
         lg = _log_global(rms, layer_present(ctx.frame, head)[:, list(ctx.forward_order)], nonfinite)
         ok = np.flatnonzero(np.isfinite(lg))[:n_rows]
-        return float(np.median(lg[ok])) if len(ok) else None
+        complete = len(ok) >= n_rows or len(head) >= span
+        return (float(np.median(lg[ok])) if len(ok) else None), complete
 
     @staticmethod
     def _runaway(

@@ -98,6 +98,7 @@ class LossNotDecreasing(Rule):
     def reset(self) -> None:
         """Forget what was seen and reported (a new run)."""
         self._fired = False
+        self._start: tuple[int, float, float] | None = None
 
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Findings visible in the rows added since the last flush (and their look-back window)."""
@@ -114,8 +115,14 @@ class LossNotDecreasing(Rule):
             return []
         vals, steps = loss[valid], frame.steps[valid]
         half = length // 2
-        base = float(np.median(vals[:half]))
-        base_noise = _noise(vals[:length])
+        # The run's start, measured once while its first rows are still at full resolution (a bounded
+        # frame thins old rows later); a short run judged at its end uses what it has.
+        start = getattr(self, "_start", None)
+        if start is None or start[0] != length:
+            start = (length, float(np.median(vals[:half])), _noise(vals[:length]))
+            if len(vals) >= win:
+                self._start = start
+        _, base, base_noise = start
         z, dec = th["z"], th["decrease"]
         # windows not judged before: those ending at a row added by this flush
         new_pos = int(np.searchsorted(valid, ctx.new_from))
@@ -231,8 +238,7 @@ class Overfitting(Rule):
     def reset(self) -> None:
         """Forget what was seen and reported (a new run)."""
         self._fired = False
-        self._rows_seen = 0
-        self._last_vrow = -1
+        self._last_vstep = 0  # steps, not row indices: a bounded frame thins old rows between flushes
         self._v: list[float] = []  # validation losses, in order
         self._t: list[float] = []  # training loss (median since the previous validation) at each
         self._vsteps: list[int] = []
@@ -242,26 +248,26 @@ class Overfitting(Rule):
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Findings visible in the rows added since the last flush (and their look-back window)."""
         frame = ctx.frame
-        if not hasattr(self, "_v") or ctx.new_from < getattr(self, "_rows_seen", 0):
+        if not hasattr(self, "_v"):
             self.reset()
         if self._fired or "val_loss" not in frame.scalar_names or "loss" not in frame.scalar_names:
             return []
         th = self.thresholds
         keep = ~frame.skipped
+        steps = frame.steps
         val_all, train_all = frame.scalar("val_loss"), frame.scalar("loss")
-        lo = self._rows_seen
-        self._rows_seen = len(frame)
-        new_vrows = lo + np.flatnonzero((keep & np.isfinite(val_all))[lo:])
+        new_vrows = np.flatnonzero(keep & np.isfinite(val_all) & (steps > self._last_vstep))
         if len(new_vrows) == 0:
             return []
         start_k = len(self._v)
+        train_ok = keep & np.isfinite(train_all)
         for r in new_vrows:
-            seg = train_all[self._last_vrow + 1 : r + 1]
-            seg = seg[keep[self._last_vrow + 1 : r + 1] & np.isfinite(seg)]
+            # training losses since the previous validation (recent rows: always at full resolution)
+            seg = train_all[train_ok & (steps > self._last_vstep) & (steps <= steps[r])]
             self._t.append(float(np.median(seg)) if len(seg) else np.nan)
             self._v.append(float(val_all[r]))
-            self._vsteps.append(int(frame.steps[r]))
-            self._last_vrow = int(r)
+            self._vsteps.append(int(steps[r]))
+            self._last_vstep = int(steps[r])
         v, t = np.asarray(self._v), np.asarray(self._t)
         noise = _noise(v)
         patience = int(th["patience"])

@@ -240,3 +240,41 @@ def test_rules_from_all_that_cannot_run_are_left_out_but_named_rules_are_strict(
         gradscope.watch(model, activations=False, rules=["all", "dead_units"])
     with pytest.raises(gradscope.ConfigurationError, match="nonfinite_count"):
         gradscope.watch(model, stats=["l2_norm"], thresholds={"nonfinite_gradients": {}})
+
+
+def test_findings_are_the_same_when_the_frame_thins_old_rows() -> None:
+    class Memoriser(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head, self.aux = nn.Linear(16, 128), nn.Linear(128, 4), nn.Linear(128, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.body(x)))  # `aux` is never used
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)
+    xv, yv = torch.randn(128, 16, generator=g), torch.randint(0, 4, (128,), generator=g)
+
+    def run(history: int | None) -> list[tuple[str, int, str | None]]:
+        torch.manual_seed(0)
+        model = Memoriser()
+        model.aux.requires_grad_(False)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        with gradscope.watch(model, optimizer=opt, history=history, flush_every=50) as scope:
+            for step in range(1, 401):
+                if step == 200:
+                    model.aux.requires_grad_(True)  # unfrozen, still unused: episodes start after thinning
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                val = F.cross_entropy(model(xv), yv).item() if step >= 200 and step % 10 == 0 else None
+                scope.step(loss=loss, val_loss=val)
+                opt.zero_grad()
+        report = scope.report()
+        if history is not None:
+            assert report.meta["history"]["dropped_rows"] > 0  # rows were thinned
+        return [(f.kind, f.step, f.layer) for f in report.findings]
+
+    full = run(None)
+    assert ("no_gradient", 200, "aux") in full and "overfitting" in {k for k, _, _ in full}
+    assert run(100) == full
