@@ -492,11 +492,31 @@ class GradScope:
         cols = [_M[m] for m in ("sumsq", "sum", "min", "max") if m in self._plan.moments]
         return torch.isfinite(rows[:, cols[:1] or [_M["sumsq"]]]).all()
 
-    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         pending = self._pending
         self._opt_seen = True
         if pending is None:
-            return
+            return None
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if callable(closure):
+            # opt.step(closure) (Lightning, LBFGS): the backward pass runs inside step(), so the gradients
+            # the optimizer uses exist only once the closure returns. Capture then, not now.
+            return _with_closure(args, kwargs, self._after_closure(closure, pending))
+        self._capture_for_step(pending)
+        return None
+
+    def _after_closure(self, closure: Any, pending: dict[str, Any]) -> Any:
+        def wrapped(*a: Any, **kw: Any) -> Any:
+            out = closure(*a, **kw)
+            if not pending["grads_done"]:  # LBFGS evaluates several times: the first is the step's gradient
+                self._capture_for_step(pending)
+            else:  # a later evaluation within the same step is not a stray backward pass
+                pending["grad_marker"] = self._grad_marker()
+            return out
+
+        return wrapped
+
+    def _capture_for_step(self, pending: dict[str, Any]) -> None:
         try:
             pending["opt_stepped"] = True
             self._capture_grads(pending)
@@ -749,6 +769,13 @@ class GradScope:
         if key not in self._warned:
             self._errors.append(message)
         self._warn(key, f"gradscope: {message} (training goes on)")
+
+
+def _with_closure(args: Any, kwargs: Any, closure: Any) -> tuple[Any, Any]:
+    """``(args, kwargs)`` of ``optimizer.step`` with its closure replaced (args[0] is the optimizer)."""
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure}
+    return (args[0], closure, *args[2:]), kwargs
 
 
 def _is_compiled(model: nn.Module) -> bool:
