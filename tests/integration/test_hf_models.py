@@ -10,6 +10,7 @@ tied embeddings counted once.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -20,6 +21,11 @@ import torch.nn as nn
 
 import gradscope
 from gradscope.registry import RULES
+
+# Models are built from small configs with random weights: nothing may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from types import ModuleType
 from typing import Callable
 
@@ -19,6 +20,11 @@ import torch.nn as nn
 
 import gradscope
 from gradscope.registry import RULES
+
+# Models are built from small configs with random weights: nothing may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 STEPS, SAMPLE_EVERY = 6, 3
 
