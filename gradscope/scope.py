@@ -129,6 +129,7 @@ class GradScope:
                 f"Expected `optimizer` to be a torch.optim.Optimizer, but got {type(optimizer).__name__}. "
                 "Pass the optimizer whose step() your loop calls, or leave it out."
             )
+        optimizer = _unwrap_optimizer(optimizer)
         self.every = _positive_int("every", every)
         self.flush_every = _positive_int("flush_every", flush_every)
         self.sample_every = _positive_int("sample_every", sample_every)
@@ -769,6 +770,17 @@ class GradScope:
         if key not in self._warned:
             self._errors.append(message)
         self._warn(key, f"gradscope: {message} (training goes on)")
+
+
+def _unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside wrappers that never run torch's step hooks (accelerate's AcceleratedOptimizer)."""
+    while (
+        optimizer is not None
+        and not hasattr(optimizer, "_optimizer_step_pre_hooks")
+        and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
+    ):
+        optimizer = optimizer.optimizer  # type: ignore[attr-defined]
+    return optimizer
 
 
 def _with_closure(args: Any, kwargs: Any, closure: Any) -> tuple[Any, Any]:

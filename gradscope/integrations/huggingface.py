@@ -15,7 +15,7 @@ micro-batches, clips them (``max_grad_norm``, after unscaling under fp16) and ca
 ``optimizer.step()``. gradscope reads the gradients in that optimizer's step pre-hook, so they are
 the accumulated, unscaled, clipped gradients the update uses; a step that the fp16 GradScaler skips
 is recorded as skipped. The Trainer hands callbacks accelerate's ``AcceleratedOptimizer`` wrapper;
-the torch optimizer inside it is the one watched.
+``watch`` watches the torch optimizer inside it.
 
 Which loss is recorded: the Trainer keeps the per-step loss on the device and only reports its
 average every ``logging_steps`` steps (``on_log``). That logged value is recorded at the step it is
@@ -51,20 +51,6 @@ if TYPE_CHECKING:
     from gradscope.scope import GradScope
 
 __all__ = ["GradscopeTrainerCallback", "trainer_tensorboard_dir"]
-
-
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    # accelerate's AcceleratedOptimizer (and similar wrappers) keep the torch optimizer in `.optimizer`;
-    # the wrapper never runs torch's step hooks itself.
-    seen = set()
-    while optimizer is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        inner = getattr(optimizer, "optimizer", None)
-        if isinstance(inner, torch.optim.Optimizer):
-            optimizer = inner
-            continue
-        break
-    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
 def trainer_tensorboard_dir(args: Any) -> str | None:
@@ -167,7 +153,8 @@ class GradscopeTrainerCallback(TrainerCallback):
         self._close()
         if model is None:
             raise ConfigurationError("GradscopeTrainerCallback.on_train_begin got no `model` from the Trainer.")
-        opt = _unwrap_optimizer(optimizer)
+        # accelerate's AcceleratedOptimizer is unwrapped by watch(): its inner torch optimizer is watched
+        opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
         main = bool(getattr(state, "is_world_process_zero", True))
         writer, log_dir = None, None
         if main:

@@ -194,3 +194,30 @@ def test_options_are_validated_when_the_callback_is_built(tmp_path):
         GradscopeTrainerCallback(flush_every=0)
     with pytest.raises(gradscope.ConfigurationError, match="not both"):
         GradscopeTrainerCallback(log_dir=tmp_path, writer=object())
+
+
+def test_watch_unwraps_accelerates_optimizer():
+    # accelerate's AcceleratedOptimizer never calls torch's step hooks itself: watch() must watch the
+    # optimizer inside it (before the fix, watch raised AttributeError on `_optimizer_step_pre_hooks`).
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    accelerator = Accelerator(cpu=True)
+    model, opt = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert type(opt).__name__ == "AcceleratedOptimizer"
+    g = torch.Generator().manual_seed(0)
+    refs = []
+    with gradscope.watch(model, optimizer=opt, sample_every=1) as scope:
+        for _ in range(3):
+            x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+            accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
+            refs.append(math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters())))
+            opt.step()
+            scope.step()
+            opt.zero_grad()
+    report = scope.report()
+    assert report.meta["optimizer"] == "SGD" and report.skipped_steps == []
+    got = report.stats.query("stat == 'l2_norm' and layer == '*'").value.to_list()
+    np.testing.assert_allclose(got, refs, rtol=1e-6)
+    assert (report.stats.query("stat == 'update_ratio' and layer == '*'").value > 0).all()
