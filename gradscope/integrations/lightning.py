@@ -195,7 +195,10 @@ class GradscopeCallback(pl.Callback):
             scalars["loss"] = stacked.sum() if self._automatic else stacked.mean()
             self._losses = []
         if self._optimizer is not None:
-            scalars["lr"] = float(self._optimizer.param_groups[0]["lr"])
+            lr = self._optimizer.param_groups[0][
+                "lr"
+            ]  # a tensor for capturable/fused optimizers: kept as one (no sync)
+            scalars["lr"] = lr if isinstance(lr, Tensor) else float(lr)
         if self._val_loss is not None and self.options.recorded(self.scope.step_count + 1):
             scalars["val_loss"] = self._val_loss
             self._val_loss = None
