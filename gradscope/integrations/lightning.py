@@ -195,9 +195,8 @@ class GradscopeCallback(pl.Callback):
             scalars["loss"] = stacked.sum() if self._automatic else stacked.mean()
             self._losses = []
         if self._optimizer is not None:
-            lr = self._optimizer.param_groups[0][
-                "lr"
-            ]  # a tensor for capturable/fused optimizers: kept as one (no sync)
+            # a tensor for capturable/fused optimizers: kept as one, on its device (no sync)
+            lr = self._optimizer.param_groups[0]["lr"]
             scalars["lr"] = lr if isinstance(lr, Tensor) else float(lr)
         if self._val_loss is not None and self.options.recorded(self.scope.step_count + 1):
             scalars["val_loss"] = self._val_loss
