@@ -26,6 +26,8 @@ from gradscope.integrations.huggingface import GradscopeTrainerCallback
 transformers.logging.set_verbosity_error()
 VOCAB, SEQ = 64, 16
 
+FAST = os.environ.get("GRADSCOPE_EXAMPLE_FAST") == "1"  # the test suite runs every example: fewer steps
+
 
 class Progressions(torch.utils.data.Dataset):
     """Token ids ``(start + k * stride) % VOCAB``; the model learns to continue them."""
@@ -46,7 +48,7 @@ class Progressions(torch.utils.data.Dataset):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output-dir", default=None, help="the Trainer's output_dir (default: temporary, removed)")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=4 if FAST else 20)
     args = ap.parse_args(argv)
     if args.output_dir is None:
         with tempfile.TemporaryDirectory(prefix="gradscope-hf-") as tmp:

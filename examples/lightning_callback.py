@@ -12,6 +12,7 @@ two batches and the validation loss of each epoch.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 
 import lightning.pytorch as pl
@@ -20,6 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gradscope.integrations.lightning import GradscopeCallback
+
+FAST = os.environ.get("GRADSCOPE_EXAMPLE_FAST") == "1"  # the test suite runs every example: fewer steps
 
 
 class Classifier(pl.LightningModule):
@@ -53,7 +56,7 @@ def loader(n: int, seed: int, shuffle: bool) -> torch.utils.data.DataLoader:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--log-dir", default=None, help="TensorBoard root (default: a temporary folder, removed)")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=1 if FAST else 3)
     args = ap.parse_args(argv)
     if args.log_dir is None:
         with tempfile.TemporaryDirectory(prefix="gradscope-lightning-") as tmp:
