@@ -219,7 +219,7 @@ def test_exception_in_fit_still_flushes_and_detaches(tmp_path):
 
 
 def test_explicit_log_dir_and_no_optimizer(tmp_path):
-    module, callback = Tiny(), GradscopeCallback(optimizer_index=None, log_dir=tmp_path / "gs", activations=False)
+    module, callback = Tiny(), GradscopeCallback(optimizer_index=None, log_dir=tmp_path / "gs")
     fit(tmp_path, module, callback, max_epochs=1)
     got = l2(callback.report)
     for step, ref in enumerate(module.refs, start=1):

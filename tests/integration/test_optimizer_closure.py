@@ -81,7 +81,7 @@ def test_lbfgs_records_the_first_closure_evaluation():
     calls = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", gradscope.GradscopeWarning)  # no "backward ran between" warning
-        scope = gradscope.watch(model, optimizer=opt, activations=False)
+        scope = gradscope.watch(model, optimizer=opt)
         for _ in range(2):
             calls.append(0)
 
