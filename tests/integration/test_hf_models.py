@@ -141,6 +141,7 @@ def train(
     lr: float = 3e-3,
     batch: int = BATCH,
     max_stride: int = 3,
+    random_ids: bool = False,
     act_modules: tuple[str, ...] = (),
 ) -> Run:
     """Train with AdamW under ``watch``; record the reference gradients right before each ``opt.step()``."""
@@ -159,7 +160,10 @@ def train(
         handles.append(model.get_submodule(path).register_forward_hook(hook))
     with gradscope.watch(model, optimizer=opt, sample_every=SAMPLE_EVERY) as scope:
         for step in range(1, steps + 1):
-            loss = loss_of(model, progressions(g, batch, max_stride))
+            ids = (
+                torch.randint(0, VOCAB, (batch, SEQ), generator=g) if random_ids else progressions(g, batch, max_stride)
+            )
+            loss = loss_of(model, ids)
             for h in handles:
                 h.remove()
             handles.clear()
@@ -439,6 +443,14 @@ def test_healthy_runs_have_no_findings(family, request):
 
 
 def test_bert_fine_tuning_with_frozen_embeddings():
+    """A common fine-tuning recipe: embeddings frozen, encoder and head trained. Healthy: the loss falls.
+
+    With the embeddings frozen, the earliest watched layers are layer 0's attention query and key,
+    whose gradients are structurally small at random init (attention logits near zero make the
+    softmax insensitive to them): their gradient RMS stays below 1e-3 x the classifier's for the first
+    20 steps and then grows, while AdamW's update ratio for them is like every other layer's and the
+    loss falls. A rule that reads that as vanishing gradients is wrong.
+    """
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
         vocab_size=VOCAB,
@@ -454,17 +466,20 @@ def test_bert_fine_tuning_with_frozen_embeddings():
         p.requires_grad_(False)
 
     def loss_of(m, ids):
-        return m(input_ids=ids, labels=ids[:, 1] % 3).loss
+        return m(input_ids=ids, labels=ids[:, 0] % 3).loss  # the first token id decides the class
 
-    run = train(model, loss_of, steps=3)
+    run = train(model, loss_of, steps=60, lr=5e-3, batch=32, random_ids=True)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert run.report.frozen == frozen and len(frozen) == 5
     assert not any(layer.startswith("bert.embeddings") for layer in run.layers())
     assert "bert.pooler.dense" in run.layers() and "classifier" in run.layers()
     for step, ref in enumerate(run.refs, start=1):
         assert math.isclose(run.value(step, "*", "*", "l2_norm"), math.sqrt(ref.total()), rel_tol=1e-5)
-    if "no_gradient" in RULES:
-        assert not [f for f in run.report.findings if f.kind == "no_gradient"]
+    first, last = np.mean(run.losses[:5]), np.mean(run.losses[-5:])
+    assert last < first - 0.3, f"loss {first:.3f} -> {last:.3f}"
+    if "vanishing_gradients" not in RULES:
+        pytest.skip("the diagnosis rules are not registered yet (issue 3)")
+    assert run.report.findings == [], "\n".join(str(f) for f in run.report.findings)
 
 
 def test_gradient_checkpointing_gives_the_same_statistics():
