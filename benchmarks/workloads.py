@@ -211,7 +211,9 @@ def hf_workloads() -> list[Workload]:
     return [
         Workload(
             "hf-gpt2",
-            lambda: hf_gpt2(vocab_size=4096, n_positions=128, n_embd=256, n_layer=4, n_head=4),
+            lambda: hf_gpt2(
+                vocab_size=4096, n_positions=128, n_embd=256, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0
+            ),
             lambda g: (torch.randint(0, 4096, (8, 128), generator=g), torch.randint(0, 4096, (8, 128), generator=g)),
             hf_lm_loss,
             "adamw",
