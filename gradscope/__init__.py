@@ -17,6 +17,7 @@ from __future__ import annotations
 from gradscope import rules as _rules  # noqa: F401  (registers the built-in rules)
 from gradscope import stats as _stats  # noqa: F401  (registers the built-in statistics)
 from gradscope._version import __version__
+from gradscope.baseline import assert_matches_baseline, snapshot
 from gradscope.errors import (
     ConfigurationError,
     GradientHealthError,
@@ -25,6 +26,7 @@ from gradscope.errors import (
     NonFiniteGradientError,
     UnsupportedLayerError,
 )
+from gradscope.health import assert_healthy, check
 from gradscope.reference import VerificationReport, verify
 from gradscope.registry import register_reference, register_rule, register_sink, register_statistic
 from gradscope.report import Finding, Report
@@ -45,10 +47,14 @@ __all__ = [
     "UnsupportedLayerError",
     "VerificationReport",
     "__version__",
+    "assert_healthy",
+    "assert_matches_baseline",
+    "check",
     "register_reference",
     "register_rule",
     "register_sink",
     "register_statistic",
+    "snapshot",
     "verify",
     "watch",
 ]
