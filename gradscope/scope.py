@@ -606,22 +606,22 @@ class GradScope:
         if callable(closure):
             # opt.step(closure) (Lightning, LBFGS): the backward pass runs inside step(), so the gradients
             # the optimizer uses exist only once the closure returns. Capture then, not now.
-            return _with_closure(args, kwargs, self._after_closure(closure, pending))
-        self._capture_for_step(pending)
+            return _with_closure(args, kwargs, self._after_closure(optimizer, closure, pending))
+        self._capture_for_step(optimizer, pending)
         return None
 
-    def _after_closure(self, closure: Any, pending: dict[str, Any]) -> Any:
+    def _after_closure(self, optimizer: Any, closure: Any, pending: dict[str, Any]) -> Any:
         def wrapped(*a: Any, **kw: Any) -> Any:
             out = closure(*a, **kw)
             if not pending["grads_done"]:  # LBFGS evaluates several times: the first is the step's gradient
-                self._capture_for_step(pending)
+                self._capture_for_step(optimizer, pending)
             else:  # a later evaluation within the same step is not a stray backward pass
                 pending["grad_marker"] = self._grad_marker()
             return out
 
         return wrapped
 
-    def _capture_for_step(self, pending: dict[str, Any]) -> None:
+    def _capture_for_step(self, optimizer: Any, pending: dict[str, Any]) -> None:
         try:
             pending["opt_stepped"] = True
             self._read_loss_scale(optimizer, pending)
