@@ -38,7 +38,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workloads import Workload, cpu_workloads, gpu_workloads
+from workloads import Workload, cpu_workloads, gpu_workloads, hf_workloads
 
 import gradscope
 
@@ -200,10 +200,20 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    pool = {w.name: w for w in cpu_workloads() + gpu_workloads()}
+    pool = {w.name: w for w in cpu_workloads() + gpu_workloads() + hf_workloads()}
     default = [w.name for w in (gpu_workloads() if args.device.startswith("cuda") else cpu_workloads())]
+    if args.device.startswith("cuda") and "hf-gpt2-small" in pool:
+        default.append("hf-gpt2-small")  # transformers' own GPT-2 small, when installed
     names = args.workloads.split(",") if args.workloads else default
-    default_pairs = {"mlp": 150, "cnn": 100, "gpt": 60, "gpt2-small": 60, "resnet50": 60}
+    default_pairs = {
+        "mlp": 150,
+        "cnn": 100,
+        "gpt": 60,
+        "gpt2-small": 60,
+        "resnet50": 60,
+        "hf-gpt2": 60,
+        "hf-gpt2-small": 60,
+    }
 
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(

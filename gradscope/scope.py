@@ -145,6 +145,7 @@ class GradScope:
                 f"Expected `optimizer` to be a torch.optim.Optimizer, but got {type(optimizer).__name__}. "
                 "Pass the optimizer whose step() your loop calls, or leave it out."
             )
+        optimizer = _unwrap_optimizer(optimizer)
         self.every = _positive_int("every", every)
         self.flush_every = _positive_int("flush_every", flush_every)
         self.sample_every = _positive_int("sample_every", sample_every)
@@ -609,11 +610,31 @@ class GradScope:
         cols = [_M[m] for m in ("sumsq", "sum", "min", "max") if m in self._plan.moments]
         return torch.isfinite(rows[:, cols[:1] or [_M["sumsq"]]]).all()
 
-    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         pending = self._pending
         self._opt_seen = True
         if pending is None:
-            return
+            return None
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if callable(closure):
+            # opt.step(closure) (Lightning, LBFGS): the backward pass runs inside step(), so the gradients
+            # the optimizer uses exist only once the closure returns. Capture then, not now.
+            return _with_closure(args, kwargs, self._after_closure(optimizer, closure, pending))
+        self._capture_for_step(optimizer, pending)
+        return None
+
+    def _after_closure(self, optimizer: Any, closure: Any, pending: dict[str, Any]) -> Any:
+        def wrapped(*a: Any, **kw: Any) -> Any:
+            out = closure(*a, **kw)
+            if not pending["grads_done"]:  # LBFGS evaluates several times: the first is the step's gradient
+                self._capture_for_step(optimizer, pending)
+            else:  # a later evaluation within the same step is not a stray backward pass
+                pending["grad_marker"] = self._grad_marker()
+            return out
+
+        return wrapped
+
+    def _capture_for_step(self, optimizer: Any, pending: dict[str, Any]) -> None:
         try:
             pending["opt_stepped"] = True
             self._read_loss_scale(optimizer, pending)
@@ -945,6 +966,24 @@ class GradScope:
         if key not in self._warned:
             self._errors.append(message)
         self._warn(key, f"gradscope: {message} (training goes on)")
+
+
+def _unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside wrappers that never run torch's step hooks (accelerate's AcceleratedOptimizer)."""
+    while (
+        optimizer is not None
+        and not hasattr(optimizer, "_optimizer_step_pre_hooks")
+        and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
+    ):
+        optimizer = optimizer.optimizer  # type: ignore[attr-defined]
+    return optimizer
+
+
+def _with_closure(args: Any, kwargs: Any, closure: Any) -> tuple[Any, Any]:
+    """``(args, kwargs)`` of ``optimizer.step`` with its closure replaced (args[0] is the optimizer)."""
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure}
+    return (args[0], closure, *args[2:]), kwargs
 
 
 def _is_compiled(model: nn.Module) -> bool:
