@@ -68,14 +68,18 @@ class VanishingGradients(Rule):
             26 healthy runs of benchmarks/detection.py the first layer's ratio stays above 10^-2 (a
             zero-initialised head, whose hidden gradients start at zero), while the vanishing faults
             reach 10^-4.7 to 10^-11.8.
-        window: 20 steps; min_fraction: 0.8 (our choice: long enough that one odd batch does not
-            fire, short enough to report within 20 steps of the onset).
+        window: 50 steps; min_fraction: 0.8. Vanishing gradients are a persistent condition; a
+            collapse that fades within tens of steps is an initialisation transient: the attention
+            query and key of a randomly initialised BERT start at 10^-4.8 of the classifier's gradient
+            RMS and are back above 10^-3 by about step 20, while AdamW updates them like every other
+            layer (tests/integration/test_hf_models.py). The finding is backdated to the window's first
+            step, so the window delays the report, not the finding's step.
         min_steps: 3 recorded steps, the fewest judged at the end of a short run (e.g. a CI check).
     """
 
     severity = "error"
     requires = ("l2_norm",)
-    defaults: ClassVar[dict[str, Any]] = {"ratio": 1e-3, "window": 20, "min_fraction": 0.8, "min_steps": 3}
+    defaults: ClassVar[dict[str, Any]] = {"ratio": 1e-3, "window": 50, "min_fraction": 0.8, "min_steps": 3}
 
     def validate(self) -> None:
         """Check threshold ranges."""
