@@ -38,6 +38,7 @@ from gradscope.report import Report
 from gradscope.rules.base import RuleContext
 from gradscope.rules.engine import RuleEngine, RuleSpec, build_rules
 from gradscope.sinks.base import ScopeInfo, Sink, SinkUpdate
+from gradscope.sinks.tensorboard import tensorboard_options
 from gradscope.stats import DEFAULT_STATISTICS
 from gradscope.stats.buffer import StatsBuffer
 from gradscope.stats.frame import ACTIVATION_STATISTICS, FrameSchema, StatsFrame
@@ -119,6 +120,9 @@ class GradScope:
         sample_every: int = 10,
         on_nonfinite: str = "record",
         sinks: Sequence[Union[Sink, str]] = (),
+        histogram_every: int | None = 100,
+        histogram_weights: bool = False,
+        figure_every: int | None = 1000,
     ) -> None:
         # -- validate everything before touching the model ------------------------------------------
         if not isinstance(model, nn.Module):
@@ -146,6 +150,9 @@ class GradScope:
         if not isinstance(activations, bool):
             raise ConfigurationError(f"Expected `activations` to be True or False, but got {activations!r}.")
         self.stat_names = _stat_names(stats, optimizer is not None)
+        tb_options = tensorboard_options(
+            histogram_every=histogram_every, histogram_weights=histogram_weights, figure_every=figure_every
+        )
 
         target = unwrap_model(model)
         if target in _WATCHED:
@@ -221,7 +228,9 @@ class GradScope:
             from gradscope.sinks.tensorboard import TensorBoardSink
 
             self._sinks.append(
-                TensorBoardSink(log_dir, writer=writer) if writer is not None else TensorBoardSink(log_dir)
+                TensorBoardSink(writer=writer, **tb_options)
+                if writer is not None
+                else TensorBoardSink(log_dir, **tb_options)
             )
 
         # -- state -------------------------------------------------------------------------------------
@@ -793,6 +802,9 @@ def watch(
     sample_every: int = 10,
     on_nonfinite: str = "record",
     sinks: Sequence[Union[Sink, str]] = (),
+    histogram_every: int | None = 100,
+    histogram_weights: bool = False,
+    figure_every: int | None = 1000,
 ) -> GradScope:
     """Watch ``model``'s gradients: per-layer statistics on the device, rules, and outputs.
 
@@ -818,6 +830,11 @@ def watch(
         on_nonfinite: ``"record"`` (a finding at the next flush) or ``"raise"`` (stop at the step where a
             gradient first holds NaN/Inf, naming the layer; costs one host sync per recorded step).
         sinks: extra outputs (Sink instances or registered names).
+        histogram_every: with ``log_dir`` or ``writer``: histograms of each layer's gradients, computed on
+            the device, on the first recorded step of every this many steps; None: no histograms.
+        histogram_weights: with ``log_dir`` or ``writer``: also histograms of the weights.
+        figure_every: with ``log_dir`` or ``writer``: the gradient-flow figure every this many steps
+            (and at ``close()``); None: only at ``close()``. See docs/tensorboard.md.
 
     Returns:
         A :class:`GradScope`; use it as a context manager or call ``close()``.
@@ -853,4 +870,7 @@ def watch(
         sample_every=sample_every,
         on_nonfinite=on_nonfinite,
         sinks=sinks,
+        histogram_every=histogram_every,
+        histogram_weights=histogram_weights,
+        figure_every=figure_every,
     )
