@@ -200,6 +200,7 @@ class TensorBoardSink(Sink):
         self._started = False
         self._flagged: list[str] = []
         self._fig_window = 0
+        self._fig_step = -1
         self._last_frame: StatsFrame | None = None
         self._layers_by_depth: list[str] = []
 
@@ -407,7 +408,9 @@ class TensorBoardSink(Sink):
             due = True
         if not due:
             return
-        self._add_figure(T.FIGURE_TAG, self._flow_figure(frame), last)
+        if last != self._fig_step:  # the last regular flush may have drawn this very step
+            self._fig_step = last
+            self._add_figure(T.FIGURE_TAG, self._flow_figure(frame), last)
         if final:
             self._add_figure(T.HEATMAP_TAG, self._heatmap_figure(frame), last)
 
