@@ -249,6 +249,24 @@ class StatsFrame:
             else np.zeros((len(self.steps[rows]), 0))
         )
 
+    def layer_values_many(self, stats: list[str], rows: slice | None = None) -> dict[str, np.ndarray]:
+        """Several statistics per layer, ``{stat: [S, L]}``, aggregating each layer's moments once."""
+        rows = slice(None) if rows is None else rows
+        for stat in stats:
+            self._check_stat(stat)
+        out = {s: self.layer_values(s, rows) for s in stats if s in self.schema.custom}
+        builtin = [s for s in stats if s not in self.schema.custom]
+        if builtin:
+            mom, has = self.moments[rows], self.has_grad[rows]
+            aggs = [_aggregate(mom, has, self.schema.numels, m) for m in self.schema.layer_members]
+            for stat in builtin:
+                out[stat] = (
+                    np.stack([derive(stat, agg, n) for agg, n in aggs], axis=1)
+                    if aggs
+                    else np.zeros((len(self.steps[rows]), 0))
+                )
+        return {s: out[s] for s in stats}
+
     def global_values(self, stat: str, rows: slice | None = None) -> np.ndarray:
         """``stat`` over every parameter of the model together, ``[S]``; ``rows`` as in :meth:`param_values`."""
         self._check_stat(stat)
