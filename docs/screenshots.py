@@ -27,10 +27,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
 
 # name -> (url suffix, window size, crop box or None)
 PAGES = {
-    "tb-custom-scalars": ("/#custom_scalars", (1400, 1000), None),
-    "tb-scalars": ("/?tagFilter=gradscope%2Fl2_norm#scalars", (1400, 1000), None),
-    "tb-histograms": ("/?tagFilter=grad_hist%2Fblocks.%5B07%5D.fc1#histograms", (1400, 1000), None),
-    "tb-images": ("/#images", (1400, 1000), None),
+    "tb-custom-scalars": ("/#custom_scalars", (1400, 1900), None),
+    "tb-scalars": ("/#scalars&tagFilter=gradscope%2Fl2_norm%2F", (1400, 1000), None),
+    "tb-histograms": ("/#histograms&tagFilter=gradscope%2Fgrad_hist%2F", (1400, 1000), None),
+    "tb-images": ("/#images", (1400, 1000), (0, 0, 1400, 620)),
     "tb-text": ("/#text", (1400, 1000), None),
 }
 
@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
     OUT.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gradscope-docs-"))
-    run_dir = work / "logs" / "demo"
+    # relative paths, so that no folder of this machine shows in the pictures
+    os.chdir(work)
+    run_dir = Path("runs") / "demo"
     tensorboard_demo.main(["--log-dir", str(run_dir)])
     port = _free_port()
     log = (work / "tensorboard.log").open("w")
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             "-m",
             "tensorboard.main",
             "--logdir",
-            str(work / "logs"),
+            "runs",
             "--host",
             "127.0.0.1",
             "--port",
@@ -136,13 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             _shrink(out, crop)
             print(f"wrote {out.relative_to(ROOT)} ({out.stat().st_size // 1024} KB)")
         out = OUT / "html-report.png"
-        _shoot(args.browser, (run_dir / "gradscope-report.html").as_uri(), (1300, 2200), out, 3000)
+        _shoot(args.browser, (work / run_dir / "gradscope-report.html").as_uri(), (1300, 2200), out, 3000)
         _shrink(out, None)
         print(f"wrote {out.relative_to(ROOT)} ({out.stat().st_size // 1024} KB)")
     finally:
         proc.terminate()
         proc.wait(timeout=20)
         log.close()
+        os.chdir(ROOT)
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

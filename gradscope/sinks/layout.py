@@ -12,10 +12,11 @@ the Custom Scalars dashboard one category per statistic and, inside it, one mult
   paths (``fc1``, the ``0`` of a ``Sequential``) share one "top level" chart;
 * a group with more than ``max_lines`` layers is split, in depth order, into several charts.
 
-Each chart has one regular expression that matches exactly its layers' tags. A first category,
-"gradscope overview", holds the loss, the scalars passed to ``scope.step`` and the model-wide
-statistics. Only the overview and ``l2_norm`` categories start open; the others are collapsed so that
-the dashboard stays quick for large models.
+Each chart has one regular expression that matches exactly its layers' tags; each category starts
+with the whole model's chart. A first category, "gradscope overview", holds the loss and validation
+loss, the global gradient norm, update ratio and non-finite count, and the other scalars passed to
+``scope.step``. Only the overview and ``l2_norm`` categories start open; the others are collapsed so
+that the dashboard stays quick for large models.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ DEFAULT_MAX_LINES = 12
 TOP_LEVEL = "top level"
 #: Categories that start open in the dashboard.
 _OPEN_STATS = ("l2_norm",)
+_LOSSES = ("loss", "val_loss")
+#: Model-wide charts of the overview, when the statistic is collected.
+_OVERVIEW = (
+    ("l2_norm", "gradient norm (whole model)"),
+    ("update_ratio", "update / weight ratio (whole model)"),
+    ("nonfinite_count", "non-finite gradient values (whole model)"),
+)
 
 
 def _group_key(layer: str) -> str:
@@ -90,6 +98,7 @@ def build_layout(
     *,
     act_stats: Sequence[str] = (),
     act_modules: Sequence[str] = (),
+    scalars: Sequence[str] | None = None,
     max_lines: int = DEFAULT_MAX_LINES,
 ) -> list[tuple[str, bool, list[Chart]]]:
     """The layout as plain data: ``(category title, closed, charts)``.
@@ -99,18 +108,24 @@ def build_layout(
         layers_by_depth: layer keys, input side first.
         act_stats: activation statistics written per activation module.
         act_modules: activation module paths, in forward order.
+        scalars: names of the scalars passed to ``scope.step`` so far; charts for scalars not passed are
+            left out. None: charts for ``loss``/``val_loss`` and for any other scalar.
         max_lines: the most lines in one chart.
     """
-    overview = [
-        Chart("loss", _exact([f"{PREFIX}/scalar/loss", f"{PREFIX}/scalar/val_loss"])),
-        Chart("scalars passed to scope.step()", f"^{re.escape(PREFIX)}/scalar/"),
-    ]
-    for stat in stats:
-        overview.append(Chart(f"{stat} (whole model)", _exact([stat_tag(stat, "*")])))
+    losses = [n for n in _LOSSES if scalars is None or n in scalars]
+    overview = [Chart("loss", _exact([f"{PREFIX}/scalar/{n}" for n in losses]))] if losses else []
+    for stat, title in _OVERVIEW:
+        if stat in stats:
+            overview.append(Chart(title, _exact([stat_tag(stat, "*")])))
+    if scalars is None or any(n not in _LOSSES for n in scalars):
+        overview.append(
+            Chart("other scalars passed to scope.step()", f"^{re.escape(PREFIX)}/scalar/(?!(?:loss|val_loss)$)")
+        )
     categories: list[tuple[str, bool, list[Chart]]] = [(f"{PREFIX} overview", False, overview)]
     groups = layer_groups(layers_by_depth, max_lines=max_lines)
     for stat in stats:
-        charts = [
+        charts = [Chart(f"{stat} / whole model", _exact([stat_tag(stat, "*")]))]
+        charts += [
             Chart(f"{stat} / {title}", _exact([stat_tag(stat, layer) for layer in members]))
             for title, members in groups
         ]

@@ -213,6 +213,7 @@ class TensorBoardSink(Sink):
         self._fig_step = -1
         self._last_frame: StatsFrame | None = None
         self._layers_by_depth: list[str] = []
+        self._layout_scalars: tuple[str, ...] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -301,16 +302,26 @@ class TensorBoardSink(Sink):
 
         first = int(update.frame.steps[0])
         self._add(json_summary(T.META_JSON_TAG, T.PLUGIN_NAME, json.dumps(meta)), first)
-        if self.layout:
-            from gradscope.sinks.layout import build_layout, layout_summary
+        self._write_layout(update.frame, first)
 
-            categories = build_layout(
-                list(sch.stats),
-                list(update.layers_by_depth),
-                act_stats=ACTIVATION_STATISTICS if sch.act_modules else (),
-                act_modules=list(sch.act_modules),
-            )
-            self._add(layout_summary(categories), first)
+    def _write_layout(self, frame: StatsFrame, step: int) -> None:
+        """The custom-scalars layout; rewritten when new scalars appeared (TensorBoard shows the last one)."""
+        if not self.layout or tuple(frame.scalar_names) == self._layout_scalars:
+            return
+        from gradscope.sinks.layout import build_layout, layout_summary
+
+        self._layout_scalars = tuple(frame.scalar_names)
+        sch = frame.schema
+        stats = [s for s in sch.stats if self.stats is None or s in self.stats]
+        act_stats = [s for s in ACTIVATION_STATISTICS if self.stats is None or s in self.stats]
+        categories = build_layout(
+            stats,
+            self._layers_by_depth,
+            act_stats=act_stats if sch.act_modules else (),
+            act_modules=list(sch.act_modules),
+            scalars=frame.scalar_names,
+        )
+        self._add(layout_summary(categories), step)
 
     def _write_scalars(self, frame: StatsFrame, start: int) -> None:
         n = len(frame) - start
@@ -486,6 +497,8 @@ class TensorBoardSink(Sink):
         from gradscope.sinks.protos import json_summary, text_summary
 
         step = max(report.steps, 1)
+        if self._last_frame is not None and self._started:
+            self._write_layout(self._last_frame, step)
         self._add(text_summary(T.VERDICT_TAG, verdict_markdown(report)), step)
         record = {
             "schema": JSON_SCHEMA,

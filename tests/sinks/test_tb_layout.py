@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 import torch.nn as nn
 from sinkhelp import load_events, small_mlp, train
 
@@ -86,4 +87,33 @@ def test_layout_in_the_run_is_valid_and_covers_the_written_tags(tmp_path):
         assert any(re.match(tags[0], t) for t in scalar_tags), f"chart {cat} / {chart} matches no tag"
     # groups of the nested model: "0.*" layers are top-level Sequential children, "1.*" another group
     by_layer = [c for c in charts if c[0] == "gradscope l2_norm by layer"]
-    assert [c[1] for c in by_layer] == ["l2_norm / 0", "l2_norm / 1"]
+    assert [c[1] for c in by_layer] == ["l2_norm / whole model", "l2_norm / 0", "l2_norm / 1"]
+    # only the scalars passed get charts: loss and val_loss, no "other scalars"
+    assert [c[1] for c in charts if c[0] == "gradscope overview"] == [
+        "loss",
+        "gradient norm (whole model)",
+        "update / weight ratio (whole model)",
+        "non-finite gradient values (whole model)",
+    ]
+
+
+def test_layout_rewritten_at_close_when_a_scalar_appears_later(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    import gradscope
+
+    model = small_mlp()
+    with gradscope.watch(model, log_dir=tmp_path, flush_every=3) as scope:
+        for step in range(1, 8):
+            model(torch.randn(4, 6)).pow(2).mean().backward()
+            scope.step(lr=0.1) if step >= 5 else scope.step()
+            model.zero_grad()
+    configs = load_events(tmp_path).Tensors("custom_scalars__config__")
+    assert [e.step for e in configs] == [1, 7]  # the first flush, then close (TensorBoard shows the last)
+    charts = []
+    for e in configs:
+        layout = layout_pb2.Layout()
+        layout.ParseFromString(e.tensor_proto.string_val[0])
+        charts.append([c.title for c in layout.category[0].chart])
+    assert "other scalars passed to scope.step()" not in charts[0]
+    assert "other scalars passed to scope.step()" in charts[1]

@@ -87,13 +87,13 @@ def test_real_tensorboard_server_serves_tags_and_layout(tmp_path):
         titles = [c["title"] for c in layout["category"]]
         assert titles[:2] == ["gradscope overview", "gradscope l2_norm by layer"]
         l2 = layout["category"][1]
-        assert [c["title"] for c in l2["chart"]] == ["l2_norm / top level"]
-        assert l2["chart"][0]["multiline"]["tag"] == [
+        assert [c["title"] for c in l2["chart"]] == ["l2_norm / whole model", "l2_norm / top level"]
+        assert l2["chart"][1]["multiline"]["tag"] == [
             "^(?:gradscope/l2_norm/0|gradscope/l2_norm/2|gradscope/l2_norm/4)$"
         ]
 
         # the custom-scalars plugin resolves a chart's regex to the run's tags
-        query = urllib.parse.urlencode({"run": "exp1", "tag": l2["chart"][0]["multiline"]["tag"][0]})
+        query = urllib.parse.urlencode({"run": "exp1", "tag": l2["chart"][1]["multiline"]["tag"][0]})
         resolved = _get(f"{base}/data/plugin/custom_scalars/scalars?{query}")
         assert resolved["regex_valid"] is True
         assert sorted(resolved["tag_to_events"]) == [
