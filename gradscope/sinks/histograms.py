@@ -79,17 +79,18 @@ def histogram_rows(groups: Sequence[Sequence[Tensor]], bins: int) -> Tensor:
         ``[G, 2 * bins + 3]`` float64 tensor on the tensors' device; see :func:`split_row`. A group
         holding NaN or Inf, or no element at all, gives a row that is not all finite.
     """
+    device = next((t.device for g in groups for t in g), torch.device("cpu"))
     rows = []
     for tensors in groups:
         tensors = [t.detach() for t in tensors if t.numel() > 0]
-        if not tensors:
-            rows.append(torch.full((row_width(bins),), float("nan"), dtype=torch.float64))
+        if not tensors:  # made where the others live: a host-to-device copy could wait for the device
+            rows.append(torch.full((row_width(bins),), float("nan"), dtype=torch.float64, device=device))
         elif tensors[0].device.type == "cpu":
             rows.append(_row_cpu(tensors, bins))
         else:
             rows.append(_row_device(tensors, bins))
-    device = next((t.device for g in groups for t in g), torch.device("cpu"))
-    return torch.stack([r.to(device) for r in rows])
+    # A model spread over devices: gather on the first one (device to device, no host sync).
+    return torch.stack([r.to(device, non_blocking=True) for r in rows])
 
 
 def _minmax(tensors: Sequence[Tensor], work: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -224,7 +224,15 @@ class TensorBoardSink(Sink):
         return None if self._log_dir is None else str(self._log_dir)
 
     def open(self, info: ScopeInfo) -> None:
-        """Create the writer (when given a folder)."""
+        """Check ``stats`` against what the scope collects; create the writer (when given a folder)."""
+        if self.stats is not None:
+            known = (*info.stats, *ACTIVATION_STATISTICS)
+            unknown = [s for s in self.stats if s not in known]
+            if unknown:
+                raise ConfigurationError(
+                    f"TensorBoardSink(stats=...) names {', '.join(map(repr, unknown))}, which this scope does not "
+                    f"collect. Choose among: {', '.join(known)}."
+                )
         if self.writer is None:
             self.writer = _summary_writer(self._log_dir)  # type: ignore[arg-type]
         self._info = info

@@ -162,3 +162,12 @@ def test_tags_round_trip(tag, parsed):
 )
 def test_other_tags_are_not_statistics(tag):
     assert T.parse_tag(tag) is None
+
+
+def test_stats_selection(tmp_path):
+    sink = TensorBoardSink(tmp_path, stats=["l2_norm", "act_dead_fraction"], histogram_every=None)
+    train(small_mlp(), 3, sinks=[sink])
+    tags = set(load_events(tmp_path).Tags()["scalars"])
+    assert {t.split("/")[1] for t in tags} == {"l2_norm", "act_dead_fraction", "scalar"}
+    with pytest.raises(gradscope.ConfigurationError, match="names 'grad_p99', which this scope does not collect"):
+        gradscope.watch(small_mlp(), sinks=[TensorBoardSink(tmp_path / "x", stats=["grad_p99"])])
