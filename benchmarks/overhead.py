@@ -9,6 +9,12 @@ pair is taken. Printed per variant:
   the targets refer to.
 * ``median``: median of the per-pair ratios (an ordinary step).
 
+Variants: ``gradscope`` is ``watch(model, optimizer=opt)`` with its defaults (``l2_norm``, ``rms`` and
+``nonfinite_count`` at every step; the other statistics and the activations every 10 steps; rules
+at every flush); ``gradscope-tb`` adds the TensorBoard run; ``gradscope-all-every-step`` takes every
+statistic and the activations at every step (``sample_every=1``); ``naive-item-hooks`` is the
+hand-written baseline (per-parameter hooks reading four statistics with ``.item()``).
+
 Run ``python benchmarks/overhead.py`` (CPU) or ``python benchmarks/overhead.py --device cuda --dtype bf16``.
 Ratios only; absolute times are printed for context, never judged.
 """
@@ -59,6 +65,9 @@ class Runner:
             self.scope = gradscope.watch(model, optimizer=self.opt)
         elif variant == "gradscope-tb":
             self.scope = gradscope.watch(model, optimizer=self.opt, log_dir=os.path.join(_tmpdir(), "tb"))
+        elif variant == "gradscope-all-every-step":
+            # every statistic, activations included, at every step
+            self.scope = gradscope.watch(model, optimizer=self.opt, sample_every=1)
         elif variant == "gradscope-every10":
             self.scope = gradscope.watch(model, optimizer=self.opt, every=10)
         elif variant == "naive-item-hooks":
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     ap.add_argument("--workloads", default=None, help="comma-separated names (default: cpu set, or gpu set on cuda)")
-    ap.add_argument("--variants", default="gradscope,gradscope-tb,naive-item-hooks")
+    ap.add_argument("--variants", default="gradscope,gradscope-tb,gradscope-all-every-step,naive-item-hooks")
     ap.add_argument("--pairs", type=int, default=None, help="timed pairs per variant (default by workload)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)

@@ -25,6 +25,7 @@ from gradscope.errors import (
     NonFiniteGradientError,
     UnsupportedLayerError,
 )
+from gradscope.reference import VerificationReport, verify
 from gradscope.registry import register_reference, register_rule, register_sink, register_statistic
 from gradscope.report import Finding, Report
 from gradscope.rules.base import Rule, RuleContext
@@ -42,10 +43,12 @@ __all__ = [
     "Rule",
     "RuleContext",
     "UnsupportedLayerError",
+    "VerificationReport",
     "__version__",
     "register_reference",
     "register_rule",
     "register_sink",
     "register_statistic",
+    "verify",
     "watch",
 ]

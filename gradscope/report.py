@@ -177,7 +177,17 @@ class Report:
         """
         if self._stats is None:
             if self._frame is None:
-                raise ValueError("This report holds no statistics.")
+                import pandas as pd
+
+                return pd.DataFrame(
+                    {
+                        "step": pd.Series(dtype="int64"),
+                        "layer": pd.Series(dtype=object),
+                        "param": pd.Series(dtype=object),
+                        "stat": pd.Series(dtype=object),
+                        "value": pd.Series(dtype="float64"),
+                    }
+                )
             self._stats = self._frame.to_dataframe()
         return self._stats
 
@@ -204,10 +214,11 @@ class Report:
         lay = df[(df["param"] == "*") & (df["layer"] != "*")]
         if lay.empty:
             return []
-        last_step = lay["step"].max()
         wanted = ["l2_norm", "abs_max", "zero_fraction", "nonfinite_count", "update_ratio"]
         present = [s for s in wanted if s in set(lay["stat"])]
-        last = lay[lay["step"] == last_step].pivot_table(index="layer", columns="stat", values="value", aggfunc="first")
+        # the latest value of each statistic (sampled statistics are not taken at every step)
+        latest = lay[lay["stat"].isin(present)].sort_values("step", kind="stable").groupby(["layer", "stat"]).tail(1)
+        last = latest.pivot_table(index="layer", columns="stat", values="value", aggfunc="first")
         flagged = [f.layer for f in self.findings if f.layer]
         order = list(self.meta.get("layers_by_depth") or last.index)
         rows_layers = [layer for layer in order if layer in last.index]
@@ -256,7 +267,7 @@ class Report:
         if table:
             step = int(self.stats["step"].max())
             lines.append("")
-            lines.append(f"layers at step {step} (! = named in a finding):")
+            lines.append(f"layers, latest values up to step {step} (! = named in a finding):")
             widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
             for r in table:
                 lines.append(
@@ -311,8 +322,8 @@ class Report:
         ``"-inf"`` (JSON has no literal for them).
         """
         series = []
-        df = self.stats if (self._frame is not None or self._stats is not None) else None
-        if df is not None and not df.empty:
+        df = self.stats
+        if not df.empty:
             for (layer, param, stat), g in df.groupby(["layer", "param", "stat"], sort=False):
                 series.append(
                     {

@@ -126,7 +126,12 @@ class GradScope:
     ) -> None:
         # -- validate everything before touching the model ------------------------------------------
         if not isinstance(model, nn.Module):
-            hint = " Pass the model itself, not its parameters." if isinstance(model, (list, tuple, dict)) else ""
+            if isinstance(model, torch.optim.Optimizer):
+                hint = " Pass the model first and the optimizer as watch(model, optimizer=opt)."
+            elif isinstance(model, Iterable) and not isinstance(model, (str, bytes)):
+                hint = " Pass the model itself, not its parameters."
+            else:
+                hint = ""
             raise ConfigurationError(f"Expected `model` to be a torch.nn.Module, but got {type(model).__name__}.{hint}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ConfigurationError(

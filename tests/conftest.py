@@ -1,0 +1,35 @@
+"""Shared test setup: deterministic, small, CPU unless a test asks for CUDA."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Two threads: what CI has; more only oversubscribes the machine.
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

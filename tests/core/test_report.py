@@ -1,0 +1,172 @@
+"""The Report: verdict, table, JSON round trip, flush cadence, the rule engine plumbing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import gradscope
+from gradscope.errors import GradientHealthError, RegistryError
+from gradscope.registry import RULES, Registry
+from gradscope.report import Finding, Report
+from gradscope.rules.engine import build_rules
+
+from .helpers import mlp
+
+
+class _BigLayerRule(gradscope.Rule):
+    """Test rule: fires when a layer's l2_norm exceeds `limit`, at the first such step."""
+
+    name = "big_layer_for_test"
+    severity = "error"
+    requires = ("l2_norm",)
+    defaults = {"limit": 1.0}
+
+    def check(self, ctx):
+        vals = ctx.frame.layer_values("l2_norm")
+        out = []
+        for j, layer in enumerate(ctx.layers):
+            hit = np.nonzero(vals[:, j] > self.thresholds["limit"])[0]
+            if len(hit):
+                s = int(ctx.steps[hit[0]])
+                out.append(
+                    self.finding(
+                        step=s,
+                        layer=layer,
+                        message=f"Layer {layer!r} has gradient norm {vals[hit[0], j]:.3g} > {self.thresholds['limit']}.",
+                        suggestion="Lower the learning rate.",
+                        evidence={
+                            "stat": "l2_norm",
+                            "value": float(vals[hit[0], j]),
+                            "threshold": self.thresholds["limit"],
+                        },
+                    )
+                )
+        return out
+
+
+def _run(rule, steps=6, flush_every=2, scale_at=3):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradscope.watch(model, optimizer=opt, rules=[rule], flush_every=flush_every) as scope:
+        for i in range(1, steps + 1):
+            model(torch.randn(4, 6)).sum().backward()
+            if i >= scale_at:
+                model[2].weight.grad.mul_(1e4)
+            opt.step()
+            scope.step(loss=float(i))
+            opt.zero_grad()
+    return scope
+
+
+def test_rules_see_host_numbers_and_findings_are_kept_once_at_their_first_step():
+    scope = _run(_BigLayerRule(limit=100.0))
+    report = scope.report()
+    assert [(f.kind, f.layer, f.step, f.severity) for f in report.findings] == [("big_layer_for_test", "2", 3, "error")]
+    assert not report.ok
+    with pytest.raises(GradientHealthError, match="big_layer_for_test") as exc:
+        report.raise_for_status()
+    assert exc.value.report is report
+    text = str(report)
+    assert "UNHEALTHY" in text and "Layer '2' has gradient norm" in text and "try: Lower the learning rate." in text
+    assert "2 !" in text  # the flagged layer is marked in the table
+
+
+def test_warning_findings_fail_only_with_fail_on_warning():
+    f = Finding("x", "warning", 3, "a", "msg.", "fix.", {})
+    r = Report(findings=[f], meta={"steps": 3})
+    assert r.ok
+    r.raise_for_status()
+    with pytest.raises(GradientHealthError):
+        r.raise_for_status(fail_on="warning")
+    with pytest.raises(ValueError, match="fail_on"):
+        r.raise_for_status(fail_on="info")
+
+
+def test_json_round_trip_keeps_findings_stats_and_scalars(tmp_path):
+    scope = _run(_BigLayerRule(limit=100.0))
+    report = scope.report()
+    path = tmp_path / "sub" / "report.json"
+    text = report.to_json(path, indent=1)
+    data = json.loads(path.read_text())
+    assert data["schema"] == "gradscope.report" and data["version"] == 1 and json.loads(text) == data
+    back = Report.from_json(path)
+    assert back.findings == report.findings
+    a = report.stats.sort_values(["step", "layer", "param", "stat"]).reset_index(drop=True)
+    b = back.stats.sort_values(["step", "layer", "param", "stat"]).reset_index(drop=True)
+    assert a[["step", "layer", "param", "stat"]].equals(b[["step", "layer", "param", "stat"]])
+    np.testing.assert_array_equal(a.value.to_numpy(), b.value.to_numpy())
+    assert back.scalars["loss"].tolist() == report.scalars["loss"].tolist()
+    assert back.ok == report.ok and back.steps == 6
+    assert str(back).splitlines()[0] == str(report).splitlines()[0]
+    assert not list(tmp_path.glob("sub/.*tmp"))  # atomic write left no temp file
+
+
+def test_nonfinite_values_survive_json():
+    r = Report(findings=[Finding("x", "error", 1, None, "m", "s", {"value": float("nan"), "t": float("inf")})])
+    back = Report.from_json(r.to_json())
+    assert np.isnan(back.findings[0].evidence["value"]) and back.findings[0].evidence["t"] == float("inf")
+    with pytest.raises(ValueError, match="Not a gradscope report"):
+        Report.from_json('{"schema": "other"}')
+    with pytest.raises(ValueError, match="Upgrade gradscope"):
+        Report.from_json('{"schema": "gradscope.report", "version": 99}')
+
+
+def test_flush_cadence_and_report_before_close():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, optimizer=opt, flush_every=4, rules="none")
+    for i in range(1, 10):
+        model(torch.randn(4, 6)).sum().backward()
+        opt.step()
+        scope.step()
+        opt.zero_grad()
+        assert len(scope.frame) == (i // 4) * 4
+    assert scope.report().steps == 9 and len(scope.frame) == 9  # report() flushes
+    scope.close()
+
+
+def test_build_rules_selection_and_thresholds():
+    RULES.register("big_layer_for_test", _BigLayerRule, overwrite=True)
+    try:
+        rules = build_rules(["all", "-big_layer_for_test"])
+        assert "big_layer_for_test" not in [r.name for r in rules]
+        rules = build_rules(["big_layer_for_test"], {"big_layer_for_test": {"limit": 3}})
+        assert rules[0].thresholds["limit"] == 3.0
+        with pytest.raises(gradscope.ConfigurationError, match=r"Unknown threshold.*'limt'.*limit"):
+            build_rules(["big_layer_for_test"], {"big_layer_for_test": {"limt": 3}})
+        with pytest.raises(gradscope.ConfigurationError, match=r"to be a number like 1\.0"):
+            build_rules(["big_layer_for_test"], {"big_layer_for_test": {"limit": "high"}})
+        with pytest.raises(gradscope.ConfigurationError, match="not enabled"):
+            build_rules("none", {"big_layer_for_test": {"limit": 3}})
+        with pytest.raises(gradscope.ConfigurationError, match="pass an instance"):
+            build_rules([_BigLayerRule])
+    finally:
+        RULES.unregister("big_layer_for_test")
+
+
+def test_a_rule_needing_an_uncollected_statistic_is_a_configuration_error():
+    with pytest.raises(gradscope.ConfigurationError, match=r"needs statistic\(s\) 'l2_norm'.*Add them to `stats`"):
+        gradscope.watch(mlp(), stats=["abs_max"], rules=[_BigLayerRule()])
+
+
+def test_registry_messages():
+    reg = Registry("widget", "@register_widget")
+    reg.register("a", 1)
+    with pytest.raises(RegistryError, match=r"already registered. Pass overwrite=True to @register_widget"):
+        reg.register("a", 2)
+    reg.register("a", 2, overwrite=True)
+    assert reg.get("a") == 2
+    with pytest.raises(
+        RegistryError, match=r"Unknown widget 'b'. Registered widgets: a. Add your own with @register_widget"
+    ):
+        reg.get("b")
+    with pytest.raises(RegistryError, match="Python identifier"):
+        gradscope.register_statistic("not valid")
+    with pytest.raises(RegistryError, match="`reduce`"):
+        gradscope.register_statistic("ok_name", reduce="median")
+    with pytest.raises(RegistryError, match="Pass the class, not an instance"):
+        gradscope.register_reference(torch.nn.Linear(1, 1))

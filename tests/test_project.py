@@ -1,0 +1,44 @@
+"""The front door works: README commands, CI script and examples stay in step."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_COMMAND = "python -m pytest -q"
+
+
+def test_ci_runs_the_test_command_written_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    commands = [
+        line.strip() for block in blocks for line in block.splitlines() if line.strip() and not line.startswith("#")
+    ]
+    assert TEST_COMMAND in commands, "README.md must show the test command"
+    last = [line.strip() for line in ci.splitlines() if line.strip() and not line.strip().startswith("#")][-1]
+    assert last == TEST_COMMAND, f".ci/run must end with the README's test command, ends with {last!r}"
+    assert "torch==2.13.0" in ci
+
+
+EXAMPLES = sorted(p for p in (ROOT / "examples").rglob("*.py") if not p.name.startswith("_") and "ci" not in p.parts)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[str(p.relative_to(ROOT / "examples")) for p in EXAMPLES])
+def test_example_runs(path, tmp_path):
+    # Examples are documentation: each must run as written, from the repository root, in a few seconds.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg", HF_HUB_OFFLINE="1", GRADSCOPE_EXAMPLE_FAST="1")
+    args = [sys.executable, str(path)]
+    if path.name == "quickstart.py":
+        args += ["--log-dir", str(tmp_path / "runs"), "--steps", "120"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{path.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    if path.name == "quickstart.py":
+        assert "=== healthy run ===" in proc.stdout and "=== broken run ===" in proc.stdout
+        assert list((tmp_path / "runs" / "healthy").glob("events.out.tfevents.*"))
