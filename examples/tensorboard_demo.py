@@ -15,6 +15,7 @@ rule of your own plugs in: it flags layers whose gradient RMS stays far below th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import ClassVar
@@ -104,7 +105,8 @@ class SmallGradients(gradscope.Rule):
 def main(argv: list[str] | None = None) -> gradscope.Report:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--log-dir", default="runs/tensorboard_demo", help="the TensorBoard run to write")
-    ap.add_argument("--steps", type=int, default=400)
+    # GRADSCOPE_EXAMPLE_FAST: the test suite runs every example; a short run shows the same things
+    ap.add_argument("--steps", type=int, default=60 if os.environ.get("GRADSCOPE_EXAMPLE_FAST") else 400)
     ap.add_argument("--histogram-every", type=int, default=50)
     ap.add_argument("--figure-every", type=int, default=100)
     args = ap.parse_args(argv)
