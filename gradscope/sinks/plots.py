@@ -51,6 +51,7 @@ PLOTS: Registry[PlotFn] = Registry("plot kind", "@gradscope.sinks.plots.register
 
 _FLAG = "#d62728"
 _MAX_COLUMNS = 1500  # heat-map columns; longer runs are thinned evenly (the last step is kept)
+_MAX_POINTS = 4000  # points per curve, likewise
 
 
 def register_plot(kind: str, *, overwrite: bool = False) -> Callable[[PlotFn], PlotFn]:
@@ -104,6 +105,13 @@ def _tick_layers(ax: Axes, layers: Sequence[str], axis: str, flagged: set[str]) 
     for i, t in zip(pos, ticks):
         if layers[i] in flagged:
             t.set_color(_FLAG)
+
+
+def _thin(n: int, limit: int) -> np.ndarray:
+    """Evenly spaced indices of at most ``limit`` out of ``n``, first and last kept."""
+    if n <= limit:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, limit).round().astype(int))
 
 
 def _positive(values: np.ndarray) -> np.ndarray:
@@ -186,9 +194,8 @@ def norm_heatmap(
     fig, ax = _axes(ax, (10.0, min(16.0, max(3.0, 0.22 * n + 1.5))))
     steps = np.asarray(steps)
     values = np.asarray(values, dtype=np.float64).reshape(len(steps), n)
-    if len(steps) > _MAX_COLUMNS:
-        keep = np.unique(np.linspace(0, len(steps) - 1, _MAX_COLUMNS).round().astype(int))
-        steps, values = steps[keep], values[keep]
+    keep = _thin(len(steps), _MAX_COLUMNS)
+    steps, values = steps[keep], values[keep]
     with np.errstate(divide="ignore", invalid="ignore"):
         logv = np.log10(_positive(values)).T  # [L, S]
     if len(steps) and n:
@@ -237,6 +244,9 @@ def norm_curves(
     n = len(layers)
     fig, ax = _axes(ax, (9.0, 4.5))
     values = np.asarray(values, dtype=np.float64).reshape(len(steps), n)
+    keep = _thin(len(steps), _MAX_POINTS)  # a long run: every line would hold more points than pixels
+    steps, values = np.asarray(steps)[keep], values[keep]
+    model = None if model is None else np.asarray(model, dtype=np.float64)[keep]
     cmap = colormaps["viridis"]
     for j, layer in enumerate(layers):
         ax.plot(steps, _positive(values[:, j]), color=cmap(j / max(1, n - 1)), lw=1.0, label=_label(layer))
@@ -269,8 +279,9 @@ def loss_curves(steps: np.ndarray, series: Mapping[str, np.ndarray], *, ax: Axes
     fig, ax = _axes(ax, (8.0, 3.8))
     for name, vals in series.items():
         v = np.asarray(vals, dtype=np.float64)
-        ok = np.isfinite(v)
-        marker = "o" if ok.sum() < 30 else None
+        ok = np.nonzero(np.isfinite(v))[0]
+        ok = ok[_thin(len(ok), _MAX_POINTS)]
+        marker = "o" if len(ok) < 30 else None
         ax.plot(np.asarray(steps)[ok], v[ok], lw=1.2, marker=marker, ms=3, label=name)
     ax.set_xlabel("step")
     ax.set_title("scalars passed to scope.step()")
