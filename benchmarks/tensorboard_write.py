@@ -1,15 +1,19 @@
-"""What the TensorBoard output costs on a ~50-layer model, piece by piece.
+"""What the TensorBoard output costs, piece by piece, per training step.
 
-* scalars: one flush of 50 recorded steps (all statistics, per layer and for the model), written the
-  way gradscope does it (one event per step) and the way ``add_scalar`` would (one event per value);
-* histograms: binning every layer's gradients on a histogram step;
-* figure: rendering the gradient-flow figure.
+For each workload (the CPU set of ``overhead.py`` and a 51-layer transformer), a scope records one
+flush of 50 steps, then each piece of work the TensorBoard sink does is timed on it:
 
-Each figure is also given per training step, next to the bare step time of the same model, so it
-reads as overhead. CPU time of the whole process (``time.process_time``, which includes TensorBoard's
-writer thread) is printed with wall time: on a shared machine it is the steadier of the two.
+* scalars: the flush written the way gradscope does it (one event per step) and, for comparison,
+  the way ``add_scalar`` would (one event per value);
+* histograms: binning every layer's gradients (done on one step in ``histogram_every`` = 100);
+* figure: rendering the gradient-flow figure (one step in ``figure_every`` = 1000).
 
-    python benchmarks/tensorboard_write.py [--blocks 8] [--repeat 3]
+Each is divided by the steps it serves and by the bare training step: the overhead it adds. Times
+are CPU time of the whole process (TensorBoard's writer thread included: the sink flushes the writer,
+so its work is done when ``write`` returns), one intra-op thread by default: on a shared machine,
+the steadier clock. ``--clock wall`` for wall time.
+
+    python benchmarks/tensorboard_write.py [--workloads mlp,cnn,gpt,gpt51] [--threads 1]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,7 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workloads import GPT, lm_loss
+from overhead import make_optimizer
+from workloads import GPT, Workload, cpu_workloads, lm_loss
 
 import gradscope
 from gradscope.sinks import tags as T
@@ -37,65 +43,66 @@ from gradscope.sinks.plots import gradient_flow, render_png
 from gradscope.sinks.tensorboard import TensorBoardSink
 
 
-def timed(fn, repeat: int) -> tuple[float, float]:
-    walls, cpus = [], []
-    for _ in range(repeat):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return statistics.median(walls), statistics.median(cpus)
+def gpt51() -> Workload:
+    return Workload(
+        "gpt51",
+        lambda: GPT(vocab=2048, ctx=64, d=128, layers=8, heads=4),
+        lambda g: (torch.randint(0, 2048, (8, 64), generator=g), torch.randint(0, 2048, (8, 64), generator=g)),
+        lm_loss,
+        "adamw",
+        "GPT-style transformer, 8 blocks (51 layers), d=128, ctx 64, vocab 2048 (1.9M params), batch 8, AdamW",
+    )
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--blocks", type=int, default=8, help="transformer blocks (6 layers each, + 3)")
-    ap.add_argument("--steps", type=int, default=50, help="recorded steps in the flush")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def measure(wl: Workload, *, steps: int, repeat: int, clock: Callable[[], float], tmp: str) -> dict:
+    """Time each piece of the sink's work on ``wl``; fractions of the bare training step."""
+
+    def timed(fn: Callable[[], object], times: int = repeat) -> float:
+        out = []
+        for _ in range(times):
+            t0 = clock()
+            fn()
+            out.append(clock() - t0)
+        return statistics.median(out)
 
     torch.manual_seed(0)
-    model = GPT(vocab=2048, ctx=64, d=128, layers=args.blocks, heads=4)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 2048, (8, 64), generator=g)
+    model = wl.make_model()
+    opt = make_optimizer(wl.optimizer, model)
+    x, y = wl.make_batch(torch.Generator().manual_seed(1))
 
     def train_step() -> None:
-        lm_loss(model(x), x).backward()
+        wl.loss_fn(model(x), y).backward()
         opt.step()
         opt.zero_grad()
 
     for _ in range(3):
         train_step()
-    bare, _ = timed(train_step, 5)
+    bare = timed(train_step, 5)
 
-    # a frame of `steps` recorded steps (sample_every=10: every statistic on 1 step in 10)
     scope = gradscope.watch(model, optimizer=opt, rules="none")
-    for _ in range(args.steps):
-        lm_loss(model(x), x).backward()
+    for _ in range(steps):
+        wl.loss_fn(model(x), y).backward()
         opt.step()
         scope.step(loss=1.0)
         opt.zero_grad()
     scope.flush()
     frame = scope.frame
-    layers = len(frame.schema.layers)
-    update = SinkUpdate(frame=frame, new_from=0, findings=[], layers_by_depth=scope.layers_by_depth(), final=False)
-    tmp = tempfile.mkdtemp(prefix="gradscope-tbw-")
+    sch = frame.schema
+    layers = len(sch.layers)
+    update = SinkUpdate(frame=frame, new_from=0, findings=[], layers_by_depth=scope.layers_by_depth())
+    info = ScopeInfo(layout=scope.layout, model_name=wl.name, stats=scope.stat_names, every=1)
 
     def batched() -> None:
         sink = TensorBoardSink(os.path.join(tmp, f"b{time.perf_counter_ns()}"), histogram_every=None, figure_every=None)
-        sink.open(ScopeInfo(layout=scope.layout, model_name="GPT", stats=scope.stat_names, every=1))
+        sink.open(info)
         sink._started = True  # time the scalars, not the one-off layout
-        sink.write(update)
+        sink.write(update)  # ends with writer.flush(): the writer thread's work is done
         sink.writer.close()
 
     def per_value() -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         w = SummaryWriter(os.path.join(tmp, f"p{time.perf_counter_ns()}"))
-        sch = frame.schema
         for stat in sch.stats:
             vals = frame.layer_values(stat)
             for r, step in enumerate(frame.steps):
@@ -105,40 +112,55 @@ def main(argv: list[str] | None = None) -> int:
                     w.add_scalar(T.stat_tag(stat, layer), float(vals[r, j]), int(step))
         w.close()
 
-    n_values = 0
-    for stat in frame.schema.stats:
-        rows = frame.sampled.sum() if stat in frame.schema.sampled_stats else len(frame)
-        n_values += int(rows) * (layers + 1)
-    lm_loss(model(x), x).backward()
+    values = sum((int(frame.sampled.sum()) if s in sch.sampled_stats else len(frame)) * (layers + 1) for s in sch.stats)
+    wl.loss_fn(model(x), y).backward()
     groups: dict[str, list[torch.Tensor]] = {}
-    for info, t in zip(scope.layout.params, scope.layout.tensors):
-        groups.setdefault(info.layer, []).append(t.grad)
+    for p, t in zip(scope.layout.params, scope.layout.tensors):
+        groups.setdefault(p.layer, []).append(t.grad)
     grads = list(groups.values())
+    flow = (scope.layers_by_depth(), np.random.rand(layers), np.random.rand(layers))
+    out = {
+        "layers": layers,
+        "bare": bare,
+        "values": values,
+        "scalars": timed(batched) / steps / bare,
+        "add_scalar": timed(per_value, 1) / steps / bare,
+        "histograms": timed(lambda: histogram_rows(grads, 64)) / 100 / bare,
+        "figure": timed(lambda: render_png(gradient_flow(*flow))) / 1000 / bare,
+    }
     opt.zero_grad()
     scope.close()
+    return out
 
-    wb, cb = timed(batched, args.repeat)
-    wp, cp = timed(per_value, args.repeat)
-    wh, ch = timed(lambda: histogram_rows(grads, 64), args.repeat)
-    flow = (scope.layers_by_depth(), np.random.rand(layers), np.random.rand(layers))
-    wf, cf = timed(lambda: render_png(gradient_flow(*flow)), args.repeat)
 
-    n = args.steps
-    print(f"gradscope {gradscope.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="mlp,cnn,gpt,gpt51")
+    ap.add_argument("--steps", type=int, default=50, help="recorded steps in the flush")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    pool = {w.name: w for w in [*cpu_workloads(), gpt51()]}
+    tmp = tempfile.mkdtemp(prefix="gradscope-tbw-")
     print(
-        f"model: GPT-style, {args.blocks} blocks, {layers} layers, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params"
+        f"gradscope {gradscope.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, {args.clock} time"
     )
-    print(f"bare training step: {bare * 1e3:.1f} ms")
-    print(f"one flush of {n} steps = {n_values} scalar values")
-    print(f"{'what':<42} {'wall ms':>9} {'cpu ms':>9} {'per step ms':>12} {'of a step':>10}")
-    rows = [
-        ("scalars, one event per step (gradscope)", wb, cb, n),
-        ("scalars, add_scalar per value", wp, cp, n),
-        ("histograms of every layer (one step in 100)", wh, ch, 100),
-        ("gradient-flow figure (one step in 1000)", wf, cf, 1000),
-    ]
-    for what, w, c, per in rows:
-        print(f"{what:<42} {w * 1e3:>9.1f} {c * 1e3:>9.1f} {w / per * 1e3:>12.3f} {w / per / bare:>9.2%}")
+    print("overhead of each piece, as a fraction of the bare training step:")
+    print(
+        f"{'workload':<8} {'layers':>6} {'step ms':>8} {'values/flush':>12} {'scalars':>9} {'add_scalar':>11} "
+        f"{'histograms':>11} {'figure':>8} {'total':>8}"
+    )
+    for name in args.workloads.split(","):
+        r = measure(pool[name], steps=args.steps, repeat=args.repeat, clock=clock, tmp=tmp)
+        total = r["scalars"] + r["histograms"] + r["figure"]
+        print(
+            f"{name:<8} {r['layers']:>6} {r['bare'] * 1e3:>8.1f} {r['values']:>12} {r['scalars']:>9.2%} "
+            f"{r['add_scalar']:>11.2%} {r['histograms']:>11.2%} {r['figure']:>8.2%} {total:>8.2%}"
+        )
+        sys.stdout.flush()
     return 0
 
 
