@@ -16,6 +16,8 @@ statistic and the activations at every step (``sample_every=1``); ``naive-item-h
 hand-written baseline (per-parameter hooks reading four statistics with ``.item()``).
 
 Run ``python benchmarks/overhead.py`` (CPU) or ``python benchmarks/overhead.py --device cuda --dtype bf16``.
+``--compile`` runs both copies through ``torch.compile`` (the watched one is watched as a compiled
+module); compilation happens during warm-up, which is then at least 3 steps.
 Ratios only; absolute times are printed for context, never judged.
 """
 
@@ -36,7 +38,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workloads import Workload, cpu_workloads, gpu_workloads
+from workloads import Workload, cpu_workloads, gpu_workloads, hf_workloads
 
 import gradscope
 
@@ -51,10 +53,21 @@ class Runner:
     """One model + optimizer + (optional) monitoring, stepping on pre-generated batches."""
 
     def __init__(
-        self, wl: Workload, model: nn.Module, device: str, dtype: torch.dtype | None, variant: str, steps: int
+        self,
+        wl: Workload,
+        model: nn.Module,
+        device: str,
+        dtype: torch.dtype | None,
+        variant: str,
+        steps: int,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.opt = make_optimizer(wl.optimizer, model)
+        # With --compile, both the bare and the watched copy run compiled; gradscope watches the
+        # compiled module (OptimizedModule), as a user would.
+        self.run = torch.compile(model) if compile else model
+        model = self.run
         self.wl = wl
         self.device = device
         self.dtype = dtype
@@ -89,9 +102,9 @@ class Runner:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.dtype is not None:
             with torch.autocast(device_type=self.device.split(":")[0], dtype=self.dtype):
-                loss = self.wl.loss_fn(self.model(x), y)
+                loss = self.wl.loss_fn(self.run(x), y)
         else:
-            loss = self.wl.loss_fn(self.model(x), y)
+            loss = self.wl.loss_fn(self.run(x), y)
         loss.backward()
         self.opt.step()
         if self.scope is not None:
@@ -116,13 +129,24 @@ def _tmpdir() -> str:
     return _TMP[0]
 
 
-def measure(wl: Workload, variant: str, *, device: str, dtype: torch.dtype | None, warmup: int, pairs: int) -> dict:
+def measure(
+    wl: Workload,
+    variant: str,
+    *,
+    device: str,
+    dtype: torch.dtype | None,
+    warmup: int,
+    pairs: int,
+    compile: bool = False,
+) -> dict:
     torch.manual_seed(0)
     base = wl.make_model().to(device)
     g = torch.Generator().manual_seed(1)
     batches = [tuple(t.to(device) for t in wl.make_batch(g)) for _ in range(4)]
-    bare = Runner(wl, base, device, dtype, "bare", pairs)
-    watched = Runner(wl, copy.deepcopy(base), device, dtype, variant, pairs)
+    bare = Runner(wl, base, device, dtype, "bare", pairs, compile=compile)
+    watched = Runner(wl, copy.deepcopy(base), device, dtype, variant, pairs, compile=compile)
+    if compile:
+        warmup = max(warmup, 3)  # the first steps compile (and recompile once for the backward)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def timed(r: Runner, i: int) -> float:
@@ -171,19 +195,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a few pairs only (smoke test; ratios are noisy)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both the bare and the watched model")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    pool = {w.name: w for w in cpu_workloads() + gpu_workloads()}
+    pool = {w.name: w for w in cpu_workloads() + gpu_workloads() + hf_workloads()}
     default = [w.name for w in (gpu_workloads() if args.device.startswith("cuda") else cpu_workloads())]
+    if args.device.startswith("cuda") and "hf-gpt2-small" in pool:
+        default.append("hf-gpt2-small")  # transformers' own GPT-2 small, when installed
     names = args.workloads.split(",") if args.workloads else default
-    default_pairs = {"mlp": 150, "cnn": 100, "gpt": 60, "gpt2-small": 60, "resnet50": 60}
+    default_pairs = {
+        "mlp": 150,
+        "cnn": 100,
+        "gpt": 60,
+        "gpt2-small": 60,
+        "resnet50": 60,
+        "hf-gpt2": 60,
+        "hf-gpt2-small": 60,
+    }
 
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(
         f"gradscope {gradscope.__version__}, torch {torch.__version__}, device {args.device} ({dev}), "
-        f"threads {torch.get_num_threads()}, dtype {args.dtype}"
+        f"threads {torch.get_num_threads()}, dtype {args.dtype}, compile {args.compile}"
     )
     print(f"{'workload':<12} {'variant':<20} {'bare ms':>9} {'amortised':>10} {'median':>8} {'IQR':>13} {'pairs':>6}")
     rows = []
@@ -193,7 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants.split(","):
             pairs = 6 if args.quick else (args.pairs or default_pairs.get(name, 60))
             r = measure(
-                wl, variant, device=args.device, dtype=dtype, warmup=2 if args.quick else args.warmup, pairs=pairs
+                wl,
+                variant,
+                device=args.device,
+                dtype=dtype,
+                warmup=2 if args.quick else args.warmup,
+                pairs=pairs,
+                compile=args.compile,
             )
             rows.append(r)
             print(

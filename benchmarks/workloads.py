@@ -189,3 +189,45 @@ def gpu_workloads() -> list[Workload]:
             "ResNet-50-sized CNN (25.6M params), batch 64 of 3x224x224, SGD with momentum",
         ),
     ]
+
+
+def hf_gpt2(**config) -> nn.Module:
+    """transformers' own GPT2LMHeadModel, random init from a GPT2Config (nothing is downloaded)."""
+    import transformers
+
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**config))
+
+
+def hf_lm_loss(output, targets: torch.Tensor) -> torch.Tensor:
+    return lm_loss(output.logits, targets)
+
+
+def hf_workloads() -> list[Workload]:
+    """transformers GPT-2 workloads; empty when transformers is not installed (pip install 'gradscope[hf]')."""
+    try:
+        import transformers  # noqa: F401
+    except ModuleNotFoundError:
+        return []
+    return [
+        Workload(
+            "hf-gpt2",
+            lambda: hf_gpt2(
+                vocab_size=4096, n_positions=128, n_embd=256, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0
+            ),
+            lambda g: (torch.randint(0, 4096, (8, 128), generator=g), torch.randint(0, 4096, (8, 128), generator=g)),
+            hf_lm_loss,
+            "adamw",
+            "transformers GPT2LMHeadModel, 4 blocks, d=256, ctx 128, vocab 4096 tied (4.3M params), batch 8, AdamW",
+        ),
+        Workload(
+            "hf-gpt2-small",
+            hf_gpt2,  # GPT2Config() defaults: GPT-2 small, 124M parameters, vocab 50257, ctx 1024
+            lambda g: (
+                torch.randint(0, 50257, (8, 1024), generator=g),
+                torch.randint(0, 50257, (8, 1024), generator=g),
+            ),
+            hf_lm_loss,
+            "adamw",
+            "transformers GPT2LMHeadModel from GPT2Config() (GPT-2 small, 124M params), batch 8 x 1024 tokens, AdamW",
+        ),
+    ]

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from gradscope.errors import ConfigurationError
 
-__all__ = ["FactoryError", "LoadedFactory", "load_factory"]
+__all__ = ["FactoryError", "LoadedFactory", "call_factory", "load_callable", "load_factory"]
 
 _EXPECTED = (
     "Expected the factory to return (model, batch, loss_fn) or (model, batch, loss_fn, optimizer), "
@@ -36,7 +36,13 @@ class LoadedFactory:
     spec: str
 
 
-def _load_callable(spec: str) -> Callable[[], Any]:
+def load_callable(spec: str) -> Callable[[], Any]:
+    """Import ``FILE.py`` from ``"FILE.py:factory"`` and return the factory, not called yet.
+
+    Raises:
+        FactoryError: for a malformed spec, a missing file or attribute, an import that raises, or a
+            non-callable attribute.
+    """
     path_text, sep, attr = spec.rpartition(":")
     if not sep or not path_text or not attr:
         raise FactoryError(f"Expected FILE.py:factory (for example model_health.py:make), but got {spec!r}.")
@@ -76,7 +82,19 @@ def load_factory(spec: str) -> LoadedFactory:
     Raises:
         FactoryError: for a missing file or attribute, a factory that raises, or a wrong return shape.
     """
-    fn = _load_callable(spec)
+    return call_factory(load_callable(spec), spec)
+
+
+def call_factory(fn: Callable[[], Any], spec: str) -> LoadedFactory:
+    """Call a factory (loaded from ``FILE.py:factory`` or passed from Python) and check what it returns.
+
+    Args:
+        fn: the factory, called without arguments.
+        spec: how to name it in error messages (``"FILE.py:make"`` or the function's name).
+
+    Raises:
+        FactoryError: for a factory that raises or returns the wrong shape.
+    """
     try:
         result = fn()
     except Exception as exc:

@@ -30,6 +30,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from gradscope.capture.activations import ActivationMonitor
+from gradscope.capture.distributed import MODES as _DIST_MODES
+from gradscope.capture.distributed import DistributedContext
 from gradscope.capture.hooks import HookManager
 from gradscope.capture.layout import ParamLayout, unwrap_model
 from gradscope.errors import ConfigurationError, GradscopeWarning, NonFiniteGradientError, RegistryError
@@ -42,13 +44,18 @@ from gradscope.sinks.tensorboard import tensorboard_options
 from gradscope.stats import DEFAULT_STATISTICS
 from gradscope.stats.buffer import StatsBuffer
 from gradscope.stats.frame import ACTIVATION_STATISTICS, FrameSchema, StatsFrame
-from gradscope.stats.moments import CORE_MOMENTS, MOMENTS, STAT_MOMENTS, MomentPlan
+from gradscope.stats.moments import CORE_MOMENTS, MOMENTS, STAT_MOMENTS, MomentPlan, _local
 
 __all__ = ["GradScope", "watch"]
 
 _M = {name: i for i, name in enumerate(MOMENTS)}
 _ON_NONFINITE = ("record", "raise")
 _MAX_SCALARS = 16
+# One more slot after the scalars: 1 when the optimizer step was skipped (GradScaler found inf). Known
+# on the host for ordinary optimizers; written on the device by fused ones (their found_inf tensor).
+_SKIP_COL = _MAX_SCALARS
+_DEFAULT_HISTORY = 2000
+_MIN_HISTORY = 100
 # With an optimizer, a step whose pre-hook did not run is a skipped step (GradScaler found inf). If
 # the hook never runs at all, the optimizer passed is not the one stepping: stop trusting it.
 _NO_OPTIMIZER_STEP_LIMIT = 20
@@ -62,7 +69,8 @@ _OPEN: weakref.WeakSet[GradScope] = weakref.WeakSet()
 def _close_open_scopes() -> None:
     for scope in list(_OPEN):
         try:
-            scope.close()
+            # Not collective: other ranks may be gone or still training (see GradScope._close).
+            scope._close(collective=False, ended_by="interpreter exit")
         except Exception:  # at interpreter exit, never raise
             pass
 
@@ -120,6 +128,9 @@ class GradScope:
         sample_every: int = 10,
         on_nonfinite: str = "record",
         sinks: Sequence[Union[Sink, str]] = (),
+        history: int | None = _DEFAULT_HISTORY,
+        report_path: str | os.PathLike[str] | None = None,
+        distributed: str = "auto",
         histogram_every: int | None = 100,
         histogram_weights: bool = False,
         figure_every: int | None = 1000,
@@ -138,6 +149,7 @@ class GradScope:
                 f"Expected `optimizer` to be a torch.optim.Optimizer, but got {type(optimizer).__name__}. "
                 "Pass the optimizer whose step() your loop calls, or leave it out."
             )
+        optimizer = _unwrap_optimizer(optimizer)
         self.every = _positive_int("every", every)
         self.flush_every = _positive_int("flush_every", flush_every)
         self.sample_every = _positive_int("sample_every", sample_every)
@@ -154,6 +166,25 @@ class GradScope:
             )
         if not isinstance(activations, bool):
             raise ConfigurationError(f"Expected `activations` to be True or False, but got {activations!r}.")
+        if history is not None:
+            if isinstance(history, bool) or not isinstance(history, numbers.Integral) or history < _MIN_HISTORY:
+                raise ConfigurationError(
+                    f"Expected `history` to be None (keep every row) or an int >= {_MIN_HISTORY} (recorded steps kept "
+                    f"at full resolution; rules read recent windows), but got {history!r}."
+                )
+            if history < self.flush_every:
+                raise ConfigurationError(
+                    f"Expected `history` ({history}) to be at least `flush_every` ({self.flush_every}): the rules must "
+                    f"see every new row at full resolution. Raise history or lower flush_every."
+                )
+        self.history = None if history is None else int(history)
+        if report_path is not None and not isinstance(report_path, (str, os.PathLike)):
+            raise ConfigurationError(
+                f"Expected `report_path` to be a path (str or os.PathLike), but got {report_path!r}."
+            )
+        self.report_path = None if report_path is None else os.fspath(report_path)
+        if distributed not in _DIST_MODES:
+            raise ConfigurationError(f"Expected `distributed` to be one of {_DIST_MODES}, but got {distributed!r}.")
         self.stat_names = _stat_names(stats, optimizer is not None)
         tb_options = tensorboard_options(
             histogram_every=histogram_every, histogram_weights=histogram_weights, figure_every=figure_every
@@ -196,7 +227,10 @@ class GradScope:
         self._update_on = "update_ratio" in self.stat_names
         self._param_on = "psumsq" in moments
 
-        self._acts = ActivationMonitor(target, self._hooks) if activations else None
+        # Activation hooks would be traced into a compiled graph; under torch.compile they are off.
+        self.compiled = _is_compiled(model)
+        self._acts = ActivationMonitor(target, self._hooks) if activations and not self.compiled else None
+        self._dist = DistributedContext.detect(layout.tensors, distributed)
         act_paths = self._acts.paths if self._acts else []
         self.schema = FrameSchema(
             param_names=[p.name for p in layout.params],
@@ -213,7 +247,9 @@ class GradScope:
             act_kinds=self._acts.kinds if self._acts else [],
         )
         self.engine = RuleEngine(build_rules(rules, thresholds))
-        self.engine.check_requirements(self.stat_names, activations=bool(act_paths) or activations)
+        self.engine.check_requirements(
+            self.stat_names, activations=bool(act_paths) or (activations and not self.compiled)
+        )
 
         self.device = next(t.device for t in layout.tensors if t.requires_grad)
         self._buffer = StatsBuffer(
@@ -222,14 +258,16 @@ class GradScope:
             n_cols=self._plan.n_cols,
             n_act=len(act_paths),
             n_act_cols=len(ACTIVATION_STATISTICS),
-            n_scalars=_MAX_SCALARS,
+            n_scalars=_MAX_SCALARS + 1,  # + the skip flag
             device=self.device,
         )
-        self.frame = StatsFrame(self.schema)
+        self.frame = StatsFrame(self.schema, history=self.history, thin_every=self.sample_every)
         self._sinks: list[Sink] = []
         for s in sinks:
             self._sinks.append(self._make_sink(s))
-        if log_dir is not None or writer is not None:
+        if not self._dist.writes:
+            self._sinks = []  # distributed: only rank 0 writes; the other ranks never open a sink
+        elif log_dir is not None or writer is not None:
             from gradscope.sinks.tensorboard import TensorBoardSink
 
             self._sinks.append(
@@ -253,6 +291,25 @@ class GradScope:
         self._forward_order: list[int] = []
         self._warned: set[str] = set()
         self._errors: list[str] = []
+        self._ended_by: str | None = None
+        self._unreduced_rows = 0  # distributed: rows dropped at a non-collective close (shard-local)
+        for note in self._dist.notes:
+            self._problem("distributed", note)
+        if self._dist.sharded and custom:
+            self._warn(
+                "distributed-custom",
+                f"Custom statistics {sorted(custom)} are computed per shard and cannot be combined across FSDP/DTensor "
+                "shards: they are NaN for sharded parameters (the built-in statistics are global).",
+            )
+        if optimizer is not None:
+            in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if not any(id(t) in in_opt for t in layout.tensors):
+                self._warn(
+                    "optimizer-params",
+                    f"None of the {type(target).__name__}'s parameters is in the optimizer passed to watch(). Build the "
+                    "optimizer from model.parameters() and call watch() after wrapping the model (fully_shard "
+                    "replaces the parameters), or statistics will be taken at scope.step() instead.",
+                )
 
         # -- attach: from here on the model carries hooks, so failures must clean up ---------------------
         try:
@@ -368,6 +425,16 @@ class GradScope:
         self._pending = None
         if self._acts is not None:
             self._acts.disarm()
+            if self._acts.compiled:
+                # The model was compiled after watch(): its activation hooks ran inside a graph and
+                # measured nothing. Stop arming them (adding and removing hooks would recompile).
+                self._acts = None
+                self._warn(
+                    "compiled-activations",
+                    "The watched model runs under torch.compile, so gradscope takes no activation statistics "
+                    "(dead / saturated units); gradient statistics are unaffected. Watch the compiled module, "
+                    "or pass activations=False, to silence this.",
+                )
         if len(self._rows) >= self.flush_every:
             self.flush()
         self._begin_step()
@@ -375,29 +442,50 @@ class GradScope:
     def flush(self) -> list:
         """Copy buffered statistics to the host, run the rules and write the sinks now.
 
+        In a distributed run (see :mod:`gradscope.capture.distributed`) this is collective: call it on
+        every rank.
+
         Returns:
             The findings first reported by this flush.
         """
         return self._flush(final=False)
 
     def report(self) -> Report:
-        """Flush, then return the :class:`Report` of everything recorded so far (valid before close)."""
-        if not self._closed:
+        """Flush, then return the :class:`Report` of everything recorded so far (valid before close).
+
+        In a distributed run it does not flush (a flush is collective, and ``report()`` is often called
+        on rank 0 alone): it covers the steps up to the last flush. Call :meth:`flush` on every rank
+        first, or read it after :meth:`close`, for every step.
+        """
+        if not self._closed and not self._dist.active:
             self._flush(final=False)
         return self._make_report()
 
     def close(self) -> Report:
-        """Final flush, close the sinks and remove every hook (idempotent). Returns the report."""
+        """Final flush, close the sinks and remove every hook (idempotent). Returns the report.
+
+        Writes ``report_path`` (atomically) when one was given. Collective in a distributed run.
+        """
+        return self._close(collective=True)
+
+    def _close(self, *, collective: bool, ended_by: str | None = None) -> Report:
         if self._closed:
             return self._make_report()
+        if ended_by is not None and self._ended_by is None:
+            self._ended_by = ended_by
         try:
-            self._flush(final=True)
+            self._flush(final=True, collective=collective)
             report = self._make_report()
             for sink in self._sinks:
                 try:
                     sink.close(report)
                 except Exception as exc:
                     self._problem(f"sink-close-{type(sink).__name__}", f"{type(sink).__name__}.close failed: {exc}")
+            if self.report_path is not None and self._dist.writes:
+                try:
+                    self._make_report().to_json(self.report_path)  # atomic: temporary file + rename
+                except Exception as exc:
+                    self._problem("report-path", f"writing the report to {self.report_path!r} failed: {exc}")
         finally:
             self._closed = True
             self._pending = None
@@ -411,8 +499,12 @@ class GradScope:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        # Also on exceptions (NaN, KeyboardInterrupt): flush what was recorded, then let it propagate.
-        self.close()
+        # Also on exceptions (NaN, KeyboardInterrupt): flush what was recorded, write the outputs, then
+        # let it propagate. With an exception, other ranks may not reach close(): no collectives then.
+        if exc_type is None:
+            self.close()
+        else:
+            self._close(collective=False, ended_by=exc_type.__name__)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -483,6 +575,9 @@ class GradScope:
                 block = torch.full(
                     (len(dev_idx), self._plan.n_cols), float("nan"), dtype=torch.float64, device=g_sub[0].device
                 )
+            scale = pending.get("grad_scale")
+            if scale is not None:
+                block = _unscale_moments(block, scale)
             if self._param_on and pending["sampled"]:
                 block[:, _M["psumsq"]] = MomentPlan.param_sumsq(p_sub)
             blocks.append(([idx[k] for k in dev_idx], block.to(view.device, non_blocking=True)))
@@ -499,20 +594,46 @@ class GradScope:
                 except Exception as exc:
                     self._problem(f"sink-step-{type(sink).__name__}", f"{type(sink).__name__}.on_step failed: {exc}")
         if self.on_nonfinite == "raise":
-            pending["finite"] = self._finite_flag(view, idx)
+            finite = self._finite_flag(view, idx)
+            if self._dist.sharded:
+                finite = self._dist.all_finite(finite)  # a NaN sits in one rank's shard; all must stop
+            if pending.get("found_inf") is not None:
+                finite = finite | (pending["found_inf"].reshape(()) > 0)  # the fused step skips it
+            pending["finite"] = finite
 
     def _finite_flag(self, view: Tensor, idx: list[int]) -> Tensor:
         rows = view if len(idx) == view.shape[0] else view.index_select(0, self._index_tensor(idx))
         cols = [_M[m] for m in ("sumsq", "sum", "min", "max") if m in self._plan.moments]
         return torch.isfinite(rows[:, cols[:1] or [_M["sumsq"]]]).all()
 
-    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         pending = self._pending
         self._opt_seen = True
         if pending is None:
-            return
+            return None
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if callable(closure):
+            # opt.step(closure) (Lightning, LBFGS): the backward pass runs inside step(), so the gradients
+            # the optimizer uses exist only once the closure returns. Capture then, not now.
+            return _with_closure(args, kwargs, self._after_closure(optimizer, closure, pending))
+        self._capture_for_step(optimizer, pending)
+        return None
+
+    def _after_closure(self, optimizer: Any, closure: Any, pending: dict[str, Any]) -> Any:
+        def wrapped(*a: Any, **kw: Any) -> Any:
+            out = closure(*a, **kw)
+            if not pending["grads_done"]:  # LBFGS evaluates several times: the first is the step's gradient
+                self._capture_for_step(optimizer, pending)
+            else:  # a later evaluation within the same step is not a stray backward pass
+                pending["grad_marker"] = self._grad_marker()
+            return out
+
+        return wrapped
+
+    def _capture_for_step(self, optimizer: Any, pending: dict[str, Any]) -> None:
         try:
             pending["opt_stepped"] = True
+            self._read_loss_scale(optimizer, pending)
             self._capture_grads(pending)
             pending["grad_marker"] = self._grad_marker()
             if self._update_on and pending["sampled"]:
@@ -521,6 +642,22 @@ class GradScope:
             self._problem(
                 "optimizer-pre", f"capturing gradients before optimizer.step() failed: {type(exc).__name__}: {exc}"
             )
+
+    def _read_loss_scale(self, optimizer: Any, pending: dict[str, Any]) -> None:
+        """Note the loss scale still in the gradients and the device-side skip flag of a fused step.
+
+        GradScaler with an optimizer that unscales inside its own (fused) step: at the pre-hook the
+        gradients still carry the loss scale, and the step is skipped on the device when found_inf > 0.
+        GradScaler sets both tensors on the optimizer for the duration of its step only.
+        """
+        scale = getattr(optimizer, "grad_scale", None)
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(scale, Tensor):
+            pending["grad_scale"] = scale
+        if isinstance(found_inf, Tensor) and self._trust_optimizer:
+            pending["found_inf"] = found_inf
+            col = self._buffer.scalars(pending["slot"])[_SKIP_COL]
+            col.copy_(found_inf.reshape(()).to(device=col.device, dtype=col.dtype, non_blocking=True))
 
     def _grad_marker(self) -> tuple[int, int] | None:
         # Identity and version of one gradient: changes when a backward pass writes the gradients.
@@ -535,7 +672,8 @@ class GradScope:
         pending["updated"] = upd
         if not upd:
             return
-        src = [self.layout.tensors[i].detach() for i in upd]
+        # DTensor (FSDP2): copy the local shard; the update's moments are reduced with the others.
+        src = [_local(self.layout.tensors[i].detach()) for i in upd]
         dst = []
         for i, p in zip(upd, src):
             buf = self._prev.get(i)
@@ -553,7 +691,7 @@ class GradScope:
             upd = pending["updated"]
             prev = [self._prev[i] for i in upd]
             # prev <- before - after; its sum of squares is ||update||^2 (prev is refilled next step)
-            torch._foreach_sub_(prev, [self.layout.tensors[i].detach() for i in upd])
+            torch._foreach_sub_(prev, [_local(self.layout.tensors[i].detach()) for i in upd])
             dsq = MomentPlan.param_sumsq(prev)
             view = self._buffer.moments(pending["slot"])
             col = view[:, _M["dsumsq"]]
@@ -588,6 +726,8 @@ class GradScope:
         slot = pending["slot"]
         if values:
             self._write_scalars(slot, values)
+        if skipped:
+            self._buffer.scalars(slot)[_SKIP_COL].fill_(1.0)  # carried through distributed reductions
         n_params = len(self.layout.params)
         has = np.zeros(n_params, dtype=bool)
         has[pending.get("present", [])] = True
@@ -595,6 +735,7 @@ class GradScope:
             {
                 "step": self._step,
                 "skipped": skipped,
+                "passed": [self._scalar_cols[k] for k in values if k in self._scalar_cols],
                 "has_grad": has,
                 "trainable": np.array(
                     pending.get("trainable", [t.requires_grad for t in self.layout.tensors]), dtype=bool
@@ -663,15 +804,34 @@ class GradScope:
                 view[col].fill_(v)
 
     # -- flush -----------------------------------------------------------------------------------------
-    def _flush(self, *, final: bool) -> list:
+    def _flush(self, *, final: bool, collective: bool = True) -> list:
         n = len(self._rows)
         new_findings: list = []
         if n:
             pending_row = self._buffer.used > n  # the step in progress holds the last row
+            if self._dist.active and collective:
+                self._reduce_rows(n)
             moments, act, scalars = self._snapshot(n, keep_pending=pending_row)
+            if self._dist.active and not collective and self._dist.sharded:
+                # Shard-local moments cannot become global without the other ranks: leave these rows out
+                # rather than report a shard's norm as the layer's (report.meta["distributed"] counts them).
+                self._unreduced_rows += n
+                self._rows = []
+                n = 0
+        if n:
+            skipped = np.array([r["skipped"] for r in self._rows], dtype=bool)
+            if self._trust_optimizer:
+                # Steps skipped on the device (fused optimizer + GradScaler) or, after a distributed
+                # reduction, on any rank.
+                late = (scalars[:, _SKIP_COL] > 0) & ~skipped
+                if late.any():
+                    skipped |= late
+                    self._skipped_steps = sorted(
+                        {*self._skipped_steps, *(r["step"] for r, x in zip(self._rows, late) if x)}
+                    )
             chunk = {
                 "steps": np.array([r["step"] for r in self._rows], dtype=np.int64),
-                "skipped": np.array([r["skipped"] for r in self._rows], dtype=bool),
+                "skipped": skipped,
                 "has_grad": np.stack([r["has_grad"] for r in self._rows]),
                 "trainable": np.stack([r["trainable"] for r in self._rows]),
                 "sampled": np.array([r["sampled"] for r in self._rows], dtype=bool),
@@ -679,8 +839,8 @@ class GradScope:
                 "act": act,
                 "scalars": scalars[:, : len(self._scalar_cols)],
             }
-            start = len(self.frame)
             self.frame.append(chunk, list(self._scalar_cols))
+            start = len(self.frame) - n  # after append: bounded history may have thinned older rows
             self._rows = []
         else:
             start = len(self.frame)
@@ -711,6 +871,28 @@ class GradScope:
                         f"{type(sink).__name__}.write failed: {type(exc).__name__}: {exc}",
                     )
         return new_findings
+
+    def _reduce_rows(self, n: int) -> None:
+        """Distributed: make the first ``n`` buffer rows global, in place on the device (collective)."""
+        buf = self._buffer
+        passed = np.zeros((n, _MAX_SCALARS + 1), dtype=bool)
+        for i, r in enumerate(self._rows):
+            passed[i, r["passed"]] = True
+        names = list(self._scalar_cols)
+        moments = buf.storage[:n, : buf._a].view(n, *buf.shape_moments)
+        act = buf.storage[:n, buf._a : buf._b].view(n, *buf.shape_act)
+        agreed = self._dist.reduce(
+            moments,
+            act,
+            buf.storage[:n, buf._b :],
+            names=names,
+            passed=passed,
+            skip_col=_SKIP_COL,
+            max_names=_MAX_SCALARS,
+        )
+        if agreed != names:
+            # Another rank logged other scalars: columns now follow the list every rank shares.
+            self._scalar_cols = {name: i for i, name in enumerate(agreed)}
 
     def _snapshot(self, n: int, *, keep_pending: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         buf = self._buffer
@@ -743,7 +925,14 @@ class GradScope:
             "stats": list(self.stat_names),
             "rules": [r.name for r in self.engine.rules],
             "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
+            "history": self.frame.history_info(),
+            "compiled": self.compiled,
+            "activations": self._acts is not None and bool(self._acts.entries),
         }
+        if self._dist.world_size > 1:
+            meta["distributed"] = {**self._dist.describe(), "unreduced_rows_dropped": self._unreduced_rows}
+        if self._ended_by is not None:
+            meta["ended_by"] = self._ended_by
         return Report(
             findings=list(self.engine.findings),
             frame=self.frame,
@@ -765,8 +954,41 @@ class GradScope:
         self._warn(key, f"gradscope: {message} (training goes on)")
 
 
+def _unwrap_optimizer(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside wrappers that never run torch's step hooks (accelerate's AcceleratedOptimizer)."""
+    while (
+        optimizer is not None
+        and not hasattr(optimizer, "_optimizer_step_pre_hooks")
+        and isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer)
+    ):
+        optimizer = optimizer.optimizer  # type: ignore[attr-defined]
+    return optimizer
+
+
+def _with_closure(args: Any, kwargs: Any, closure: Any) -> tuple[Any, Any]:
+    """``(args, kwargs)`` of ``optimizer.step`` with its closure replaced (args[0] is the optimizer)."""
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure}
+    return (args[0], closure, *args[2:]), kwargs
+
+
 def _is_compiled(model: nn.Module) -> bool:
     return type(model).__name__ == "OptimizedModule"
+
+
+_SCALE_1 = [_M["sum"], _M["min"], _M["max"]]
+
+
+def _unscale_moments(block: Tensor, scale: Tensor) -> Tensor:
+    """Moments of ``g / scale`` from those of ``g`` (a loss-scaled gradient), on the device.
+
+    Sums, min and max scale by ``1/scale``, the sum of squares by ``1/scale**2``; counts are unchanged.
+    """
+    s = scale.detach().reshape(()).to(device=block.device, dtype=block.dtype, non_blocking=True)
+    block = block.clone()
+    block[:, _SCALE_1] = block[:, _SCALE_1] / s
+    block[:, _M["sumsq"]] = block[:, _M["sumsq"]] / (s * s)
+    return block
 
 
 def _scalar_value(name: str, value: Any) -> Union[float, Tensor]:
@@ -807,6 +1029,9 @@ def watch(
     sample_every: int = 10,
     on_nonfinite: str = "record",
     sinks: Sequence[Union[Sink, str]] = (),
+    history: int | None = _DEFAULT_HISTORY,
+    report_path: str | os.PathLike[str] | None = None,
+    distributed: str = "auto",
     histogram_every: int | None = 100,
     histogram_weights: bool = False,
     figure_every: int | None = 1000,
@@ -814,7 +1039,9 @@ def watch(
     """Watch ``model``'s gradients: per-layer statistics on the device, rules, and outputs.
 
     Args:
-        model: any ``nn.Module`` (also DDP-, DataParallel- or ``torch.compile``-wrapped).
+        model: any ``nn.Module`` (also DDP-, DataParallel-, FSDP2- or ``torch.compile``-wrapped; watch an
+            FSDP2 model after ``fully_shard``, which replaces its parameters). Under ``torch.compile`` no
+            activation statistics are taken (their hooks would be traced into the graph).
         optimizer: the optimizer your loop steps. With it, statistics are taken right before its step
             (after accumulation, ``GradScaler.unscale_``, clipping and DDP all-reduce), steps it skips are
             recorded as skipped, and the update ratio is available.
@@ -835,6 +1062,18 @@ def watch(
         on_nonfinite: ``"record"`` (a finding at the next flush) or ``"raise"`` (stop at the step where a
             gradient first holds NaN/Inf, naming the layer; costs one host sync per recorded step).
         sinks: extra outputs (Sink instances or registered names).
+        history: recorded steps kept at full resolution on the host (default 2000, at least 100 and
+            ``flush_every``). Older steps are thinned, not dropped: kept at a stride of ``sample_every``
+            steps that doubles whenever they outnumber ``history``, so memory stays bounded over any
+            run length while ``report.stats`` still spans the run (``report.meta["history"]`` says
+            from which step it is full). ``None`` keeps every step.
+        report_path: write the JSON report here at ``close()``, also when the loop raises (NaN,
+            ``KeyboardInterrupt``) and at interpreter exit; atomically (temporary file + rename), so a
+            killed process leaves the previous complete file or none, never a truncated one.
+        distributed: ``"auto"`` (default): under ``torch.distributed`` with several ranks, statistics
+            are global (DDP gradients are already all-reduced; FSDP2/DTensor shards are combined at each
+            flush), scalars are averaged over ranks, and only rank 0 writes outputs. ``flush()`` and
+            ``close()`` are then collective. ``"local"``: every rank is on its own (shard statistics).
         histogram_every: with ``log_dir`` or ``writer``: histograms of each layer's gradients, computed on
             the device, on the first recorded step of every this many steps; None: no histograms.
         histogram_weights: with ``log_dir`` or ``writer``: also histograms of the weights.
@@ -875,6 +1114,9 @@ def watch(
         sample_every=sample_every,
         on_nonfinite=on_nonfinite,
         sinks=sinks,
+        history=history,
+        report_path=report_path,
+        distributed=distributed,
         histogram_every=histogram_every,
         histogram_weights=histogram_weights,
         figure_every=figure_every,

@@ -167,6 +167,8 @@ class ActivationMonitor:
         self._hooks = hooks
         self._target: Callable[[], Tensor] | None = None
         self._seen: set[int] = set()
+        #: Set when a hook ran inside a ``torch.compile`` trace (the module was compiled after watching).
+        self.compiled = False
 
     @property
     def paths(self) -> list[str]:
@@ -202,6 +204,12 @@ class ActivationMonitor:
 
     def _make_hook(self, info: ActivationInfo) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
+            if torch.compiler.is_compiling():
+                # Under torch.compile this hook is traced into the graph, and a write into a buffer row
+                # would be frozen there (later steps would not land in their own rows). Measure nothing
+                # and tell the scope, which then stops arming hooks (no graph break, no recompiles).
+                self.compiled = True
+                return
             if not module.training or info.index in self._seen or self._target is None:
                 return
             if not isinstance(output, Tensor) or output.numel() == 0:

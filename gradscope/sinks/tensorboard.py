@@ -6,14 +6,16 @@ What lands in the run (tags in :mod:`gradscope.sinks.tags`):
   model (``gradscope/<stat>/_model``; ``gradscope/l2_norm/_model`` is the global gradient norm), the
   activation statistics per activation module, and the scalars passed to ``scope.step``
   (``gradscope/scalar/loss``...). Steps and values are those of ``report.stats`` (stored as float32,
-  TensorBoard's scalar type); skipped optimizer steps are left out, as in ``report.stats``.
+  TensorBoard's scalar type) but for NaN values, which are not written; skipped optimizer steps are
+  left out, as in ``report.stats``.
   Per-parameter tags (``gradscope/<stat>/<layer>/<param>``) with ``per_param=True``. All the values
   of a step go into one event (see :mod:`gradscope.sinks.protos`); never ``add_scalars``.
 * a **custom-scalars layout** (:mod:`gradscope.sinks.layout`), written at the first flush.
 * **histograms** of each layer's gradients (and weights with ``histogram_weights=True``) on the
   first recorded step of every ``histogram_every`` steps (1, 101, 201... by default), computed on
   the device (:mod:`gradscope.sinks.histograms`) and written with ``add_histogram_raw`` at the next
-  flush; a layer holding NaN or Inf is not written at that step.
+  flush; a layer holding NaN or Inf is not written at that step, nor are sharded (FSDP2 / DTensor)
+  parameters.
 * **findings** as markdown text (``gradscope/findings``) at the step each was first seen, and the
   final verdict (``gradscope/verdict``) at ``close()``.
 * the **gradient-flow figure** (``gradscope/figures/gradient_flow``) at the first flush after
@@ -257,8 +259,13 @@ class TensorBoardSink(Sink):
         assert info is not None
         layer_of = info.layout.layer_of_param
         grouped: dict[int, list[int]] = {}
-        for p, _ in grads:
-            grouped.setdefault(layer_of[p.index], []).append(p.index)
+        for p, g in grads:
+            # A sharded (DTensor, FSDP2) gradient: only this rank writes, so a histogram would be one
+            # shard's, and any DTensor reduction here a collective the other ranks never join. Skipped.
+            if not callable(getattr(g, "to_local", None)):
+                grouped.setdefault(layer_of[p.index], []).append(p.index)
+        if not grouped:
+            return
         layers = list(grouped)
         by_index = {p.index: g for p, g in grads}
         rows = histogram_rows([[by_index[i] for i in grouped[li]] for li in layers], self.histogram_bins)
@@ -346,8 +353,9 @@ class TensorBoardSink(Sink):
         per_row: list[list[tuple[str, float]]] = [[] for _ in range(n)]
 
         def collect(values: np.ndarray, mask: np.ndarray, tags: list[str]) -> None:
-            # values, mask: [n, K] over K tags; only rows of steps the optimizer took
-            mask = mask & keep[:, None]
+            # values, mask: [n, K] over K tags; only rows of steps the optimizer took, and no NaN (a NaN
+            # gradient makes NaN norms: TensorBoard cannot chart them, the non-finite count shows it)
+            mask = mask & keep[:, None] & ~np.isnan(values)
             for r, k in zip(*np.nonzero(mask)):
                 per_row[r].append((tags[k], float(values[r, k])))
 

@@ -121,7 +121,9 @@ def _reduce_custom(vals: np.ndarray, present: np.ndarray, numel: np.ndarray, how
             out = np.sqrt(np.nansum(v * v, axis=1))
         else:  # pragma: no cover - validated at registration
             raise ValueError(how)
-    return np.where(anyp, out, np.nan)
+    # a NaN on a present parameter (a non-finite gradient, a shard's value withheld) makes the aggregate NaN
+    poisoned = (present & np.isnan(vals)).any(axis=1)
+    return np.where(anyp & ~poisoned, out, np.nan)
 
 
 class StatsFrame:
@@ -132,22 +134,78 @@ class StatsFrame:
     ``has_grad [S, P]``, ``trainable [S, P]``, ``moments [S, P, C]``, ``sampled [S]`` (rows where the
     statistics of ``schema.sampled_stats`` and the activations were taken),
     ``act [S, A, K]``, and scalars (``loss``, ``val_loss``, user scalars) by name.
+
+    Bounded history (``history=W``): the last ``W`` recorded rows are kept at full resolution. Older
+    rows are *thinned*: only rows whose step is a multiple of a stride (counted from step 1) are
+    kept, the stride starting at ``thin_every`` (the scope passes ``sample_every``, so kept rows are
+    sampled rows, which carry every statistic) and doubling whenever the thinned part exceeds ``W``
+    rows. The frame so never holds more than ``2 W`` rows (plus one flush), covers the whole run, and
+    has full resolution where rules look (recent windows). Row indices therefore shift between
+    flushes; steps do not. ``history=None`` keeps every row.
+
+    Args:
+        schema: the coordinates.
+        history: rows kept at full resolution (``None``: all).
+        thin_every: the first stride, in steps, of the thinned part.
     """
 
-    def __init__(self, schema: FrameSchema) -> None:
+    def __init__(self, schema: FrameSchema, *, history: int | None = None, thin_every: int = 1) -> None:
         self.schema = schema
         self._chunks: list[dict[str, np.ndarray]] = []
         self._scalar_names: list[str] = []
         self._cache: dict[str, Any] | None = None
+        self.history = history
+        #: Current stride (in steps) of the thinned rows; ``thin_every`` until the first doubling.
+        self.stride = max(1, int(thin_every))
+        self._n_thinned = 0  # rows before this index are the thinned part
+        #: Rows dropped by thinning so far.
+        self.dropped = 0
 
     # -- building -----------------------------------------------------------------------------------
     def append(self, chunk: dict[str, np.ndarray], scalar_names: list[str]) -> None:
-        """Add one flush worth of rows (see the class docstring for the keys)."""
+        """Add one flush worth of rows (see the class docstring for the keys); thin old rows if bounded."""
         if len(chunk["steps"]) == 0:
             return
         self._chunks.append(chunk)
         self._scalar_names = list(scalar_names)
         self._cache = None
+        if self.history is not None and len(self) - self._n_thinned > self.history:
+            self._thin()
+
+    def _thin(self) -> None:
+        arrays = self._arrays()
+        steps = arrays["steps"]
+        total = len(steps)
+        full_from = total - int(self.history)  # type: ignore[arg-type]
+        old = np.arange(full_from)
+        # Rows that were already thinned satisfy the current stride; newly aged rows are filtered now.
+        old = old[(steps[old] - 1) % self.stride == 0]
+        while len(old) > int(self.history):  # type: ignore[arg-type]
+            self.stride *= 2
+            old = old[(steps[old] - 1) % self.stride == 0]
+        keep = np.concatenate([old, np.arange(full_from, total)])
+        self.dropped += total - len(keep)
+        self._n_thinned = len(old)
+        cache = {k: v[keep] for k, v in arrays.items()}
+        self._chunks = [cache]
+        self._cache = cache
+
+    @property
+    def full_from_step(self) -> int | None:
+        """First step of the full-resolution window (earlier rows are thinned); None when empty."""
+        steps = self.steps
+        return int(steps[self._n_thinned]) if len(steps) > self._n_thinned else None
+
+    def history_info(self) -> dict[str, Any]:
+        """How much of the run the frame holds: for ``report.meta["history"]``."""
+        return {
+            "window": self.history,
+            "rows": len(self),
+            "full_from_step": self.full_from_step,
+            "thinned_rows": self._n_thinned,
+            "thinned_stride": self.stride if self._n_thinned or self.dropped else None,
+            "dropped_rows": self.dropped,
+        }
 
     def _arrays(self) -> dict[str, Any]:
         if self._cache is None:

@@ -140,7 +140,10 @@ class MomentPlan:
             cols["nonfinite"] = self._nonfinite(local, cols["sumsq"])
         columns = [cols.get(m, self._nan(n, device)) for m in MOMENTS]
         for fn in self.custom:
-            columns.append(torch.stack([fn(g, p).reshape(()) for g, p in zip(grads, params)]).to(torch.float64))
+            # DTensor: the local shard (a custom statistic has no rule to combine shards; the scope says so)
+            columns.append(
+                torch.stack([fn(gl, _local(p)).reshape(()) for gl, p in zip(local, params)]).to(torch.float64)
+            )
         return torch.stack(columns, dim=1)
 
     def _nonfinite(self, grads: Sequence[Tensor], sumsq: Tensor) -> Tensor:

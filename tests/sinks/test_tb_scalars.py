@@ -171,3 +171,19 @@ def test_stats_selection(tmp_path):
     assert {t.split("/")[1] for t in tags} == {"l2_norm", "act_dead_fraction", "scalar"}
     with pytest.raises(gradscope.ConfigurationError, match="names 'grad_p99', which this scope does not collect"):
         gradscope.watch(small_mlp(), sinks=[TensorBoardSink(tmp_path / "x", stats=["grad_p99"])])
+
+
+def test_nan_values_are_not_written_but_counted(tmp_path):
+    def poison(step, model):
+        if step == 3:
+            model[2].weight.grad[1, 1] = float("nan")
+
+    run = train(small_mlp(), 3, log_dir=tmp_path, grad_hook=poison, histogram_every=None)
+    stats = run.report.stats
+    nan_rows = stats[stats["value"].isna() & (stats["param"] == "*")]
+    assert set(nan_rows["layer"]) >= {"2", "*"} and set(nan_rows["step"]) == {3}
+    acc = load_events(tmp_path)
+    assert [e.step for e in acc.Scalars("gradscope/l2_norm/2")] == [1, 2]
+    assert [e.step for e in acc.Scalars("gradscope/l2_norm/0")] == [1, 2, 3]
+    assert [(e.step, e.value) for e in acc.Scalars("gradscope/nonfinite_count/2")] == [(1, 0.0), (2, 0.0), (3, 1.0)]
+    assert acc.Scalars("gradscope/nonfinite_count/_model")[-1].value == 1.0

@@ -1,0 +1,227 @@
+"""PyTorch Lightning: a callback that watches the LightningModule during ``trainer.fit()``.
+
+::
+
+    from gradscope.integrations.lightning import GradscopeCallback
+
+    callback = GradscopeCallback()
+    trainer = lightning.Trainer(max_epochs=3, callbacks=[callback])   # default logger: TensorBoard
+    trainer.fit(model, train_loader, val_loader)
+    print(callback.report)
+
+When statistics are taken: Lightning steps every optimizer through a closure that runs
+``training_step`` and ``backward`` inside ``optimizer.step()``, then unscales (16-bit AMP) and clips
+the gradients. gradscope reads the gradients once that closure returns, right before the update, so
+the statistics describe the unscaled, clipped, accumulated gradients the optimizer uses. Under
+``accumulate_grad_batches=k`` there is one gradscope step per optimizer step (every k batches), and
+``scope.step`` is called from ``on_train_batch_end`` when ``trainer.global_step`` has advanced. A step
+that the 16-bit GradScaler skips for inf/NaN is recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from torch import Tensor
+
+from gradscope.errors import ConfigurationError
+from gradscope.integrations._options import WatchOptions
+from gradscope.rules.engine import RuleSpec
+from gradscope.sinks.base import Sink
+
+try:
+    import lightning.pytorch as pl
+except ModuleNotFoundError:  # the older standalone package
+    try:
+        import pytorch_lightning as pl  # type: ignore[no-redef]
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "gradscope.integrations.lightning needs PyTorch Lightning: pip install 'gradscope[lightning]' "
+            "(or pip install lightning)."
+        ) from exc
+
+if TYPE_CHECKING:
+    from gradscope.report import Report
+    from gradscope.scope import GradScope
+
+__all__ = ["GradscopeCallback"]
+
+
+def _tensorboard_writer(trainer: Any) -> Any:
+    """The ``SummaryWriter`` of the trainer's first TensorBoard logger on global rank 0, else None."""
+    if not trainer.is_global_zero:
+        return None
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "TensorBoardLogger":
+            return logger.experiment
+    return None
+
+
+def _batch_loss(outputs: Any) -> Tensor | None:
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    return loss.detach() if isinstance(loss, Tensor) and loss.numel() == 1 else None
+
+
+class GradscopeCallback(pl.Callback):
+    """Watches the LightningModule's gradients during ``fit`` and logs into the trainer's TensorBoard run.
+
+    At fit start it calls :func:`gradscope.watch` on the LightningModule with the trainer's optimizer,
+    once per optimizer step it calls ``scope.step`` with the step's training loss (the mean over the
+    accumulated batches), the learning rate, and the last validation loss when one is new; at fit end
+    (or when fit raises) it closes the scope. Everything lands in the run of the trainer's
+    ``TensorBoardLogger`` (its ``SummaryWriter``), under ``gradscope/...`` tags, on global rank 0.
+
+    Args:
+        optimizer_index: which of ``trainer.optimizers`` to watch (statistics are taken right before
+            its update). ``None`` watches without an optimizer: statistics are then taken at the end
+            of the batch, and neither ``update_ratio`` nor skipped steps are available.
+        log_to_logger: write into the trainer's TensorBoard logger when it has one.
+        log_dir: write a separate TensorBoard run here instead.
+        val_loss_key: the key of ``trainer.callback_metrics`` holding the validation loss (what your
+            ``validation_step`` logs with ``self.log(...)``); it is passed as ``val_loss`` at the first
+            recorded optimizer step after each validation run. ``None`` to leave it out.
+        every, flush_every, stats, rules, thresholds, activations, sample_every, on_nonfinite, sinks:
+            as for :func:`gradscope.watch`.
+
+    Attributes:
+        scope: the open :class:`~gradscope.GradScope` during fit, else None.
+        report: the :class:`~gradscope.Report` of the last fit (None before it ends).
+
+    Raises:
+        ConfigurationError: for an invalid option, when the callback is built.
+    """
+
+    def __init__(
+        self,
+        *,
+        optimizer_index: int | None = 0,
+        log_to_logger: bool = True,
+        log_dir: str | os.PathLike[str] | None = None,
+        val_loss_key: str | None = "val_loss",
+        every: int = 1,
+        flush_every: int = 50,
+        stats: Union[str, Iterable[str], None] = None,
+        rules: RuleSpec = "all",
+        thresholds: Mapping[str, Mapping[str, Any]] | None = None,
+        activations: bool = True,
+        sample_every: int = 10,
+        on_nonfinite: str = "record",
+        sinks: Sequence[Union[Sink, str]] = (),
+    ) -> None:
+        super().__init__()
+        if optimizer_index is not None and (
+            isinstance(optimizer_index, bool) or not isinstance(optimizer_index, int) or optimizer_index < 0
+        ):
+            raise ConfigurationError(
+                f"Expected `optimizer_index` to be None or an index into trainer.optimizers, but got {optimizer_index!r}."
+            )
+        if not isinstance(log_to_logger, bool):
+            raise ConfigurationError(f"Expected `log_to_logger` to be True or False, but got {log_to_logger!r}.")
+        if val_loss_key is not None and not isinstance(val_loss_key, str):
+            raise ConfigurationError(f"Expected `val_loss_key` to be a metric name or None, but got {val_loss_key!r}.")
+        self.options = WatchOptions(
+            every=every,
+            flush_every=flush_every,
+            stats=stats,
+            rules=rules,
+            thresholds=thresholds,
+            activations=activations,
+            sample_every=sample_every,
+            on_nonfinite=on_nonfinite,
+            sinks=sinks,
+        )
+        self.optimizer_index = optimizer_index
+        self.log_to_logger = log_to_logger
+        self.log_dir = log_dir
+        self.val_loss_key = val_loss_key
+        self.scope: GradScope | None = None
+        self.report: Report | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._global_step = 0
+        self._losses: list[Tensor] = []
+        self._val_loss: Tensor | float | None = None
+        self._automatic = True
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Attach :func:`gradscope.watch` to ``pl_module`` with the trainer's optimizer."""
+        import gradscope
+
+        self._close()
+        optimizer = None
+        if self.optimizer_index is not None:
+            if self.optimizer_index >= len(trainer.optimizers):
+                raise ConfigurationError(
+                    f"GradscopeCallback(optimizer_index={self.optimizer_index}) but the trainer has "
+                    f"{len(trainer.optimizers)} optimizer(s) from configure_optimizers(); pass an index below that, "
+                    "or optimizer_index=None to take statistics at the end of each batch."
+                )
+            optimizer = trainer.optimizers[self.optimizer_index]
+        writer = None
+        if self.log_dir is None and self.log_to_logger:
+            writer = _tensorboard_writer(trainer)
+        self._optimizer = optimizer
+        self._automatic = bool(getattr(pl_module, "automatic_optimization", True))
+        self._global_step = trainer.global_step
+        self._losses = []
+        self._val_loss = None
+        self.report = None
+        self.scope = gradscope.watch(
+            pl_module,
+            optimizer=optimizer,
+            log_dir=self.log_dir if trainer.is_global_zero else None,
+            writer=writer,
+            **self.options.as_kwargs(),
+        )
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Record one gradscope step when this batch ended an optimizer step."""
+        if self.scope is None:
+            return
+        loss = _batch_loss(outputs)
+        if loss is not None:
+            self._losses.append(loss)
+        if trainer.global_step == self._global_step:
+            return  # accumulating: the optimizer has not stepped yet
+        self._global_step = trainer.global_step
+        scalars: dict[str, Any] = {}
+        if self._losses:
+            # Lightning divides each batch's loss by accumulate_grad_batches in automatic optimization,
+            # so their sum is the mean loss of the optimizer step.
+            stacked = torch.stack([x.float().reshape(()) for x in self._losses])
+            scalars["loss"] = stacked.sum() if self._automatic else stacked.mean()
+            self._losses = []
+        if self._optimizer is not None:
+            # a tensor for capturable/fused optimizers: kept as one, on its device (no sync)
+            lr = self._optimizer.param_groups[0]["lr"]
+            scalars["lr"] = lr if isinstance(lr, Tensor) else float(lr)
+        if self._val_loss is not None and self.options.recorded(self.scope.step_count + 1):
+            scalars["val_loss"] = self._val_loss
+            self._val_loss = None
+        self.scope.step(**scalars)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        """Keep the validation loss for the next recorded step."""
+        if self.scope is None or self.val_loss_key is None or trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.val_loss_key)
+        if isinstance(value, Tensor) and value.numel() == 1:
+            self._val_loss = value.detach().reshape(())
+        elif isinstance(value, (int, float)):
+            self._val_loss = float(value)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Final flush: write the verdict and remove every hook."""
+        self._close()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """Fit raised (NaN with ``on_nonfinite="raise"``, Ctrl-C...): flush what was recorded, then let it go."""
+        self._close()
+
+    def _close(self) -> None:
+        if self.scope is not None:
+            scope, self.scope = self.scope, None
+            self.report = scope.close()

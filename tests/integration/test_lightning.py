@@ -1,0 +1,248 @@
+"""GradscopeCallback in real Lightning fits: the statistics are those of the gradients the optimizer used.
+
+The reference is taken by the LightningModule itself in ``on_before_optimizer_step`` (once per
+optimizer step, after accumulation and AMP unscaling, before clipping) in float64; clipping is then
+applied by hand: ``g * min(1, max_norm / (||g|| + 1e-6))``, as ``clip_grad_norm_`` defines it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gradscope
+from gradscope.registry import RULES
+
+pl = pytest.importorskip("lightning.pytorch")
+from gradscope.integrations.lightning import GradscopeCallback  # noqa: E402
+
+N_BATCHES, BATCH = 8, 16
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self, *, inf_at: int | None = None, fail_at: int | None = None, manual: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.inf_at, self.fail_at = inf_at, fail_at
+        self.automatic_optimization = not manual
+        self.refs: list[dict[str, float]] = []  # per optimizer step: layer -> sum of squares (float64)
+        self.batch_losses: list[float] = []
+        self.val_losses: list[float] = []
+
+    def _loss(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        if batch_idx == self.fail_at and self.current_epoch == 0:
+            raise RuntimeError("boom")
+        if batch_idx == self.inf_at and self.current_epoch == 0:
+            loss = loss * float("inf")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch, batch_idx)
+        self.batch_losses.append(loss.item())
+        self.log("train_loss", loss)
+        if self.automatic_optimization:
+            return loss
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self.net(batch[0]), batch[1]))
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            self.val_losses.append(float(self.trainer.callback_metrics["val_loss"]))
+
+    def on_before_optimizer_step(self, optimizer):
+        ref: dict[str, float] = {}
+        for name, p in self.named_parameters():
+            if p.grad is not None:
+                layer = name.rpartition(".")[0]
+                ref[layer] = ref.get(layer, 0.0) + float(p.grad.double().pow(2).sum())
+        self.refs.append(ref)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def loader(seed: int) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_BATCHES * BATCH, 8, generator=g)
+    y = (x[:, :4] * torch.tensor([1.0, -2.0, 0.5, 1.5])).argmax(dim=1)  # learnable
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+
+
+def fit(tmp_path, module: Tiny, callback: GradscopeCallback, **trainer_kw):
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=pl.loggers.TensorBoardLogger(str(tmp_path), name="run"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        callbacks=[callback],
+        **{"max_epochs": 2, **trainer_kw},
+    )
+    trainer.fit(module, loader(0), loader(1))
+    return trainer
+
+
+def l2(report: gradscope.Report, layer: str = "*") -> dict[int, float]:
+    df = report.stats
+    df = df[(df.stat == "l2_norm") & (df.layer == layer) & (df.param == "*")]
+    return dict(zip(df.step.astype(int), df.value))
+
+
+def scalars(log_dir: str) -> dict[str, dict[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory):
+    """2 epochs x 8 batches, accumulate 2 batches per step, clip at 0.5: 8 optimizer steps."""
+    tmp = tmp_path_factory.mktemp("lightning")
+    module, callback = Tiny(), GradscopeCallback(sample_every=2)
+    trainer = fit(tmp, module, callback, accumulate_grad_batches=2, gradient_clip_val=0.5)
+    return trainer, module, callback
+
+
+def test_one_gradscope_step_per_optimizer_step(accumulated):
+    trainer, module, callback = accumulated
+    report = callback.report
+    assert callback.scope is None and report is not None  # closed at fit end
+    assert trainer.global_step == report.steps == len(module.refs) == N_BATCHES  # 16 batches / 2
+    assert report.skipped_steps == []
+
+
+def test_statistics_are_the_clipped_accumulated_gradients(accumulated):
+    _, module, callback = accumulated
+    got = l2(callback.report)
+    clipped = 0
+    for step, ref in enumerate(module.refs, start=1):
+        raw = math.sqrt(sum(ref.values()))
+        scale = min(1.0, 0.5 / (raw + 1e-6))
+        clipped += scale < 1
+        assert math.isclose(got[step], raw * scale, rel_tol=1e-5), (step, got[step], raw, scale)
+        for layer in ("net.0", "net.2"):
+            want = math.sqrt(ref[layer]) * scale
+            assert math.isclose(l2(callback.report, layer)[step], want, rel_tol=1e-5), (step, layer)
+    assert clipped >= 2  # the clipping path was exercised
+
+
+def test_loss_lr_and_val_loss_are_recorded(accumulated):
+    _, module, callback = accumulated
+    sc = callback.report.scalars
+    # each step's loss is the mean over its two batches
+    want = np.asarray(module.batch_losses).reshape(-1, 2).mean(axis=1)
+    np.testing.assert_allclose(sc["loss"].to_numpy(), want, rtol=1e-6)
+    assert (sc["lr"] == 0.1).all()
+    # validation after epoch 1 lands on the next optimizer step (5); the last one has no step after it
+    val = sc["val_loss"]
+    assert val.notna().sum() == 1 and math.isclose(val.loc[5], module.val_losses[0], rel_tol=1e-6)
+
+
+def test_written_into_the_lightning_tensorboard_run(accumulated):
+    trainer, _, callback = accumulated
+    log_dir = Path(trainer.logger.log_dir)
+    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1  # the logger's own writer, not a second file
+    tb = scalars(str(log_dir))
+    assert {"train_loss", "val_loss", "epoch"} <= set(tb)  # Lightning's own scalars, same run
+    model_l2 = tb["gradscope/l2_norm/_model"]
+    for step, value in l2(callback.report).items():
+        assert math.isclose(model_l2[step], value, rel_tol=1e-6)
+    assert "gradscope/l2_norm/net.0" in tb and "gradscope/update_ratio/_model" in tb
+
+
+def test_hooks_are_removed_after_fit(accumulated):
+    trainer, module, _ = accumulated
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    opt = trainer.optimizers[0]
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_healthy_fit_has_no_findings(accumulated):
+    if "vanishing_gradients" not in RULES:
+        pytest.skip("the diagnosis rules are not registered yet (issue 3)")
+    report = accumulated[2].report
+    assert report.findings == [], "\n".join(map(str, report.findings))
+
+
+def test_fp16_amp_skipped_step_is_recorded_as_skipped(tmp_path):
+    # Lightning refuses precision="16-mixed" on CPU by flag; the plugin itself runs there (GradScaler("cpu")).
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module, callback = Tiny(inf_at=2), GradscopeCallback(sample_every=1)
+    fit(tmp_path, module, callback, max_epochs=1, plugins=[MixedPrecision("16-mixed", "cpu")])
+    report = callback.report
+    assert report.steps == N_BATCHES
+    assert report.skipped_steps == [3]  # batch 2: GradScaler found inf and did not step
+    assert 3 not in l2(report)
+    for step, ref in enumerate(module.refs, start=1):
+        if step != 3:  # unscaled gradients: the loss scale (65536 at first) is divided out
+            assert math.isclose(l2(report)[step], math.sqrt(sum(ref.values())), rel_tol=1e-4), step
+    assert not [f for f in report.findings if f.kind in ("nonfinite_gradients", "exploding_gradients")]
+
+
+def test_manual_optimization(tmp_path):
+    module, callback = Tiny(manual=True), GradscopeCallback(sample_every=4)
+    fit(tmp_path, module, callback, max_epochs=1)
+    got = l2(callback.report)
+    assert callback.report.steps == len(module.refs) == N_BATCHES
+    for step, ref in enumerate(module.refs, start=1):
+        assert math.isclose(got[step], math.sqrt(sum(ref.values())), rel_tol=1e-5)
+    np.testing.assert_allclose(callback.report.scalars["loss"].to_numpy(), module.batch_losses, rtol=1e-6)
+
+
+def test_exception_in_fit_still_flushes_and_detaches(tmp_path):
+    module, callback = Tiny(fail_at=5), GradscopeCallback()
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, module, callback, max_epochs=1)
+    assert callback.scope is None and callback.report.steps == 5
+    assert len(l2(callback.report)) == 5
+    assert not any(m._forward_pre_hooks for m in module.modules())
+
+
+def test_explicit_log_dir_and_no_optimizer(tmp_path):
+    module, callback = Tiny(), GradscopeCallback(optimizer_index=None, log_dir=tmp_path / "gs")
+    fit(tmp_path, module, callback, max_epochs=1)
+    got = l2(callback.report)
+    for step, ref in enumerate(module.refs, start=1):
+        assert math.isclose(got[step], math.sqrt(sum(ref.values())), rel_tol=1e-5)
+    assert "update_ratio" not in set(callback.report.stats.stat)
+    assert "gradscope/l2_norm/_model" in scalars(str(tmp_path / "gs"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every": 0}, "Expected `every` to be a positive int, but got 0"),
+        ({"sample_every": 3, "every": 2}, "multiple of `every`"),
+        ({"rules": ["no_such_rule"]}, "no_such_rule"),
+        ({"optimizer_index": -1}, "optimizer_index"),
+        ({"on_nonfinite": "stop"}, "on_nonfinite"),
+    ],
+)
+def test_options_are_validated_when_the_callback_is_built(kwargs, match):
+    with pytest.raises(gradscope.ConfigurationError, match=match):
+        GradscopeCallback(**kwargs)
+
+
+def test_optimizer_index_out_of_range_names_the_fix(tmp_path):
+    with pytest.raises(gradscope.ConfigurationError, match="optimizer_index=None"):
+        fit(tmp_path, Tiny(), GradscopeCallback(optimizer_index=1), max_epochs=1)
