@@ -45,3 +45,16 @@ def test_json_schema_doc_example_is_a_valid_report():
     assert [f.kind for f in report.findings] == ["nonfinite_gradients"]
     assert report.stats["value"].isna().sum() == 2  # "nan" strings become NaN
     assert report.to_dict()["stats"] == doc["stats"]
+
+
+def test_import_gradscope_stays_light():
+    # TensorBoard, matplotlib and pandas load when an output needs them, not at import
+    import subprocess
+
+    code = (
+        "import sys, gradscope; print(sorted(m for m in ('tensorboard', 'matplotlib', 'pandas') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"
