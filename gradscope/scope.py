@@ -245,6 +245,7 @@ class GradScope:
             sampled_stats=sampled_stats,
             act_modules=act_paths,
             act_kinds=self._acts.kinds if self._acts else [],
+            dtypes=[p.dtype for p in layout.params],
         )
         self.engine = RuleEngine(build_rules(rules, thresholds))
         self.engine.check_requirements(
@@ -289,6 +290,8 @@ class GradScope:
         self._prev: dict[int, Tensor] = {}  # weights before the optimizer step (update ratio)
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
         self._forward_order: list[int] = []
+        # activation index -> how many parameter layers had started forward when it first ran
+        self._act_position: dict[int, int] = {}
         self._warned: set[str] = set()
         self._errors: list[str] = []
         self._ended_by: str | None = None
@@ -361,12 +364,22 @@ class GradScope:
             for path, module in self.module.named_modules():
                 if path in owners:
                     self._hooks.add("order", module.register_forward_pre_hook(self._order_hook(owners[path])))
+            # Where each activation module runs among the layers: one after every layer is an output
+            # activation (a confident sigmoid classifier saturates by design).
+            for info, module in self._acts.entries if self._acts else []:
+                self._hooks.add("order", module.register_forward_pre_hook(self._act_order_hook(info.index)))
 
     def _order_hook(self, layer_indices: list[int]) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
             for li in layer_indices:
                 if li not in self._forward_order:
                     self._forward_order.append(li)
+
+        return hook
+
+    def _act_order_hook(self, act_index: int) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            self._act_position.setdefault(act_index, len(self._forward_order))
 
         return hook
 
@@ -851,7 +864,12 @@ class GradScope:
                 forward_order=self._depth_order(),
                 has_optimizer=self.optimizer is not None,
                 final=final,
-                extra={"every": self.every, "sample_every": self.sample_every, "steps": self._step},
+                extra={
+                    "every": self.every,
+                    "sample_every": self.sample_every,
+                    "steps": self._step,
+                    "output_activations": self._output_activations(),
+                },
             )
             if len(self.frame):
                 new_findings = self.engine.run(ctx)
@@ -871,6 +889,11 @@ class GradScope:
                         f"{type(sink).__name__}.write failed: {type(exc).__name__}: {exc}",
                     )
         return new_findings
+
+    def _output_activations(self) -> list[int]:
+        """Activation modules that ran after every parameter layer had started (nothing learnable follows)."""
+        n_layers = len(self._forward_order)
+        return sorted(a for a, pos in self._act_position.items() if n_layers and pos >= n_layers)
 
     def _reduce_rows(self, n: int) -> None:
         """Distributed: make the first ``n`` buffer rows global, in place on the device (collective)."""

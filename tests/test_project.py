@@ -40,5 +40,7 @@ def test_example_runs(path, tmp_path):
     proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{path.name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     if path.name == "quickstart.py":
-        assert "=== healthy run ===" in proc.stdout and "=== broken run ===" in proc.stdout
+        healthy, broken = proc.stdout.split("=== broken run ===")
+        assert "gradscope report: HEALTHY" in healthy and "findings:" not in healthy
+        assert "gradscope report: UNHEALTHY" in broken and "vanishing_gradients" in broken
         assert list((tmp_path / "runs" / "healthy").glob("events.out.tfevents.*"))

@@ -1,7 +1,32 @@
-"""Rules: turn statistics into findings. Importing this package registers the built-in rules."""
+"""Rules: turn statistics into findings. Importing this package registers the built-in rules.
+
+One file per family: :mod:`~gradscope.rules.gradients` (vanishing, exploding, non-finite),
+:mod:`~gradscope.rules.activations` (dead units, saturated activations),
+:mod:`~gradscope.rules.coverage` (no gradient), :mod:`~gradscope.rules.loss` (loss not decreasing,
+overfitting). docs/rules.md states every definition and threshold.
+"""
 
 from __future__ import annotations
 
+from gradscope.rules import activations as _activations  # noqa: F401  (registers the rules)
+from gradscope.rules import coverage as _coverage  # noqa: F401
+from gradscope.rules import gradients as _gradients  # noqa: F401
+from gradscope.rules import loss as _loss  # noqa: F401
+from gradscope.rules.activations import DeadUnits, SaturatedActivations
 from gradscope.rules.base import Rule, RuleContext
+from gradscope.rules.coverage import NoGradient
+from gradscope.rules.gradients import ExplodingGradients, NonfiniteGradients, VanishingGradients
+from gradscope.rules.loss import LossNotDecreasing, Overfitting
 
-__all__ = ["Rule", "RuleContext"]
+__all__ = [
+    "DeadUnits",
+    "ExplodingGradients",
+    "LossNotDecreasing",
+    "NoGradient",
+    "NonfiniteGradients",
+    "Overfitting",
+    "Rule",
+    "RuleContext",
+    "SaturatedActivations",
+    "VanishingGradients",
+]

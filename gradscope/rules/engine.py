@@ -46,9 +46,11 @@ def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | No
             f'Expected `rules` to be "all", "none" or a list of rule names / Rule instances, but got {spec!r}.'
         )
     chosen: dict[str, Rule | None] = {}
+    named: set[str] = set()  # rules asked for by name or instance (not only through "all")
     for item in spec:
         if isinstance(item, Rule):
             chosen[item.name] = item
+            named.add(item.name)
         elif isinstance(item, type) and issubclass(item, Rule):
             raise ConfigurationError(
                 f"`rules` got the class {item.__name__}; pass an instance ({item.__name__}()) or its name {item.name!r}."
@@ -64,6 +66,7 @@ def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | No
         elif isinstance(item, str):
             _rule_class(item)
             chosen.setdefault(item, None)
+            named.add(item)
         else:
             raise ConfigurationError(
                 f"Expected each entry of `rules` to be a rule name or a Rule instance, but got {item!r}."
@@ -89,7 +92,13 @@ def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | No
             )
     rules: list[Rule] = []
     for name, instance in chosen.items():
-        rules.append(instance if instance is not None else _rule_class(name)(**dict(thresholds.get(name, {}))))
+        if instance is not None:
+            rules.append(instance)  # the user's own object: never marked
+            continue
+        rule = _rule_class(name)(**dict(thresholds.get(name, {})))
+        # Built here only because of "all": left out quietly when the scope lacks what it reads.
+        rule._implicit = name not in named and name not in thresholds
+        rules.append(rule)
     return rules
 
 
@@ -103,24 +112,37 @@ class RuleEngine:
         self.rules = rules
         self.findings: list[Finding] = []
         self.errors: list[str] = []
+        self.inactive: list[str] = []  # rules from "all" left out: the scope does not collect what they read
         self._seen: set[tuple[str, str | None]] = set()
         self._broken: set[str] = set()
 
     def check_requirements(self, collected: Iterable[str], *, activations: bool) -> None:
-        """Raise ``ConfigurationError`` when a rule needs a statistic that is not collected."""
+        """Raise ``ConfigurationError`` when a rule asked for by name needs a statistic that is not collected.
+
+        Rules selected only through ``"all"`` are left out instead (listed in :attr:`inactive`), so
+        ``watch(model, activations=False)`` or a narrow ``stats=`` still runs every rule it can.
+        """
         have = set(collected)
+        kept: list[Rule] = []
         for rule in self.rules:
             missing = [s for s in rule.requires if s not in have]
+            lacks_acts = rule.requires_activations and not activations
+            if (missing or lacks_acts) and getattr(rule, "_implicit", False):
+                need = ", ".join(missing) if missing else "activation statistics"
+                self.inactive.append(f"{rule.name} (needs {need})")
+                continue
+            kept.append(rule)
             if missing:
                 raise ConfigurationError(
                     f"Rule {rule.name!r} needs statistic(s) {', '.join(map(repr, missing))}, which this scope does "
                     f"not collect. Add them to `stats`, or leave the rule out with rules=['all', '-{rule.name}']."
                 )
-            if rule.requires_activations and not activations:
+            if lacks_acts:
                 raise ConfigurationError(
                     f"Rule {rule.name!r} needs activation statistics, but activations=False. Turn them on, or leave "
                     f"the rule out with rules=['all', '-{rule.name}']."
                 )
+        self.rules = kept
 
     def run(self, ctx: RuleContext) -> list[Finding]:
         """Run every rule; return the findings not reported before, ordered by step."""

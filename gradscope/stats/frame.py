@@ -79,6 +79,7 @@ class FrameSchema:
     sampled_stats: tuple[str, ...] = ()  # statistics taken on sampled steps only
     act_modules: list[str] = field(default_factory=list)
     act_kinds: list[str] = field(default_factory=list)
+    dtypes: list[str] = field(default_factory=list)  # each parameter's dtype name ("float32"), for dtype-aware floors
 
     def custom_column(self, name: str) -> int:
         """Moment-array column of a custom statistic."""

@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 
 import gradscope
-from gradscope.registry import RULES
 
 # Models are built from small configs with random weights: nothing may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -133,8 +132,7 @@ def test_transformers_resnet():
             dead,
             abs_tol=1e-9,
         )
-    if "vanishing_gradients" in RULES:
-        assert report.findings == [], "\n".join(str(f) for f in report.findings)
+    assert report.findings == [], "\n".join(str(f) for f in report.findings)
 
 
 def test_torchvision_resnet18():

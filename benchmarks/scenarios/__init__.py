@@ -1,0 +1,1 @@
+"""Seeded training scenarios for ``benchmarks/detection.py``: healthy runs and faults of every kind."""

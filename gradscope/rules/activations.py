@@ -1,0 +1,207 @@
+"""Rules about activation outputs: dead ReLU-family units and saturated tanh/sigmoid units.
+
+Activation statistics are taken on sampled steps only (every ``sample_every`` steps, forward hooks on
+the activation modules; see :mod:`gradscope.capture.activations`), so windows here count sampled steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from gradscope.errors import ConfigurationError
+from gradscope.registry import register_rule
+from gradscope.report import Finding
+from gradscope.rules._common import fmt, layer_label, nanmedian, steps_label
+from gradscope.rules.base import Rule, RuleContext
+from gradscope.rules.window import judged_rows, persistent_windows, steps_to_rows, window_rows
+
+__all__ = ["DeadUnits", "SaturatedActivations"]
+
+_SATURATING = ("tanh", "sigmoid", "hardtanh", "hardsigmoid")
+
+
+class _ActivationRule(Rule):
+    """Shared windowing: a statistic of chosen activation modules above a threshold, persistently."""
+
+    kinds: tuple[str, ...] = ()
+    stat = ""
+    skip_output = False
+
+    def validate(self) -> None:
+        """Check threshold ranges."""
+        th = self.thresholds
+        for name in ("threshold", "min_fraction"):
+            if not 0 < th[name] <= 1:
+                raise ConfigurationError(
+                    f"Expected threshold {name!r} of rule {self.name!r} to be in (0, 1], but got {th[name]!r}."
+                )
+        for name in ("window", "min_samples"):
+            if not th[name] > 0:
+                raise ConfigurationError(
+                    f"Expected threshold {name!r} of rule {self.name!r} to be > 0, but got {th[name]!r}."
+                )
+
+    def reset(self) -> None:
+        """Forget what was seen and reported (a new run)."""
+        self._reported: set[int] = set()
+
+    def check(self, ctx: RuleContext) -> list[Finding]:
+        """Findings visible in the rows added since the last flush (and their look-back window)."""
+        schema = ctx.frame.schema
+        skip = set(ctx.extra.get("output_activations", ())) if self.skip_output else set()
+        mods = [a for a, k in enumerate(schema.act_kinds) if k in self.kinds and a not in skip]
+        reported = getattr(self, "_reported", set())
+        self._reported = reported
+        mods = [a for a in mods if a not in reported]
+        if not mods:
+            return []
+        th = self.thresholds
+        sample_every = int(ctx.extra.get("sample_every", 1))
+        win = steps_to_rows(th["window"], sample_every, minimum=1)
+        rows, _ = judged_rows(ctx, win - 1, sampled=True)
+        length = window_rows(len(rows), win, final=ctx.final, minimum=int(th["min_samples"]))
+        if length == 0:
+            return []
+        vals = ctx.frame.act_values(self.stat)[rows][:, mods]
+        flags = np.nan_to_num(vals, nan=-1.0) >= th["threshold"]
+        pers = persistent_windows(flags, length, th["min_fraction"])
+        steps = ctx.frame.steps[rows]
+        out: list[Finding] = []
+        for j, a in enumerate(mods):
+            hit = np.flatnonzero(pers[:, j])
+            if len(hit) == 0:
+                continue
+            w = int(hit[0])
+            span = slice(w, w + length)
+            reported.add(a)
+            value = float(nanmedian(vals[span, j]))
+            first, last = int(steps[w]), int(steps[w + length - 1])
+            out.append(self._finding(ctx, a, value, first, last, length, rows[span]))
+        return out
+
+    def _finding(
+        self, ctx: RuleContext, a: int, value: float, first: int, last: int, samples: int, rows: np.ndarray
+    ) -> Finding:
+        raise NotImplementedError
+
+
+@register_rule("dead_units")
+class DeadUnits(_ActivationRule):
+    """ReLU-family layers whose units output zero for every sample, over a window.
+
+    Definition: on each sampled step, a unit (a feature, or a channel of a convolution output) of a
+    ReLU-family module (ReLU, ReLU6, LeakyReLU, PReLU, RReLU) is dead when its output is <= 0 for
+    every sample (and position) of the batch: it passes no gradient (a leaky unit only its small
+    slope). The rule fires for a module whose dead fraction (``act_dead_fraction``) is at least
+    ``threshold`` at the first sampled step of a window of ``window`` steps and at ``min_fraction``
+    of its sampled steps. Each module is reported once, at the first step of the episode.
+
+    The measure is per batch: with batches of one or two samples of a fully connected layer, a unit
+    can be silent for the whole batch by chance; raise ``threshold`` (or sample larger batches).
+
+    Thresholds:
+        threshold: 0.5, SageMaker Debugger's DeadRelu default (``threshold_layer`` 50 %); the ReLU
+            layers of the healthy runs in benchmarks/detection.py stay below 0.4 (a 16-unit autoencoder
+            bottleneck; the others below 0.15), the dead-unit faults reach 0.75 to 1.
+        window: 30 steps (3 sampled steps at the default ``sample_every=10``); min_fraction: 0.8.
+        min_samples: 2 sampled steps, the fewest judged at the end of a short run.
+    """
+
+    severity = "warning"
+    requires_activations = True
+    defaults: ClassVar[dict[str, Any]] = {"threshold": 0.5, "window": 30, "min_fraction": 0.8, "min_samples": 2}
+    kinds = ("relu",)
+    stat = "act_dead_fraction"
+
+    def _finding(
+        self, ctx: RuleContext, a: int, value: float, first: int, last: int, samples: int, rows: np.ndarray
+    ) -> Finding:
+        path = ctx.frame.schema.act_modules[a]
+        zero = float(nanmedian(ctx.frame.act_values("act_zero_fraction")[rows, a]))
+        evidence: dict[str, Any] = {
+            "stat": "act_dead_fraction",
+            "value": value,
+            "threshold": float(self.thresholds["threshold"]),
+            "act_zero_fraction": zero,
+            "window": [first, last],
+            "sampled_steps": samples,
+        }
+        return self.finding(
+            step=first,
+            layer=path,
+            message=(
+                f"Dead units in {layer_label(path)}: {fmt(100 * value)}% of its units output zero for every "
+                f"sample of the batch (median over {samples} sampled steps, {steps_label(first, last)}); "
+                f"{fmt(100 * zero)}% of all its outputs are zero. Dead units pass no gradient, so they stay dead."
+            ),
+            suggestion=(
+                "Lower the learning rate (a large update often pushes biases far negative), initialize with He "
+                "(kaiming) scaling and zero or small positive biases, add BatchNorm/LayerNorm before the "
+                "activation, or use LeakyReLU/GELU/SiLU."
+            ),
+            evidence=evidence,
+        )
+
+
+@register_rule("saturated_activations")
+class SaturatedActivations(_ActivationRule):
+    """tanh/sigmoid layers with most outputs pinned near their bounds, over a window.
+
+    Definition: on each sampled step, an output of a saturating module (Tanh, Sigmoid, Hardtanh,
+    Hardsigmoid) is saturated when its local derivative is below 1% of its maximum (tanh: |y| >
+    0.995, i.e. |x| > 3.0; sigmoid: y < 0.0025 or y > 0.9975, i.e. |x| > 6.0; hard variants: at the
+    clamp). The rule fires for a module whose saturated fraction (``act_saturated_fraction``, over all
+    outputs of the batch) is at least ``threshold`` at the first sampled step of a window of
+    ``window`` steps and at ``min_fraction`` of its sampled steps. Output activations (modules after
+    which no layer with parameters runs, e.g. the sigmoid of a binary classifier) are not judged: they
+    saturate by design once the model is confident, and the loss's own gradient does not pass through
+    their flat part.
+
+    Thresholds:
+        threshold: 0.5, SageMaker Debugger's SaturatedActivation default (``threshold_layer`` 50 %),
+            with a stricter per-output test (the derivative, not SageMaker's |x| > 9.5 for tanh); the
+            hidden tanh/sigmoid layers of the healthy runs in benchmarks/detection.py stay below 0.02,
+            the saturation faults reach 0.72 to 1.
+        window: 30 steps (3 sampled steps at the default ``sample_every=10``); min_fraction: 0.8.
+        min_samples: 2 sampled steps, the fewest judged at the end of a short run.
+    """
+
+    severity = "warning"
+    requires_activations = True
+    defaults: ClassVar[dict[str, Any]] = {"threshold": 0.5, "window": 30, "min_fraction": 0.8, "min_samples": 2}
+    kinds = _SATURATING
+    stat = "act_saturated_fraction"
+    skip_output = True
+
+    def _finding(
+        self, ctx: RuleContext, a: int, value: float, first: int, last: int, samples: int, rows: np.ndarray
+    ) -> Finding:
+        schema = ctx.frame.schema
+        path, kind = schema.act_modules[a], schema.act_kinds[a]
+        pinned = float(nanmedian(ctx.frame.act_values("act_dead_fraction")[rows, a]))
+        bounds = "+-1" if kind in ("tanh", "hardtanh") else "0 or 1"
+        return self.finding(
+            step=first,
+            layer=path,
+            message=(
+                f"Saturated activations in {layer_label(path)} ({kind}): {fmt(100 * value)}% of its outputs sit "
+                f"at {bounds} where the derivative is below 1% of its peak (median over {samples} sampled steps, "
+                f"{steps_label(first, last)}); {fmt(100 * pinned)}% of its units are saturated for every sample. "
+                "Little gradient passes through them to earlier layers."
+            ),
+            suggestion=(
+                "Normalize the inputs (zero mean, unit variance), initialize with Xavier/Glorot scaling, add "
+                "BatchNorm/LayerNorm before the activation, lower the learning rate, or use ReLU-family "
+                "activations in hidden layers."
+            ),
+            evidence={
+                "stat": "act_saturated_fraction",
+                "value": value,
+                "threshold": float(self.thresholds["threshold"]),
+                "act_dead_fraction": pinned,
+                "window": [first, last],
+                "sampled_steps": samples,
+            },
+        )

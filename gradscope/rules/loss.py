@@ -1,0 +1,330 @@
+"""Rules about the loss curves passed to ``scope.step(loss=..., val_loss=...)``: stalled and overfitting.
+
+Both are robust to noise: they compare medians of groups of steps, and measure noise from the curve
+itself (median absolute deviation of its second differences, which cancel a local trend), so a noisy
+mini-batch loss that goes up on some steps never fires by itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from gradscope.errors import ConfigurationError
+from gradscope.registry import register_rule
+from gradscope.report import Finding
+from gradscope.rules._common import fmt, steps_label
+from gradscope.rules.base import Rule, RuleContext
+from gradscope.rules.window import layer_sums, steps_to_rows, window_rows
+
+__all__ = ["LossNotDecreasing", "Overfitting"]
+
+# Standard error of a median of n normal samples is about 1.2533 sigma / sqrt(n).
+_MEDIAN_SE = 1.2533
+
+
+def _noise(values: np.ndarray) -> float:
+    """Per-step noise of a curve, robust to its trend.
+
+    Second differences cancel any locally linear trend; for white noise of standard deviation sigma
+    they have standard deviation sigma * sqrt(6). The median absolute deviation (x 1.4826) makes it
+    robust to outliers and kinks.
+    """
+    d = np.diff(values, n=2)
+    if len(d) == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(6.0))
+
+
+@register_rule("loss_not_decreasing")
+class LossNotDecreasing(Rule):
+    """The training loss makes no progress: the data rule out a meaningful decrease, in a window and since the start.
+
+    Definition: take a window of ``window`` steps of recorded, finite training losses; ``a`` and ``b``
+    are the medians of its first and second halves, ``s`` the standard error of their difference
+    (``1.2533 * sigma * sqrt(2 / half)``, with ``sigma`` the per-step noise measured from the
+    window's own second differences). The loss is *not decreasing* in the window when even the
+    upper confidence bound of its drop is small: ``(a - b) + z * s < decrease * |a|``. The rule fires
+    when, in addition, the same holds since the start of the run (``a`` replaced by the median of the
+    run's first half-window), and the optimizer's steps are not still growing (with an optimizer, the
+    update-to-weight ratio at the end of the window is below ``warmup_growth`` times its start: a
+    learning-rate warm-up is not a stall).
+
+    This is an equivalence test: it claims "not decreasing" only when a decrease of ``decrease`` (2%)
+    per window is statistically excluded, so a noisy loss that goes up on some steps, a slow but real
+    learner whose progress is hidden in noise, a loss that fell and then converged, and a warm-up do
+    not fire; a loss that never moved (learning rate 0 or far too small, a model the optimizer does
+    not hold, labels unrelated to inputs) or that went back up and stayed there does. The finding's
+    step is where the loss last came back to its starting level (the first step, for a run that never
+    made progress).
+
+    Not detected: a loss that decreased for a while and then stalled (indistinguishable from
+    convergence without knowing the achievable loss), and, within one window, stalls whose per-step
+    noise exceeds about 4% of the loss (raise ``window`` for those: the bound tightens as 1/sqrt(window)).
+
+    Thresholds:
+        window: 100 steps; decrease: 2% of the loss per window; z: 2 (one-sided 98%); warmup_growth:
+            1.5. In benchmarks/detection.py stalled runs bound their drop below 1.2% per window and a
+            slow, noisy healthy learner above 3.5% (our measurements; SageMaker's LossNotDecreasing
+            fires when the loss 10 steps apart did not decrease at all, which noisy mini-batch losses
+            trip constantly).
+        min_steps: 20, the fewest recorded losses judged at the end of a short run.
+    """
+
+    severity = "warning"
+    defaults: ClassVar[dict[str, Any]] = {
+        "window": 100,
+        "decrease": 0.02,
+        "z": 2.0,
+        "warmup_growth": 1.5,
+        "min_steps": 20,
+    }
+
+    def validate(self) -> None:
+        """Check threshold ranges."""
+        for name in ("window", "z", "min_steps", "warmup_growth"):
+            if not self.thresholds[name] > 0:
+                raise ConfigurationError(
+                    f"Expected threshold {name!r} of rule 'loss_not_decreasing' to be > 0, but got "
+                    f"{self.thresholds[name]!r}."
+                )
+        if not 0 < self.thresholds["decrease"] < 1:
+            raise ConfigurationError(
+                "Expected threshold 'decrease' of rule 'loss_not_decreasing' to be in (0, 1), but got "
+                f"{self.thresholds['decrease']!r}."
+            )
+
+    def reset(self) -> None:
+        """Forget what was seen and reported (a new run)."""
+        self._fired = False
+        self._start: tuple[int, float, float] | None = None
+
+    def check(self, ctx: RuleContext) -> list[Finding]:
+        """Findings visible in the rows added since the last flush (and their look-back window)."""
+        if getattr(self, "_fired", False) or "loss" not in ctx.frame.scalar_names:
+            return []
+        frame = ctx.frame
+        th = self.thresholds
+        loss = frame.scalar("loss")
+        valid = np.flatnonzero(~frame.skipped & np.isfinite(loss))
+        every = int(ctx.extra.get("every", 1))
+        win = steps_to_rows(th["window"], every, minimum=8)
+        length = window_rows(len(valid), win, final=ctx.final, minimum=int(th["min_steps"]))
+        if length == 0:
+            return []
+        vals, steps = loss[valid], frame.steps[valid]
+        half = length // 2
+        # The run's start, measured once while its first rows are still at full resolution (a bounded
+        # frame thins old rows later); a short run judged at its end uses what it has.
+        start = getattr(self, "_start", None)
+        if start is None or start[0] != length:
+            start = (length, float(np.median(vals[:half])), _noise(vals[:length]))
+            if len(vals) >= win:
+                self._start = start
+        _, base, base_noise = start
+        z, dec = th["z"], th["decrease"]
+        # windows not judged before: those ending at a row added by this flush
+        new_pos = int(np.searchsorted(valid, ctx.new_from))
+        for i in range(max(0, new_pos - length + 1), len(vals) - length + 1):
+            w = vals[i : i + length]
+            a, b = float(np.median(w[:half])), float(np.median(w[-half:]))
+            sigma = _noise(w)
+            se = _MEDIAN_SE * sigma * np.sqrt(2.0 / half)
+            se0 = _MEDIAN_SE * max(sigma, base_noise) * np.sqrt(2.0 / half)
+            if (a - b) + z * se >= dec * abs(a) or (base - b) + z * se0 >= dec * abs(base):
+                continue  # a decrease of `decrease` is not excluded: maybe learning
+            if self._ramping(ctx, valid[i : i + length], th["warmup_growth"]):
+                continue  # the updates are still growing: a learning-rate warm-up, not a stall
+            self._fired = True
+            # The episode starts where the smoothed loss last came back above the starting level minus
+            # `decrease` (the window's start when it never left it: stalled from the start).
+            level = base - dec * abs(base)
+            k = max(1, min(half, 10))  # a short running median: locates the step without blurring it
+            smooth = np.array([np.median(w[j : j + k]) for j in range(length - k + 1)])
+            below = np.flatnonzero(smooth < level)
+            end = i + length - 1
+            # smooth[j] is centred on row j + k // 2
+            start = min(end, i + (int(below[-1]) + k // 2 + 1 if len(below) else 0))
+            first, last = int(steps[start]), int(steps[end])
+            return [
+                self.finding(
+                    step=first,
+                    layer=None,
+                    message=(
+                        f"The training loss is not decreasing: over {steps_label(first, last)} its median was {fmt(a)} in "
+                        f"the first half and {fmt(b)} in the second{' (it rose)' if b - a > z * se else ''}, against "
+                        f"{fmt(base)} at the start of the run; with a noise of {fmt(sigma)} per step, a drop of "
+                        f"{fmt(100 * dec)}% is excluded at {fmt(z)} standard errors."
+                    ),
+                    suggestion=(
+                        "Check that the optimizer holds the model's parameters and the learning rate is not 0 or "
+                        "tiny (try 10-100x higher), that labels match inputs, that the loss uses the model's output, "
+                        "and look for vanishing gradients or dead units in this report."
+                    ),
+                    evidence={
+                        "stat": "loss",
+                        "window": [first, last],
+                        "median_first_half": a,
+                        "median_second_half": b,
+                        "run_start": base,
+                        "noise": sigma,
+                        "threshold_decrease": float(dec),
+                    },
+                )
+            ]
+        return []
+
+    @staticmethod
+    def _ramping(ctx: RuleContext, rows: np.ndarray, growth: float) -> bool:
+        """Whether the optimizer's update size grew ``growth``-fold across the window (needs update_ratio)."""
+        frame = ctx.frame
+        if "update_ratio" not in frame.schema.stats:
+            return False
+        sampled = rows[frame.sampled[rows]]
+        if len(sampled) < 2:
+            return False
+        d = np.nansum(layer_sums(frame, "dsumsq", sampled), axis=1)
+        w = np.nansum(layer_sums(frame, "psumsq", sampled), axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.sqrt(d / w)
+        ratio = ratio[np.isfinite(ratio)]
+        if len(ratio) < 2:
+            return False
+        k = max(1, len(ratio) // 4)
+        first, last = float(np.median(ratio[:k])), float(np.median(ratio[-k:]))
+        return last > growth * first
+
+
+@register_rule("overfitting")
+class Overfitting(Rule):
+    """Validation loss rises from its best while the training loss keeps falling, persistently.
+
+    Needs ``val_loss`` passed to ``scope.step`` (at any cadence; steps without it are ignored).
+
+    Definition: at each validation step ``k``, the training loss is the median of the training losses
+    recorded since the previous validation step, and the best validation loss so far is at step ``j``.
+    The condition holds at ``k`` when the training loss has not risen since ``j`` and either
+
+    * the validation loss rose from its best: ``val[k] >= val[j] * (1 + rise)`` and by more than
+      ``z`` times the noise of the validation curve (the best is taken on a centred median of three
+      evaluations, so a single lucky value is not the reference), or
+    * the generalization gap grew while validation stopped improving: ``val[k] >= val[j]`` and
+      ``(val[k] - train[k]) - (val[j] - train[j]) >= gap * |val[j]|``.
+
+    The rule fires when the condition holds at ``patience`` consecutive validation steps; the finding's
+    step is the first of them. A small model whose validation loss tracks its training loss never
+    fires, nor does a single noisy validation value.
+
+    Thresholds:
+        rise: 0.05 (5 % above the best); gap: 0.25 (the gap grew by a quarter of the validation loss);
+        z: 2 noise units; patience: 3 validation steps (our choices). SageMaker's Overfit default, a gap of
+        10 % of the training loss at a single validation, fires on 2 of the 7 healthy runs of
+        benchmarks/detection.py that pass a validation loss, and on every overfitting run 10 to 30 steps
+        before its validation loss starts to rise.
+    """
+
+    severity = "warning"
+    defaults: ClassVar[dict[str, Any]] = {"rise": 0.05, "gap": 0.25, "z": 2.0, "patience": 3}
+
+    def validate(self) -> None:
+        """Check threshold ranges."""
+        for name in ("rise", "gap", "z", "patience"):
+            if not self.thresholds[name] > 0:
+                raise ConfigurationError(
+                    f"Expected threshold {name!r} of rule 'overfitting' to be > 0, but got {self.thresholds[name]!r}."
+                )
+
+    def reset(self) -> None:
+        """Forget what was seen and reported (a new run)."""
+        self._fired = False
+        self._last_vstep = 0  # steps, not row indices: a bounded frame thins old rows between flushes
+        self._v: list[float] = []  # validation losses, in order
+        self._t: list[float] = []  # training loss (median since the previous validation) at each
+        self._vsteps: list[int] = []
+        self._best = (np.inf, -1)  # lowest centred median of three among evaluations 0..k-2, and where
+        self._run = 0
+
+    def check(self, ctx: RuleContext) -> list[Finding]:
+        """Findings visible in the rows added since the last flush (and their look-back window)."""
+        frame = ctx.frame
+        if not hasattr(self, "_v"):
+            self.reset()
+        if self._fired or "val_loss" not in frame.scalar_names or "loss" not in frame.scalar_names:
+            return []
+        th = self.thresholds
+        keep = ~frame.skipped
+        steps = frame.steps
+        val_all, train_all = frame.scalar("val_loss"), frame.scalar("loss")
+        new_vrows = np.flatnonzero(keep & np.isfinite(val_all) & (steps > self._last_vstep))
+        if len(new_vrows) == 0:
+            return []
+        start_k = len(self._v)
+        train_ok = keep & np.isfinite(train_all)
+        for r in new_vrows:
+            # training losses since the previous validation (recent rows: always at full resolution)
+            seg = train_all[train_ok & (steps > self._last_vstep) & (steps <= steps[r])]
+            self._t.append(float(np.median(seg)) if len(seg) else np.nan)
+            self._v.append(float(val_all[r]))
+            self._vsteps.append(int(steps[r]))
+            self._last_vstep = int(steps[r])
+        v, t = np.asarray(self._v), np.asarray(self._t)
+        noise = _noise(v)
+        patience = int(th["patience"])
+        for k in range(max(1, start_k), len(v)):
+            # The best validation loss is a centred median of three evaluations (one lucky value is not the
+            # reference); evaluation k-1's median needs v[k], so it competes with its raw value.
+            if k >= 2:
+                j = k - 2
+                m = float(np.median(v[max(0, j - 1) : j + 2]))
+                if m < self._best[0]:
+                    self._best = (m, j)
+            best, j = self._best
+            if v[k - 1] < best:
+                best, j = float(v[k - 1]), k - 1
+            cond = False
+            if np.isfinite(t[k]) and np.isfinite(t[j]) and t[k] <= t[j]:
+                rose = v[k] >= best * (1 + th["rise"]) and v[k] - best > th["z"] * noise
+                gap = v[k] >= best and (v[k] - t[k]) - (best - t[j]) >= th["gap"] * abs(best)
+                cond = bool(rose or gap)
+            if not cond:
+                self._run = 0
+                continue
+            self._run += 1
+            if self._run == 1:
+                self._episode = (k, j, best)
+            if self._run >= patience:
+                self._fired = True
+                return [self._finding(k, v, t, patience)]
+        return []
+
+    def _finding(self, k: int, v: np.ndarray, t: np.ndarray, patience: int) -> Finding:
+        k0, j0, best = self._episode
+        s_best, s_first, s_now = self._vsteps[j0], self._vsteps[k0], self._vsteps[k]
+        rel = v[k] / best - 1 if best != 0 else np.inf
+        return self.finding(
+            step=s_first,
+            layer=None,
+            message=(
+                f"Overfitting: the validation loss rose from its best, {fmt(best)} at step {s_best}, to {fmt(v[k])} at "
+                f"step {s_now} ({'+' if rel >= 0 else ''}{fmt(100 * rel)}%) while the training loss kept falling "
+                f"({fmt(t[j0])} -> {fmt(t[k])}); the gap between them grew from {fmt(best - t[j0])} to "
+                f"{fmt(v[k] - t[k])} over {patience} validations ({steps_label(s_first, s_now)})."
+            ),
+            suggestion=(
+                f"Stop early (the best validation loss was at step {s_best}), add regularization (weight decay, "
+                "dropout, data augmentation), use more training data or a smaller model."
+            ),
+            evidence={
+                "stat": "val_loss",
+                "best_val_loss": float(best),
+                "best_step": s_best,
+                "val_loss": float(v[k]),
+                "train_loss_at_best": float(t[j0]),
+                "train_loss": float(t[k]),
+                "gap_at_best": float(best - t[j0]),
+                "gap": float(v[k] - t[k]),
+                "window": [s_first, s_now],
+                "evaluations": patience,
+            },
+        )

@@ -1,0 +1,97 @@
+"""The windowed accessors rules read the frame through, against plain NumPy references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rulekit import build_frame, chain, context
+
+from gradscope.rules._common import later_max
+from gradscope.rules.window import (
+    dtype_info,
+    judged_rows,
+    layer_present,
+    layer_sums,
+    persistent_windows,
+    rolling_count,
+    steps_to_rows,
+    window_rows,
+)
+
+PARAMS = [("a", "weight", 6), ("a", "bias", 2), ("b", "weight", 4), ("c", "weight", 3)]
+
+
+def test_layer_sums_match_a_loop_over_members_and_skip_absent_parameters() -> None:
+    rng = np.random.default_rng(1)
+    rms = rng.uniform(0.1, 2.0, size=(7, 4))
+    has = rng.uniform(size=(7, 4)) > 0.3
+    has[2, 2] = False  # layer b absent at row 2
+    frame = build_frame(PARAMS, rms=rms, has_grad=has)
+    rows = np.array([0, 2, 3, 6])
+    got = layer_sums(frame, "sumsq", rows)
+    numel = np.array([6, 2, 4, 3])
+    sq = rms**2 * numel
+    for r_i, r in enumerate(rows):
+        for li, members in enumerate([[0, 1], [2], [3]]):
+            present = [p for p in members if has[r, p]]
+            want = sum(sq[r, p] for p in present) if present else np.nan
+            np.testing.assert_allclose(got[r_i, li], want, rtol=1e-12, equal_nan=True)
+    np.testing.assert_array_equal(layer_present(frame, rows)[1], [6 * has[2, 0] + 2 * has[2, 1], 0, 3 * has[2, 3]])
+
+
+def test_layer_sums_keep_non_finite_values_in_their_own_layer() -> None:
+    nonfinite = np.zeros((2, 4))
+    nonfinite[1, 2] = 5  # layer b's weight holds NaN at row 1
+    frame = build_frame(PARAMS, rms=np.ones((2, 4)), nonfinite=nonfinite)
+    sums = layer_sums(frame, "sumsq", np.array([0, 1]))
+    assert np.isnan(sums[1, 1])
+    np.testing.assert_allclose(sums[1, [0, 2]], [8.0, 3.0])  # NaN * 0 must not leak into other layers
+    np.testing.assert_allclose(layer_sums(frame, "nonfinite", np.array([1]))[0], [0.0, 5.0, 0.0])
+
+
+def test_persistent_windows_by_hand() -> None:
+    flags = np.array([1, 1, 0, 1, 1, 1, 0, 0], dtype=bool)
+    # windows of 4: counts 3,3,3,3,2 ; start flag 1,1,0,1,1
+    np.testing.assert_array_equal(rolling_count(flags, 4), [3, 3, 3, 3, 2])
+    np.testing.assert_array_equal(persistent_windows(flags, 4, 0.75), [True, True, False, True, False])
+    assert persistent_windows(flags, 9, 0.5).shape == (0,)
+
+
+def test_later_max_is_the_max_over_later_columns_ignoring_nan() -> None:
+    v = np.array([[1.0, 5.0, np.nan, 2.0], [np.nan, np.nan, np.nan, np.nan]])
+    np.testing.assert_array_equal(later_max(v)[0], [5.0, 2.0, 2.0, np.nan])
+    assert np.isnan(later_max(v)[1]).all()
+
+
+def test_judged_rows_leave_out_skipped_steps_and_keep_a_look_back() -> None:
+    skipped = np.array([0, 1, 0, 0, 1, 0, 0], dtype=bool)
+    frame = build_frame(chain(2), rms=np.ones((7, 2)), skipped=skipped)
+    rows, first_new = judged_rows(context(frame, new_from=5), lookback=2)
+    np.testing.assert_array_equal(rows, [2, 3, 5, 6])
+    assert first_new == 2
+    sampled = np.array([1, 0, 1, 0, 1, 0, 1], dtype=bool)
+    frame = build_frame(chain(2), rms=np.ones((7, 2)), sampled=sampled)
+    rows, _ = judged_rows(context(frame, new_from=0), lookback=0, sampled=True)
+    np.testing.assert_array_equal(rows, [0, 2, 4, 6])
+
+
+@pytest.mark.parametrize(("steps", "every", "want"), [(20, 1, 20), (20, 3, 7), (30, 10, 3), (5, 10, 1)])
+def test_steps_to_rows(steps: int, every: int, want: int) -> None:
+    assert steps_to_rows(steps, every) == want
+
+
+def test_window_rows_judges_a_short_run_only_at_its_end() -> None:
+    assert window_rows(10, 20, final=False, minimum=3) == 0
+    assert window_rows(10, 20, final=True, minimum=3) == 10
+    assert window_rows(2, 20, final=True, minimum=3) == 0
+    assert window_rows(25, 20, final=False, minimum=3) == 20
+
+
+def test_dtype_info_uses_the_coarsest_dtype_of_each_layer() -> None:
+    import torch
+
+    frame = build_frame(PARAMS, rms=np.ones((1, 4)), dtypes=["float32", "float16", "bfloat16", "float64"])
+    tiny, eps = dtype_info(frame.schema)
+    assert tiny[0] == torch.finfo(torch.float16).tiny and eps[0] == torch.finfo(torch.float16).eps
+    assert tiny[1] == torch.finfo(torch.bfloat16).tiny and eps[1] == torch.finfo(torch.bfloat16).eps
+    assert tiny[2] == torch.finfo(torch.float64).tiny
