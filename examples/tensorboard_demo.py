@@ -65,7 +65,7 @@ class SmallGradients(gradscope.Rule):
     name = "small_gradients"
     severity = "warning"
     requires = ("rms",)
-    defaults: ClassVar[dict[str, float]] = {"ratio": 1e-3, "window": 20}
+    defaults: ClassVar[dict[str, float]] = {"ratio": 1e-6, "window": 20}
 
     def check(self, ctx: gradscope.RuleContext) -> list[gradscope.Finding]:
         window = int(self.thresholds["window"])
