@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _subcommands() -> list:
     adders: list = []
     # Each module owns its subcommand: `add_parser(subparsers)` sets `func(args) -> int`.
-    for module_name in ("gradscope.check_command", "gradscope.reference.cli"):
+    for module_name in ("gradscope.check_command", "gradscope.reference.cli", "gradscope.sinks.report_command"):
         module = __import__(module_name, fromlist=["add_parser"])
         adders.append(module.add_parser)
     return adders

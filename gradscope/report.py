@@ -280,6 +280,39 @@ class Report:
     def __repr__(self) -> str:
         return f"Report(ok={self.ok}, findings={len(self.findings)}, steps={self.steps})"
 
+    # -- figures and tables (gradscope.sinks.plots / gradscope.sinks.tables) ----------------------------
+    def plot(self, kind: str = "flow", *, ax: Any = None, **kwargs: Any) -> Any:
+        """Draw a figure of the run and return it (a ``matplotlib.figure.Figure``).
+
+        Args:
+            kind: ``"flow"`` (gradient magnitude per layer by depth, log scale), ``"heatmap"``
+                (layer x step heat map of log10 gradient norm), ``"norms"`` (per-layer norm curves) or
+                ``"loss"``; more with ``@gradscope.sinks.plots.register_plot``.
+            ax: matplotlib axes to draw into; default a new figure.
+            **kwargs: options of the kind (``step=`` for ``"flow"``, ``stat=`` for ``"heatmap"``/``"norms"``).
+        """
+        from gradscope.sinks.plots import plot_report
+
+        return plot_report(self, kind, ax=ax, **kwargs)
+
+    def save_plots(self, directory: str | os.PathLike[str], *, kinds: Any = None, fmt: str = "png") -> list[Path]:
+        """Save every plot (or ``kinds``) as ``<directory>/<kind>.<fmt>``; returns the paths."""
+        from gradscope.sinks.plots import save_plots
+
+        return save_plots(self, directory, kinds=kinds, fmt=fmt)
+
+    def layer_summary(self) -> pd.DataFrame:
+        """One row per layer (depth order, then ``"*"``): last/min/max/median of each statistic."""
+        from gradscope.sinks.tables import layer_summary
+
+        return layer_summary(self)
+
+    def to_csv(self, path: str | os.PathLike[str], *, table: str = "stats") -> Path:
+        """Write ``"stats"`` (long format), ``"layers"`` (:meth:`layer_summary`) or ``"scalars"`` as CSV."""
+        from gradscope.sinks.tables import to_csv
+
+        return to_csv(self, path, table=table)
+
     # -- JSON ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The report as plain JSON-able data (schema ``gradscope.report``, version 1).

@@ -40,6 +40,7 @@ from gradscope.report import Report
 from gradscope.rules.base import RuleContext
 from gradscope.rules.engine import RuleEngine, RuleSpec, build_rules
 from gradscope.sinks.base import ScopeInfo, Sink, SinkUpdate
+from gradscope.sinks.tensorboard import tensorboard_options
 from gradscope.stats import DEFAULT_STATISTICS
 from gradscope.stats.buffer import StatsBuffer
 from gradscope.stats.frame import ACTIVATION_STATISTICS, FrameSchema, StatsFrame
@@ -130,6 +131,9 @@ class GradScope:
         history: int | None = _DEFAULT_HISTORY,
         report_path: str | os.PathLike[str] | None = None,
         distributed: str = "auto",
+        histogram_every: int | None = 100,
+        histogram_weights: bool = False,
+        figure_every: int | None = 1000,
     ) -> None:
         # -- validate everything before touching the model ------------------------------------------
         if not isinstance(model, nn.Module):
@@ -182,6 +186,9 @@ class GradScope:
         if distributed not in _DIST_MODES:
             raise ConfigurationError(f"Expected `distributed` to be one of {_DIST_MODES}, but got {distributed!r}.")
         self.stat_names = _stat_names(stats, optimizer is not None)
+        tb_options = tensorboard_options(
+            histogram_every=histogram_every, histogram_weights=histogram_weights, figure_every=figure_every
+        )
 
         target = unwrap_model(model)
         if target in _WATCHED:
@@ -265,7 +272,9 @@ class GradScope:
             from gradscope.sinks.tensorboard import TensorBoardSink
 
             self._sinks.append(
-                TensorBoardSink(log_dir, writer=writer) if writer is not None else TensorBoardSink(log_dir)
+                TensorBoardSink(writer=writer, **tb_options)
+                if writer is not None
+                else TensorBoardSink(log_dir, **tb_options)
             )
 
         # -- state -------------------------------------------------------------------------------------
@@ -1046,6 +1055,9 @@ def watch(
     history: int | None = _DEFAULT_HISTORY,
     report_path: str | os.PathLike[str] | None = None,
     distributed: str = "auto",
+    histogram_every: int | None = 100,
+    histogram_weights: bool = False,
+    figure_every: int | None = 1000,
 ) -> GradScope:
     """Watch ``model``'s gradients: per-layer statistics on the device, rules, and outputs.
 
@@ -1085,6 +1097,11 @@ def watch(
             are global (DDP gradients are already all-reduced; FSDP2/DTensor shards are combined at each
             flush), scalars are averaged over ranks, and only rank 0 writes outputs. ``flush()`` and
             ``close()`` are then collective. ``"local"``: every rank is on its own (shard statistics).
+        histogram_every: with ``log_dir`` or ``writer``: histograms of each layer's gradients, computed on
+            the device, on the first recorded step of every this many steps; None: no histograms.
+        histogram_weights: with ``log_dir`` or ``writer``: also histograms of the weights.
+        figure_every: with ``log_dir`` or ``writer``: the gradient-flow figure every this many steps
+            (and at ``close()``); None: only at ``close()``. See docs/tensorboard.md.
 
     Returns:
         A :class:`GradScope`; use it as a context manager or call ``close()``.
@@ -1123,4 +1140,7 @@ def watch(
         history=history,
         report_path=report_path,
         distributed=distributed,
+        histogram_every=histogram_every,
+        histogram_weights=histogram_weights,
+        figure_every=figure_every,
     )

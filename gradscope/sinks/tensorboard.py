@@ -1,28 +1,90 @@
-"""TensorBoard output: per-layer scalars, the loss, and findings as text, in one run."""
+"""TensorBoard output: everything in one run, written at flushes, computed on the device.
+
+What lands in the run (tags in :mod:`gradscope.sinks.tags`):
+
+* **scalars**: every collected statistic per layer (``gradscope/<stat>/<layer>``) and for the whole
+  model (``gradscope/<stat>/_model``; ``gradscope/l2_norm/_model`` is the global gradient norm), the
+  activation statistics per activation module, and the scalars passed to ``scope.step``
+  (``gradscope/scalar/loss``...). Steps and values are those of ``report.stats`` (stored as float32,
+  TensorBoard's scalar type) but for NaN values, which are not written; skipped optimizer steps are
+  left out, as in ``report.stats``.
+  Per-parameter tags (``gradscope/<stat>/<layer>/<param>``) with ``per_param=True``. All the values
+  of a step go into one event (see :mod:`gradscope.sinks.protos`); never ``add_scalars``.
+* a **custom-scalars layout** (:mod:`gradscope.sinks.layout`), written at the first flush.
+* **histograms** of each layer's gradients (and weights with ``histogram_weights=True``) on the
+  first recorded step of every ``histogram_every`` steps (1, 101, 201... by default), computed on
+  the device (:mod:`gradscope.sinks.histograms`) and written with ``add_histogram_raw`` at the next
+  flush; a layer holding NaN or Inf is not written at that step, nor are sharded (FSDP2 / DTensor)
+  parameters.
+* **findings** as markdown text (``gradscope/findings``) at the step each was first seen, and the
+  final verdict (``gradscope/verdict``) at ``close()``.
+* the **gradient-flow figure** (``gradscope/figures/gradient_flow``) at the first flush after
+  every ``figure_every`` steps and at ``close()``, plus the layer x step heat map at ``close()``.
+* machine-readable JSON records (plugin ``gradscope``, not displayed) from which
+  ``gradscope report LOGDIR`` rebuilds the findings and the run's facts.
+"""
 
 from __future__ import annotations
 
+import json
+import numbers
 import os
+import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gradscope.errors import ConfigurationError
 from gradscope.registry import register_sink
+from gradscope.sinks import tags as T
 from gradscope.sinks.base import ScopeInfo, Sink, SinkUpdate
+from gradscope.sinks.histograms import HistogramRows, histogram_rows
+from gradscope.stats.frame import ACTIVATION_STATISTICS
 
 if TYPE_CHECKING:
-    from gradscope.report import Report
+    from torch import Tensor
 
-__all__ = ["TensorBoardSink", "layer_tag"]
+    from gradscope.capture.layout import ParamInfo
+    from gradscope.report import Finding, Report
+    from gradscope.stats.frame import StatsFrame
 
-ROOT_TAG = "_root"
-MODEL_TAG = "_model"
+__all__ = ["TensorBoardSink", "layer_tag", "tensorboard_options", "verdict_markdown"]
+
+layer_tag = T.layer_tag
+
+#: Schema of the ``gradscope/_meta`` and ``gradscope/_report`` records.
+RUN_SCHEMA = "gradscope.run"
+RUN_SCHEMA_VERSION = 1
 
 
-def layer_tag(stat: str, layer: str) -> str:
-    """TensorBoard tag of a layer statistic: ``gradscope/<stat>/<layer>`` (``_root``, ``_model`` for the model)."""
-    name = MODEL_TAG if layer == "*" else (layer or ROOT_TAG)
-    return f"gradscope/{stat}/{name}"
+def _optional_positive_int(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ConfigurationError(f"Expected `{name}` to be a positive int or None (off), but got {value!r}.")
+    return int(value)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"Expected `{name}` to be True or False, but got {value!r}.")
+    return value
+
+
+def tensorboard_options(
+    *, histogram_every: Any = 100, histogram_weights: Any = False, figure_every: Any = 1000
+) -> dict[str, Any]:
+    """Validate the TensorBoard options that ``watch()`` takes; returns them as keyword arguments.
+
+    Raises:
+        ConfigurationError: naming the option and what it expects.
+    """
+    return {
+        "histogram_every": _optional_positive_int("histogram_every", histogram_every),
+        "histogram_weights": _bool("histogram_weights", histogram_weights),
+        "figure_every": _optional_positive_int("figure_every", figure_every),
+    }
 
 
 def _summary_writer(log_dir: str | os.PathLike[str]) -> Any:
@@ -35,67 +97,406 @@ def _summary_writer(log_dir: str | os.PathLike[str]) -> Any:
     return SummaryWriter(log_dir=str(log_dir))
 
 
+def _check_writer(writer: Any) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not isinstance(writer, SummaryWriter):
+        raise ConfigurationError(
+            f"Expected `writer` to be a torch.utils.tensorboard.SummaryWriter, but got {type(writer).__name__}. "
+            "Pass log_dir=... instead, or create the writer with torch.utils.tensorboard.SummaryWriter(log_dir)."
+        )
+
+
+def _verdict(report: Report) -> str:
+    if not report.findings:
+        return "healthy"
+    return "unhealthy" if not report.ok else "warnings"
+
+
+def _finding_markdown(f: Finding) -> str:
+    where = f"`{f.layer or '(root)'}`" if f.layer is not None else "the model"
+    return f"**{f.severity}: {f.kind}** in {where} at step {f.step}\n\n{f.message}\n\n*Try:* {f.suggestion}"
+
+
+def verdict_markdown(report: Report) -> str:
+    """The final verdict as markdown: a headline, the findings table and the text report."""
+    n_err = sum(f.severity == "error" for f in report.findings)
+    n_warn = len(report.findings) - n_err
+    lines = [
+        f"## gradscope: {_verdict(report).upper()}",
+        "",
+        f"{report.meta.get('model', 'model')}, {report.steps} steps: {n_err} error(s), {n_warn} warning(s).",
+        "",
+    ]
+    if report.findings:
+        lines += ["| step | severity | kind | layer |", "|---:|---|---|---|"]
+        for f in report.findings:
+            layer = "(model)" if f.layer is None else (f.layer or "(root)")
+            lines.append(f"| {f.step} | {f.severity} | {f.kind} | `{layer}` |")
+        lines.append("")
+    lines += ["```", str(report), "```"]
+    return "\n".join(lines)
+
+
 @register_sink("tensorboard")
 class TensorBoardSink(Sink):
-    """Writes per-layer statistics, the loss and the findings into one TensorBoard run.
+    """Writes statistics, histograms, findings and figures into one TensorBoard run.
 
-    Tags: ``gradscope/<stat>/<layer>``, ``gradscope/scalar/<name>`` for the loss and user scalars, and
-    findings as markdown text; ``add_scalar`` only (never ``add_scalars``, which makes a file per tag).
+    ``watch(model, log_dir=...)`` or ``watch(model, writer=...)`` builds one; build it yourself (and
+    pass it in ``watch(sinks=[...])``) for the options ``watch`` does not expose.
 
     Args:
         log_dir: folder of the run; or
-        writer: the user's own ``SummaryWriter`` (gradscope writes into it and never closes it).
+        writer: your own ``torch.utils.tensorboard.SummaryWriter``: gradscope writes into its run and
+            flushes it, but never closes it.
+        histogram_every: histograms of gradients on the first recorded step of every this many steps;
+            None: no histograms.
+        histogram_weights: also histograms of the weights, on the same steps.
+        histogram_bins: equal-width buckets per histogram, between the layer's min and max.
+        figure_every: the gradient-flow figure at the first flush after every this many steps (and
+            always at ``close()``); None: only at ``close()``.
+        per_param: also one scalar tag per parameter (``gradscope/<stat>/<layer>/<param>``); layer
+            aggregates only by default, since each tag costs writing time at every step.
+        stats: the statistics written as scalars (gradient and activation statistics); None: every one
+            the scope collects. Each value written costs about 5 microseconds (TensorBoard's writer
+            checksums every byte in Python), so a deep model with a short step may want fewer.
+        layout: write the custom-scalars layout. TensorBoard shows the last layout written to a run:
+            pass False if you write your own into the same writer.
+
+    Raises:
+        ConfigurationError: for an invalid option, or a writer that is not a ``SummaryWriter``.
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str] | None = None, *, writer: Any = None) -> None:
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str] | None = None,
+        *,
+        writer: Any = None,
+        histogram_every: int | None = 100,
+        histogram_weights: bool = False,
+        histogram_bins: int = 64,
+        figure_every: int | None = 1000,
+        per_param: bool = False,
+        stats: Sequence[str] | None = None,
+        layout: bool = True,
+    ) -> None:
         if (log_dir is None) == (writer is None):
-            raise ValueError("TensorBoardSink needs exactly one of `log_dir` or `writer`.")
+            raise ConfigurationError("TensorBoardSink needs exactly one of `log_dir` or `writer`.")
+        if writer is not None:
+            _check_writer(writer)
+        self.histogram_every = _optional_positive_int("histogram_every", histogram_every)
+        self.histogram_weights = _bool("histogram_weights", histogram_weights)
+        bins = _optional_positive_int("histogram_bins", histogram_bins)
+        if bins is None or bins < 2:
+            raise ConfigurationError(
+                f"Expected `histogram_bins` to be an int of at least 2, but got {histogram_bins!r}."
+            )
+        self.histogram_bins = bins
+        self.figure_every = _optional_positive_int("figure_every", figure_every)
+        self.per_param = _bool("per_param", per_param)
+        if stats is not None and (isinstance(stats, str) or not all(isinstance(x, str) for x in stats)):
+            raise ConfigurationError(
+                f"Expected `stats` to be a list of statistic names or None (all), but got {stats!r}."
+            )
+        self.stats = None if stats is None else tuple(stats)
+        self.layout = _bool("layout", layout)
         self._own = writer is None
         self._log_dir = log_dir
         self.writer = writer
         self._closed = False
+        self._info: ScopeInfo | None = None
+        self._walltime: dict[int, float] = {}
+        self._hist_window = -1
+        # (step, kind, layer indices, [G, width] device tensor) kept on the device until a flush
+        self._pending_hist: list[tuple[int, str, list[int], Tensor]] = []
+        self._started = False
+        self._flagged: list[str] = []
+        self._fig_window = 0
+        self._fig_step = -1
+        self._last_frame: StatsFrame | None = None
+        self._layers_by_depth: list[str] = []
+        self._layout_scalars: tuple[str, ...] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def log_dir(self) -> str | None:
+        """The run's folder (the writer's, when you passed one)."""
+        if self.writer is not None:
+            return str(self.writer.get_logdir())
+        return None if self._log_dir is None else str(self._log_dir)
 
     def open(self, info: ScopeInfo) -> None:
-        """Create the writer (when given a folder)."""
+        """Check ``stats`` against what the scope collects; create the writer (when given a folder)."""
+        if self.stats is not None:
+            known = (*info.stats, *ACTIVATION_STATISTICS)
+            unknown = [s for s in self.stats if s not in known]
+            if unknown:
+                raise ConfigurationError(
+                    f"TensorBoardSink(stats=...) names {', '.join(map(repr, unknown))}, which this scope does not "
+                    f"collect. Choose among: {', '.join(known)}."
+                )
         if self.writer is None:
             self.writer = _summary_writer(self._log_dir)  # type: ignore[arg-type]
         self._info = info
 
+    def _file_writer(self) -> Any:
+        return self.writer._get_file_writer()  # torch's SummaryWriter: the one event file of the run
+
+    def _add(self, summary: Any, step: int, walltime: float | None = None) -> None:
+        self._file_writer().add_summary(summary, step, walltime)
+
+    # -- hot path ----------------------------------------------------------------------------------
+    def on_step(self, step: int, grads: list[tuple[ParamInfo, Tensor]]) -> None:
+        """Note the step's time; on histogram steps, bin each layer's gradients on the device."""
+        self._walltime[step] = time.time()
+        if self.histogram_every is None or self._closed or not grads:
+            return
+        window = (step - 1) // self.histogram_every
+        if window == self._hist_window:
+            return
+        self._hist_window = window
+        info = self._info
+        assert info is not None
+        layer_of = info.layout.layer_of_param
+        grouped: dict[int, list[int]] = {}
+        for p, g in grads:
+            # A sharded (DTensor, FSDP2) gradient: only this rank writes, so a histogram would be one
+            # shard's, and any DTensor reduction here a collective the other ranks never join. Skipped.
+            if not callable(getattr(g, "to_local", None)):
+                grouped.setdefault(layer_of[p.index], []).append(p.index)
+        if not grouped:
+            return
+        layers = list(grouped)
+        by_index = {p.index: g for p, g in grads}
+        rows = histogram_rows([[by_index[i] for i in grouped[li]] for li in layers], self.histogram_bins)
+        self._pending_hist.append((step, "grad", layers, rows))
+        if self.histogram_weights:
+            tensors = info.layout.tensors
+            rows = histogram_rows([[tensors[i] for i in grouped[li]] for li in layers], self.histogram_bins)
+            self._pending_hist.append((step, "weight", layers, rows))
+
+    # -- flush ---------------------------------------------------------------------------------------
     def write(self, update: SinkUpdate) -> None:
-        """Add the new rows' layer and model scalars, scalars passed to step, and new findings."""
+        """Write the new rows' scalars, the histograms taken since the last flush, findings, figures."""
         if self._closed or self.writer is None:
             return
-        frame, start = update.frame, update.new_from
-        steps = frame.steps[start:]
-        keep = ~frame.skipped[start:]
-        w = self.writer
-        layers = frame.schema.layers
-        for stat in frame.schema.stats:
-            per_layer = frame.layer_values(stat)[start:]
-            whole = frame.global_values(stat)[start:]
-            for r, step in enumerate(steps):
-                if not keep[r]:
-                    continue
-                s = int(step)
-                for j, layer in enumerate(layers):
-                    v = per_layer[r, j]
-                    if not np.isnan(v):
-                        w.add_scalar(layer_tag(stat, layer), float(v), s)
-                if not np.isnan(whole[r]):
-                    w.add_scalar(layer_tag(stat, "*"), float(whole[r]), s)
+        frame = update.frame
+        self._last_frame = frame
+        self._layers_by_depth = list(update.layers_by_depth)
+        if not self._started and len(frame):
+            self._started = True
+            self._write_meta(update)
+        self._write_scalars(frame, update.new_from)
+        self._write_histograms(frame, final=update.final)
+        self._write_findings(update.findings, frame)
+        self._write_figures(frame, final=update.final)
+        self.writer.flush()
+        if len(frame):
+            last = int(frame.steps[-1])
+            waiting = {h[0] for h in self._pending_hist}
+            for step in [s for s in self._walltime if s <= last and s not in waiting]:
+                del self._walltime[step]
+
+    def _write_meta(self, update: SinkUpdate) -> None:
+        info = self._info
+        assert info is not None
+        sch = update.frame.schema
+        meta = {
+            "schema": RUN_SCHEMA,
+            "version": RUN_SCHEMA_VERSION,
+            "model": info.model_name,
+            "parameters": int(sum(p.numel for p in info.layout.params)),
+            "tensors": len(info.layout.params),
+            "layers": len(info.layout.layers),
+            "layers_by_depth": list(update.layers_by_depth),
+            "stats": list(info.stats),
+            "every": info.every,
+            "activation_modules": list(sch.act_modules),
+        }
+        from gradscope.sinks.protos import json_summary
+
+        first = int(update.frame.steps[0])
+        self._add(json_summary(T.META_JSON_TAG, T.PLUGIN_NAME, json.dumps(meta)), first)
+        self._write_layout(update.frame, first)
+
+    def _write_layout(self, frame: StatsFrame, step: int) -> None:
+        """The custom-scalars layout; rewritten when new scalars appeared (TensorBoard shows the last one)."""
+        if not self.layout or tuple(frame.scalar_names) == self._layout_scalars:
+            return
+        from gradscope.sinks.layout import build_layout, layout_summary
+
+        self._layout_scalars = tuple(frame.scalar_names)
+        sch = frame.schema
+        stats = [s for s in sch.stats if self.stats is None or s in self.stats]
+        act_stats = [s for s in ACTIVATION_STATISTICS if self.stats is None or s in self.stats]
+        categories = build_layout(
+            stats,
+            self._layers_by_depth,
+            act_stats=act_stats if sch.act_modules else (),
+            act_modules=list(sch.act_modules),
+            scalars=frame.scalar_names,
+        )
+        self._add(layout_summary(categories), step)
+
+    def _write_scalars(self, frame: StatsFrame, start: int) -> None:
+        n = len(frame) - start
+        if n <= 0:
+            return
+        from gradscope.sinks.protos import scalars_summary
+
+        rows = slice(start, None)
+        sch = frame.schema
+        steps = frame.steps[rows]
+        keep = ~frame.skipped[rows]
+        sampled = frame.sampled[rows]
+        has = frame.has_grad[rows]
+        per_row: list[list[tuple[str, float]]] = [[] for _ in range(n)]
+
+        def collect(values: np.ndarray, mask: np.ndarray, tags: list[str]) -> None:
+            # values, mask: [n, K] over K tags; only rows of steps the optimizer took, and no NaN (a NaN
+            # gradient makes NaN norms: TensorBoard cannot chart them, the non-finite count shows it)
+            mask = mask & keep[:, None] & ~np.isnan(values)
+            for r, k in zip(*np.nonzero(mask)):
+                per_row[r].append((tags[k], float(values[r, k])))
+
+        layer_any = np.stack([has[:, m].any(axis=1) for m in sch.layer_members], axis=1)
+        stats = [s for s in sch.stats if self.stats is None or s in self.stats]
+        per_layer = frame.layer_values_many(stats, rows)
+        for stat in stats:
+            when = sampled[:, None] if stat in sch.sampled_stats else np.ones((n, 1), dtype=bool)
+            collect(per_layer[stat], layer_any & when, [T.stat_tag(stat, layer) for layer in sch.layers])
+            collect(frame.global_values(stat, rows)[:, None], has.any(axis=1)[:, None] & when, [T.stat_tag(stat, "*")])
+            if self.per_param:
+                tags = [T.stat_tag(stat, layer, leaf) for layer, leaf in zip(sch.param_layers, sch.param_leaves)]
+                collect(frame.param_values(stat, rows), has & when, tags)
+        if sch.act_modules:
+            for stat in (s for s in ACTIVATION_STATISTICS if self.stats is None or s in self.stats):
+                vals = frame.act_values(stat)[rows]
+                collect(vals, sampled[:, None] & ~np.isnan(vals), [T.stat_tag(stat, m) for m in sch.act_modules])
         for name in frame.scalar_names:
-            vals = frame.scalar(name)[start:]
-            for r, step in enumerate(steps):
-                if not np.isnan(vals[r]):
-                    w.add_scalar(f"gradscope/scalar/{name}", float(vals[r]), int(step))
-        for f in update.findings:
-            where = f"`{f.layer}`" if f.layer is not None else "the model"
-            w.add_text(
-                "gradscope/findings",
-                f"**{f.severity}: {f.kind}** in {where} at step {f.step}\n\n{f.message}\n\n*Try:* {f.suggestion}",
-                f.step,
-            )
-        w.flush()
+            vals = frame.scalar(name)[rows]
+            tag = T.scalar_tag(name)
+            for r in np.nonzero(~np.isnan(vals))[0]:
+                per_row[r].append((tag, float(vals[r])))  # scalars of skipped steps are kept
+        for r, values in enumerate(per_row):
+            if values:
+                step = int(steps[r])
+                self._add(scalars_summary(values), step, self._walltime.get(step))
+
+    def _write_histograms(self, frame: StatsFrame, *, final: bool) -> None:
+        if not self._pending_hist:
+            return
+        last = int(frame.steps[-1]) if len(frame) else 0
+        ready = [h for h in self._pending_hist if final or h[0] <= last]
+        self._pending_hist = [h for h in self._pending_hist if not (final or h[0] <= last)]
+        if not ready:
+            return
+        import torch
+
+        skipped = set(frame.steps[frame.skipped].tolist())
+        # sync point: one device-to-host copy per flush of every histogram taken since the last one.
+        host = torch.cat([rows for *_, rows in ready]).cpu().numpy()
+        offset = 0
+        layers = self._info.layout.layers if self._info is not None else []
+        for step, kind, layer_idx, _rows in ready:
+            block = HistogramRows(host[offset : offset + len(layer_idx)], self.histogram_bins)
+            offset += len(layer_idx)
+            if step in skipped:
+                continue
+            for j, li in enumerate(layer_idx):
+                if not block.finite[j]:
+                    continue
+                edges, counts = block.edges[j], block.counts[j]
+                self.writer.add_histogram_raw(
+                    T.hist_tag(kind, layers[li]),
+                    min=float(edges[0]),
+                    max=float(edges[-1]),
+                    num=float(counts.sum()),
+                    sum=float(block.sums[j]),
+                    sum_squares=float(block.sum_squares[j]),
+                    bucket_limits=edges[1:].tolist(),
+                    bucket_counts=counts.tolist(),
+                    global_step=step,
+                    walltime=self._walltime.get(step),
+                )
+
+    def _write_findings(self, findings: list[Finding], frame: StatsFrame) -> None:
+        if not findings:
+            return
+        from gradscope.sinks.protos import json_summary, text_summary
+
+        by_step: dict[int, list[Finding]] = {}
+        for f in findings:
+            by_step.setdefault(f.step, []).append(f)
+            if f.layer and f.layer not in self._flagged:
+                self._flagged.append(f.layer)
+        for step, group in sorted(by_step.items()):
+            text = "\n\n---\n\n".join(_finding_markdown(f) for f in group)
+            self._add(text_summary(T.FINDINGS_TAG, text), step)
+        last = int(frame.steps[-1]) if len(frame) else max(by_step)
+        payload = json.dumps([f.to_dict() for f in findings], allow_nan=False)
+        self._add(json_summary(T.FINDINGS_JSON_TAG, T.PLUGIN_NAME, payload), last)
+
+    def _write_figures(self, frame: StatsFrame, *, final: bool) -> None:
+        if not len(frame):
+            return
+        last = int(frame.steps[-1])
+        due = final
+        if self.figure_every is not None and last // self.figure_every > self._fig_window:
+            self._fig_window = last // self.figure_every
+            due = True
+        if not due:
+            return
+        if last != self._fig_step:  # the last regular flush may have drawn this very step
+            self._fig_step = last
+            self._add_figure(T.FIGURE_TAG, self._flow_figure(frame), last)
+        if final:
+            self._add_figure(T.HEATMAP_TAG, self._heatmap_figure(frame), last)
+
+    def _add_figure(self, tag: str, fig: Any, step: int) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        from gradscope.sinks.plots import render_png
+
+        png, h, w = render_png(fig)
+        image = Summary.Image(height=h, width=w, colorspace=4, encoded_image_string=png)
+        self._add(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+    def _depth_layers(self, frame: StatsFrame) -> tuple[list[str], list[int]]:
+        layers = frame.schema.layers
+        index = {layer: i for i, layer in enumerate(layers)}
+        order = [index[layer] for layer in self._layers_by_depth if layer in index]
+        order += [i for i in range(len(layers)) if i not in set(order)]
+        return [layers[i] for i in order], order
+
+    def _flow_figure(self, frame: StatsFrame) -> Any:
+        from gradscope.sinks.plots import gradient_flow
+
+        sch = frame.schema
+        layers, order = self._depth_layers(frame)
+        ok = ~frame.skipped
+        if "abs_max" in sch.stats:
+            ok = ok & frame.sampled
+        rows = np.nonzero(ok)[0]
+        typical_stat = "rms" if "rms" in sch.stats else sch.stats[0]
+        if not len(rows):
+            return gradient_flow(layers, np.full(len(layers), np.nan), flagged=self._flagged)
+        r = slice(int(rows[-1]), int(rows[-1]) + 1)
+        typical = frame.layer_values(typical_stat, r)[0][order]
+        peak = frame.layer_values("abs_max", r)[0][order] if "abs_max" in sch.stats else None
+        label = "RMS |g|" if typical_stat == "rms" else typical_stat
+        return gradient_flow(
+            layers, typical, peak, flagged=self._flagged, step=int(frame.steps[r][0]), typical_label=label
+        )
+
+    def _heatmap_figure(self, frame: StatsFrame) -> Any:
+        from gradscope.sinks.plots import norm_heatmap
+
+        layers, order = self._depth_layers(frame)
+        stat = "l2_norm" if "l2_norm" in frame.schema.stats else frame.schema.stats[0]
+        keep = ~frame.skipped
+        values = frame.layer_values(stat)[keep][:, order]
+        return norm_heatmap(layers, frame.steps[keep], values, stat=stat, flagged=self._flagged)
 
     def flush(self) -> None:
         """Flush the writer."""
@@ -103,12 +504,29 @@ class TensorBoardSink(Sink):
             self.writer.flush()
 
     def close(self, report: Report) -> None:
-        """Write the final verdict; close the writer if gradscope created it."""
+        """Write the final verdict and the run's record; close the writer if gradscope created it."""
         if self._closed or self.writer is None:
             return
         self._closed = True
-        verdict = "healthy" if not report.findings else ("unhealthy" if not report.ok else "warnings")
-        self.writer.add_text("gradscope/verdict", f"**{verdict}**\n\n```\n{report}\n```", report.steps)
+        self._pending_hist.clear()
+        from gradscope.report import JSON_SCHEMA, JSON_SCHEMA_VERSION, _jsonable
+        from gradscope.sinks.protos import json_summary, text_summary
+
+        step = max(report.steps, 1)
+        if self._last_frame is not None and self._started:
+            self._write_layout(self._last_frame, step)
+        self._add(text_summary(T.VERDICT_TAG, verdict_markdown(report)), step)
+        record = {
+            "schema": JSON_SCHEMA,
+            "version": JSON_SCHEMA_VERSION,
+            "ok": report.ok,
+            "meta": _jsonable(report.meta),
+            "findings": [f.to_dict() for f in report.findings],
+            "skipped_steps": list(report.skipped_steps),
+            "frozen": list(report.frozen),
+            "errors": list(report.errors),
+        }
+        self._add(json_summary(T.REPORT_JSON_TAG, T.PLUGIN_NAME, json.dumps(record, allow_nan=False)), step)
         self.writer.flush()
         if self._own:
             self.writer.close()

@@ -284,40 +284,64 @@ class StatsFrame:
                 f"Statistic {stat!r} was not collected by this scope; collected: {', '.join(self.schema.stats)}."
             )
 
-    def param_values(self, stat: str) -> np.ndarray:
-        """``stat`` per parameter, ``[S, P]``; NaN where a parameter had no gradient or the row was not sampled."""
+    def param_values(self, stat: str, rows: slice | None = None) -> np.ndarray:
+        """``stat`` per parameter, ``[S, P]``; NaN where a parameter had no gradient or the row was not sampled.
+
+        ``rows`` restricts the computation to those rows (``slice(new_from, None)`` at a flush).
+        """
         self._check_stat(stat)
-        mom = self.moments
+        rows = slice(None) if rows is None else rows
+        mom = self.moments[rows]
         if stat in self.schema.custom:
             vals = mom[..., self.schema.custom_column(stat)].copy()
         else:
             vals = derive(stat, mom, self.schema.numels[None, :])
-        return np.where(self.has_grad, vals, np.nan)
+        return np.where(self.has_grad[rows], vals, np.nan)
 
-    def layer_values(self, stat: str) -> np.ndarray:
-        """``stat`` per layer (all of a layer's parameters together), ``[S, L]``."""
+    def layer_values(self, stat: str, rows: slice | None = None) -> np.ndarray:
+        """``stat`` per layer (all of a layer's parameters together), ``[S, L]``; ``rows`` as in :meth:`param_values`."""
         self._check_stat(stat)
+        rows = slice(None) if rows is None else rows
         return (
-            np.stack([self._group_values(stat, members) for members in self.schema.layer_members], axis=1)
+            np.stack([self._group_values(stat, members, rows) for members in self.schema.layer_members], axis=1)
             if self.schema.layer_members
-            else np.zeros((len(self), 0))
+            else np.zeros((len(self.steps[rows]), 0))
         )
 
-    def global_values(self, stat: str) -> np.ndarray:
-        """``stat`` over every parameter of the model together, ``[S]``."""
-        self._check_stat(stat)
-        return self._group_values(stat, list(range(len(self.schema.param_names))))
+    def layer_values_many(self, stats: list[str], rows: slice | None = None) -> dict[str, np.ndarray]:
+        """Several statistics per layer, ``{stat: [S, L]}``, aggregating each layer's moments once."""
+        rows = slice(None) if rows is None else rows
+        for stat in stats:
+            self._check_stat(stat)
+        out = {s: self.layer_values(s, rows) for s in stats if s in self.schema.custom}
+        builtin = [s for s in stats if s not in self.schema.custom]
+        if builtin:
+            mom, has = self.moments[rows], self.has_grad[rows]
+            aggs = [_aggregate(mom, has, self.schema.numels, m) for m in self.schema.layer_members]
+            for stat in builtin:
+                out[stat] = (
+                    np.stack([derive(stat, agg, n) for agg, n in aggs], axis=1)
+                    if aggs
+                    else np.zeros((len(self.steps[rows]), 0))
+                )
+        return {s: out[s] for s in stats}
 
-    def _group_values(self, stat: str, members: list[int]) -> np.ndarray:
+    def global_values(self, stat: str, rows: slice | None = None) -> np.ndarray:
+        """``stat`` over every parameter of the model together, ``[S]``; ``rows`` as in :meth:`param_values`."""
+        self._check_stat(stat)
+        rows = slice(None) if rows is None else rows
+        return self._group_values(stat, list(range(len(self.schema.param_names))), rows)
+
+    def _group_values(self, stat: str, members: list[int], rows: slice = slice(None)) -> np.ndarray:
         if stat in self.schema.custom:
             col = self.schema.custom_column(stat)
             return _reduce_custom(
-                self.moments[:, members, col],
-                self.has_grad[:, members],
+                self.moments[rows, members, col],
+                self.has_grad[rows][:, members],
                 self.schema.numels[members],
                 self.schema.custom[stat],
             )
-        agg, n = _aggregate(self.moments, self.has_grad, self.schema.numels, members)
+        agg, n = _aggregate(self.moments[rows], self.has_grad[rows], self.schema.numels, members)
         return derive(stat, agg, n)
 
     def act_values(self, stat: str) -> np.ndarray:

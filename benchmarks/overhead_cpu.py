@@ -1,0 +1,89 @@
+"""Overhead as CPU work: the same paired design as ``overhead.py``, timed with the process's CPU clock.
+
+On a machine shared with other jobs, wall-clock ratios swing by tens of percent between runs (a
+parallel region waits for its threads to be scheduled). The CPU time of the process (every thread
+of it: TensorBoard's writer thread included, and gradscope flushes the writer at each flush, so the
+work lands in the step that caused it) is what monitoring adds, whoever else uses the machine. With
+one intra-op thread there is no spinning to inflate it. Ratios only::
+
+    python benchmarks/overhead_cpu.py [--variants gradscope,gradscope-tb] [--threads 1]
+    python benchmarks/overhead_cpu.py --baseline gradscope --variants gradscope-tb   # what TensorBoard adds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from overhead import Runner
+from workloads import Workload, cpu_workloads
+
+import gradscope
+
+
+def measure(wl: Workload, variant: str, *, warmup: int, pairs: int, baseline: str = "bare") -> dict:
+    torch.manual_seed(0)
+    base = wl.make_model()
+    g = torch.Generator().manual_seed(1)
+    batches = [wl.make_batch(g) for _ in range(4)]
+    bare = Runner(wl, base, "cpu", None, baseline, pairs)
+    watched = Runner(wl, copy.deepcopy(base), "cpu", None, variant, pairs)
+
+    def timed(r: Runner, i: int) -> float:
+        x, y = batches[i % len(batches)]
+        t0 = time.process_time()
+        r.step(x, y)
+        return time.process_time() - t0
+
+    for i in range(warmup):
+        timed(bare, i)
+        timed(watched, i)
+    tb, tw = [], []
+    for i in range(pairs):
+        first, second = (bare, watched) if i % 2 == 0 else (watched, bare)
+        a = timed(first, i)
+        b = timed(second, i)
+        tb.append(a if first is bare else b)
+        tw.append(b if first is bare else a)
+    bare.close()
+    watched.close()
+    return {
+        "bare_ms": statistics.median(tb) * 1e3,
+        "amortised": sum(tw) / sum(tb),
+        "median": statistics.median(w / b for b, w in zip(tb, tw) if b > 0),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="gradscope,gradscope-tb")
+    ap.add_argument("--workloads", default="mlp,cnn,gpt")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=None, help="default: 200 (mlp, cnn), 120 (gpt)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--baseline", default="bare", help="the variant ratios are taken against (e.g. gradscope)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pool = {w.name: w for w in cpu_workloads()}
+    print(f"gradscope {gradscope.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, CPU time")
+    print(f"{'workload':<10} {'variant':<16} {args.baseline + ' cpu ms':>16} {'amortised':>10} {'median':>8}")
+    for name in args.workloads.split(","):
+        for variant in args.variants.split(","):
+            pairs = args.pairs or (120 if name == "gpt" else 200)
+            r = measure(pool[name], variant, warmup=args.warmup, pairs=pairs, baseline=args.baseline)
+            print(f"{name:<10} {variant:<16} {r['bare_ms']:>16.2f} {r['amortised']:>9.3f}x {r['median']:>7.3f}x")
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

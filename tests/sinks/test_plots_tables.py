@@ -1,0 +1,127 @@
+"""report.plot() draws the numbers of report.stats; layer_summary and to_csv against plain pandas/numpy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from sinkhelp import FiresAtStep, small_mlp, train
+
+from gradscope import Report
+from gradscope.errors import RegistryError
+
+
+@pytest.fixture(scope="module")
+def report():
+    return train(small_mlp(), 21, rules=[FiresAtStep(at=4, layer="2")]).report
+
+
+def _layer_series(report, layer, stat):
+    s = report.stats
+    rows = s[(s["layer"] == layer) & (s["param"] == "*") & (s["stat"] == stat)]
+    return rows["step"].to_numpy(), rows["value"].to_numpy()
+
+
+@pytest.fixture(scope="module", params=["live", "json"])
+def rep(request, report):
+    return report if request.param == "live" else Report.from_json(report.to_json())
+
+
+def test_flow_bars_are_rms_and_abs_max_at_the_last_sampled_step(rep):
+    fig = rep.plot("flow")
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    layers = ["0", "2", "4"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == layers
+    heights = [p.get_height() for p in ax.patches]
+    peak, typical = heights[:3], heights[3:]
+    for j, layer in enumerate(layers):
+        steps, rms = _layer_series(rep, layer, "rms")
+        s_max, amax = _layer_series(rep, layer, "abs_max")
+        assert s_max[-1] == 21
+        assert typical[j] == pytest.approx(rms[steps == 21][0], rel=1e-12)
+        assert peak[j] == pytest.approx(amax[-1], rel=1e-12)
+    assert "step 21" in ax.get_title()
+    # the layer named in a finding is marked
+    colors = {t.get_text(): t.get_color() for t in ax.get_xticklabels()}
+    assert colors["2"] != colors["0"]
+
+
+def test_heatmap_is_log10_of_the_gradient_norm(rep):
+    ax = rep.plot("heatmap").axes[0]
+    image = np.ma.filled(ax.images[0].get_array(), np.nan)
+    expected = np.stack([np.log10(_layer_series(rep, layer, "l2_norm")[1]) for layer in ["0", "2", "4"]])
+    np.testing.assert_allclose(image, expected, rtol=1e-12)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "2", "4"]
+
+
+def test_norm_curves_one_line_per_layer_and_the_model(rep):
+    ax = rep.plot("norms").axes[0]
+    lines = ax.get_lines()
+    assert [ln.get_label() for ln in lines] == ["0", "2", "4", "whole model"]
+    for ln, layer in zip(lines, ["0", "2", "4", "*"]):
+        steps, values = _layer_series(rep, layer, "l2_norm")
+        np.testing.assert_array_equal(ln.get_xdata(), steps)
+        np.testing.assert_allclose(ln.get_ydata(), values, rtol=1e-12)
+
+
+def test_loss_plot_and_axes_accepted(rep):
+    fig = Figure()
+    ax1, ax2 = fig.subplots(1, 2)
+    assert rep.plot("loss", ax=ax2) is fig
+    assert not ax1.get_lines()
+    loss = next(ln for ln in ax2.get_lines() if ln.get_label() == "loss")
+    np.testing.assert_allclose(loss.get_ydata(), rep.scalars["loss"].to_numpy(), rtol=1e-12)
+
+
+def test_unknown_kind_lists_the_kinds(report):
+    with pytest.raises(RegistryError, match="flow, heatmap, loss, norms"):
+        report.plot("bars")
+
+
+def test_save_plots(report, tmp_path):
+    paths = report.save_plots(tmp_path / "plots")
+    assert [p.name for p in paths] == ["flow.png", "heatmap.png", "norms.png", "loss.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    [svg] = report.save_plots(tmp_path, kinds=["flow"], fmt="svg")
+    assert svg.read_text().lstrip().startswith("<?xml")
+
+
+def test_layer_summary_against_plain_numpy(rep):
+    summary = rep.layer_summary()
+    assert list(summary.index) == ["0", "2", "4", "1", "3", "*"]  # depth order, activations, the model
+    s = rep.stats[rep.stats["param"] == "*"]
+    checked = 0
+    for (layer, stat), g in s.groupby(["layer", "stat"]):
+        g = g.sort_values("step")
+        v = g["value"].to_numpy()
+        finite = v[~np.isnan(v)]
+        expected = {"last": v[-1], "min": finite.min(), "max": finite.max(), "median": float(np.median(finite))}
+        for agg, want in expected.items():
+            got = summary.loc[layer, (stat, agg)]
+            assert got == pytest.approx(want, rel=1e-12, abs=0), (layer, stat, agg)
+            checked += 1
+    assert checked == 4 * s.groupby(["layer", "stat"]).ngroups
+    # statistics a layer does not have are NaN (activation modules have no gradient norm)
+    assert math.isnan(summary.loc["1", ("l2_norm", "last")])
+
+
+def test_to_csv_tables(report, tmp_path):
+    stats = pd.read_csv(report.to_csv(tmp_path / "stats.csv"), keep_default_na=False, na_values=["nan", "NaN", ""])
+    stats["layer"] = stats["layer"].astype(str)
+    pd.testing.assert_frame_equal(stats, report.stats.astype({"layer": str}), check_dtype=False)
+    layers = pd.read_csv(
+        report.to_csv(tmp_path / "layers.csv", table="layers"), index_col="layer", dtype={"layer": str}
+    )
+    assert "l2_norm_last" in layers.columns and "update_ratio_median" in layers.columns
+    assert layers.loc["2", "l2_norm_max"] == pytest.approx(
+        report.layer_summary().loc["2", ("l2_norm", "max")], rel=1e-15
+    )
+    scalars = pd.read_csv(report.to_csv(tmp_path / "scalars.csv", table="scalars"), index_col="step")
+    np.testing.assert_allclose(scalars["val_loss"], report.scalars["val_loss"], rtol=1e-15)
+    with pytest.raises(ValueError, match="Expected `table` to be one of stats, layers, scalars"):
+        report.to_csv(tmp_path / "x.csv", table="findings")

@@ -1,0 +1,108 @@
+"""On-device histograms: bucket counts equal numpy's on the same gradients, read back from the run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sinkhelp import load_events, small_mlp, train
+
+from gradscope.sinks.histograms import _row_cpu, _row_device, histogram_rows, split_row
+
+BINS = 64
+LAYERS = {"0": ("0.weight", "0.bias"), "2": ("2.weight", "2.bias"), "4": ("4.weight", "4.bias")}
+
+
+def _read(event):
+    h = event.histogram_value
+    edges = np.array([h.min, *h.bucket_limit])
+    return edges, np.array(h.bucket), h
+
+
+@pytest.mark.parametrize("kind", ["grad", "weight"])
+def test_histograms_equal_numpy_on_the_same_tensors(tmp_path, kind):
+    run = train(
+        small_mlp(), 9, log_dir=tmp_path, capture=[1, 5, 9], histogram_every=4, histogram_weights=True, flush_every=4
+    )
+    acc = load_events(tmp_path)
+    source = run.grads if kind == "grad" else run.weights
+    for layer, names in LAYERS.items():
+        events = acc.Histograms(f"gradscope/{kind}_hist/{layer}")
+        assert [e.step for e in events] == [1, 5, 9]
+        for e in events:
+            x = np.concatenate([source[e.step][n].float().numpy().ravel() for n in names])
+            edges, counts, h = _read(e)
+            assert len(counts) == BINS
+            # exact: every value placed by comparison with the edges written
+            np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
+            # numpy's own binning convention: equal-width buckets between the minimum and the maximum
+            ref_counts, ref_edges = np.histogram(x, bins=BINS)
+            assert (edges[0], edges[-1]) == (x.min(), x.max())
+            np.testing.assert_allclose(edges, ref_edges, rtol=0, atol=4 * np.finfo(np.float32).eps * np.abs(x).max())
+            assert np.abs(counts - ref_counts).sum() <= 4  # only values within rounding of an edge may move
+            assert h.num == x.size
+            np.testing.assert_allclose(h.sum, x.astype(np.float64).sum(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(h.sum_squares, (x.astype(np.float64) ** 2).sum(), rtol=1e-5)
+
+
+def test_no_weight_histograms_by_default_and_layer_with_nonfinite_gradient_is_skipped(tmp_path):
+    def poison(step, model):
+        if step == 3:
+            model[2].weight.grad[0, 0] = float("inf")
+
+    train(small_mlp(), 3, log_dir=tmp_path, histogram_every=1, grad_hook=poison)
+    tags = load_events(tmp_path).Tags()["histograms"]
+    assert sorted(tags) == ["gradscope/grad_hist/0", "gradscope/grad_hist/2", "gradscope/grad_hist/4"]
+    acc = load_events(tmp_path)
+    # step 3: layer 2's gradient holds inf, so its histogram is left out; layer 0's is finite
+    assert [e.step for e in acc.Histograms("gradscope/grad_hist/2")] == [1, 2]
+    assert [e.step for e in acc.Histograms("gradscope/grad_hist/0")] == [1, 2, 3]
+
+
+def test_constant_and_empty_tensors_follow_numpy():
+    rows = histogram_rows([[torch.zeros(7)], [torch.full((3, 2), 2.5)], [torch.zeros(0)]], 4).numpy()
+    for row, x in zip(rows[:2], [np.zeros(7), np.full(6, 2.5)]):
+        edges, counts, _, _ = split_row(row, 4)
+        ref_counts, ref_edges = np.histogram(x, bins=4)
+        np.testing.assert_array_equal(edges, ref_edges)  # [v - 0.5, v + 0.5]
+        np.testing.assert_array_equal(counts, ref_counts)
+    assert not np.isfinite(rows[2]).all()
+
+
+arrays = st.lists(
+    st.one_of(
+        st.floats(-1e3, 1e3, allow_nan=False, width=32),
+        st.sampled_from([0.0, 1.0, -1.0, 0.5, 1e-30]),  # ties and repeated values
+    ),
+    min_size=1,
+    max_size=300,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=st.lists(arrays, min_size=1, max_size=3), bins=st.integers(2, 40))
+def test_both_paths_count_exactly_against_their_edges(groups, bins):
+    tensors = [torch.tensor(g, dtype=torch.float32) for g in groups]
+    x = np.concatenate([np.asarray(g, dtype=np.float32) for g in groups])
+    for row in (_row_cpu(tensors, bins).numpy(), _row_device(tensors, bins).numpy()):
+        edges, counts, s, ss = split_row(row, bins)
+        assert np.all(np.diff(edges) >= 0)
+        if x.min() < x.max():
+            assert (edges[0], edges[-1]) == (x.min(), x.max())
+        np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
+        assert counts.sum() == x.size
+        np.testing.assert_allclose(s, x.astype(np.float64).sum(), rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(ss, (x.astype(np.float64) ** 2).sum(), rtol=1e-5, atol=1e-3)
+
+
+def test_large_tensors_are_binned_in_chunks(monkeypatch):
+    import gradscope.sinks.histograms as H
+
+    monkeypatch.setattr(H, "CHUNK", 1000)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(4321, generator=g)
+    for fn in (_row_cpu, _row_device):
+        edges, counts, _, _ = split_row(fn([t], 16).numpy(), 16)
+        np.testing.assert_array_equal(counts, np.histogram(t.numpy(), bins=edges)[0])
