@@ -13,7 +13,9 @@ Variants: ``gradscope`` is ``watch(model, optimizer=opt)`` with its defaults (``
 ``nonfinite_count`` at every step; the other statistics and the activations every 10 steps; rules
 at every flush); ``gradscope-tb`` adds the TensorBoard run; ``gradscope-all-every-step`` takes every
 statistic and the activations at every step (``sample_every=1``); ``naive-item-hooks`` is the
-hand-written baseline (per-parameter hooks reading four statistics with ``.item()``).
+hand-written baseline (per-parameter hooks reading four statistics with ``.item()``);
+``detect-anomaly`` (not in the default set) runs forward and backward under
+``torch.autograd.detect_anomaly()``, the usual way to hunt a NaN.
 
 Run ``python benchmarks/overhead.py`` (CPU) or ``python benchmarks/overhead.py --device cuda --dtype bf16``.
 ``--compile`` runs both copies through ``torch.compile`` (the watched one is watched as a compiled
@@ -89,7 +91,7 @@ class Runner:
             for name, p in model.named_parameters():
                 if p.requires_grad:
                     self.handles.append(p.register_post_accumulate_grad_hook(self._naive(name)))
-        elif variant != "bare":
+        elif variant != "bare" and variant != "detect-anomaly":
             raise ValueError(variant)
 
     def _naive(self, name: str) -> Callable:
@@ -100,16 +102,25 @@ class Runner:
         return hook
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if self.variant == "detect-anomaly":
+            # the tool people reach for when a NaN appears: autograd's anomaly mode, over forward and backward
+            with torch.autograd.detect_anomaly(check_nan=True):
+                self._step(x, y)
+        else:
+            self._step(x, y)
+        self.opt.step()
+        if self.scope is not None:
+            self.scope.step(loss=self._loss)
+        self.opt.zero_grad(set_to_none=True)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self.dtype is not None:
             with torch.autocast(device_type=self.device.split(":")[0], dtype=self.dtype):
                 loss = self.wl.loss_fn(self.run(x), y)
         else:
             loss = self.wl.loss_fn(self.run(x), y)
         loss.backward()
-        self.opt.step()
-        if self.scope is not None:
-            self.scope.step(loss=loss)
-        self.opt.zero_grad(set_to_none=True)
+        self._loss = loss
 
     def close(self) -> None:
         if self.scope is not None:

@@ -44,3 +44,41 @@ def test_example_runs(path, tmp_path):
         assert "gradscope report: HEALTHY" in healthy and "findings:" not in healthy
         assert "gradscope report: UNHEALTHY" in broken and "vanishing_gradients" in broken
         assert list((tmp_path / "runs" / "healthy").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [
+            "overhead.py",
+            "--workloads",
+            "mlp",
+            "--variants",
+            "gradscope,detect-anomaly",
+            "--pairs",
+            "3",
+            "--warmup",
+            "1",
+        ],
+        ["overhead_cpu.py", "--workloads", "cnn", "--variants", "gradscope", "--pairs", "3", "--warmup", "1"],
+    ],
+    ids=["overhead", "overhead_cpu"],
+)
+def test_overhead_benchmarks_print_a_ratio_per_variant(args, tmp_path):
+    # The benchmarks behind docs/performance.md keep running; their ratios are printed, never judged here.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / args[0]), *args[1:]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    workload = args[args.index("--workloads") + 1]
+    for variant in args[args.index("--variants") + 1].split(","):
+        rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:2] == [workload, variant]]
+        assert len(rows) == 1, proc.stdout
+        ratios = [float(cell[:-1]) for cell in rows[0] if re.fullmatch(r"\d+\.\d+x", cell)]
+        assert len(ratios) == 2 and all(r > 0 for r in ratios), rows[0]
