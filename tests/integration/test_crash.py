@@ -28,9 +28,13 @@ import gradscope
 ROOT = Path(__file__).resolve().parents[2]
 
 TRAIN = """
-import os, sys, time
+import os, signal, sys, time
 import torch, torch.nn as nn
 import gradscope
+
+# Ctrl-C raises KeyboardInterrupt, as in a terminal, also when the test runner itself was started with
+# SIGINT ignored (a background job of a non-interactive shell), which its children would inherit.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 mode, out = sys.argv[1], sys.argv[2]
 torch.manual_seed(0)
