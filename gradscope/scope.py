@@ -81,6 +81,70 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def check_options(
+    *,
+    every: Any = 1,
+    flush_every: Any = 50,
+    sample_every: Any = 10,
+    on_nonfinite: Any = "record",
+    activations: Any = True,
+    history: Any = _DEFAULT_HISTORY,
+    report_path: Any = None,
+    distributed: Any = "auto",
+    histogram_every: Any = 100,
+    histogram_weights: Any = False,
+    figure_every: Any = 1000,
+) -> dict[str, Any]:
+    """Validate the options of :func:`watch` that do not depend on the model; returns them normalised.
+
+    The trainer callbacks call it when they are built, so a wrong option fails there and not minutes
+    later inside ``trainer.fit()``.
+
+    Raises:
+        ConfigurationError: naming the option, what it expects and what it got.
+    """
+    every = _positive_int("every", every)
+    flush_every = _positive_int("flush_every", flush_every)
+    sample_every = _positive_int("sample_every", sample_every)
+    if sample_every % every:
+        raise ConfigurationError(
+            f"Expected `sample_every` to be a multiple of `every` ({every}), but got {sample_every}: sampled "
+            f"steps are recorded steps. Try sample_every={every * max(1, round(sample_every / every))}."
+        )
+    if on_nonfinite not in _ON_NONFINITE:
+        raise ConfigurationError(f"Expected `on_nonfinite` to be one of {_ON_NONFINITE}, but got {on_nonfinite!r}.")
+    if not isinstance(activations, bool):
+        raise ConfigurationError(f"Expected `activations` to be True or False, but got {activations!r}.")
+    if history is not None:
+        if isinstance(history, bool) or not isinstance(history, numbers.Integral) or history < _MIN_HISTORY:
+            raise ConfigurationError(
+                f"Expected `history` to be None (keep every row) or an int >= {_MIN_HISTORY} (recorded steps kept "
+                f"at full resolution; rules read recent windows), but got {history!r}."
+            )
+        if history < flush_every:
+            raise ConfigurationError(
+                f"Expected `history` ({history}) to be at least `flush_every` ({flush_every}): the rules must "
+                f"see every new row at full resolution. Raise history or lower flush_every."
+            )
+    if report_path is not None and not isinstance(report_path, (str, os.PathLike)):
+        raise ConfigurationError(f"Expected `report_path` to be a path (str or os.PathLike), but got {report_path!r}.")
+    if distributed not in _DIST_MODES:
+        raise ConfigurationError(f"Expected `distributed` to be one of {_DIST_MODES}, but got {distributed!r}.")
+    return {
+        "every": every,
+        "flush_every": flush_every,
+        "sample_every": sample_every,
+        "on_nonfinite": on_nonfinite,
+        "activations": activations,
+        "history": None if history is None else int(history),
+        "report_path": None if report_path is None else os.fspath(report_path),
+        "distributed": distributed,
+        **tensorboard_options(
+            histogram_every=histogram_every, histogram_weights=histogram_weights, figure_every=figure_every
+        ),
+    }
+
+
 def _stat_names(stats: Union[str, Iterable[str], None], has_optimizer: bool) -> tuple[str, ...]:
     if stats is None:
         return tuple(s for s in DEFAULT_STATISTICS if has_optimizer or s != "update_ratio")
@@ -150,45 +214,27 @@ class GradScope:
                 "Pass the optimizer whose step() your loop calls, or leave it out."
             )
         optimizer = _unwrap_optimizer(optimizer)
-        self.every = _positive_int("every", every)
-        self.flush_every = _positive_int("flush_every", flush_every)
-        self.sample_every = _positive_int("sample_every", sample_every)
-        if self.sample_every % self.every:
-            raise ConfigurationError(
-                f"Expected `sample_every` to be a multiple of `every` ({self.every}), but got {sample_every}: sampled "
-                f"steps are recorded steps. Try sample_every={self.every * max(1, round(self.sample_every / self.every))}."
-            )
-        if on_nonfinite not in _ON_NONFINITE:
-            raise ConfigurationError(f"Expected `on_nonfinite` to be one of {_ON_NONFINITE}, but got {on_nonfinite!r}.")
+        opts = check_options(
+            every=every,
+            flush_every=flush_every,
+            sample_every=sample_every,
+            on_nonfinite=on_nonfinite,
+            activations=activations,
+            history=history,
+            report_path=report_path,
+            distributed=distributed,
+            histogram_every=histogram_every,
+            histogram_weights=histogram_weights,
+            figure_every=figure_every,
+        )
+        self.every, self.flush_every, self.sample_every = opts["every"], opts["flush_every"], opts["sample_every"]
+        self.history, self.report_path = opts["history"], opts["report_path"]
         if log_dir is not None and writer is not None:
             raise ConfigurationError(
                 "Pass either `log_dir` or `writer`, not both: with a writer, everything lands in its run."
             )
-        if not isinstance(activations, bool):
-            raise ConfigurationError(f"Expected `activations` to be True or False, but got {activations!r}.")
-        if history is not None:
-            if isinstance(history, bool) or not isinstance(history, numbers.Integral) or history < _MIN_HISTORY:
-                raise ConfigurationError(
-                    f"Expected `history` to be None (keep every row) or an int >= {_MIN_HISTORY} (recorded steps kept "
-                    f"at full resolution; rules read recent windows), but got {history!r}."
-                )
-            if history < self.flush_every:
-                raise ConfigurationError(
-                    f"Expected `history` ({history}) to be at least `flush_every` ({self.flush_every}): the rules must "
-                    f"see every new row at full resolution. Raise history or lower flush_every."
-                )
-        self.history = None if history is None else int(history)
-        if report_path is not None and not isinstance(report_path, (str, os.PathLike)):
-            raise ConfigurationError(
-                f"Expected `report_path` to be a path (str or os.PathLike), but got {report_path!r}."
-            )
-        self.report_path = None if report_path is None else os.fspath(report_path)
-        if distributed not in _DIST_MODES:
-            raise ConfigurationError(f"Expected `distributed` to be one of {_DIST_MODES}, but got {distributed!r}.")
         self.stat_names = _stat_names(stats, optimizer is not None)
-        tb_options = tensorboard_options(
-            histogram_every=histogram_every, histogram_weights=histogram_weights, figure_every=figure_every
-        )
+        tb_options = {k: opts[k] for k in ("histogram_every", "histogram_weights", "figure_every")}
 
         target = unwrap_model(model)
         if target in _WATCHED:

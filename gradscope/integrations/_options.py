@@ -6,24 +6,15 @@ callback is constructed, not minutes later inside ``trainer.fit()``.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from gradscope.errors import ConfigurationError
 from gradscope.rules.engine import RuleSpec, build_rules
+from gradscope.scope import _DEFAULT_HISTORY, check_options
 from gradscope.sinks.base import Sink
 
 __all__ = ["WatchOptions"]
-
-_ON_NONFINITE = ("record", "raise")
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ConfigurationError(f"Expected `{name}` to be a positive int, but got {value!r}.")
-    return int(value)
 
 
 @dataclass
@@ -42,21 +33,27 @@ class WatchOptions:
     sample_every: int = 10
     on_nonfinite: str = "record"
     sinks: Sequence[Union[Sink, str]] = field(default_factory=tuple)
+    history: int | None = _DEFAULT_HISTORY
+    report_path: Any = None
+    histogram_every: int | None = 100
+    histogram_weights: bool = False
+    figure_every: int | None = 1000
 
     def __post_init__(self) -> None:
-        self.every = _positive_int("every", self.every)
-        self.flush_every = _positive_int("flush_every", self.flush_every)
-        self.sample_every = _positive_int("sample_every", self.sample_every)
-        if self.sample_every % self.every:
-            raise ConfigurationError(
-                f"Expected `sample_every` to be a multiple of `every` ({self.every}), but got {self.sample_every}."
-            )
-        if self.on_nonfinite not in _ON_NONFINITE:
-            raise ConfigurationError(
-                f"Expected `on_nonfinite` to be one of {_ON_NONFINITE}, but got {self.on_nonfinite!r}."
-            )
-        if not isinstance(self.activations, bool):
-            raise ConfigurationError(f"Expected `activations` to be True or False, but got {self.activations!r}.")
+        checked = check_options(
+            every=self.every,
+            flush_every=self.flush_every,
+            sample_every=self.sample_every,
+            on_nonfinite=self.on_nonfinite,
+            activations=self.activations,
+            history=self.history,
+            report_path=self.report_path,
+            histogram_every=self.histogram_every,
+            histogram_weights=self.histogram_weights,
+            figure_every=self.figure_every,
+        )
+        for name in _CHECKED:
+            setattr(self, name, checked[name])
         build_rules(self.rules, self.thresholds)  # unknown rule names or thresholds raise here, with the choices
 
     def recorded(self, step: int) -> bool:
@@ -65,14 +62,18 @@ class WatchOptions:
 
     def as_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`gradscope.watch`."""
-        return {
-            "every": self.every,
-            "flush_every": self.flush_every,
-            "stats": self.stats,
-            "rules": self.rules,
-            "thresholds": self.thresholds,
-            "activations": self.activations,
-            "sample_every": self.sample_every,
-            "on_nonfinite": self.on_nonfinite,
-            "sinks": self.sinks,
-        }
+        return {name: getattr(self, name) for name in (*_CHECKED, "stats", "rules", "thresholds", "sinks")}
+
+
+_CHECKED = (
+    "every",
+    "flush_every",
+    "sample_every",
+    "on_nonfinite",
+    "activations",
+    "history",
+    "report_path",
+    "histogram_every",
+    "histogram_weights",
+    "figure_every",
+)

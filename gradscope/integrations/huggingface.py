@@ -36,6 +36,7 @@ import torch
 from gradscope.errors import ConfigurationError
 from gradscope.integrations._options import WatchOptions
 from gradscope.rules.engine import RuleSpec
+from gradscope.scope import _DEFAULT_HISTORY
 from gradscope.sinks.base import Sink
 
 try:
@@ -90,8 +91,9 @@ class GradscopeTrainerCallback(TrainerCallback):
         log_to_trainer: write into the Trainer's TensorBoard folder when TensorBoard reporting is on.
         log_dir: write a separate TensorBoard run here instead.
         writer: or write into your own ``SummaryWriter`` (gradscope never closes it).
-        every, flush_every, stats, rules, thresholds, activations, sample_every, on_nonfinite, sinks:
-            as for :func:`gradscope.watch`.
+        every, flush_every, stats, rules, thresholds, activations, sample_every, on_nonfinite, sinks,
+            history, report_path, histogram_every, histogram_weights, figure_every: as for
+            :func:`gradscope.watch` (``report_path`` is written when training ends, or raises).
 
     Attributes:
         scope: the open :class:`~gradscope.GradScope` during training, else None.
@@ -117,6 +119,11 @@ class GradscopeTrainerCallback(TrainerCallback):
         sample_every: int = 10,
         on_nonfinite: str = "record",
         sinks: Sequence[Union[Sink, str]] = (),
+        history: int | None = _DEFAULT_HISTORY,
+        report_path: str | os.PathLike[str] | None = None,
+        histogram_every: int | None = 100,
+        histogram_weights: bool = False,
+        figure_every: int | None = 1000,
     ) -> None:
         if not isinstance(log_to_trainer, bool):
             raise ConfigurationError(f"Expected `log_to_trainer` to be True or False, but got {log_to_trainer!r}.")
@@ -132,6 +139,11 @@ class GradscopeTrainerCallback(TrainerCallback):
             sample_every=sample_every,
             on_nonfinite=on_nonfinite,
             sinks=sinks,
+            history=history,
+            report_path=report_path,
+            histogram_every=histogram_every,
+            histogram_weights=histogram_weights,
+            figure_every=figure_every,
         )
         self.log_to_trainer = log_to_trainer
         self._log_dir = log_dir

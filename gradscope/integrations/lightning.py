@@ -30,6 +30,7 @@ from torch import Tensor
 from gradscope.errors import ConfigurationError
 from gradscope.integrations._options import WatchOptions
 from gradscope.rules.engine import RuleSpec
+from gradscope.scope import _DEFAULT_HISTORY
 from gradscope.sinks.base import Sink
 
 try:
@@ -83,8 +84,9 @@ class GradscopeCallback(pl.Callback):
         val_loss_key: the key of ``trainer.callback_metrics`` holding the validation loss (what your
             ``validation_step`` logs with ``self.log(...)``); it is passed as ``val_loss`` at the first
             recorded optimizer step after each validation run. ``None`` to leave it out.
-        every, flush_every, stats, rules, thresholds, activations, sample_every, on_nonfinite, sinks:
-            as for :func:`gradscope.watch`.
+        every, flush_every, stats, rules, thresholds, activations, sample_every, on_nonfinite, sinks,
+            history, report_path, histogram_every, histogram_weights, figure_every: as for
+            :func:`gradscope.watch` (``report_path`` is written when training ends, or raises).
 
     Attributes:
         scope: the open :class:`~gradscope.GradScope` during fit, else None.
@@ -110,6 +112,11 @@ class GradscopeCallback(pl.Callback):
         sample_every: int = 10,
         on_nonfinite: str = "record",
         sinks: Sequence[Union[Sink, str]] = (),
+        history: int | None = _DEFAULT_HISTORY,
+        report_path: str | os.PathLike[str] | None = None,
+        histogram_every: int | None = 100,
+        histogram_weights: bool = False,
+        figure_every: int | None = 1000,
     ) -> None:
         super().__init__()
         if optimizer_index is not None and (
@@ -132,6 +139,11 @@ class GradscopeCallback(pl.Callback):
             sample_every=sample_every,
             on_nonfinite=on_nonfinite,
             sinks=sinks,
+            history=history,
+            report_path=report_path,
+            histogram_every=histogram_every,
+            histogram_weights=histogram_weights,
+            figure_every=figure_every,
         )
         self.optimizer_index = optimizer_index
         self.log_to_logger = log_to_logger

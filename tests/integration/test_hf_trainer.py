@@ -191,6 +191,21 @@ def test_options_are_validated_when_the_callback_is_built(tmp_path):
         GradscopeTrainerCallback(flush_every=0)
     with pytest.raises(gradscope.ConfigurationError, match="not both"):
         GradscopeTrainerCallback(log_dir=tmp_path, writer=object())
+    with pytest.raises(gradscope.ConfigurationError, match="at least `flush_every`"):
+        GradscopeTrainerCallback(history=100, flush_every=200)
+    with pytest.raises(gradscope.ConfigurationError, match="histogram_weights"):
+        GradscopeTrainerCallback(histogram_weights="yes")
+
+
+def test_report_path_is_written_at_the_end_of_training(tmp_path):
+    callback = GradscopeTrainerCallback(report_path=tmp_path / "gs.json", figure_every=None)
+    run_trainer(tmp_path, callback, report_to="none", eval_strategy="no", max_steps=4)
+    saved = gradscope.Report.from_json(tmp_path / "gs.json")
+    assert saved.steps == callback.report.steps == 4
+    ours = callback.report.stats.sort_values(["step", "layer", "param", "stat"]).reset_index(drop=True)
+    back = saved.stats.sort_values(["step", "layer", "param", "stat"]).reset_index(drop=True)
+    assert (ours[["step", "layer", "param", "stat"]] == back[["step", "layer", "param", "stat"]]).all().all()
+    assert np.allclose(ours.value, back.value, rtol=1e-12, equal_nan=True)
 
 
 def test_watch_unwraps_accelerates_optimizer():

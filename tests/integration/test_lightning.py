@@ -215,6 +215,17 @@ def test_exception_in_fit_still_flushes_and_detaches(tmp_path):
     assert not any(m._forward_pre_hooks for m in module.modules())
 
 
+def test_report_path_is_written_when_fit_raises(tmp_path):
+    module = Tiny(fail_at=7)
+    callback = GradscopeCallback(report_path=tmp_path / "report.json", history=100, histogram_every=None)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, module, callback, max_epochs=1)
+    saved = gradscope.Report.from_json(tmp_path / "report.json")
+    assert saved.steps == callback.report.steps == 7
+    assert l2(saved) == pytest.approx(l2(callback.report), rel=1e-12)
+    assert saved.meta["history"]["window"] == 100
+
+
 def test_explicit_log_dir_and_no_optimizer(tmp_path):
     module, callback = Tiny(), GradscopeCallback(optimizer_index=None, log_dir=tmp_path / "gs")
     fit(tmp_path, module, callback, max_epochs=1)
@@ -233,6 +244,9 @@ def test_explicit_log_dir_and_no_optimizer(tmp_path):
         ({"rules": ["no_such_rule"]}, "no_such_rule"),
         ({"optimizer_index": -1}, "optimizer_index"),
         ({"on_nonfinite": "stop"}, "on_nonfinite"),
+        ({"history": 10}, "Expected `history` to be None"),
+        ({"report_path": 3}, "report_path"),
+        ({"histogram_every": 0}, "histogram_every"),
     ],
 )
 def test_options_are_validated_when_the_callback_is_built(kwargs, match):
