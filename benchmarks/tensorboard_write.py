@@ -39,7 +39,7 @@ import gradscope
 from gradscope.sinks import tags as T
 from gradscope.sinks.base import ScopeInfo, SinkUpdate
 from gradscope.sinks.histograms import histogram_rows
-from gradscope.sinks.plots import gradient_flow, render_png
+from gradscope.views.plots import gradient_flow, render_png
 from gradscope.sinks.tensorboard import TensorBoardSink
 
 

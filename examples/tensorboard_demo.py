@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 import gradscope
-from gradscope.sinks.html import write_html
+from gradscope.views.html import write_html
 
 
 class Block(nn.Module):

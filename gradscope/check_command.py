@@ -21,12 +21,10 @@ from gradscope._factory import call_factory, load_callable
 from gradscope.baseline import DEFAULT_SEEDS, DEFAULT_TOLERANCE, compare, load_profile, snapshot
 from gradscope.ci_report import CheckRecord, junit_xml, markdown, write_json
 from gradscope.errors import ConfigurationError, GradientHealthError
+from gradscope.findings import EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE, SEVERITIES
 from gradscope.health import DEFAULT_STEPS, check, seeded
-from gradscope.report import SEVERITIES
 
 __all__ = ["add_parser", "parse_rules", "parse_seeds", "parse_thresholds", "run_check", "run_snapshot"]
-
-EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
 
 
 def parse_rules(text: str) -> list[str]:

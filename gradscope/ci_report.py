@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from gradscope._io import atomic_write_text
 from gradscope._version import __version__
+from gradscope.findings import Finding, count_errors
 from gradscope.health import failing_findings, health_message
-from gradscope.report import Finding, Report
+from gradscope.report import Report
 
 if TYPE_CHECKING:
     import os
@@ -102,7 +103,7 @@ class CheckRecord:
         """One line: name, kind, verdict, counts, time."""
         parts = [f"{self.name} [{self.kind}] {self.verdict}"]
         if self.report is not None:
-            n_err = sum(f.severity == "error" for f in self.report.findings)
+            n_err = count_errors(self.report.findings)
             parts.append(
                 f"{n_err} error(s), {len(self.report.findings) - n_err} warning(s), {self.report.steps} step(s)"
             )
@@ -254,7 +255,7 @@ def markdown(records: list[CheckRecord], *, title: str = "gradscope") -> str:
     lines = [head, "", "| check | kind | verdict | findings | time |", "|---|---|---|---|---|"]
     for r in records:
         if r.report is not None:
-            n_err = sum(f.severity == "error" for f in r.report.findings)
+            n_err = count_errors(r.report.findings)
             found = f"{n_err} error(s), {len(r.report.findings) - n_err} warning(s)"
         elif r.comparison is not None:
             found = f"{len(r.comparison.mismatches)} layer(s) changed"

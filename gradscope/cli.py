@@ -12,10 +12,9 @@ from collections.abc import Sequence
 
 from gradscope._version import __version__
 from gradscope.errors import ConfigurationError
+from gradscope.findings import EXIT_USAGE
 
 __all__ = ["main"]
-
-EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
 
 
 class _Parser(argparse.ArgumentParser):

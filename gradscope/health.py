@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from gradscope.errors import ConfigurationError, GradientHealthError
-from gradscope.report import SEVERITIES, Finding, Report
+from gradscope.findings import SEVERITIES, Finding, at_or_above, count_errors
+from gradscope.report import Report
 from gradscope.rules.engine import RuleSpec
 from gradscope.scope import watch
 
@@ -55,8 +56,7 @@ def validate_fail_on(fail_on: Any, *, where: str = "`fail_on`") -> str:
 
 def failing_findings(report: Report, fail_on: str = "error") -> list[Finding]:
     """The findings of ``report`` at or above ``fail_on`` (``"warning"``: all of them; ``"error"``: errors)."""
-    level = SEVERITIES.index(validate_fail_on(fail_on))
-    return [f for f in report.findings if SEVERITIES.index(f.severity) >= level]
+    return at_or_above(report.findings, validate_fail_on(fail_on))
 
 
 def _seconds(report: Report) -> float | None:
@@ -73,7 +73,7 @@ def health_message(report: Report, fail_on: str = "error", *, name: str | None =
         name: what was checked (a test id, ``FILE.py:factory``); the model class when None.
     """
     failing = failing_findings(report, fail_on)
-    n_err = sum(f.severity == "error" for f in failing)
+    n_err = count_errors(failing)
     what = name or report.meta.get("model", "model")
     info = report.meta.get("check")
     run = f"{report.steps} step(s)"

@@ -18,7 +18,8 @@ JSON file with every check of the session), ``--gradscope-disable`` (the fixture
 tests still run). The terminal summary lists each check and its findings per test.
 
 This module defers its own imports of gradscope's machinery to the tests that use the fixture or the
-marker. Loading it still imports the ``gradscope`` package, and with it torch.
+marker. Loading it imports the light ``gradscope`` package face and :mod:`gradscope.findings`, not
+torch: a pytest session that never uses gradscope pays nothing for it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from gradscope.findings import SEVERITIES
 
 if TYPE_CHECKING:
     from gradscope.baseline import ProfileComparison
@@ -42,7 +45,6 @@ __all__ = ["MARKER_KWARGS", "GradscopeFixture"]
 #: that test (``steps``, ``seed``: :meth:`GradscopeFixture.check`; ``rules``, ``thresholds``: checks
 #: and watched runs; ``fail_on``: which findings fail the test; ``tolerance``: baseline comparisons).
 MARKER_KWARGS = ("fail_on", "rules", "seed", "steps", "thresholds", "tolerance")
-_SEVERITIES = ("warning", "error")  # gradscope.report.SEVERITIES, without importing torch here
 _MARKER_DOC = (
     "gradscope(steps=5, seed=0, rules='all', thresholds=None, fail_on=None, tolerance=None): settings of the "
     "`gradscope` fixture in this test"
@@ -73,7 +75,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--gradscope-fail-on",
         dest="gradscope_fail_on",
-        choices=_SEVERITIES,
+        choices=SEVERITIES,
         default="error",
         help="lowest finding severity that fails a test using the gradscope fixture. Default: %(default)r",
     )
@@ -134,8 +136,8 @@ def _validate_options(item: pytest.Item, options: dict[str, Any]) -> None:
         raise _usage(item, f"expected `steps` to be a positive int, but got {options['steps']!r}.")
     if "seed" in options and not _is_int(options["seed"]):
         raise _usage(item, f"expected `seed` to be an int, but got {options['seed']!r}.")
-    if "fail_on" in options and options["fail_on"] not in _SEVERITIES:
-        raise _usage(item, f"expected `fail_on` to be one of {_SEVERITIES}, but got {options['fail_on']!r}.")
+    if "fail_on" in options and options["fail_on"] not in SEVERITIES:
+        raise _usage(item, f"expected `fail_on` to be one of {SEVERITIES}, but got {options['fail_on']!r}.")
     tol = options.get("tolerance")
     if tol is not None and not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and tol >= 0):
         raise _usage(item, f"expected `tolerance` to be a non-negative number (log10 units), but got {tol!r}.")

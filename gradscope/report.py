@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
-
-import numpy as np
 
 from gradscope._io import atomic_write_text
 from gradscope._version import __version__
 from gradscope.errors import GradientHealthError
+from gradscope.findings import SEVERITIES, Finding, at_or_above, count_errors, from_jsonable, jsonable, verdict
 
 if TYPE_CHECKING:
     import os
@@ -23,86 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["JSON_SCHEMA", "JSON_SCHEMA_VERSION", "SEVERITIES", "Finding", "Report"]
 
-SEVERITIES = ("warning", "error")
 JSON_SCHEMA = "gradscope.report"
 JSON_SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One diagnosis.
-
-    Attributes:
-        kind: the rule that fired (``"vanishing_gradients"``...).
-        severity: ``"warning"`` or ``"error"``.
-        step: the first step where it was seen (counted from 1 per ``scope.step()``).
-        layer: module path where it originates, or None for a model-level finding (the loss).
-        message: a full sentence: what, where, and the evidence.
-        suggestion: what to try.
-        evidence: the numbers behind it (statistic, value, threshold, window...).
-    """
-
-    kind: str
-    severity: str
-    step: int
-    layer: str | None
-    message: str
-    suggestion: str
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dictionary (non-finite numbers as strings)."""
-        d = asdict(self)
-        d["evidence"] = _jsonable(d["evidence"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Finding:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            kind=d["kind"],
-            severity=d["severity"],
-            step=int(d["step"]),
-            layer=d.get("layer"),
-            message=d["message"],
-            suggestion=d.get("suggestion", ""),
-            evidence=_from_jsonable(d.get("evidence", {})),
-        )
-
-    def __str__(self) -> str:
-        where = f" in {self.layer!r}" if self.layer is not None else ""
-        return f"[{self.severity}] {self.kind}{where} at step {self.step}: {self.message} Try: {self.suggestion}"
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return [_jsonable(v) for v in x.tolist()]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        f = float(x)
-        if math.isnan(f):
-            return "nan"
-        if math.isinf(f):
-            return "inf" if f > 0 else "-inf"
-        return f
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
-def _from_jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _from_jsonable(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_from_jsonable(v) for v in x]
-    if x in ("nan", "inf", "-inf"):
-        return float(x)
-    return x
 
 
 def _fmt(v: float) -> str:
@@ -154,7 +74,7 @@ class Report:
     @property
     def ok(self) -> bool:
         """False if any finding has severity ``"error"``."""
-        return not any(f.severity == "error" for f in self.findings)
+        return count_errors(self.findings) == 0
 
     def raise_for_status(self, fail_on: str = "error") -> None:
         """Raise :class:`GradientHealthError` listing the findings at or above ``fail_on``.
@@ -164,7 +84,7 @@ class Report:
         """
         if fail_on not in SEVERITIES:
             raise ValueError(f"Expected `fail_on` to be one of {SEVERITIES}, but got {fail_on!r}.")
-        failing = [f for f in self.findings if SEVERITIES.index(f.severity) >= SEVERITIES.index(fail_on)]
+        failing = at_or_above(self.findings, fail_on)
         if failing:
             raise GradientHealthError(str(self), report=self)
 
@@ -243,13 +163,11 @@ class Report:
 
     def __str__(self) -> str:
         lines: list[str] = []
-        n_err = sum(f.severity == "error" for f in self.findings)
+        n_err = count_errors(self.findings)
         n_warn = len(self.findings) - n_err
-        verdict = "HEALTHY" if not self.findings else ("UNHEALTHY" if n_err else "WARNINGS")
+        word = verdict(self.findings).upper()
         model = self.meta.get("model", "model")
-        lines.append(
-            f"gradscope report: {verdict} - {model}, {self.steps} steps, {n_err} error(s), {n_warn} warning(s)"
-        )
+        lines.append(f"gradscope report: {word} - {model}, {self.steps} steps, {n_err} error(s), {n_warn} warning(s)")
         if self.skipped_steps:
             shown = ", ".join(map(str, self.skipped_steps[:8])) + (" ..." if len(self.skipped_steps) > 8 else "")
             lines.append(f"skipped optimizer steps (not judged): {shown}")
@@ -280,36 +198,36 @@ class Report:
     def __repr__(self) -> str:
         return f"Report(ok={self.ok}, findings={len(self.findings)}, steps={self.steps})"
 
-    # -- figures and tables (gradscope.sinks.plots / gradscope.sinks.tables) ----------------------------
+    # -- figures and tables (gradscope.views.plots / gradscope.views.tables) ----------------------------
     def plot(self, kind: str = "flow", *, ax: Any = None, **kwargs: Any) -> Any:
         """Draw a figure of the run and return it (a ``matplotlib.figure.Figure``).
 
         Args:
             kind: ``"flow"`` (gradient magnitude per layer by depth, log scale), ``"heatmap"``
                 (layer x step heat map of log10 gradient norm), ``"norms"`` (per-layer norm curves) or
-                ``"loss"``; more with ``@gradscope.sinks.plots.register_plot``.
+                ``"loss"``; more with ``@gradscope.views.plots.register_plot``.
             ax: matplotlib axes to draw into; default a new figure.
             **kwargs: options of the kind (``step=`` for ``"flow"``, ``stat=`` for ``"heatmap"``/``"norms"``).
         """
-        from gradscope.sinks.plots import plot_report
+        from gradscope.views.plots import plot_report
 
         return plot_report(self, kind, ax=ax, **kwargs)
 
     def save_plots(self, directory: str | os.PathLike[str], *, kinds: Any = None, fmt: str = "png") -> list[Path]:
         """Save every plot (or ``kinds``) as ``<directory>/<kind>.<fmt>``; returns the paths."""
-        from gradscope.sinks.plots import save_plots
+        from gradscope.views.plots import save_plots
 
         return save_plots(self, directory, kinds=kinds, fmt=fmt)
 
     def layer_summary(self) -> pd.DataFrame:
         """One row per layer (depth order, then ``"*"``): last/min/max/median of each statistic."""
-        from gradscope.sinks.tables import layer_summary
+        from gradscope.views.tables import layer_summary
 
         return layer_summary(self)
 
     def to_csv(self, path: str | os.PathLike[str], *, table: str = "stats") -> Path:
         """Write ``"stats"`` (long format), ``"layers"`` (:meth:`layer_summary`) or ``"scalars"`` as CSV."""
-        from gradscope.sinks.tables import to_csv
+        from gradscope.views.tables import to_csv
 
         return to_csv(self, path, table=table)
 
@@ -331,7 +249,7 @@ class Report:
                         "param": param,
                         "stat": stat,
                         "steps": [int(s) for s in g["step"]],
-                        "values": _jsonable(g["value"].to_numpy()),
+                        "values": jsonable(g["value"].to_numpy()),
                     }
                 )
         scal = self.scalars
@@ -340,14 +258,14 @@ class Report:
             "version": JSON_SCHEMA_VERSION,
             "gradscope_version": __version__,
             "ok": self.ok,
-            "meta": _jsonable(self.meta),
+            "meta": jsonable(self.meta),
             "findings": [f.to_dict() for f in self.findings],
             "skipped_steps": list(self.skipped_steps),
             "frozen": list(self.frozen),
             "errors": list(self.errors),
             "scalars": {
                 "steps": [int(s) for s in scal.index],
-                "values": {c: _jsonable(scal[c].to_numpy()) for c in scal.columns},
+                "values": {c: jsonable(scal[c].to_numpy()) for c in scal.columns},
             },
             "stats": series,
         }
@@ -383,7 +301,7 @@ class Report:
             )
         rows = []
         for s in data.get("stats", []):
-            vals = _from_jsonable(s["values"])
+            vals = from_jsonable(s["values"])
             for step, v in zip(s["steps"], vals):
                 rows.append((int(step), s["layer"], s["param"], s["stat"], float(v) if v is not None else math.nan))
         stats = pd.DataFrame(rows, columns=["step", "layer", "param", "stat", "value"])
@@ -391,7 +309,7 @@ class Report:
         stats = stats.sort_values("step", kind="stable").reset_index(drop=True)
         sc = data.get("scalars", {"steps": [], "values": {}})
         scalars = pd.DataFrame(
-            {k: [float(x) for x in _from_jsonable(v)] for k, v in sc.get("values", {}).items()},
+            {k: [float(x) for x in from_jsonable(v)] for k, v in sc.get("values", {}).items()},
             index=pd.Index(sc.get("steps", []), name="step"),
         )
         return cls(
@@ -400,6 +318,6 @@ class Report:
             scalars=scalars,
             skipped_steps=data.get("skipped_steps", []),
             frozen=data.get("frozen", []),
-            meta=_from_jsonable(data.get("meta", {})),
+            meta=from_jsonable(data.get("meta", {})),
             errors=data.get("errors", []),
         )

@@ -30,32 +30,27 @@ import torch.nn as nn
 from torch import Tensor
 
 from gradscope.capture.activations import ActivationMonitor
-from gradscope.capture.distributed import MODES as _DIST_MODES
 from gradscope.capture.distributed import DistributedContext
 from gradscope.capture.hooks import HookManager
 from gradscope.capture.layout import ParamLayout, unwrap_model
-from gradscope.errors import ConfigurationError, GradscopeWarning, NonFiniteGradientError, RegistryError
-from gradscope.registry import SINKS, STATISTICS
+from gradscope.errors import ConfigurationError, GradscopeWarning, NonFiniteGradientError
+from gradscope.options import DEFAULT_HISTORY, WatchOptions
 from gradscope.report import Report
 from gradscope.rules.base import RuleContext
-from gradscope.rules.engine import RuleEngine, RuleSpec, build_rules
+from gradscope.rules.engine import RuleEngine, RuleSpec
 from gradscope.sinks.base import ScopeInfo, Sink, SinkUpdate
-from gradscope.sinks.tensorboard import tensorboard_options
-from gradscope.stats import DEFAULT_STATISTICS
+from gradscope.sinks.registry import build_sink
 from gradscope.stats.buffer import StatsBuffer
 from gradscope.stats.frame import ACTIVATION_STATISTICS, FrameSchema, StatsFrame
-from gradscope.stats.moments import CORE_MOMENTS, MOMENTS, STAT_MOMENTS, MomentPlan, _local
+from gradscope.stats.moments import MOMENT_INDEX, MomentPlan, _local
 
 __all__ = ["GradScope", "watch"]
 
-_M = {name: i for i, name in enumerate(MOMENTS)}
-_ON_NONFINITE = ("record", "raise")
+_M = MOMENT_INDEX
 _MAX_SCALARS = 16
 # One more slot after the scalars: 1 when the optimizer step was skipped (GradScaler found inf). Known
 # on the host for ordinary optimizers; written on the device by fused ones (their found_inf tensor).
 _SKIP_COL = _MAX_SCALARS
-_DEFAULT_HISTORY = 2000
-_MIN_HISTORY = 100
 # With an optimizer, a step whose pre-hook did not run is a skipped step (GradScaler found inf). If
 # the hook never runs at all, the optimizer passed is not the one stepping: stop trusting it.
 _NO_OPTIMIZER_STEP_LIMIT = 20
@@ -75,101 +70,6 @@ def _close_open_scopes() -> None:
             pass
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ConfigurationError(f"Expected `{name}` to be a positive int, but got {value!r}.")
-    return int(value)
-
-
-def check_options(
-    *,
-    every: Any = 1,
-    flush_every: Any = 50,
-    sample_every: Any = 10,
-    on_nonfinite: Any = "record",
-    activations: Any = True,
-    history: Any = _DEFAULT_HISTORY,
-    report_path: Any = None,
-    distributed: Any = "auto",
-    histogram_every: Any = 100,
-    histogram_weights: Any = False,
-    figure_every: Any = 1000,
-) -> dict[str, Any]:
-    """Validate the options of :func:`watch` that do not depend on the model; returns them normalised.
-
-    The trainer callbacks call it when they are built, so a wrong option fails there and not minutes
-    later inside ``trainer.fit()``.
-
-    Raises:
-        ConfigurationError: naming the option, what it expects and what it got.
-    """
-    every = _positive_int("every", every)
-    flush_every = _positive_int("flush_every", flush_every)
-    sample_every = _positive_int("sample_every", sample_every)
-    if sample_every % every:
-        raise ConfigurationError(
-            f"Expected `sample_every` to be a multiple of `every` ({every}), but got {sample_every}: sampled "
-            f"steps are recorded steps. Try sample_every={every * max(1, round(sample_every / every))}."
-        )
-    if on_nonfinite not in _ON_NONFINITE:
-        raise ConfigurationError(f"Expected `on_nonfinite` to be one of {_ON_NONFINITE}, but got {on_nonfinite!r}.")
-    if not isinstance(activations, bool):
-        raise ConfigurationError(f"Expected `activations` to be True or False, but got {activations!r}.")
-    if history is not None:
-        if isinstance(history, bool) or not isinstance(history, numbers.Integral) or history < _MIN_HISTORY:
-            raise ConfigurationError(
-                f"Expected `history` to be None (keep every row) or an int >= {_MIN_HISTORY} (recorded steps kept "
-                f"at full resolution; rules read recent windows), but got {history!r}."
-            )
-        if history < flush_every:
-            raise ConfigurationError(
-                f"Expected `history` ({history}) to be at least `flush_every` ({flush_every}): the rules must "
-                f"see every new row at full resolution. Raise history or lower flush_every."
-            )
-    if report_path is not None and not isinstance(report_path, (str, os.PathLike)):
-        raise ConfigurationError(f"Expected `report_path` to be a path (str or os.PathLike), but got {report_path!r}.")
-    if distributed not in _DIST_MODES:
-        raise ConfigurationError(f"Expected `distributed` to be one of {_DIST_MODES}, but got {distributed!r}.")
-    return {
-        "every": every,
-        "flush_every": flush_every,
-        "sample_every": sample_every,
-        "on_nonfinite": on_nonfinite,
-        "activations": activations,
-        "history": None if history is None else int(history),
-        "report_path": None if report_path is None else os.fspath(report_path),
-        "distributed": distributed,
-        **tensorboard_options(
-            histogram_every=histogram_every, histogram_weights=histogram_weights, figure_every=figure_every
-        ),
-    }
-
-
-def _stat_names(stats: Union[str, Iterable[str], None], has_optimizer: bool) -> tuple[str, ...]:
-    if stats is None:
-        return tuple(s for s in DEFAULT_STATISTICS if has_optimizer or s != "update_ratio")
-    if isinstance(stats, str):
-        stats = (stats,)
-    names: list[str] = []
-    for s in stats:
-        if not isinstance(s, str):
-            raise ConfigurationError(f"Expected `stats` to hold statistic names (str), but got {s!r}.")
-        try:
-            stat = STATISTICS.get(s)
-        except RegistryError as exc:
-            raise ConfigurationError(str(exc)) from None
-        if stat.needs_optimizer and not has_optimizer:
-            raise ConfigurationError(
-                f"Statistic {s!r} needs the optimizer, to see the weights before and after its step: "
-                "pass it as watch(model, optimizer=opt), or drop the statistic."
-            )
-        if s not in names:
-            names.append(s)
-    if not names:
-        raise ConfigurationError("Expected `stats` to name at least one statistic, but got an empty list.")
-    return tuple(names)
-
-
 class GradScope:
     """Watches one model's gradients; build it with :func:`watch`.
 
@@ -181,24 +81,9 @@ class GradScope:
         model: nn.Module,
         *,
         optimizer: torch.optim.Optimizer | None = None,
-        log_dir: str | os.PathLike[str] | None = None,
-        writer: Any = None,
-        every: int = 1,
-        flush_every: int = 50,
-        stats: Union[str, Iterable[str], None] = None,
-        rules: RuleSpec = "all",
-        thresholds: Mapping[str, Mapping[str, Any]] | None = None,
-        activations: bool = True,
-        sample_every: int = 10,
-        on_nonfinite: str = "record",
-        sinks: Sequence[Union[Sink, str]] = (),
-        history: int | None = _DEFAULT_HISTORY,
-        report_path: str | os.PathLike[str] | None = None,
-        distributed: str = "auto",
-        histogram_every: int | None = 100,
-        histogram_weights: bool = False,
-        figure_every: int | None = 1000,
+        options: WatchOptions | None = None,
     ) -> None:
+        options = WatchOptions() if options is None else options
         # -- validate everything before touching the model ------------------------------------------
         if not isinstance(model, nn.Module):
             if isinstance(model, torch.optim.Optimizer):
@@ -214,27 +99,11 @@ class GradScope:
                 "Pass the optimizer whose step() your loop calls, or leave it out."
             )
         optimizer = _unwrap_optimizer(optimizer)
-        opts = check_options(
-            every=every,
-            flush_every=flush_every,
-            sample_every=sample_every,
-            on_nonfinite=on_nonfinite,
-            activations=activations,
-            history=history,
-            report_path=report_path,
-            distributed=distributed,
-            histogram_every=histogram_every,
-            histogram_weights=histogram_weights,
-            figure_every=figure_every,
-        )
-        self.every, self.flush_every, self.sample_every = opts["every"], opts["flush_every"], opts["sample_every"]
-        self.history, self.report_path = opts["history"], opts["report_path"]
-        if log_dir is not None and writer is not None:
-            raise ConfigurationError(
-                "Pass either `log_dir` or `writer`, not both: with a writer, everything lands in its run."
-            )
-        self.stat_names = _stat_names(stats, optimizer is not None)
-        tb_options = {k: opts[k] for k in ("histogram_every", "histogram_weights", "figure_every")}
+        self.options = options
+        self.every, self.flush_every, self.sample_every = options.every, options.flush_every, options.sample_every
+        self.history, self.report_path = options.history, options.report_path
+        self.stat_names = options.stat_names(has_optimizer=optimizer is not None)
+        activations, log_dir, writer = options.activations, options.log_dir, options.writer
 
         target = unwrap_model(model)
         if target in _WATCHED:
@@ -260,23 +129,18 @@ class GradScope:
         self.module = target
         self.optimizer = optimizer
         self.layout = layout
-        self.on_nonfinite = on_nonfinite
+        self.on_nonfinite = options.on_nonfinite
         self._hooks = HookManager()
 
-        builtin = tuple(s for s in self.stat_names if STATISTICS.get(s).builtin)
-        custom = {s: STATISTICS.get(s).reduce for s in self.stat_names if not STATISTICS.get(s).builtin}
-        moments: set[str] = set()
-        for s in builtin:
-            moments.update(STAT_MOMENTS[s])
-        sampled_stats = tuple(s for s in builtin if not set(STAT_MOMENTS[s]) <= CORE_MOMENTS)
-        self._plan = MomentPlan(sorted(moments), [STATISTICS.get(s).fn for s in custom])
+        self._plan = MomentPlan.for_statistics(self.stat_names)
+        builtin, custom, sampled_stats = self._plan.builtin, self._plan.custom_reduce, self._plan.sampled_stats
         self._update_on = "update_ratio" in self.stat_names
-        self._param_on = "psumsq" in moments
+        self._param_on = "psumsq" in self._plan.moments
 
         # Activation hooks would be traced into a compiled graph; under torch.compile they are off.
         self.compiled = _is_compiled(model)
         self._acts = ActivationMonitor(target, self._hooks) if activations and not self.compiled else None
-        self._dist = DistributedContext.detect(layout.tensors, distributed)
+        self._dist = DistributedContext.detect(layout.tensors, options.distributed)
         act_paths = self._acts.paths if self._acts else []
         self.schema = FrameSchema(
             param_names=[p.name for p in layout.params],
@@ -293,7 +157,7 @@ class GradScope:
             act_kinds=self._acts.kinds if self._acts else [],
             dtypes=[p.dtype for p in layout.params],
         )
-        self.engine = RuleEngine(build_rules(rules, thresholds))
+        self.engine = RuleEngine(options.build_rules())
         self.engine.check_requirements(
             self.stat_names, activations=bool(act_paths) or (activations and not self.compiled)
         )
@@ -310,17 +174,16 @@ class GradScope:
         )
         self.frame = StatsFrame(self.schema, history=self.history, thin_every=self.sample_every)
         self._sinks: list[Sink] = []
-        for s in sinks:
-            self._sinks.append(self._make_sink(s))
+        for s in options.sinks:
+            self._sinks.append(build_sink(s))
         if not self._dist.writes:
             self._sinks = []  # distributed: only rank 0 writes; the other ranks never open a sink
         elif log_dir is not None or writer is not None:
             from gradscope.sinks.tensorboard import TensorBoardSink
 
+            tb = options.tensorboard_kwargs()
             self._sinks.append(
-                TensorBoardSink(writer=writer, **tb_options)
-                if writer is not None
-                else TensorBoardSink(log_dir, **tb_options)
+                TensorBoardSink(writer=writer, **tb) if writer is not None else TensorBoardSink(log_dir, **tb)
             )
 
         # -- state -------------------------------------------------------------------------------------
@@ -380,23 +243,6 @@ class GradScope:
         self._begin_step()
 
     # -- construction helpers ------------------------------------------------------------------------
-    @staticmethod
-    def _make_sink(s: Union[Sink, str]) -> Sink:
-        if isinstance(s, Sink):
-            return s
-        if isinstance(s, str):
-            try:
-                return SINKS.get(s)()
-            except RegistryError as exc:
-                raise ConfigurationError(str(exc)) from None
-            except TypeError as exc:
-                raise ConfigurationError(
-                    f"Sink {s!r} needs arguments; pass an instance in `sinks` instead ({exc})."
-                ) from None
-        raise ConfigurationError(
-            f"Expected each entry of `sinks` to be a Sink instance or a registered name, but got {s!r}."
-        )
-
     def _attach(self) -> None:
         if self.optimizer is not None:
             self._hooks.add("optimizer", self.optimizer.register_step_pre_hook(self._on_optimizer_pre))
@@ -910,12 +756,10 @@ class GradScope:
                 forward_order=self._depth_order(),
                 has_optimizer=self.optimizer is not None,
                 final=final,
-                extra={
-                    "every": self.every,
-                    "sample_every": self.sample_every,
-                    "steps": self._step,
-                    "output_activations": self._output_activations(),
-                },
+                every=self.every,
+                sample_every=self.sample_every,
+                step_count=self._step,
+                output_activations=tuple(self._output_activations()),
             )
             if len(self.frame):
                 new_findings = self.engine.run(ctx)
@@ -1098,7 +942,7 @@ def watch(
     sample_every: int = 10,
     on_nonfinite: str = "record",
     sinks: Sequence[Union[Sink, str]] = (),
-    history: int | None = _DEFAULT_HISTORY,
+    history: int | None = DEFAULT_HISTORY,
     report_path: str | os.PathLike[str] | None = None,
     distributed: str = "auto",
     histogram_every: int | None = 100,
@@ -1169,9 +1013,7 @@ def watch(
         >>> scope.report().steps
         3
     """
-    return GradScope(
-        model,
-        optimizer=optimizer,
+    options = WatchOptions(
         log_dir=log_dir,
         writer=writer,
         every=every,
@@ -1190,3 +1032,4 @@ def watch(
         histogram_weights=histogram_weights,
         figure_every=figure_every,
     )
+    return GradScope(model, optimizer=optimizer, options=options)

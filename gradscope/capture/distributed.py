@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradscope.stats.moments import MOMENTS
+from gradscope.stats.moments import MOMENT_INDEX, MOMENTS
 
 __all__ = ["MODES", "SUM_MOMENTS", "DistributedContext", "rank_and_world"]
 
@@ -47,7 +47,7 @@ MODES = ("auto", "local")
 #: Moments that add up across shards; ``min`` and ``max`` combine by min / max.
 SUM_MOMENTS = ("sum", "sumsq", "nnz", "nonfinite", "psumsq", "dsumsq")
 
-_M = {name: i for i, name in enumerate(MOMENTS)}
+_M = MOMENT_INDEX
 _SUM_COLS = [_M[m] for m in SUM_MOMENTS]
 
 

@@ -27,17 +27,14 @@ logged at (``logging_steps=1`` gives one per step), and ``eval_loss`` from each 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gradscope.errors import ConfigurationError
-from gradscope.integrations._options import WatchOptions
-from gradscope.rules.engine import RuleSpec
-from gradscope.scope import _DEFAULT_HISTORY
-from gradscope.sinks.base import Sink
+from gradscope.options import WatchOptions
 
 try:
     from transformers import TrainerCallback
@@ -89,11 +86,10 @@ class GradscopeTrainerCallback(TrainerCallback):
 
     Args:
         log_to_trainer: write into the Trainer's TensorBoard folder when TensorBoard reporting is on.
-        log_dir: write a separate TensorBoard run here instead.
-        writer: or write into your own ``SummaryWriter`` (gradscope never closes it).
-        every, flush_every, stats, rules, thresholds, activations, sample_every, on_nonfinite, sinks,
-            history, report_path, histogram_every, histogram_weights, figure_every: as for
-            :func:`gradscope.watch` (``report_path`` is written when training ends, or raises).
+        **options: any option of :func:`gradscope.watch` (``every``, ``rules``, ``report_path``...; see
+            :class:`gradscope.options.WatchOptions`), validated here. ``log_dir`` writes a separate
+            TensorBoard run there, ``writer`` into your own ``SummaryWriter`` (gradscope never closes it),
+            instead of the Trainer's folder; ``report_path`` is written when training ends, or raises.
 
     Attributes:
         scope: the open :class:`~gradscope.GradScope` during training, else None.
@@ -108,46 +104,12 @@ class GradscopeTrainerCallback(TrainerCallback):
         self,
         *,
         log_to_trainer: bool = True,
-        log_dir: str | os.PathLike[str] | None = None,
-        writer: Any = None,
-        every: int = 1,
-        flush_every: int = 50,
-        stats: Union[str, Iterable[str], None] = None,
-        rules: RuleSpec = "all",
-        thresholds: Mapping[str, Mapping[str, Any]] | None = None,
-        activations: bool = True,
-        sample_every: int = 10,
-        on_nonfinite: str = "record",
-        sinks: Sequence[Union[Sink, str]] = (),
-        history: int | None = _DEFAULT_HISTORY,
-        report_path: str | os.PathLike[str] | None = None,
-        histogram_every: int | None = 100,
-        histogram_weights: bool = False,
-        figure_every: int | None = 1000,
+        **options: Any,
     ) -> None:
         if not isinstance(log_to_trainer, bool):
             raise ConfigurationError(f"Expected `log_to_trainer` to be True or False, but got {log_to_trainer!r}.")
-        if log_dir is not None and writer is not None:
-            raise ConfigurationError("Pass either `log_dir` or `writer` to GradscopeTrainerCallback, not both.")
-        self.options = WatchOptions(
-            every=every,
-            flush_every=flush_every,
-            stats=stats,
-            rules=rules,
-            thresholds=thresholds,
-            activations=activations,
-            sample_every=sample_every,
-            on_nonfinite=on_nonfinite,
-            sinks=sinks,
-            history=history,
-            report_path=report_path,
-            histogram_every=histogram_every,
-            histogram_weights=histogram_weights,
-            figure_every=figure_every,
-        )
+        self.options = WatchOptions(**options)
         self.log_to_trainer = log_to_trainer
-        self._log_dir = log_dir
-        self._writer = writer
         self.log_dir: str | None = None
         self.scope: GradScope | None = None
         self.report: Report | None = None
@@ -170,16 +132,17 @@ class GradscopeTrainerCallback(TrainerCallback):
         main = bool(getattr(state, "is_world_process_zero", True))
         writer, log_dir = None, None
         if main:
-            if self._writer is not None:
-                writer = self._writer
-            elif self._log_dir is not None:
-                log_dir = str(self._log_dir)
+            if self.options.writer is not None:
+                writer = self.options.writer
+            elif self.options.log_dir is not None:
+                log_dir = str(self.options.log_dir)
             elif self.log_to_trainer:
                 log_dir = trainer_tensorboard_dir(args)
         self.log_dir = log_dir if writer is None else getattr(writer, "log_dir", None)
         self._open_step, self._scalars, self._val_loss = None, {}, None
         self.report = None
-        self.scope = gradscope.watch(model, optimizer=opt, log_dir=log_dir, writer=writer, **self.options.as_kwargs())
+        options = self.options.replace(log_dir=log_dir, writer=writer)
+        self.scope = gradscope.watch(model, optimizer=opt, **options.as_kwargs())
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """A new optimizer step starts: end the previous one (its logs and evaluation are in)."""

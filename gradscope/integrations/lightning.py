@@ -20,18 +20,14 @@ that the 16-bit GradScaler skips for inf/NaN is recorded as skipped.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from gradscope.errors import ConfigurationError
-from gradscope.integrations._options import WatchOptions
-from gradscope.rules.engine import RuleSpec
-from gradscope.scope import _DEFAULT_HISTORY
-from gradscope.sinks.base import Sink
+from gradscope.options import WatchOptions
 
 try:
     import lightning.pytorch as pl
@@ -80,13 +76,13 @@ class GradscopeCallback(pl.Callback):
             its update). ``None`` watches without an optimizer: statistics are then taken at the end
             of the batch, and neither ``update_ratio`` nor skipped steps are available.
         log_to_logger: write into the trainer's TensorBoard logger when it has one.
-        log_dir: write a separate TensorBoard run here instead.
         val_loss_key: the key of ``trainer.callback_metrics`` holding the validation loss (what your
             ``validation_step`` logs with ``self.log(...)``); it is passed as ``val_loss`` at the first
             recorded optimizer step after each validation run. ``None`` to leave it out.
-        every, flush_every, stats, rules, thresholds, activations, sample_every, on_nonfinite, sinks,
-            history, report_path, histogram_every, histogram_weights, figure_every: as for
-            :func:`gradscope.watch` (``report_path`` is written when training ends, or raises).
+        **options: any option of :func:`gradscope.watch` (``every``, ``rules``, ``report_path``...; see
+            :class:`gradscope.options.WatchOptions`), validated here. ``log_dir`` writes a separate
+            TensorBoard run there instead of the logger's; ``report_path`` is written when training
+            ends, or raises.
 
     Attributes:
         scope: the open :class:`~gradscope.GradScope` during fit, else None.
@@ -101,22 +97,8 @@ class GradscopeCallback(pl.Callback):
         *,
         optimizer_index: int | None = 0,
         log_to_logger: bool = True,
-        log_dir: str | os.PathLike[str] | None = None,
         val_loss_key: str | None = "val_loss",
-        every: int = 1,
-        flush_every: int = 50,
-        stats: Union[str, Iterable[str], None] = None,
-        rules: RuleSpec = "all",
-        thresholds: Mapping[str, Mapping[str, Any]] | None = None,
-        activations: bool = True,
-        sample_every: int = 10,
-        on_nonfinite: str = "record",
-        sinks: Sequence[Union[Sink, str]] = (),
-        history: int | None = _DEFAULT_HISTORY,
-        report_path: str | os.PathLike[str] | None = None,
-        histogram_every: int | None = 100,
-        histogram_weights: bool = False,
-        figure_every: int | None = 1000,
+        **options: Any,
     ) -> None:
         super().__init__()
         if optimizer_index is not None and (
@@ -129,25 +111,14 @@ class GradscopeCallback(pl.Callback):
             raise ConfigurationError(f"Expected `log_to_logger` to be True or False, but got {log_to_logger!r}.")
         if val_loss_key is not None and not isinstance(val_loss_key, str):
             raise ConfigurationError(f"Expected `val_loss_key` to be a metric name or None, but got {val_loss_key!r}.")
-        self.options = WatchOptions(
-            every=every,
-            flush_every=flush_every,
-            stats=stats,
-            rules=rules,
-            thresholds=thresholds,
-            activations=activations,
-            sample_every=sample_every,
-            on_nonfinite=on_nonfinite,
-            sinks=sinks,
-            history=history,
-            report_path=report_path,
-            histogram_every=histogram_every,
-            histogram_weights=histogram_weights,
-            figure_every=figure_every,
-        )
+        if "writer" in options:
+            raise ConfigurationError(
+                "GradscopeCallback writes into the trainer's TensorBoard logger (log_to_logger=True) or into "
+                "`log_dir`; it takes no `writer`."
+            )
+        self.options = WatchOptions(**options)
         self.optimizer_index = optimizer_index
         self.log_to_logger = log_to_logger
-        self.log_dir = log_dir
         self.val_loss_key = val_loss_key
         self.scope: GradScope | None = None
         self.report: Report | None = None
@@ -173,7 +144,7 @@ class GradscopeCallback(pl.Callback):
                 )
             optimizer = trainer.optimizers[self.optimizer_index]
         writer = None
-        if self.log_dir is None and self.log_to_logger:
+        if self.options.log_dir is None and self.log_to_logger:
             writer = _tensorboard_writer(trainer)
         self._optimizer = optimizer
         self._automatic = bool(getattr(pl_module, "automatic_optimization", True))
@@ -181,13 +152,8 @@ class GradscopeCallback(pl.Callback):
         self._losses = []
         self._val_loss = None
         self.report = None
-        self.scope = gradscope.watch(
-            pl_module,
-            optimizer=optimizer,
-            log_dir=self.log_dir if trainer.is_global_zero else None,
-            writer=writer,
-            **self.options.as_kwargs(),
-        )
+        options = self.options.replace(log_dir=self.options.log_dir if trainer.is_global_zero else None, writer=writer)
+        self.scope = gradscope.watch(pl_module, optimizer=optimizer, **options.as_kwargs())
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Record one gradscope step when this batch ended an optimizer step."""

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from gradscope.reference.base import ParamGrads, ReferenceLayer
-from gradscope.registry import register_reference
+from gradscope.reference.registry import register_reference
 
 __all__ = [
     "GELUReference",

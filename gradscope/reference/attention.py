@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from gradscope.errors import UnsupportedLayerError
 from gradscope.reference.activations import softmax_backward
 from gradscope.reference.base import ParamGrads, ReferenceLayer
-from gradscope.registry import register_reference
+from gradscope.reference.registry import register_reference
 
 __all__ = ["MultiheadAttentionReference", "SelfAttention", "SelfAttentionReference"]
 

@@ -22,8 +22,8 @@ from gradscope.errors import ConfigurationError, UnsupportedLayerError
 from gradscope.reference.base import GradientOrSample, LossReference, ParamGrads, ReferenceLayer
 from gradscope.reference.finite_difference import FiniteDifferenceConfig, FiniteDifferenceReference, SampledGradient
 from gradscope.reference.losses import resolve_loss
+from gradscope.reference.registry import REFERENCES
 from gradscope.reference.rng import RngState
-from gradscope.registry import REFERENCES
 
 __all__ = ["BackpropResult", "CallKey", "Node", "Tape", "display_name", "manual_backward", "run_reference"]
 

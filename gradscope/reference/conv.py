@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from gradscope.errors import UnsupportedLayerError
 from gradscope.reference.base import ParamGrads, ReferenceLayer
-from gradscope.registry import register_reference
+from gradscope.reference.registry import register_reference
 
 __all__ = ["ConvReference"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from gradscope.reference.base import ParamGrads, ReferenceLayer
-from gradscope.registry import register_reference
+from gradscope.reference.registry import register_reference
 
 __all__ = ["LinearReference"]
 

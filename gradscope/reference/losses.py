@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from gradscope.errors import ConfigurationError
 from gradscope.reference.activations import log_softmax
 from gradscope.reference.base import LossReference
-from gradscope.registry import REFERENCES, register_reference
+from gradscope.reference.registry import REFERENCES, register_reference
 
 __all__ = [
     "BCEWithLogitsLossReference",

@@ -18,7 +18,7 @@ from torch.nn.modules.utils import _pair
 
 from gradscope.errors import UnsupportedLayerError
 from gradscope.reference.base import ParamGrads, ReferenceLayer
-from gradscope.registry import register_reference
+from gradscope.reference.registry import register_reference
 
 __all__ = ["AdaptiveAvgPoolReference", "AvgPoolReference", "MaxPoolReference", "pool_output_size"]
 

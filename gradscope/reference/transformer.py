@@ -27,7 +27,7 @@ from gradscope.errors import UnsupportedLayerError
 from gradscope.reference.activations import GELUReference, ReLUReference
 from gradscope.reference.base import ParamGrads, ReferenceLayer
 from gradscope.reference.containers import add_gradients
-from gradscope.registry import register_reference
+from gradscope.reference.registry import register_reference
 
 if TYPE_CHECKING:
     from gradscope.reference.backprop import Node

@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gradscope.errors import ConfigurationError
-from gradscope.registry import register_rule
-from gradscope.report import Finding
+from gradscope.findings import Finding
 from gradscope.rules._common import fmt, layer_label, nanmedian, steps_label
 from gradscope.rules.base import Rule, RuleContext
+from gradscope.rules.registry import register_rule
 from gradscope.rules.window import judged_rows, persistent_windows, steps_to_rows, window_rows
 
 __all__ = ["DeadUnits", "SaturatedActivations"]
@@ -50,7 +50,7 @@ class _ActivationRule(Rule):
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Findings visible in the rows added since the last flush (and their look-back window)."""
         schema = ctx.frame.schema
-        skip = set(ctx.extra.get("output_activations", ())) if self.skip_output else set()
+        skip = set(ctx.output_activations) if self.skip_output else set()
         mods = [a for a, k in enumerate(schema.act_kinds) if k in self.kinds and a not in skip]
         reported = getattr(self, "_reported", set())
         self._reported = reported
@@ -58,7 +58,7 @@ class _ActivationRule(Rule):
         if not mods:
             return []
         th = self.thresholds
-        sample_every = int(ctx.extra.get("sample_every", 1))
+        sample_every = ctx.sample_every
         win = steps_to_rows(th["window"], sample_every, minimum=1)
         rows, _ = judged_rows(ctx, win - 1, sampled=True)
         length = window_rows(len(rows), win, final=ctx.final, minimum=int(th["min_samples"]))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from gradscope.errors import ConfigurationError
-from gradscope.report import SEVERITIES, Finding
+from gradscope.findings import SEVERITIES, Finding
 
 if TYPE_CHECKING:
     from gradscope.stats.frame import StatsFrame
@@ -36,7 +36,12 @@ class RuleContext:
             the reverse.
         has_optimizer: whether the scope was given an optimizer.
         final: True at the last flush (``close()``).
-        extra: free-form information from the scope (``{"every": 1, ...}``).
+        every: one step in ``every`` is recorded (``watch(every=...)``).
+        sample_every: the sampled statistics and activations are taken every this many steps.
+        step_count: ``scope.step()`` calls so far (recorded or not).
+        output_activations: indices (into ``frame.schema.act_modules``) of activation modules that run
+            after every parameter layer: output activations, saturated by design in a confident model.
+        extra: free-form information for user rules (gradscope itself passes nothing here).
     """
 
     frame: StatsFrame
@@ -44,6 +49,10 @@ class RuleContext:
     forward_order: list[int]
     has_optimizer: bool = False
     final: bool = False
+    every: int = 1
+    sample_every: int = 1
+    step_count: int = 0
+    output_activations: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gradscope.errors import ConfigurationError
-from gradscope.registry import register_rule
-from gradscope.report import Finding
+from gradscope.findings import Finding
 from gradscope.rules._common import layer_label, steps_label
 from gradscope.rules.base import Rule, RuleContext
+from gradscope.rules.registry import register_rule
 from gradscope.rules.window import steps_to_rows
 
 __all__ = ["NoGradient"]
@@ -80,7 +80,7 @@ class NoGradient(Rule):
             st["since"] = np.where((st["since"] < 0) & (first_missing >= 0), first_missing, st["since"])
             last_missing = np.where(missing.any(axis=0), steps[len(steps) - 1 - np.argmax(missing[::-1], axis=0)], -1)
             st["last"] = np.maximum(st["last"], last_missing)
-        every = int(ctx.extra.get("every", 1))
+        every = ctx.every
         need = steps_to_rows(self.thresholds["window"], every, minimum=1)
         if ctx.final:
             need = min(need, int(self.thresholds["min_steps"]))

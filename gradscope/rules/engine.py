@@ -7,9 +7,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Union
 
 from gradscope.errors import ConfigurationError, GradscopeWarning, RegistryError
-from gradscope.registry import RULES
-from gradscope.report import Finding
+from gradscope.findings import Finding
 from gradscope.rules.base import Rule, RuleContext
+from gradscope.rules.registry import RULES
 
 __all__ = ["RuleEngine", "RuleSpec", "build_rules"]
 
@@ -35,8 +35,6 @@ def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | No
     Raises:
         ConfigurationError: for unknown rule names, thresholds of rules not selected, or bad values.
     """
-    import gradscope.rules  # noqa: F401  (registers the built-in rules)
-
     if spec is None:
         spec = "all"
     if isinstance(spec, str):

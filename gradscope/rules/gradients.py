@@ -12,10 +12,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gradscope.errors import ConfigurationError
-from gradscope.registry import register_rule
-from gradscope.report import Finding
+from gradscope.findings import Finding
 from gradscope.rules._common import fmt, later_max, layer_label, layer_rms_by_depth, nanmedian, steps_label
 from gradscope.rules.base import Rule, RuleContext
+from gradscope.rules.registry import register_rule
 from gradscope.rules.window import (
     dtype_info,
     judged_rows,
@@ -100,7 +100,7 @@ class VanishingGradients(Rule):
         if getattr(self, "_fired", False):
             return []
         th = self.thresholds
-        every = int(ctx.extra.get("every", 1))
+        every = ctx.every
         win = steps_to_rows(th["window"], every, minimum=2)
         rows, _ = judged_rows(ctx, win - 1)
         length = window_rows(len(rows), win, final=ctx.final, minimum=int(th["min_steps"]))
@@ -268,12 +268,12 @@ class ExplodingGradients(Rule):
         if getattr(self, "_fired", False):
             return []
         th = self.thresholds
-        every = int(ctx.extra.get("every", 1))
+        every = ctx.every
         win = steps_to_rows(th["window"], every, minimum=2)
         warm_rows = steps_to_rows(th["warmup"], every, minimum=1)
         valid = np.flatnonzero(~ctx.frame.skipped)
         # look back over a window, the warm-up, and the sampled rows the "above the weights" test needs
-        sample_every = int(ctx.extra.get("sample_every", every))
+        sample_every = ctx.sample_every
         rel_rows = steps_to_rows((int(th["relative_samples"]) - 1) * sample_every, every, minimum=0) + 1
         rows, _ = judged_rows(ctx, max(win, warm_rows, rel_rows) - 1)
         length = window_rows(len(rows), win, final=ctx.final, minimum=int(th["min_steps"]))

@@ -12,10 +12,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from gradscope.errors import ConfigurationError
-from gradscope.registry import register_rule
-from gradscope.report import Finding
+from gradscope.findings import Finding
 from gradscope.rules._common import fmt, steps_label
 from gradscope.rules.base import Rule, RuleContext
+from gradscope.rules.registry import register_rule
 from gradscope.rules.window import layer_sums, steps_to_rows, window_rows
 
 __all__ = ["LossNotDecreasing", "Overfitting"]
@@ -108,7 +108,7 @@ class LossNotDecreasing(Rule):
         th = self.thresholds
         loss = frame.scalar("loss")
         valid = np.flatnonzero(~frame.skipped & np.isfinite(loss))
-        every = int(ctx.extra.get("every", 1))
+        every = ctx.every
         win = steps_to_rows(th["window"], every, minimum=8)
         length = window_rows(len(valid), win, final=ctx.final, minimum=int(th["min_steps"]))
         if length == 0:

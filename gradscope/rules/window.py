@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gradscope.stats.moments import MOMENTS
+from gradscope.stats.moments import MOMENT_INDEX
 
 if TYPE_CHECKING:
     from gradscope.rules.base import RuleContext
@@ -33,7 +33,7 @@ __all__ = [
     "window_rows",
 ]
 
-_M = {name: i for i, name in enumerate(MOMENTS)}
+_M = MOMENT_INDEX
 _MEMBERSHIP: dict[int, tuple[FrameSchema, np.ndarray]] = {}
 
 

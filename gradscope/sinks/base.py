@@ -10,7 +10,8 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from gradscope.capture.layout import ParamInfo, ParamLayout
-    from gradscope.report import Finding, Report
+    from gradscope.findings import Finding
+    from gradscope.report import Report
     from gradscope.stats.frame import StatsFrame
 
 __all__ = ["ScopeInfo", "Sink", "SinkUpdate"]

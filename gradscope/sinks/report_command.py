@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "run"]
+from gradscope.findings import EXIT_USAGE, exit_code
 
-EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
+__all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         if not args.no_html:
-            from gradscope.sinks.html import write_html
+            from gradscope.views.html import write_html
 
             out = Path(args.output) if args.output else _default_output(source)
             write_html(report, out, source=str(source))
@@ -84,4 +84,4 @@ def run(args: argparse.Namespace) -> int:
         print(report)
     if not args.no_html:
         print(f"HTML report: {out}", file=sys.stderr)
-    return EXIT_OK if report.ok else EXIT_UNHEALTHY
+    return exit_code(report.findings)

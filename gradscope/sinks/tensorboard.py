@@ -27,7 +27,6 @@ What lands in the run (tags in :mod:`gradscope.sinks.tags`):
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import time
 from collections.abc import Sequence
@@ -35,56 +34,29 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from gradscope._validate import boolean, optional_positive_int
 from gradscope.errors import ConfigurationError
-from gradscope.registry import register_sink
+from gradscope.findings import Finding, count_errors, jsonable, verdict
 from gradscope.sinks import tags as T
 from gradscope.sinks.base import ScopeInfo, Sink, SinkUpdate
 from gradscope.sinks.histograms import HistogramRows, histogram_rows
+from gradscope.sinks.registry import register_sink
 from gradscope.stats.frame import ACTIVATION_STATISTICS
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from gradscope.capture.layout import ParamInfo
-    from gradscope.report import Finding, Report
+    from gradscope.report import Report
     from gradscope.stats.frame import StatsFrame
 
-__all__ = ["TensorBoardSink", "layer_tag", "tensorboard_options", "verdict_markdown"]
+__all__ = ["TensorBoardSink", "check_writer", "layer_tag", "verdict_markdown"]
 
 layer_tag = T.layer_tag
 
 #: Schema of the ``gradscope/_meta`` and ``gradscope/_report`` records.
 RUN_SCHEMA = "gradscope.run"
 RUN_SCHEMA_VERSION = 1
-
-
-def _optional_positive_int(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ConfigurationError(f"Expected `{name}` to be a positive int or None (off), but got {value!r}.")
-    return int(value)
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigurationError(f"Expected `{name}` to be True or False, but got {value!r}.")
-    return value
-
-
-def tensorboard_options(
-    *, histogram_every: Any = 100, histogram_weights: Any = False, figure_every: Any = 1000
-) -> dict[str, Any]:
-    """Validate the TensorBoard options that ``watch()`` takes; returns them as keyword arguments.
-
-    Raises:
-        ConfigurationError: naming the option and what it expects.
-    """
-    return {
-        "histogram_every": _optional_positive_int("histogram_every", histogram_every),
-        "histogram_weights": _bool("histogram_weights", histogram_weights),
-        "figure_every": _optional_positive_int("figure_every", figure_every),
-    }
 
 
 def _summary_writer(log_dir: str | os.PathLike[str]) -> Any:
@@ -97,7 +69,8 @@ def _summary_writer(log_dir: str | os.PathLike[str]) -> Any:
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def _check_writer(writer: Any) -> None:
+def check_writer(writer: Any) -> None:
+    """Raise ``ConfigurationError`` unless ``writer`` is a ``torch.utils.tensorboard.SummaryWriter``."""
     from torch.utils.tensorboard import SummaryWriter
 
     if not isinstance(writer, SummaryWriter):
@@ -107,12 +80,6 @@ def _check_writer(writer: Any) -> None:
         )
 
 
-def _verdict(report: Report) -> str:
-    if not report.findings:
-        return "healthy"
-    return "unhealthy" if not report.ok else "warnings"
-
-
 def _finding_markdown(f: Finding) -> str:
     where = f"`{f.layer or '(root)'}`" if f.layer is not None else "the model"
     return f"**{f.severity}: {f.kind}** in {where} at step {f.step}\n\n{f.message}\n\n*Try:* {f.suggestion}"
@@ -120,10 +87,10 @@ def _finding_markdown(f: Finding) -> str:
 
 def verdict_markdown(report: Report) -> str:
     """The final verdict as markdown: a headline, the findings table and the text report."""
-    n_err = sum(f.severity == "error" for f in report.findings)
+    n_err = count_errors(report.findings)
     n_warn = len(report.findings) - n_err
     lines = [
-        f"## gradscope: {_verdict(report).upper()}",
+        f"## gradscope: {verdict(report.findings).upper()}",
         "",
         f"{report.meta.get('model', 'model')}, {report.steps} steps: {n_err} error(s), {n_warn} warning(s).",
         "",
@@ -183,23 +150,23 @@ class TensorBoardSink(Sink):
         if (log_dir is None) == (writer is None):
             raise ConfigurationError("TensorBoardSink needs exactly one of `log_dir` or `writer`.")
         if writer is not None:
-            _check_writer(writer)
-        self.histogram_every = _optional_positive_int("histogram_every", histogram_every)
-        self.histogram_weights = _bool("histogram_weights", histogram_weights)
-        bins = _optional_positive_int("histogram_bins", histogram_bins)
+            check_writer(writer)
+        self.histogram_every = optional_positive_int("histogram_every", histogram_every)
+        self.histogram_weights = boolean("histogram_weights", histogram_weights)
+        bins = optional_positive_int("histogram_bins", histogram_bins)
         if bins is None or bins < 2:
             raise ConfigurationError(
                 f"Expected `histogram_bins` to be an int of at least 2, but got {histogram_bins!r}."
             )
         self.histogram_bins = bins
-        self.figure_every = _optional_positive_int("figure_every", figure_every)
-        self.per_param = _bool("per_param", per_param)
+        self.figure_every = optional_positive_int("figure_every", figure_every)
+        self.per_param = boolean("per_param", per_param)
         if stats is not None and (isinstance(stats, str) or not all(isinstance(x, str) for x in stats)):
             raise ConfigurationError(
                 f"Expected `stats` to be a list of statistic names or None (all), but got {stats!r}."
             )
         self.stats = None if stats is None else tuple(stats)
-        self.layout = _bool("layout", layout)
+        self.layout = boolean("layout", layout)
         self._own = writer is None
         self._log_dir = log_dir
         self.writer = writer
@@ -456,7 +423,7 @@ class TensorBoardSink(Sink):
     def _add_figure(self, tag: str, fig: Any, step: int) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        from gradscope.sinks.plots import render_png
+        from gradscope.views.plots import render_png
 
         png, h, w = render_png(fig)
         image = Summary.Image(height=h, width=w, colorspace=4, encoded_image_string=png)
@@ -470,7 +437,7 @@ class TensorBoardSink(Sink):
         return [layers[i] for i in order], order
 
     def _flow_figure(self, frame: StatsFrame) -> Any:
-        from gradscope.sinks.plots import gradient_flow
+        from gradscope.views.plots import gradient_flow
 
         sch = frame.schema
         layers, order = self._depth_layers(frame)
@@ -490,7 +457,7 @@ class TensorBoardSink(Sink):
         )
 
     def _heatmap_figure(self, frame: StatsFrame) -> Any:
-        from gradscope.sinks.plots import norm_heatmap
+        from gradscope.views.plots import norm_heatmap
 
         layers, order = self._depth_layers(frame)
         stat = "l2_norm" if "l2_norm" in frame.schema.stats else frame.schema.stats[0]
@@ -509,7 +476,7 @@ class TensorBoardSink(Sink):
             return
         self._closed = True
         self._pending_hist.clear()
-        from gradscope.report import JSON_SCHEMA, JSON_SCHEMA_VERSION, _jsonable
+        from gradscope.report import JSON_SCHEMA, JSON_SCHEMA_VERSION
         from gradscope.sinks.protos import json_summary, text_summary
 
         step = max(report.steps, 1)
@@ -520,7 +487,7 @@ class TensorBoardSink(Sink):
             "schema": JSON_SCHEMA,
             "version": JSON_SCHEMA_VERSION,
             "ok": report.ok,
-            "meta": _jsonable(report.meta),
+            "meta": jsonable(report.meta),
             "findings": [f.to_dict() for f in report.findings],
             "skipped_steps": list(report.skipped_steps),
             "frozen": list(report.frozen),

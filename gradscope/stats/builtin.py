@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from gradscope.registry import STATISTICS
 from gradscope.stats import functional as F
 from gradscope.stats.base import Statistic
+from gradscope.stats.registry import STATISTICS
 
 __all__ = ["BUILTIN_STATISTICS", "DEFAULT_STATISTICS"]
 

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradscope.stats.moments import MOMENTS
+from gradscope.stats.moments import MOMENT_INDEX, MOMENTS
 
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = ["ACTIVATION_STATISTICS", "FrameSchema", "StatsFrame", "derive"]
 
-_M = {name: i for i, name in enumerate(MOMENTS)}
+_M = MOMENT_INDEX
 
 #: Statistics of activation outputs, recorded on sampled steps (layer = the activation module).
 ACTIVATION_STATISTICS = ("act_zero_fraction", "act_dead_fraction", "act_saturated_fraction")

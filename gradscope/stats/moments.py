@@ -22,6 +22,7 @@ __all__ = [
     "CORE_MOMENTS",
     "GRAD_MOMENTS",
     "MOMENTS",
+    "MOMENT_INDEX",
     "PARAM_MOMENTS",
     "STAT_MOMENTS",
     "MomentPlan",
@@ -30,7 +31,8 @@ __all__ = [
 GRAD_MOMENTS = ("sum", "sumsq", "min", "max", "nnz", "nonfinite")
 PARAM_MOMENTS = ("psumsq", "dsumsq")
 MOMENTS = GRAD_MOMENTS + PARAM_MOMENTS
-M = {name: i for i, name in enumerate(MOMENTS)}
+#: Column of each moment in a ``[..., len(MOMENTS)]`` array: the one definition of the moment index.
+MOMENT_INDEX: dict[str, int] = {name: i for i, name in enumerate(MOMENTS)}
 
 #: Moments taken at every recorded step: one pass over the gradients (the sum of squares), plus the
 #: non-finite count, which costs nothing while every gradient is finite. The others need a pass
@@ -83,6 +85,27 @@ class MomentPlan:
         custom: user statistics, ``(grad, param) -> 0-d tensor``, appended as extra columns.
     """
 
+    #: Built-in statistics the plan serves, the custom ones (name -> how they aggregate per layer), and
+    #: the built-ins taken on sampled steps only; filled by :meth:`for_statistics`.
+    builtin: tuple[str, ...] = ()
+    custom_reduce: dict[str, str]
+    sampled_stats: tuple[str, ...] = ()
+
+    @classmethod
+    def for_statistics(cls, names: Sequence[str]) -> MomentPlan:
+        """The plan that computes the registered statistics ``names`` (built-in and custom)."""
+        from gradscope.stats.registry import STATISTICS
+
+        stats = [STATISTICS.get(s) for s in names]
+        builtin = tuple(s.name for s in stats if s.builtin)
+        custom = [s for s in stats if not s.builtin]
+        moments = sorted({m for s in builtin for m in STAT_MOMENTS[s]})
+        plan = cls(moments, [s.fn for s in custom])
+        plan.builtin = builtin
+        plan.custom_reduce = {s.name: s.reduce for s in custom}
+        plan.sampled_stats = tuple(s for s in builtin if not set(STAT_MOMENTS[s]) <= CORE_MOMENTS)
+        return plan
+
     def __init__(self, moments: Sequence[str], custom: Sequence[Callable[[Tensor, Tensor], Tensor]] = ()) -> None:
         wanted = set(moments)
         unknown = wanted - set(MOMENTS)
@@ -94,6 +117,7 @@ class MomentPlan:
             wanted.add("sumsq")  # the finite flag that gates the exact count
         self.moments = frozenset(wanted)
         self.custom = tuple(custom)
+        self.custom_reduce = {}
         self.n_cols = len(MOMENTS) + len(self.custom)
         self._nan_cache: dict[tuple[int, torch.device], Tensor] = {}
 

@@ -103,15 +103,16 @@ def context(
     frame: StatsFrame, *, new_from: int = 0, final: bool = True, order: Optional[list[int]] = None, **extra: Any
 ) -> RuleContext:
     """A RuleContext over ``frame`` (layers in registration order unless ``order`` is given)."""
-    info = {"every": 1, "sample_every": 1, "steps": int(frame.steps[-1]) if len(frame) else 0}
+    info: dict[str, Any] = {"every": 1, "sample_every": 1, "step_count": int(frame.steps[-1]) if len(frame) else 0}
     info.update(extra)
+    info["output_activations"] = tuple(info.get("output_activations", ()))
     return RuleContext(
         frame=frame,
         new_from=new_from,
         forward_order=order if order is not None else list(range(len(frame.schema.layers))),
         has_optimizer=True,
         final=final,
-        extra=info,
+        **info,
     )
 
 

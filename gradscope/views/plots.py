@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 
 import numpy as np
 
-from gradscope.registry import Registry
-from gradscope.sinks.tables import layer_matrix, layer_order
+from gradscope._registry import Registry
+from gradscope.views.tables import layer_matrix, layer_order
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from gradscope.report import Report
+    from gradscope.views.source import ReportData as Report
 
 __all__ = [
     "PLOTS",
@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 PlotFn = Callable[..., "Figure"]
-PLOTS: Registry[PlotFn] = Registry("plot kind", "@gradscope.sinks.plots.register_plot")
+PLOTS: Registry[PlotFn] = Registry("plot kind", "@gradscope.views.plots.register_plot")
 
 _FLAG = "#d62728"
 _MAX_COLUMNS = 1500  # heat-map columns; longer runs are thinned evenly (the last step is kept)

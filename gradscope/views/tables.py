@@ -17,7 +17,7 @@ import numpy as np
 if TYPE_CHECKING:
     import pandas as pd
 
-    from gradscope.report import Report
+    from gradscope.views.source import ReportData as Report
 
 __all__ = ["CSV_TABLES", "SUMMARY_AGGREGATES", "layer_matrix", "layer_order", "layer_summary", "to_csv"]
 

@@ -20,11 +20,12 @@ import numpy as np
 
 from gradscope._io import atomic_write_text
 from gradscope._version import __version__
+from gradscope.findings import count_errors, verdict
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from gradscope.report import Report
+    from gradscope.views.source import ReportData as Report
 
 __all__ = ["render_html", "worst_layers", "write_html"]
 
@@ -79,14 +80,8 @@ def _num(v: Any) -> str:
     return f"{f:.4g}"
 
 
-def _verdict(report: Report) -> str:
-    if not report.findings:
-        return "healthy"
-    return "unhealthy" if not report.ok else "warnings"
-
-
 def _png(report: Report, kind: str) -> str | None:
-    from gradscope.sinks.plots import plot_report, render_png
+    from gradscope.views.plots import plot_report, render_png
 
     try:
         fig = plot_report(report, kind)
@@ -103,10 +98,10 @@ def worst_layers(report: Report, limit: int = 12) -> pd.DataFrame:
     layer with non-finite gradients comes first among the unflagged ones.
 
     Returns:
-        :func:`~gradscope.sinks.tables.layer_summary` rows (at most ``limit``), with a ``findings``
+        :func:`~gradscope.views.tables.layer_summary` rows (at most ``limit``), with a ``findings``
         column naming the finding kinds of each layer.
     """
-    from gradscope.sinks.tables import layer_summary
+    from gradscope.views.tables import layer_summary
 
     summary = layer_summary(report)
     summary = summary.drop(index=[i for i in summary.index if i == "*"])
@@ -203,10 +198,10 @@ def render_html(report: Report, *, title: str | None = None, source: str | None 
         title: page title; default from the model name.
         source: where the report was read from, shown under the verdict.
     """
-    from gradscope.sinks.plots import PLOTS
+    from gradscope.views.plots import PLOTS
 
-    verdict = _verdict(report)
-    n_err = sum(f.severity == "error" for f in report.findings)
+    word = verdict(report.findings)
+    n_err = count_errors(report.findings)
     n_warn = len(report.findings) - n_err
     model = report.meta.get("model", "model")
     title = title or f"gradscope report: {model}"
@@ -230,8 +225,8 @@ def render_html(report: Report, *, title: str | None = None, source: str | None 
     src = f" &middot; source <code>{_e(source)}</code>" if source else ""
     body = f"""
 <main>
-<div class="verdict {verdict}">
-<h1>{_e(verdict.upper())}: {_e(model)}</h1>
+<div class="verdict {word}">
+<h1>{_e(word.upper())}: {_e(model)}</h1>
 <p>{report.steps} steps &middot; {n_err} error(s) &middot; {n_warn} warning(s){src}</p>
 </div>
 <h2>Findings</h2>
