@@ -3,8 +3,10 @@
 For each workload (the CPU set of ``overhead.py`` and a 51-layer transformer), a scope records one
 flush of 50 steps, then each piece of work the TensorBoard sink does is timed on it:
 
-* scalars: the flush written the way gradscope does it (one event per step) and, for comparison,
-  the way ``add_scalar`` would (one event per value);
+* records: turning the flush's rows into ``(step, tag, value)`` records (``SinkUpdate.records_by_step``),
+  the part every record sink shares (TensorBoard, CSV, ``log_metrics`` loggers);
+* scalars: the flush written the way gradscope does it (records, then one event per step; the records
+  included) and, for comparison, the way ``add_scalar`` would (one event per value);
 * histograms: binning every layer's gradients (done on one step in ``histogram_every`` = 100);
 * figure: rendering the gradient-flow figure (one step in ``figure_every`` = 1000).
 
@@ -39,8 +41,8 @@ import gradscope
 from gradscope.sinks import tags as T
 from gradscope.sinks.base import ScopeInfo, SinkUpdate
 from gradscope.sinks.histograms import histogram_rows
-from gradscope.views.plots import gradient_flow, render_png
 from gradscope.sinks.tensorboard import TensorBoardSink
+from gradscope.views.plots import gradient_flow, render_png
 
 
 def gpt51() -> Workload:
@@ -89,13 +91,17 @@ def measure(wl: Workload, *, steps: int, repeat: int, clock: Callable[[], float]
     frame = scope.frame
     sch = frame.schema
     layers = len(sch.layers)
-    update = SinkUpdate(frame=frame, new_from=0, findings=[], layers_by_depth=scope.layers_by_depth())
     info = ScopeInfo(layout=scope.layout, model_name=wl.name, stats=scope.stat_names, every=1)
+
+    def fresh_update() -> SinkUpdate:
+        # a new update each time: its records are computed once per update, and that is part of the cost
+        return SinkUpdate(frame=frame, new_from=0, findings=[], layers_by_depth=scope.layers_by_depth())
 
     def batched() -> float:
         sink = TensorBoardSink(os.path.join(tmp, f"b{time.perf_counter_ns()}"), histogram_every=None, figure_every=None)
         sink.open(info)
         sink._started = True  # time the scalars, not the one-off layout
+        update = fresh_update()
         t0 = clock()
         sink.write(update)  # ends with writer.flush(): the writer thread's work is done
         spent = clock() - t0
@@ -126,6 +132,7 @@ def measure(wl: Workload, *, steps: int, repeat: int, clock: Callable[[], float]
         "layers": layers,
         "bare": bare,
         "values": values,
+        "records": timed(lambda: fresh_update().records_by_step()) / steps / bare,
         "scalars": statistics.median(batched() for _ in range(repeat)) / steps / bare,
         "add_scalar": timed(per_value, 1) / steps / bare,
         "histograms": timed(lambda: histogram_rows(grads, 64)) / 100 / bare,
@@ -153,14 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("overhead of each piece, as a fraction of the bare training step:")
     print(
-        f"{'workload':<8} {'layers':>6} {'step ms':>8} {'values/flush':>12} {'scalars':>9} {'add_scalar':>11} "
+        f"{'workload':<8} {'layers':>6} {'step ms':>8} {'values/flush':>12} {'records':>8} {'scalars':>9} {'add_scalar':>11} "
         f"{'histograms':>11} {'figure':>8} {'total':>8}"
     )
     for name in args.workloads.split(","):
         r = measure(pool[name], steps=args.steps, repeat=args.repeat, clock=clock, tmp=tmp)
         total = r["scalars"] + r["histograms"] + r["figure"]
         print(
-            f"{name:<8} {r['layers']:>6} {r['bare'] * 1e3:>8.1f} {r['values']:>12} {r['scalars']:>9.2%} "
+            f"{name:<8} {r['layers']:>6} {r['bare'] * 1e3:>8.1f} {r['values']:>12} {r['records']:>8.2%} {r['scalars']:>9.2%} "
             f"{r['add_scalar']:>11.2%} {r['histograms']:>11.2%} {r['figure']:>8.2%} {total:>8.2%}"
         )
         sys.stdout.flush()

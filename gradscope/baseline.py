@@ -119,7 +119,11 @@ class LayerProfile:
     @property
     def log10_std(self) -> float:
         """Sample standard deviation over seeds of log10 of the norm (0 for one seed, no gradient or inf)."""
-        if not self.has_gradient or len(self.norms) < 2 or not all(math.isfinite(v) for v in self.norms):  # type: ignore[arg-type]
+        if (
+            not self.has_gradient
+            or len(self.norms) < 2
+            or not all(v is not None and math.isfinite(v) for v in self.norms)
+        ):
             return 0.0
         return float(self.log10_norms().std(ddof=1))
 
@@ -333,7 +337,7 @@ def _seed_list(seeds: Union[int, Sequence[int]]) -> list[int]:
         return list(range(int(seeds)))
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
         raise ConfigurationError(f"Expected `seeds` to be a positive int or a list of ints, but got {seeds!r}.")
-    out = []
+    out: list[int] = []
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, numbers.Integral):
             raise ConfigurationError(f"Expected every seed in `seeds` to be an int, but got {s!r}.")
@@ -528,8 +532,8 @@ class ProfileComparison:
 
     def worst(self) -> LayerComparison | None:
         """The compared layer with the largest ``|delta|`` relative to its allowance."""
-        scored = [lc for lc in self.layers if lc.delta is not None and lc.allowed]
-        return max(scored, key=lambda lc: abs(lc.delta) / lc.allowed, default=None)  # type: ignore[arg-type,operator]
+        scored = [(abs(lc.delta) / lc.allowed, lc) for lc in self.layers if lc.delta is not None and lc.allowed]
+        return max(scored, key=lambda pair: pair[0])[1] if scored else None
 
     def summary(self) -> str:
         """One line: the verdict and the layers that failed."""

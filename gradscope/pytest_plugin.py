@@ -139,7 +139,7 @@ def _validate_options(item: pytest.Item, options: dict[str, Any]) -> None:
     if "fail_on" in options and options["fail_on"] not in SEVERITIES:
         raise _usage(item, f"expected `fail_on` to be one of {SEVERITIES}, but got {options['fail_on']!r}.")
     tol = options.get("tolerance")
-    if tol is not None and not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and tol >= 0):
+    if tol is not None and not (isinstance(tol, numbers.Real) and not isinstance(tol, bool) and float(tol) >= 0):
         raise _usage(item, f"expected `tolerance` to be a non-negative number (log10 units), but got {tol!r}.")
     if "rules" in options or "thresholds" in options:
         from gradscope.errors import ConfigurationError
@@ -334,10 +334,10 @@ class GradscopeFixture:
         try:
             result = assert_matches_baseline(source, baseline, tolerance=tolerance, **kwargs)
         except GradientHealthError as exc:
-            comparison = exc.report
+            comparison = exc.report if isinstance(exc.report, ProfileComparison) else None
             self._record(
                 CheckRecord(self.nodeid, "baseline", self.fail_on, time.perf_counter() - started, comparison=comparison)
-            )  # type: ignore[arg-type]
+            )
             raise
         self._record(
             CheckRecord(self.nodeid, "baseline", self.fail_on, time.perf_counter() - started, comparison=result)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradscope.stats.moments import MOMENT_INDEX, MOMENTS
+from gradscope.stats.moments import MOMENT_INDEX, MOMENTS, SUM_MOMENTS
 
 __all__ = ["MODES", "SUM_MOMENTS", "DistributedContext", "rank_and_world"]
 
@@ -43,9 +43,6 @@ __all__ = ["MODES", "SUM_MOMENTS", "DistributedContext", "rank_and_world"]
 #: with more than one rank; "local" makes every rank an independent scope (no collectives; DTensor
 #: statistics are then those of the local shard, and every rank writes its own outputs).
 MODES = ("auto", "local")
-
-#: Moments that add up across shards; ``min`` and ``max`` combine by min / max.
-SUM_MOMENTS = ("sum", "sumsq", "nnz", "nonfinite", "psumsq", "dsumsq")
 
 _M = MOMENT_INDEX
 _SUM_COLS = [_M[m] for m in SUM_MOMENTS]
@@ -129,7 +126,7 @@ class DistributedContext:
                 ranks = tuple(tuple(dist.get_process_group_ranks(g)) for g in groups)
                 s = sets.setdefault(ranks, _ShardSet(members=[], groups=groups, ranks=ranks, empty=[]))
                 s.members.append(i)
-                s.empty.append(t.to_local().numel() == 0)  # type: ignore[attr-defined]
+                s.empty.append(t.to_local().numel() == 0)  # type: ignore[attr-defined]  # a DTensor: placements and device_mesh were found above
         return cls(rank=rank, world_size=world, active=active, shard_sets=list(sets.values()), notes=notes)
 
     # -- facts ---------------------------------------------------------------------------------------
@@ -262,28 +259,28 @@ class DistributedContext:
         mean = total / count
         scalars[:, :K] = torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
         for s, red, lo in zip(self.shard_sets, sums, lows):
-            sub = moments.index_select(1, s.index)  # type: ignore[arg-type]
+            sub = moments.index_select(1, s.index)  # type: ignore[arg-type]  # set by _index() before any reduction
             sub[..., len(MOMENTS) :] = float("nan")  # custom statistics of a shard: not the tensor's
             sub[..., _SUM_COLS] = red[..., : len(_SUM_COLS)]
             nan = torch.full_like(sub[..., 0], float("nan"))
             sub[..., _M["min"]] = torch.where(red[..., -2] > 0, nan, lo[..., 0])
             sub[..., _M["max"]] = torch.where(red[..., -1] > 0, nan, -lo[..., 1])
-            moments.index_copy_(1, s.index, sub)  # type: ignore[arg-type]
+            moments.index_copy_(1, s.index, sub)  # type: ignore[arg-type]  # set by _index() before any reduction
         return list(names)
 
     @staticmethod
     def _min_payload(moments: Tensor, s: _ShardSet) -> Tensor:
-        sub = moments.index_select(1, s.index)  # type: ignore[arg-type]
+        sub = moments.index_select(1, s.index)  # type: ignore[arg-type]  # set by _index() before any reduction
         inf = torch.full_like(sub[..., 0], float("inf"))
         # NaN (not measured, or a NaN gradient) and empty local shards must not win the min: NaN is
         # carried by a count in the SUM payload instead.
-        lo = torch.where(torch.isnan(sub[..., _M["min"]]) | s.empty_mask, inf, sub[..., _M["min"]])  # type: ignore[operator]
-        neg_hi = torch.where(torch.isnan(sub[..., _M["max"]]) | s.empty_mask, inf, -sub[..., _M["max"]])  # type: ignore[operator]
+        lo = torch.where(torch.isnan(sub[..., _M["min"]]) | s.empty_mask, inf, sub[..., _M["min"]])  # type: ignore[operator]  # set by _index() before any reduction
+        neg_hi = torch.where(torch.isnan(sub[..., _M["max"]]) | s.empty_mask, inf, -sub[..., _M["max"]])  # type: ignore[operator]  # set by _index() before any reduction
         return torch.stack([lo, neg_hi], dim=-1).contiguous()
 
     @staticmethod
     def _sum_payload(moments: Tensor, s: _ShardSet) -> Tensor:
-        sub = moments.index_select(1, s.index)  # type: ignore[arg-type]
+        sub = moments.index_select(1, s.index)  # type: ignore[arg-type]  # set by _index() before any reduction
         nan_flags = torch.stack([torch.isnan(sub[..., _M["min"]]), torch.isnan(sub[..., _M["max"]])], dim=-1)
         return torch.cat([sub[..., _SUM_COLS], nan_flags.to(sub.dtype)], dim=-1).contiguous()
 

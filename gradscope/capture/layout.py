@@ -112,11 +112,11 @@ class ParamLayout:
         """Enumerate ``model``'s parameters once each (tied parameters included once)."""
         aliases: dict[int, list[str]] = {}
         tensors: dict[int, Tensor] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            if id(p) not in aliases:
-                aliases[id(p)] = []
-                tensors[id(p)] = p
-            aliases[id(p)].append(name)
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if id(param) not in aliases:
+                aliases[id(param)] = []
+                tensors[id(param)] = param
+            aliases[id(param)].append(name)
         params: list[ParamInfo] = []
         watched: list[Tensor] = []
         for key, names in aliases.items():

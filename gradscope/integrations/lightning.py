@@ -16,6 +16,11 @@ the statistics describe the unscaled, clipped, accumulated gradients the optimiz
 ``accumulate_grad_batches=k`` there is one gradscope step per optimizer step (every k batches), and
 ``scope.step`` is called from ``on_train_batch_end`` when ``trainer.global_step`` has advanced. A step
 that the 16-bit GradScaler skips for inf/NaN is recorded as skipped.
+
+Where it writes, on global rank 0: into the run of the trainer's ``TensorBoardLogger`` through its
+``SummaryWriter`` (scalars, histograms, findings, figures), and into every other logger
+(``CSVLogger``, ``MLFlowLogger``, ``WandbLogger``...) through its ``log_metrics``: the scalar records
+(:class:`gradscope.sinks.MetricsLoggerSink`).
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from torch import Tensor
 
 from gradscope.errors import ConfigurationError
 from gradscope.options import WatchOptions
+from gradscope.sinks.metrics import MetricsLoggerSink
 
 try:
     import lightning.pytorch as pl
 except ModuleNotFoundError:  # the older standalone package
     try:
-        import pytorch_lightning as pl  # type: ignore[no-redef]
+        import pytorch_lightning as pl  # type: ignore[no-redef]  # the same API under the older package name
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError(
             "gradscope.integrations.lightning needs PyTorch Lightning: pip install 'gradscope[lightning]' "
@@ -47,14 +53,28 @@ if TYPE_CHECKING:
 __all__ = ["GradscopeCallback"]
 
 
-def _tensorboard_writer(trainer: Any) -> Any:
-    """The ``SummaryWriter`` of the trainer's first TensorBoard logger on global rank 0, else None."""
+def _logger_outputs(trainer: Any, *, own_run: bool) -> tuple[Any, list[MetricsLoggerSink]]:
+    """Where gradscope writes among the trainer's loggers, on global rank 0 (elsewhere: nowhere).
+
+    The first ``TensorBoardLogger`` lends its ``SummaryWriter`` (the full TensorBoard output), unless
+    ``own_run`` (a ``log_dir`` of gradscope's own replaces it); every other logger gets the scalar
+    records through its ``log_metrics``.
+
+    Returns:
+        ``(writer or None, sinks)``.
+    """
     if not trainer.is_global_zero:
-        return None
+        return None, []
+    writer: Any = None
+    sinks: list[MetricsLoggerSink] = []
+    first_tensorboard = True
     for logger in trainer.loggers:
-        if type(logger).__name__ == "TensorBoardLogger":
-            return logger.experiment
-    return None
+        if not isinstance(logger, pl.loggers.TensorBoardLogger):
+            sinks.append(MetricsLoggerSink(logger))
+        elif first_tensorboard:
+            first_tensorboard = False
+            writer = None if own_run else logger.experiment
+    return writer, sinks
 
 
 def _batch_loss(outputs: Any) -> Tensor | None:
@@ -63,26 +83,29 @@ def _batch_loss(outputs: Any) -> Tensor | None:
 
 
 class GradscopeCallback(pl.Callback):
-    """Watches the LightningModule's gradients during ``fit`` and logs into the trainer's TensorBoard run.
+    """Watches the LightningModule's gradients during ``fit`` and logs through the trainer's loggers.
 
     At fit start it calls :func:`gradscope.watch` on the LightningModule with the trainer's optimizer,
     once per optimizer step it calls ``scope.step`` with the step's training loss (the mean over the
     accumulated batches), the learning rate, and the last validation loss when one is new; at fit end
-    (or when fit raises) it closes the scope. Everything lands in the run of the trainer's
-    ``TensorBoardLogger`` (its ``SummaryWriter``), under ``gradscope/...`` tags, on global rank 0.
+    (or when fit raises) it closes the scope. On global rank 0, under ``gradscope/...`` tags:
+    everything lands in the run of the trainer's ``TensorBoardLogger`` (its ``SummaryWriter``), and
+    the statistics and scalars of each step go to every other logger (``CSVLogger``,
+    ``MLFlowLogger``, ``WandbLogger``...) through its ``log_metrics``, at gradscope's step numbers.
 
     Args:
         optimizer_index: which of ``trainer.optimizers`` to watch (statistics are taken right before
             its update). ``None`` watches without an optimizer: statistics are then taken at the end
             of the batch, and neither ``update_ratio`` nor skipped steps are available.
-        log_to_logger: write into the trainer's TensorBoard logger when it has one.
+        log_to_logger: write into the trainer's loggers (False: into none of them; the report is
+            still there).
         val_loss_key: the key of ``trainer.callback_metrics`` holding the validation loss (what your
             ``validation_step`` logs with ``self.log(...)``); it is passed as ``val_loss`` at the first
             recorded optimizer step after each validation run. ``None`` to leave it out.
         **options: any option of :func:`gradscope.watch` (``every``, ``rules``, ``report_path``...; see
             :class:`gradscope.options.WatchOptions`), validated here. ``log_dir`` writes a separate
-            TensorBoard run there instead of the logger's; ``report_path`` is written when training
-            ends, or raises.
+            TensorBoard run there instead of the TensorBoard logger's (other loggers still get the
+            metrics); ``report_path`` is written when training ends, or raises.
 
     Attributes:
         scope: the open :class:`~gradscope.GradScope` during fit, else None.
@@ -113,7 +136,7 @@ class GradscopeCallback(pl.Callback):
             raise ConfigurationError(f"Expected `val_loss_key` to be a metric name or None, but got {val_loss_key!r}.")
         if "writer" in options:
             raise ConfigurationError(
-                "GradscopeCallback writes into the trainer's TensorBoard logger (log_to_logger=True) or into "
+                "GradscopeCallback writes into the trainer's loggers (log_to_logger=True) or into "
                 "`log_dir`; it takes no `writer`."
             )
         self.options = WatchOptions(**options)
@@ -143,16 +166,21 @@ class GradscopeCallback(pl.Callback):
                     "or optimizer_index=None to take statistics at the end of each batch."
                 )
             optimizer = trainer.optimizers[self.optimizer_index]
-        writer = None
-        if self.options.log_dir is None and self.log_to_logger:
-            writer = _tensorboard_writer(trainer)
+        writer: Any = None
+        sinks: list[MetricsLoggerSink] = []
+        if self.log_to_logger:
+            writer, sinks = _logger_outputs(trainer, own_run=self.options.log_dir is not None)
         self._optimizer = optimizer
         self._automatic = bool(getattr(pl_module, "automatic_optimization", True))
         self._global_step = trainer.global_step
         self._losses = []
         self._val_loss = None
         self.report = None
-        options = self.options.replace(log_dir=self.options.log_dir if trainer.is_global_zero else None, writer=writer)
+        options = self.options.replace(
+            log_dir=self.options.log_dir if trainer.is_global_zero else None,
+            writer=writer,
+            sinks=(*self.options.sinks, *sinks),
+        )
         self.scope = gradscope.watch(pl_module, optimizer=optimizer, **options.as_kwargs())
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

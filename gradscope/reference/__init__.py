@@ -2,7 +2,9 @@
 
 Importing this package registers the built-in references. The pieces, in the order data flows:
 
-- :mod:`~gradscope.reference.base`: what a reference is (:class:`ReferenceLayer`, :class:`LossReference`).
+- :mod:`~gradscope.reference.base`: what a reference is (:class:`ReferenceLayer`, :class:`LossReference`),
+  with what it needs below it: :mod:`~gradscope.reference.calls` (what a composite reference sees of the
+  pass) and :mod:`~gradscope.reference.sampled` (a gradient known on a sample of coordinates).
 - one file per layer family: ``linear``, ``conv``, ``embedding``, ``activations``, ``dropout``,
   ``norm``, ``pooling``, ``shape``, ``attention``, ``containers``, ``transformer``, and ``losses``.
 - :mod:`~gradscope.reference.backprop`: the pass that walks the model (:func:`manual_backward`).

@@ -46,6 +46,8 @@ class ReLUReference(ReferenceLayer):
 class LeakyReLUReference(ReferenceLayer):
     """y = x if x > 0 else slope·x; dy/dx = 1 or slope."""
 
+    module: nn.LeakyReLU
+
     def forward(self, x: Tensor) -> Tensor:
         """Compute y = x where x > 0, slope·x elsewhere."""
         self.active = x > 0
@@ -111,6 +113,8 @@ class GELUReference(ReferenceLayer):
     dy/dx = (1 + t)/2 + x/2 (1 - t²) du/dx.
     """
 
+    module: nn.GELU
+
     def forward(self, x: Tensor) -> Tensor:
         """Compute y = GELU(x)."""
         self.x = x
@@ -146,6 +150,8 @@ def softmax_backward(y: Tensor, grad_out: Tensor, dim: int) -> Tensor:
 class SoftmaxReference(ReferenceLayer):
     """yᵢ = exp(xᵢ) / Σⱼ exp(xⱼ) along ``dim``; ∂yᵢ/∂xⱼ = yᵢ (δᵢⱼ - yⱼ)."""
 
+    module: nn.Softmax
+
     def forward(self, x: Tensor) -> Tensor:
         """Softmax along ``dim``, shifted by the maximum so exp cannot overflow (the shift cancels)."""
         self.dim = softmax_dim(self.module.dim, x.dim())
@@ -167,6 +173,8 @@ def log_softmax(x: Tensor, dim: int) -> Tensor:
 @register_reference(nn.LogSoftmax)
 class LogSoftmaxReference(ReferenceLayer):
     """yᵢ = xᵢ - log Σⱼ exp(xⱼ) along ``dim``; ∂yᵢ/∂xⱼ = δᵢⱼ - softmax(x)ⱼ."""
+
+    module: nn.LogSoftmax
 
     def forward(self, x: Tensor) -> Tensor:
         """Log-softmax along ``dim``."""

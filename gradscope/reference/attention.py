@@ -90,6 +90,8 @@ class MultiheadAttentionReference(ReferenceLayer):
     reference (``node.reference``) before its forward, as :class:`SelfAttentionReference` does.
     """
 
+    module: nn.MultiheadAttention
+
     causal: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -170,6 +172,8 @@ class MultiheadAttentionReference(ReferenceLayer):
 @register_reference(SelfAttention)
 class SelfAttentionReference(ReferenceLayer):
     """The wrapped attention's reference, told whether the mask is causal; its gradients are recorded under ``attention``."""
+
+    module: SelfAttention
 
     def forward(self, x: Tensor) -> Tensor:
         """Run ``attention``'s reference as self-attention."""

@@ -20,10 +20,11 @@ from torch import Tensor, nn
 
 from gradscope.errors import ConfigurationError, UnsupportedLayerError
 from gradscope.reference.base import GradientOrSample, LossReference, ParamGrads, ReferenceLayer
-from gradscope.reference.finite_difference import FiniteDifferenceConfig, FiniteDifferenceReference, SampledGradient
+from gradscope.reference.finite_difference import FiniteDifferenceConfig, FiniteDifferenceReference
 from gradscope.reference.losses import resolve_loss
 from gradscope.reference.registry import REFERENCES
 from gradscope.reference.rng import RngState
+from gradscope.reference.sampled import SampledGradient
 
 __all__ = ["BackpropResult", "CallKey", "Node", "Tape", "display_name", "manual_backward", "run_reference"]
 
@@ -32,6 +33,10 @@ CallKey = tuple[str, int]
 
 #: ``masks`` may be keyed by path (the first call) or by ``(path, call)``.
 MaskKey = Union[str, CallKey]
+
+#: Dropout keep masks by :data:`MaskKey`; spelled as a union because a ``Mapping``'s key type is invariant,
+#: so ``{"2": mask}`` is a ``Mapping[str, Tensor]`` and not a ``Mapping[MaskKey, Tensor]``.
+Masks = Union[Mapping[str, Tensor], Mapping[CallKey, Tensor], Mapping[MaskKey, Tensor]]
 
 
 def display_name(key: CallKey) -> str:
@@ -132,14 +137,14 @@ class Tape:
         self,
         model: nn.Module,
         *,
-        masks: Mapping[MaskKey, Tensor] | None = None,
+        masks: Masks | None = None,
         on_unsupported: str = "error",
         finite_difference: FiniteDifferenceConfig | None = None,
         rng_states: Mapping[CallKey, RngState] | None = None,
         resume: Mapping[CallKey, Tensor] | None = None,
     ) -> None:
         self.model = model
-        self.masks = dict(masks or {})
+        self.masks: dict[MaskKey, Tensor] = {key: mask for key, mask in (masks or {}).items()}
         self.on_unsupported = on_unsupported
         self.finite_difference = finite_difference or FiniteDifferenceConfig()
         self.rng_states = dict(rng_states or {})
@@ -350,7 +355,7 @@ def run_reference(
     targets: Any,
     loss_fn: Callable[[Tensor, Any], Tensor],
     *,
-    masks: Mapping[MaskKey, Tensor] | None = None,
+    masks: Masks | None = None,
     on_unsupported: str = "error",
     finite_difference: FiniteDifferenceConfig | None = None,
     rng_states: Mapping[CallKey, RngState] | None = None,
@@ -411,7 +416,7 @@ def manual_backward(
     targets: Any,
     loss_fn: Callable[[Tensor, Any], Tensor],
     *,
-    masks: Mapping[MaskKey, Tensor] | None = None,
+    masks: Masks | None = None,
 ) -> BackpropResult:
     """Backpropagate through ``model`` by hand: every gradient from the references, none from autograd.
 

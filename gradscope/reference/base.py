@@ -19,20 +19,19 @@ Both are registered with ``@gradscope.register_reference(ModuleType)``, keyed by
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 import torch.nn as nn
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from gradscope.reference.backprop import Node, Tape
-    from gradscope.reference.finite_difference import SampledGradient
+from gradscope.reference.calls import CallRecorder, ModuleCall
+from gradscope.reference.sampled import SampledGradient
 
 __all__ = ["GradientOrSample", "LossReference", "ParamGrads", "ReferenceLayer"]
 
 #: What a backward may return for one tensor: the full gradient, or a finite-difference estimate on
 #: a subset of its coordinates (only the finite-difference fallback returns the latter).
-GradientOrSample = Union[Tensor, "SampledGradient"]
+GradientOrSample = Union[Tensor, SampledGradient]
 
 #: Gradients of a module's own parameters, keyed by the parameter's name relative to the module
 #: (``"weight"``, or ``"out_proj.weight"`` for a parameter the reference handles itself).
@@ -57,6 +56,10 @@ class ReferenceLayer(ABC):
             def backward(self, grad_out):
                 return grad_out * (1 - self.y**2), {}  # d tanh(x)/dx = 1 - tanh(x)**2
 
+    A subclass may narrow ``module`` with a class-level annotation (``module: nn.Linear``), so that a type
+    checker knows what it reads: ``self.module.weight`` is then a ``Tensor``, where a plain ``nn.Module``
+    types every attribute as ``Tensor | Module``.
+
     Args:
         module: the module being computed.
         path: its module path in the model (``"encoder.2"``; ``""`` for the model itself).
@@ -66,7 +69,7 @@ class ReferenceLayer(ABC):
             in one forward has two calls).
     """
 
-    def __init__(self, module: nn.Module, *, path: str = "", tape: Tape | None = None, call: int = 0) -> None:
+    def __init__(self, module: nn.Module, *, path: str = "", tape: CallRecorder | None = None, call: int = 0) -> None:
         self.module = module
         self.path = path
         self.call = call
@@ -97,7 +100,7 @@ class ReferenceLayer(ABC):
             :meth:`child` are recorded by their own references and must not appear here.
         """
 
-    def child(self, name: str) -> Node:
+    def child(self, name: str) -> ModuleCall:
         """The reference node of submodule ``name``, for composite references.
 
         Call ``node.forward(x)`` in :meth:`forward` and ``node.backward(grad)`` in :meth:`backward`;

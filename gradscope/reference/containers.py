@@ -76,6 +76,8 @@ class SequentialReference(ReferenceLayer):
 class ResidualReference(ReferenceLayer):
     """y = body(x) + shortcut(x); dL/dx = body's backward(g) + shortcut's backward(g)."""
 
+    module: Residual
+
     def forward(self, x: Tensor) -> Tensor:
         """Run both branches on the same input and add them."""
         self.body = self.child("body")

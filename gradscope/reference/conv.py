@@ -23,14 +23,15 @@ __all__ = ["ConvReference"]
 
 def _pads(module: nn.Conv1d | nn.Conv2d, spatial: int) -> list[tuple[int, int]]:
     """(before, after) zero padding per spatial axis, including ``"same"``'s extra pad at the end."""
-    kernel, dilation = module.kernel_size, module.dilation
-    if module.padding == "valid":
+    kernel, dilation, padding = module.kernel_size, module.dilation, module.padding
+    if not isinstance(padding, str):
+        return [(p, p) for p in padding]
+    if padding == "valid":
         return [(0, 0)] * spatial
-    if module.padding == "same":
-        # PyTorch puts the odd leftover of the total padding d (k - 1) after the input.
-        totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
-        return [(t // 2, t - t // 2) for t in totals]
-    return [(p, p) for p in module.padding]
+    # "same" (nn.Conv accepts no other string): PyTorch puts the odd leftover of the total padding
+    # d (k - 1) after the input.
+    totals = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    return [(t // 2, t - t // 2) for t in totals]
 
 
 @register_reference(nn.Conv1d)
@@ -42,6 +43,8 @@ class ConvReference(ReferenceLayer):
     ``[O, C/G, kh, kw]``, y ``[N, O, Ho, Wo]``. With columns X_g ``[N, C/G·kh·kw, Ho·Wo]`` and
     W_g ``[O/G, C/G·kh·kw]``: y_g = W_g X_g + b, so dW_g = Σₙ g_g X_gᵀ, dX_g = W_gᵀ g_g, db = Σ g.
     """
+
+    module: nn.Conv1d | nn.Conv2d
 
     def forward(self, x: Tensor) -> Tensor:
         """Zero-pad, unfold into columns, multiply by the grouped weight matrix, add the bias."""

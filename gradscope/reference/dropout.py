@@ -22,6 +22,8 @@ __all__ = ["DropoutReference"]
 class DropoutReference(ReferenceLayer):
     """y = x ⊙ m / (1 - p) for a keep mask m; dy/dx = m / (1 - p), the same mask on the way back."""
 
+    module: nn.Dropout
+
     def forward(self, x: Tensor) -> Tensor:
         """Apply the recorded keep mask (training) or nothing (eval, p = 0)."""
         p = float(self.module.p)

@@ -21,6 +21,8 @@ class EmbeddingReference(ReferenceLayer):
     The ``padding_idx`` row gets no gradient. Indices are not differentiable: ``grad_in`` is None.
     """
 
+    module: nn.Embedding
+
     def forward(self, x: Tensor) -> Tensor:
         """Look up one row of the weight per index."""
         m = self.module

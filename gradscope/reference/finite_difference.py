@@ -23,33 +23,9 @@ from torch import Tensor, nn
 
 from gradscope.reference.base import ParamGrads, ReferenceLayer
 from gradscope.reference.rng import RngState, replay_rng
+from gradscope.reference.sampled import SampledGradient
 
 __all__ = ["FiniteDifferenceConfig", "FiniteDifferenceReference", "SampledGradient"]
-
-
-@dataclass(frozen=True)
-class SampledGradient:
-    """A gradient known on some of its coordinates, estimated by central differences.
-
-    Attributes:
-        shape: the shape of the full gradient.
-        indices: ``[k]`` flat (row-major) indices of the coordinates estimated, ascending.
-        values: ``[k]`` the estimates at those coordinates.
-    """
-
-    shape: torch.Size
-    indices: Tensor
-    values: Tensor
-
-    @property
-    def complete(self) -> bool:
-        """True when every coordinate was estimated."""
-        return self.indices.numel() == self.shape.numel()
-
-    def full(self) -> Tensor:
-        """The gradient as a dense tensor (only meaningful when :attr:`complete`)."""
-        dense = torch.zeros(self.shape.numel(), dtype=self.values.dtype, device=self.values.device)
-        return dense.index_copy_(0, self.indices, self.values).reshape(self.shape)
 
 
 @dataclass(frozen=True)

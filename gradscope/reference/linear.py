@@ -19,6 +19,8 @@ class LinearReference(ReferenceLayer):
     position n: one matrix product.
     """
 
+    module: nn.Linear
+
     def forward(self, x: Tensor) -> Tensor:
         """Compute y = x Wᵀ + b."""
         self.x = x

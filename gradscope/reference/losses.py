@@ -92,6 +92,8 @@ def _sum_to(grad: Tensor, shape: torch.Size) -> Tensor:
 class MSELossReference(LossReference):
     """Mean squared error: L = Σ (ŷ - y)² / n (``mean``, n entries) or Σ (ŷ - y)² (``sum``); dL/dŷ = 2 (ŷ - y) / n."""
 
+    loss: nn.MSELoss
+
     def forward(self, output: Tensor, target: Tensor) -> Tensor:
         """Mean or summed squared error; a broadcast target counts every broadcast entry, as PyTorch does."""
         self.output_shape = output.shape
@@ -142,6 +144,8 @@ class CrossEntropyLossReference(LossReference):
     ``mean`` divides by the number of rows.
     """
 
+    loss: nn.CrossEntropyLoss
+
     def forward(self, output: Tensor, target: Tensor) -> Tensor:
         """Log-softmax, then the weighted, smoothed negative log-likelihood."""
         m = self.loss
@@ -156,7 +160,7 @@ class CrossEntropyLossReference(LossReference):
         if target.is_floating_point():  # class probabilities
             q = _classes_last(target) * (1 - eps) + eps / classes
             self.wq = weight * q
-            self.denominator = rows.shape[0] if m.reduction == "mean" else 1
+            self.denominator: Tensor | int = rows.shape[0] if m.reduction == "mean" else 1
             self.grad_rows = self.wq.sum(1, keepdim=True) * self.p - self.wq
             return -(self.wq * logp).sum() / self.denominator
         t = _IndexedTargets(target, m.weight, m.ignore_index, rows)
@@ -180,6 +184,8 @@ class NLLLossReference(LossReference):
     ``mean`` divides by Σ wₜ over the rows not equal to ``ignore_index``.
     """
 
+    loss: nn.NLLLoss
+
     def forward(self, output: Tensor, target: Tensor) -> Tensor:
         """Pick each row's target entry, weight it, negate, reduce."""
         m = self.loss
@@ -202,6 +208,8 @@ class BCEWithLogitsLossReference(LossReference):
     With l = 1 + (pos_weight - 1) t: ℓ = (1 - t) x + l · softplus(-x), softplus(-x) = log(1 + e⁻ˣ) computed
     stably, and dℓ/dx = (1 - t) - l σ(-x), which is σ(x) - t without ``pos_weight``.
     """
+
+    loss: nn.BCEWithLogitsLoss
 
     def forward(self, output: Tensor, target: Tensor) -> Tensor:
         """Weighted mean or sum of the per-entry losses."""

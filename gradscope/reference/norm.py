@@ -9,8 +9,6 @@ helps gradient flow: the gradient reaching x is re-centred and rescaled by 1/σ 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
@@ -20,7 +18,7 @@ from gradscope.reference.registry import register_reference
 __all__ = ["BatchNormReference", "LayerNormReference", "normalize", "normalize_backward"]
 
 
-def normalize(x: Tensor, dims: Sequence[int], eps: float) -> tuple[Tensor, Tensor]:
+def normalize(x: Tensor, dims: tuple[int, ...], eps: float) -> tuple[Tensor, Tensor]:
     """Standardize ``x`` over ``dims`` with the biased variance.
 
     Returns:
@@ -32,7 +30,7 @@ def normalize(x: Tensor, dims: Sequence[int], eps: float) -> tuple[Tensor, Tenso
     return centred * inv_std, inv_std
 
 
-def normalize_backward(grad_hat: Tensor, x_hat: Tensor, inv_std: Tensor, dims: Sequence[int]) -> Tensor:
+def normalize_backward(grad_hat: Tensor, x_hat: Tensor, inv_std: Tensor, dims: tuple[int, ...]) -> Tensor:
     """Backward of x̂ = (x - μ(x)) / σ(x) when μ and σ are statistics of x itself over ``dims``.
 
     With ĝ = dL/dx̂ and means taken over ``dims``: dL/dx = (ĝ - mean(ĝ) - x̂ mean(ĝ x̂)) / σ. The first
@@ -50,6 +48,8 @@ class LayerNormReference(ReferenceLayer):
     Statistics are per sample, so the backward is :func:`normalize_backward` over the same axes; γ and β
     have ``normalized_shape`` and collect their gradients over the leading axes.
     """
+
+    module: nn.LayerNorm
 
     def forward(self, x: Tensor) -> Tensor:
         """Compute y = γ (x - μ) / √(σ² + ε) + β."""
@@ -85,17 +85,21 @@ class BatchNormReference(ReferenceLayer):
     running statistics; they do not enter this step's gradients.
     """
 
+    module: nn.BatchNorm1d | nn.BatchNorm2d
+
     def forward(self, x: Tensor) -> Tensor:
         """Compute y = γ x̂ + β with batch statistics (training) or running statistics (eval)."""
         m = self.module
         self.dims = (0, *range(2, x.dim()))
         channel = (1, -1) + (1,) * (x.dim() - 2)  # broadcast per-channel vectors over N and space
-        self.uses_batch_stats = m.training or m.running_mean is None
-        if self.uses_batch_stats:
+        running_mean, running_var = m.running_mean, m.running_var  # both None when track_running_stats=False
+        if m.training or running_mean is None or running_var is None:
+            self.uses_batch_stats = True
             self.x_hat, self.inv_std = normalize(x, self.dims, m.eps)
         else:
-            self.inv_std = 1.0 / torch.sqrt(m.running_var.reshape(channel) + m.eps)
-            self.x_hat = (x - m.running_mean.reshape(channel)) * self.inv_std
+            self.uses_batch_stats = False
+            self.inv_std = 1.0 / torch.sqrt(running_var.reshape(channel) + m.eps)
+            self.x_hat = (x - running_mean.reshape(channel)) * self.inv_std
         self.weight = m.weight.reshape(channel) if m.weight is not None else None
         y = self.x_hat if self.weight is None else self.x_hat * self.weight
         return y + m.bias.reshape(channel) if m.bias is not None else y

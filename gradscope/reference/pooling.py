@@ -38,6 +38,7 @@ def pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation
 class _WindowedPool(ReferenceLayer):
     """Shared plumbing: pad, unfold into windows ``[N, C, kh·kw, Ho·Wo]``, and fold gradients back."""
 
+    module: nn.MaxPool2d | nn.AvgPool2d
     fill: float = 0.0
 
     def _windows(self, x: Tensor, dilation: tuple[int, int]) -> Tensor:
@@ -94,6 +95,7 @@ class _WindowedPool(ReferenceLayer):
 class MaxPoolReference(_WindowedPool):
     """y = max over each window of x ``[N, C, H, W]``; dy/dx = 1 at the window's (first) argmax, 0 elsewhere."""
 
+    module: nn.MaxPool2d
     fill = -math.inf  # padding must never win a max
 
     def forward(self, x: Tensor) -> Tensor:
@@ -123,6 +125,8 @@ class AvgPoolReference(_WindowedPool):
     The divisor follows PyTorch: the window size clipped to the padded input when
     ``count_include_pad`` is set, the number of real pixels otherwise, or ``divisor_override``.
     """
+
+    module: nn.AvgPool2d
 
     def forward(self, x: Tensor) -> Tensor:
         """Average each window, zero padding included in the sum."""
@@ -163,6 +167,8 @@ def _adaptive_matrix(size: int, out: int) -> Tensor:
 @register_reference(nn.AdaptiveAvgPool2d)
 class AdaptiveAvgPoolReference(ReferenceLayer):
     """y = Pₕ x P_wᵀ over the last two axes of x ``[*, H, W]``; the backward is dx = Pₕᵀ g P_w."""
+
+    module: nn.AdaptiveAvgPool2d
 
     def forward(self, x: Tensor) -> Tensor:
         """Average over the windows PyTorch picks for each output cell."""

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from gradscope.errors import GradientHealthError
-from gradscope.reference.finite_difference import SampledGradient
+from gradscope.reference.sampled import SampledGradient
 
 __all__ = ["GradientComparison", "VerificationReport", "compare"]
 

@@ -18,6 +18,8 @@ __all__ = ["FlattenReference", "IdentityReference"]
 class FlattenReference(ReferenceLayer):
     """Merge dimensions ``start_dim..end_dim``; the backward restores the input shape."""
 
+    module: nn.Flatten
+
     def forward(self, x: Tensor) -> Tensor:
         """``x.flatten(start_dim, end_dim)``."""
         self.shape = x.shape

@@ -18,19 +18,15 @@ path carries g straight from y to x, which is why deep pre-norm stacks train wit
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradscope.errors import UnsupportedLayerError
 from gradscope.reference.activations import GELUReference, ReLUReference
 from gradscope.reference.base import ParamGrads, ReferenceLayer
+from gradscope.reference.calls import ModuleCall
 from gradscope.reference.containers import add_gradients
 from gradscope.reference.registry import register_reference
-
-if TYPE_CHECKING:
-    from gradscope.reference.backprop import Node
 
 __all__ = ["TransformerEncoderLayerReference", "TransformerEncoderReference"]
 
@@ -38,7 +34,7 @@ __all__ = ["TransformerEncoderLayerReference", "TransformerEncoderReference"]
 class _Chain:
     """Nodes applied one after another, with the backward in reverse (a Sequential without a module)."""
 
-    def __init__(self, *nodes: Any) -> None:
+    def __init__(self, *nodes: ModuleCall) -> None:
         self.nodes = nodes
 
     def forward(self, x: Tensor) -> Tensor:
@@ -55,7 +51,7 @@ class _Chain:
 class _Inline:
     """A functional activation (``F.relu``, ``F.gelu``) computed by a reference, recorded nowhere."""
 
-    def __init__(self, reference: ReferenceLayer) -> None:
+    def __init__(self, reference: ReLUReference | GELUReference) -> None:
         self.reference = reference
 
     def forward(self, x: Tensor) -> Tensor:
@@ -68,6 +64,8 @@ class _Inline:
 @register_reference(nn.TransformerEncoderLayer)
 class TransformerEncoderLayerReference(ReferenceLayer):
     """One encoder block on x ``[N, L, E]`` (``batch_first``) or ``[L, N, E]``, called without masks."""
+
+    module: nn.TransformerEncoderLayer
 
     def forward(self, x: Tensor) -> Tensor:
         """Compute h = x + SA(LN₁(x)), y = h + FF(LN₂(h)) (pre-norm), or the post-norm order."""
@@ -96,7 +94,7 @@ class TransformerEncoderLayerReference(ReferenceLayer):
         grad_x_sum = self.norm1.backward(grad_h)
         return add_gradients(grad_x_sum, self.attention.backward(grad_x_sum)), {}
 
-    def _activation(self) -> Node | _Inline:
+    def _activation(self) -> ModuleCall:
         activation = self.module.activation
         if isinstance(activation, nn.Module):
             return self.child("activation")
@@ -114,6 +112,8 @@ class TransformerEncoderLayerReference(ReferenceLayer):
 @register_reference(nn.TransformerEncoder)
 class TransformerEncoderReference(ReferenceLayer):
     """A stack of encoder layers, then the optional final norm; called without masks."""
+
+    module: nn.TransformerEncoder
 
     def forward(self, x: Tensor) -> Tensor:
         """Run ``layers.0`` … ``layers.{n-1}`` and ``norm``."""

@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from gradscope.rules.window import layer_present, layer_sums
-
 if TYPE_CHECKING:
     from gradscope.rules.base import RuleContext
 
@@ -21,23 +19,19 @@ def layer_rms_by_depth(ctx: RuleContext, rows: np.ndarray) -> tuple[np.ndarray, 
     Returns:
         ``(rms [R, L], nonfinite [R, L], names [L])``: RMS over all the layer's entries that had a
         gradient (NaN where none had), the number of non-finite gradient entries, and layer keys.
+        Without ``nonfinite_count`` collected, a layer whose RMS is not finite (or that had no
+        gradient) counts one non-finite entry.
     """
+    frame = ctx.frame
     order = list(ctx.forward_order)
-    sumsq = layer_sums(ctx.frame, "sumsq", rows)[:, order]
-    n = layer_present(ctx.frame, rows)[:, order]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rms = np.sqrt(sumsq / np.where(n > 0, n, np.nan))
-    if "nonfinite" in _moments_of(ctx):
-        nonfinite = layer_sums(ctx.frame, "nonfinite", rows)[:, order]
+    if "nonfinite_count" in frame.schema.stats:
+        values = frame.layer_values_many(["rms", "nonfinite_count"], rows)
+        rms, nonfinite = values["rms"][:, order], values["nonfinite_count"][:, order]
     else:
-        nonfinite = np.where(np.isfinite(sumsq) | np.isnan(n), 0.0, 1.0)
-    names = [ctx.frame.schema.layers[i] for i in order]
+        rms = frame.layer_values("rms", rows)[:, order]
+        nonfinite = np.where(np.isfinite(rms), 0.0, 1.0)
+    names = [frame.schema.layers[i] for i in order]
     return rms, np.nan_to_num(nonfinite, nan=0.0), names
-
-
-def _moments_of(ctx: RuleContext) -> set[str]:
-    # nonfinite_count is the statistic that fills the "nonfinite" moment
-    return {"nonfinite"} if "nonfinite_count" in ctx.frame.schema.stats else set()
 
 
 def nanmedian(values: Any, axis: int | None = None) -> Any:

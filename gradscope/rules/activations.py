@@ -52,8 +52,7 @@ class _ActivationRule(Rule):
         schema = ctx.frame.schema
         skip = set(ctx.output_activations) if self.skip_output else set()
         mods = [a for a, k in enumerate(schema.act_kinds) if k in self.kinds and a not in skip]
-        reported = getattr(self, "_reported", set())
-        self._reported = reported
+        reported = self._reported
         mods = [a for a in mods if a not in reported]
         if not mods:
             return []

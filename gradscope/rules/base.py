@@ -75,8 +75,10 @@ class Rule(ABC):
 
     Subclasses set ``name`` (through ``@register_rule``), ``severity``, ``requires`` (statistic names
     that must be collected), ``defaults`` (threshold name -> default value) and implement
-    :meth:`check`. The docstring of a subclass states the definition, the thresholds and where they
-    come from.
+    :meth:`check`; a rule that keeps state between flushes sets all of it in :meth:`reset`, which the
+    constructor calls. The docstring of a subclass states the definition, the thresholds and where
+    they come from. :meth:`check` reads statistics from ``ctx.frame`` by name
+    (``ctx.frame.layer_values("rms", rows)``).
 
     Args:
         **thresholds: overrides of ``defaults``; unknown names raise ``ConfigurationError``.
@@ -107,12 +109,17 @@ class Rule(ABC):
             values[key] = value
         self.thresholds: dict[str, Any] = values
         self.validate()
+        self.reset()
 
     def validate(self) -> None:  # noqa: B027 - optional hook
         """Check threshold values (override to add range checks); raise ``ConfigurationError``."""
 
     def reset(self) -> None:  # noqa: B027 - optional hook
-        """Forget state kept between flushes (override in stateful rules)."""
+        """Set the state kept between flushes to that of a new run (called by ``__init__``).
+
+        A stateful rule overrides this and sets every attribute of its state here, so :meth:`check`
+        never has to ask whether one exists yet.
+        """
 
     @abstractmethod
     def check(self, ctx: RuleContext) -> list[Finding]:

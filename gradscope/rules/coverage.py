@@ -56,8 +56,7 @@ class NoGradient(Rule):
         """Findings visible in the rows added since the last flush."""
         frame = ctx.frame
         P = len(frame.schema.param_names)
-        if getattr(self, "_state", None) is None:
-            self.reset()
+        if self._state is None:  # sized at the first flush: the rule is built before the model is seen
             self._state = {
                 "ever": np.zeros(P, dtype=bool),
                 "missing": np.zeros(P, dtype=np.int64),
@@ -65,7 +64,6 @@ class NoGradient(Rule):
                 "last": np.full(P, -1, dtype=np.int64),
             }
         st = self._state
-        assert st is not None
         rows = np.flatnonzero((frame.steps > self._last_step) & ~frame.skipped)
         if len(frame):
             self._last_step = max(self._last_step, int(frame.steps[-1]))

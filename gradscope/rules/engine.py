@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
 from gradscope.errors import ConfigurationError, GradscopeWarning, RegistryError
@@ -11,9 +11,27 @@ from gradscope.findings import Finding
 from gradscope.rules.base import Rule, RuleContext
 from gradscope.rules.registry import RULES
 
-__all__ = ["RuleEngine", "RuleSpec", "build_rules"]
+__all__ = ["RuleEngine", "RuleSelection", "RuleSpec", "build_rules"]
 
 RuleSpec = Union[str, Iterable[Union[str, Rule]], None]
+
+
+class RuleSelection(list[Rule]):
+    """The rules :func:`build_rules` selected, in order, and which of them were selected only through ``"all"``.
+
+    A list of rules, so it goes wherever one does. ``implicit`` names the rules that ``"all"`` brought
+    in without the user naming them (nor giving them thresholds): :class:`RuleEngine` leaves those out
+    quietly when the scope does not collect what they read, and raises for the others. A plain list
+    of rules has none.
+
+    Args:
+        rules: the rule instances.
+        implicit: names of the rules selected only through ``"all"``.
+    """
+
+    def __init__(self, rules: Iterable[Rule] = (), implicit: Iterable[str] = ()) -> None:
+        super().__init__(rules)
+        self.implicit: frozenset[str] = frozenset(implicit)
 
 
 def _rule_class(name: str) -> type[Rule]:
@@ -23,7 +41,7 @@ def _rule_class(name: str) -> type[Rule]:
         raise ConfigurationError(str(exc)) from None
 
 
-def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | None = None) -> list[Rule]:
+def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | None = None) -> RuleSelection:
     """Instantiate the rules a scope runs.
 
     Args:
@@ -31,6 +49,9 @@ def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | No
             :class:`Rule` instances. A name prefixed with ``-`` removes that rule, so
             ``["all", "-overfitting"]`` runs every rule but one.
         thresholds: ``{rule name: {threshold: value}}`` overrides.
+
+    Returns:
+        The rules, with the names of those selected only through ``"all"`` (:class:`RuleSelection`).
 
     Raises:
         ConfigurationError: for unknown rule names, thresholds of rules not selected, or bad values.
@@ -88,26 +109,30 @@ def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | No
             raise ConfigurationError(
                 f"Rule {name!r} was passed as an instance and has thresholds in `thresholds` too; set them in one place."
             )
-    rules: list[Rule] = []
-    for name, instance in chosen.items():
-        if instance is not None:
-            rules.append(instance)  # the user's own object: never marked
-            continue
-        rule = _rule_class(name)(**dict(thresholds.get(name, {})))
-        # Built here only because of "all": left out quietly when the scope lacks what it reads.
-        rule._implicit = name not in named and name not in thresholds
-        rules.append(rule)
-    return rules
+    rules = [
+        instance if instance is not None else _rule_class(name)(**dict(thresholds.get(name, {})))
+        for name, instance in chosen.items()
+    ]
+    # Built only because of "all" (not named, no thresholds, not the user's own object): left out
+    # quietly when the scope lacks what they read.
+    explicit = named | set(thresholds)
+    implicit = [name for name, instance in chosen.items() if instance is None and name not in explicit]
+    return RuleSelection(rules, implicit)
 
 
 class RuleEngine:
     """Runs rules at each flush and keeps the findings, one per (kind, layer), at their first step.
 
     A rule that raises is reported as a warning and switched off: monitoring never crashes training.
+
+    Args:
+        rules: the rules to run; from :func:`build_rules`, a :class:`RuleSelection` that says which
+            were selected only through ``"all"``.
     """
 
-    def __init__(self, rules: list[Rule]) -> None:
-        self.rules = rules
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self.rules = list(rules)
+        self._implicit = rules.implicit if isinstance(rules, RuleSelection) else frozenset()
         self.findings: list[Finding] = []
         self.errors: list[str] = []
         self.inactive: list[str] = []  # rules from "all" left out: the scope does not collect what they read
@@ -125,7 +150,7 @@ class RuleEngine:
         for rule in self.rules:
             missing = [s for s in rule.requires if s not in have]
             lacks_acts = rule.requires_activations and not activations
-            if (missing or lacks_acts) and getattr(rule, "_implicit", False):
+            if (missing or lacks_acts) and rule.name in self._implicit:
                 need = ", ".join(missing) if missing else "activation statistics"
                 self.inactive.append(f"{rule.name} (needs {need})")
                 continue
@@ -165,11 +190,3 @@ class RuleEngine:
         self.findings.extend(new)
         self.findings.sort(key=lambda f: f.step)
         return new
-
-    def reset(self) -> None:
-        """Forget findings and rule state."""
-        self.findings.clear()
-        self._seen.clear()
-        self._broken.clear()
-        for rule in self.rules:
-            rule.reset()

@@ -1,7 +1,7 @@
 """Rules about the size of the gradients: vanishing, exploding and non-finite.
 
-All three read the per-layer gradient sum of squares (``l2_norm``/``rms``) and non-finite counts,
-which are recorded at every recorded step, so they see every step the optimizer took. Layers are
+All three read the per-layer gradient ``rms``, the global ``l2_norm`` and ``nonfinite_count``, which
+are recorded at every recorded step, so they see every step the optimizer took. Layers are
 compared in depth (forward) order; "first in backward order" is the layer nearest the loss.
 """
 
@@ -16,15 +16,7 @@ from gradscope.findings import Finding
 from gradscope.rules._common import fmt, later_max, layer_label, layer_rms_by_depth, nanmedian, steps_label
 from gradscope.rules.base import Rule, RuleContext
 from gradscope.rules.registry import register_rule
-from gradscope.rules.window import (
-    dtype_info,
-    judged_rows,
-    layer_present,
-    layer_sums,
-    persistent_windows,
-    steps_to_rows,
-    window_rows,
-)
+from gradscope.rules.window import dtype_info, judged_rows, persistent_windows, steps_to_rows, window_rows
 
 __all__ = ["ExplodingGradients", "NonfiniteGradients", "VanishingGradients"]
 
@@ -97,7 +89,7 @@ class VanishingGradients(Rule):
 
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Findings visible in the rows added since the last flush (and their look-back window)."""
-        if getattr(self, "_fired", False):
+        if self._fired:
             return []
         th = self.thresholds
         every = ctx.every
@@ -180,11 +172,10 @@ def _pow10(x: float) -> float:
         return float(np.power(10.0, x))
 
 
-def _log_global(rms: np.ndarray, n: np.ndarray, nonfinite: np.ndarray) -> np.ndarray:
-    """log10 of the global gradient L2 norm per row; NaN for rows holding non-finite gradients."""
+def _log_global(norm: np.ndarray, nonfinite: np.ndarray) -> np.ndarray:
+    """log10 of the global gradient L2 norm ``norm [R]``; NaN for rows holding non-finite gradients (``[R, L]``)."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        sumsq = np.nansum(np.where(np.isnan(rms), 0.0, rms * rms * n), axis=1)
-        out = 0.5 * np.log10(sumsq)
+        out = np.log10(norm)
     out = np.where(np.isinf(out) & (out > 0), _LOG_OVERFLOW, out)
     return np.where(nonfinite.sum(axis=1) > 0, np.nan, out)
 
@@ -265,7 +256,7 @@ class ExplodingGradients(Rule):
 
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Findings visible in the rows added since the last flush (and their look-back window)."""
-        if getattr(self, "_fired", False):
+        if self._fired:
             return []
         th = self.thresholds
         every = ctx.every
@@ -280,11 +271,10 @@ class ExplodingGradients(Rule):
         if length == 0:
             return []
         rms, nonfinite, names = layer_rms_by_depth(ctx, rows)
-        numel = layer_present(ctx.frame, rows)[:, list(ctx.forward_order)]
-        lg = _log_global(rms, numel, nonfinite)
+        lg = _log_global(ctx.frame.global_values("l2_norm", rows), nonfinite)
         pos = np.searchsorted(valid, rows)  # position of each judged row among all judged rows of the run
         # The warm-up level, measured once from full-resolution rows (a bounded frame thins old rows later).
-        w0 = getattr(self, "_w0", None)
+        w0 = self._w0
         if w0 is None:
             w0, complete = self._warmup_level(ctx, valid, warm_rows)
             if complete:
@@ -393,8 +383,8 @@ class ExplodingGradients(Rule):
         head = valid[:span]
         if len(head) == 0:
             return None, False
-        rms, nonfinite, _ = layer_rms_by_depth(ctx, head)
-        lg = _log_global(rms, layer_present(ctx.frame, head)[:, list(ctx.forward_order)], nonfinite)
+        _, nonfinite, _ = layer_rms_by_depth(ctx, head)
+        lg = _log_global(ctx.frame.global_values("l2_norm", head), nonfinite)
         ok = np.flatnonzero(np.isfinite(lg))[:n_rows]
         complete = len(ok) >= n_rows or len(head) >= span
         return (float(np.median(lg[ok])) if len(ok) else None), complete
@@ -444,13 +434,12 @@ class ExplodingGradients(Rule):
         srows, _ = judged_rows(ctx, n - 1, sampled=True)  # its own look-back: n - 1 earlier sampled rows
         if len(srows) < n:
             return None
-        g2 = layer_sums(ctx.frame, "sumsq", srows)
-        w2 = layer_sums(ctx.frame, "psumsq", srows)
+        frame = ctx.frame
         with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = np.sqrt(np.nansum(g2, axis=1) / np.nansum(w2, axis=1))
+            ratio = frame.global_values("l2_norm", srows) / frame.global_values("param_norm", srows)
         ok = np.isfinite(ratio)
-        if "nonfinite_count" in ctx.frame.schema.stats:
-            ok &= np.nan_to_num(layer_sums(ctx.frame, "nonfinite", srows), nan=0.0).sum(axis=1) == 0
+        if "nonfinite_count" in frame.schema.stats:
+            ok &= np.nan_to_num(frame.global_values("nonfinite_count", srows), nan=0.0) == 0
         runs = persistent_windows(ok & (ratio >= th["relative"]), n, 1.0)
         if not runs.any():
             return None
@@ -541,7 +530,7 @@ class NonfiniteGradients(Rule):
 
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Findings visible in the rows added since the last flush (and their look-back window)."""
-        if getattr(self, "_fired", False):
+        if self._fired:
             return []
         rows, _ = judged_rows(ctx, 0)
         if len(rows) == 0:

@@ -16,7 +16,7 @@ from gradscope.findings import Finding
 from gradscope.rules._common import fmt, steps_label
 from gradscope.rules.base import Rule, RuleContext
 from gradscope.rules.registry import register_rule
-from gradscope.rules.window import layer_sums, steps_to_rows, window_rows
+from gradscope.rules.window import steps_to_rows, window_rows
 
 __all__ = ["LossNotDecreasing", "Overfitting"]
 
@@ -102,7 +102,7 @@ class LossNotDecreasing(Rule):
 
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Findings visible in the rows added since the last flush (and their look-back window)."""
-        if getattr(self, "_fired", False) or "loss" not in ctx.frame.scalar_names:
+        if self._fired or "loss" not in ctx.frame.scalar_names:
             return []
         frame = ctx.frame
         th = self.thresholds
@@ -117,12 +117,12 @@ class LossNotDecreasing(Rule):
         half = length // 2
         # The run's start, measured once while its first rows are still at full resolution (a bounded
         # frame thins old rows later); a short run judged at its end uses what it has.
-        start = getattr(self, "_start", None)
-        if start is None or start[0] != length:
-            start = (length, float(np.median(vals[:half])), _noise(vals[:length]))
+        run_start = self._start
+        if run_start is None or run_start[0] != length:
+            run_start = (length, float(np.median(vals[:half])), _noise(vals[:length]))
             if len(vals) >= win:
-                self._start = start
-        _, base, base_noise = start
+                self._start = run_start
+        _, base, base_noise = run_start
         z, dec = th["z"], th["decrease"]
         # windows not judged before: those ending at a row added by this flush
         new_pos = int(np.searchsorted(valid, ctx.new_from))
@@ -184,10 +184,7 @@ class LossNotDecreasing(Rule):
         sampled = rows[frame.sampled[rows]]
         if len(sampled) < 2:
             return False
-        d = np.nansum(layer_sums(frame, "dsumsq", sampled), axis=1)
-        w = np.nansum(layer_sums(frame, "psumsq", sampled), axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = np.sqrt(d / w)
+        ratio = frame.global_values("update_ratio", sampled)
         ratio = ratio[np.isfinite(ratio)]
         if len(ratio) < 2:
             return False
@@ -243,13 +240,12 @@ class Overfitting(Rule):
         self._t: list[float] = []  # training loss (median since the previous validation) at each
         self._vsteps: list[int] = []
         self._best = (np.inf, -1)  # lowest centred median of three among evaluations 0..k-2, and where
-        self._run = 0
+        self._run = 0  # consecutive validations at which the condition held
+        self._episode = (0, 0, np.inf)  # (first validation of the current run, its best's index, best value)
 
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Findings visible in the rows added since the last flush (and their look-back window)."""
         frame = ctx.frame
-        if not hasattr(self, "_v"):
-            self.reset()
         if self._fired or "val_loss" not in frame.scalar_names or "loss" not in frame.scalar_names:
             return []
         th = self.thresholds

@@ -1,10 +1,11 @@
-"""Windowed views of a frame for rules: layer aggregates over a range of rows, and persistence tests.
+"""Windows for rules: which rows to judge at a flush, and persistence tests over them.
 
 Rules run at every flush, and a run can have many thousands of recorded rows. Recomputing every
 statistic over the whole history at each flush would make a flush cost grow with the run, so rules
-read only the rows they still have to judge (the new rows plus one window of look-back) through
-:func:`judged_rows`, and aggregate parameters into layers with one matrix product
-(:func:`layer_sums`) rather than a Python loop over layers.
+read only the rows they still have to judge (the new rows plus one window of look-back, from
+:func:`judged_rows`), and ask the frame for statistics at those rows by name
+(``ctx.frame.layer_values("rms", rows)``, ``ctx.frame.global_values("l2_norm", rows)``), which
+aggregates every layer at once.
 
 Everything here is NumPy on the host.
 """
@@ -15,40 +16,18 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gradscope.stats.moments import MOMENT_INDEX
-
 if TYPE_CHECKING:
     from gradscope.rules.base import RuleContext
-    from gradscope.stats.frame import FrameSchema, StatsFrame
+    from gradscope.stats.frame import FrameSchema
 
 __all__ = [
     "dtype_info",
     "judged_rows",
-    "layer_present",
-    "layer_sums",
-    "layer_trainable",
     "persistent_windows",
     "rolling_count",
     "steps_to_rows",
     "window_rows",
 ]
-
-_M = MOMENT_INDEX
-_MEMBERSHIP: dict[int, tuple[FrameSchema, np.ndarray]] = {}
-
-
-def _membership(schema: FrameSchema) -> np.ndarray:
-    """One-hot ``[P, L]`` matrix: parameter ``p`` belongs to layer ``l`` (cached per schema)."""
-    hit = _MEMBERSHIP.get(id(schema))
-    if hit is not None and hit[0] is schema:
-        return hit[1]
-    m = np.zeros((len(schema.param_names), len(schema.layers)))
-    for li, members in enumerate(schema.layer_members):
-        m[members, li] = 1.0
-    if len(_MEMBERSHIP) > 32:
-        _MEMBERSHIP.clear()
-    _MEMBERSHIP[id(schema)] = (schema, m)
-    return m
 
 
 def steps_to_rows(steps: int, every: int, minimum: int = 1) -> int:
@@ -79,39 +58,6 @@ def judged_rows(ctx: RuleContext, lookback: int, *, sampled: bool = False) -> tu
     pos = int(np.searchsorted(valid, ctx.new_from))
     lo = max(0, pos - max(0, int(lookback)))
     return valid[lo:], pos - lo
-
-
-def layer_sums(frame: StatsFrame, moment: str, rows: np.ndarray) -> np.ndarray:
-    """Sum of a moment over each layer's parameters that had a gradient, ``[R, L]``.
-
-    NaN where no parameter of the layer had a gradient at that row.
-    """
-    has = frame.has_grad[rows]
-    vals = np.where(has, frame.moments[rows][:, :, _M[moment]], 0.0)
-    member = _membership(frame.schema)
-    finite = np.isfinite(vals)
-    out = np.where(finite, vals, 0.0) @ member
-    if not finite.all():
-        # In the product NaN * 0 would spread a non-finite value to every layer: count them apart.
-        nan = (np.isnan(vals).astype(np.float64) @ member) > 0
-        pinf = ((vals == np.inf).astype(np.float64) @ member) > 0
-        ninf = ((vals == -np.inf).astype(np.float64) @ member) > 0
-        out = np.where(pinf, np.inf, out)
-        out = np.where(ninf, -np.inf, out)
-        out = np.where(nan | (pinf & ninf), np.nan, out)
-    present = (has.astype(np.float64) @ member) > 0
-    return np.where(present, out, np.nan)
-
-
-def layer_present(frame: StatsFrame, rows: np.ndarray) -> np.ndarray:
-    """Element count of each layer's parameters that had a gradient, ``[R, L]`` (0 when none)."""
-    has = frame.has_grad[rows].astype(np.float64)
-    return (has * frame.schema.numels[None, :]) @ _membership(frame.schema)
-
-
-def layer_trainable(frame: StatsFrame, rows: np.ndarray) -> np.ndarray:
-    """Whether any parameter of each layer required a gradient, ``[R, L]``."""
-    return (frame.trainable[rows].astype(np.float64) @ _membership(frame.schema)) > 0
 
 
 def dtype_info(schema: FrameSchema) -> tuple[np.ndarray, np.ndarray]:

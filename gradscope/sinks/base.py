@@ -1,10 +1,25 @@
-"""The Sink contract: where statistics and findings go at each flush."""
+"""The Sink contract: where statistics and findings go at each flush.
+
+A sink gets a :class:`SinkUpdate` at every flush. Most sinks need only its records (``step``,
+``tag``, ``value``; see :mod:`gradscope.sinks.records`) and its findings, so a sink for another
+tracker is a few lines::
+
+    from gradscope.sinks import Sink
+
+    class PrintSink(Sink):
+        def write(self, update):
+            for r in update.records():
+                print(r.step, r.tag, r.value)
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from gradscope.sinks.records import Record, StepRecords, scalar_records
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -14,7 +29,7 @@ if TYPE_CHECKING:
     from gradscope.report import Report
     from gradscope.stats.frame import StatsFrame
 
-__all__ = ["ScopeInfo", "Sink", "SinkUpdate"]
+__all__ = ["Record", "ScopeInfo", "Sink", "SinkUpdate", "StepRecords"]
 
 
 @dataclass
@@ -33,6 +48,9 @@ class ScopeInfo:
 class SinkUpdate:
     """One flush: rows ``frame.steps[new_from:]`` are new, and so are ``findings``.
 
+    The same update goes to every sink of the scope; its records are computed at the first request
+    and shared (per selection of ``stats`` and ``per_param``).
+
     Attributes:
         frame: all recorded rows (host arrays).
         new_from: first new row.
@@ -46,13 +64,41 @@ class SinkUpdate:
     findings: list[Finding]
     layers_by_depth: list[str]
     final: bool = False
+    _records: dict[tuple[tuple[str, ...] | None, bool], list[StepRecords]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def records_by_step(self, *, stats: Sequence[str] | None = None, per_param: bool = False) -> list[StepRecords]:
+        """The scalar records of the new rows, one group per step, in step order.
+
+        Every collected statistic per layer and for the model, the activation statistics, and the
+        scalars passed to ``scope.step``; NaN values, skipped optimizer steps (but for their scalars)
+        and sampled statistics on other steps are left out. Tags are those of
+        :mod:`gradscope.sinks.tags`; see :mod:`gradscope.sinks.records`.
+
+        Args:
+            stats: statistics to include (gradient and activation); None: all. Scalars always are.
+            per_param: also one record per parameter (``gradscope/<stat>/<layer>/<param>``).
+        """
+        key = (None if stats is None else tuple(stats), bool(per_param))
+        groups = self._records.get(key)
+        if groups is None:
+            groups = self._records[key] = scalar_records(self.frame, self.new_from, stats=key[0], per_param=key[1])
+        return groups
+
+    def records(self, *, stats: Sequence[str] | None = None, per_param: bool = False) -> Iterator[Record]:
+        """The records of :meth:`records_by_step`, one :class:`Record` per value, step by step."""
+        for group in self.records_by_step(stats=stats, per_param=per_param):
+            yield from group.records()
 
 
 class Sink(ABC):
     """Base class of outputs. Register subclasses with ``@gradscope.register_sink(name)``.
 
-    Optional dependencies are imported inside the sink, with an error naming the package to install.
-    ``close()`` must be safe to call twice.
+    ``write`` receives each flush; read what is new with ``update.records()`` (or
+    ``update.records_by_step()``) and ``update.findings``, and leave the output on disk when it
+    returns: the process may die before the next flush. Optional dependencies are imported inside the
+    sink, with an error naming the package to install. ``close()`` must be safe to call twice.
     """
 
     def open(self, info: ScopeInfo) -> None:  # noqa: B027 - optional hook
@@ -67,9 +113,6 @@ class Sink(ABC):
     @abstractmethod
     def write(self, update: SinkUpdate) -> None:
         """Write what is new at a flush."""
-
-    def flush(self) -> None:  # noqa: B027 - optional hook
-        """Push buffered output to disk."""
 
     def close(self, report: Report) -> None:  # noqa: B027 - optional hook
         """Write the final verdict and release files (idempotent)."""

@@ -10,6 +10,7 @@ custom-scalars layout, gradscope's JSON records) the way TensorBoard's plugins e
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 __all__ = ["json_summary", "layout_summary_proto", "scalars_summary", "text_summary"]
 
@@ -31,14 +32,14 @@ def _string_tensor_summary(tag: str, plugin_name: str, payload: bytes) -> object
     return Summary(value=[Summary.Value(tag=tag, tensor=tensor, metadata=meta)])
 
 
-def layout_summary_proto(layout: object) -> object:
+def layout_summary_proto(layout: Any) -> object:
     """The ``Summary`` that carries a custom-scalars ``Layout`` (what the Custom Scalars plugin reads)."""
     from tensorboard.plugins.custom_scalar import metadata
 
     return _string_tensor_summary(
         metadata.CONFIG_SUMMARY_TAG,
         metadata.PLUGIN_NAME,
-        layout.SerializeToString(),  # type: ignore[attr-defined]
+        layout.SerializeToString(),
     )
 
 

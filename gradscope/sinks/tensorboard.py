@@ -5,9 +5,9 @@ What lands in the run (tags in :mod:`gradscope.sinks.tags`):
 * **scalars**: every collected statistic per layer (``gradscope/<stat>/<layer>``) and for the whole
   model (``gradscope/<stat>/_model``; ``gradscope/l2_norm/_model`` is the global gradient norm), the
   activation statistics per activation module, and the scalars passed to ``scope.step``
-  (``gradscope/scalar/loss``...). Steps and values are those of ``report.stats`` (stored as float32,
-  TensorBoard's scalar type) but for NaN values, which are not written; skipped optimizer steps are
-  left out, as in ``report.stats``.
+  (``gradscope/scalar/loss``...): the records of :mod:`gradscope.sinks.records`, whose steps and
+  values are those of ``report.stats`` (stored as float32, TensorBoard's scalar type) but for NaN
+  values, which are not written; skipped optimizer steps are left out, as in ``report.stats``.
   Per-parameter tags (``gradscope/<stat>/<layer>/<param>``) with ``per_param=True``. All the values
   of a step go into one event (see :mod:`gradscope.sinks.protos`); never ``add_scalars``.
 * a **custom-scalars layout** (:mod:`gradscope.sinks.layout`), written at the first flush.
@@ -40,6 +40,7 @@ from gradscope.findings import Finding, count_errors, jsonable, verdict
 from gradscope.sinks import tags as T
 from gradscope.sinks.base import ScopeInfo, Sink, SinkUpdate
 from gradscope.sinks.histograms import HistogramRows, histogram_rows
+from gradscope.sinks.records import check_stat_selection, stat_selection
 from gradscope.sinks.registry import register_sink
 from gradscope.stats.frame import ACTIVATION_STATISTICS
 
@@ -115,7 +116,8 @@ class TensorBoardSink(Sink):
     Args:
         log_dir: folder of the run; or
         writer: your own ``torch.utils.tensorboard.SummaryWriter``: gradscope writes into its run and
-            flushes it, but never closes it.
+            flushes it, but never closes it. Closed before ``scope.close()``, it is replaced by a
+            writer of gradscope's own on the same folder (a second event file of the same run).
         histogram_every: histograms of gradients on the first recorded step of every this many steps;
             None: no histograms.
         histogram_weights: also histograms of the weights, on the same steps.
@@ -161,11 +163,7 @@ class TensorBoardSink(Sink):
         self.histogram_bins = bins
         self.figure_every = optional_positive_int("figure_every", figure_every)
         self.per_param = boolean("per_param", per_param)
-        if stats is not None and (isinstance(stats, str) or not all(isinstance(x, str) for x in stats)):
-            raise ConfigurationError(
-                f"Expected `stats` to be a list of statistic names or None (all), but got {stats!r}."
-            )
-        self.stats = None if stats is None else tuple(stats)
+        self.stats = stat_selection("TensorBoardSink", stats)
         self.layout = boolean("layout", layout)
         self._own = writer is None
         self._log_dir = log_dir
@@ -194,20 +192,33 @@ class TensorBoardSink(Sink):
 
     def open(self, info: ScopeInfo) -> None:
         """Check ``stats`` against what the scope collects; create the writer (when given a folder)."""
-        if self.stats is not None:
-            known = (*info.stats, *ACTIVATION_STATISTICS)
-            unknown = [s for s in self.stats if s not in known]
-            if unknown:
-                raise ConfigurationError(
-                    f"TensorBoardSink(stats=...) names {', '.join(map(repr, unknown))}, which this scope does not "
-                    f"collect. Choose among: {', '.join(known)}."
-                )
+        check_stat_selection("TensorBoardSink", self.stats, info.stats)
         if self.writer is None:
-            self.writer = _summary_writer(self._log_dir)  # type: ignore[arg-type]
+            assert self._log_dir is not None  # __init__ takes exactly one of log_dir and writer
+            self.writer = _summary_writer(self._log_dir)
         self._info = info
 
     def _file_writer(self) -> Any:
-        return self.writer._get_file_writer()  # torch's SummaryWriter: the one event file of the run
+        """The writer's own event file writer (the one file of the run).
+
+        ``SummaryWriter`` has no method that takes a ``Summary``; its ``file_writer`` attribute (a
+        ``torch.utils.tensorboard.writer.FileWriter``, created with the writer, None once it is closed)
+        has ``add_summary``, which every ``add_*`` method of the writer ends in.
+        """
+        file_writer = getattr(self.writer, "file_writer", None)
+        if file_writer is None and not self._own:
+            # Your writer was closed before gradscope's last write (the Hugging Face Trainer closes its own
+            # when training ends): go on in a writer of gradscope's own on the same folder, a second event
+            # file of the same run, closed at close().
+            self.writer = _summary_writer(self.writer.get_logdir())
+            self._own = True
+            file_writer = getattr(self.writer, "file_writer", None)
+        if file_writer is None:
+            raise RuntimeError(
+                "torch.utils.tensorboard.SummaryWriter has no `file_writer` in this version of torch; gradscope "
+                "writes each step's values as one event through it. Please report this with your torch version."
+            )
+        return file_writer
 
     def _add(self, summary: Any, step: int, walltime: float | None = None) -> None:
         self._file_writer().add_summary(summary, step, walltime)
@@ -247,13 +258,14 @@ class TensorBoardSink(Sink):
         """Write the new rows' scalars, the histograms taken since the last flush, findings, figures."""
         if self._closed or self.writer is None:
             return
+        self._file_writer()  # before add_histogram_raw: a writer of gradscope's own if yours was closed
         frame = update.frame
         self._last_frame = frame
         self._layers_by_depth = list(update.layers_by_depth)
         if not self._started and len(frame):
             self._started = True
             self._write_meta(update)
-        self._write_scalars(frame, update.new_from)
+        self._write_scalars(update)
         self._write_histograms(frame, final=update.final)
         self._write_findings(update.findings, frame)
         self._write_figures(frame, final=update.final)
@@ -305,50 +317,13 @@ class TensorBoardSink(Sink):
         )
         self._add(layout_summary(categories), step)
 
-    def _write_scalars(self, frame: StatsFrame, start: int) -> None:
-        n = len(frame) - start
-        if n <= 0:
-            return
+    def _write_scalars(self, update: SinkUpdate) -> None:
         from gradscope.sinks.protos import scalars_summary
 
-        rows = slice(start, None)
-        sch = frame.schema
-        steps = frame.steps[rows]
-        keep = ~frame.skipped[rows]
-        sampled = frame.sampled[rows]
-        has = frame.has_grad[rows]
-        per_row: list[list[tuple[str, float]]] = [[] for _ in range(n)]
-
-        def collect(values: np.ndarray, mask: np.ndarray, tags: list[str]) -> None:
-            # values, mask: [n, K] over K tags; only rows of steps the optimizer took, and no NaN (a NaN
-            # gradient makes NaN norms: TensorBoard cannot chart them, the non-finite count shows it)
-            mask = mask & keep[:, None] & ~np.isnan(values)
-            for r, k in zip(*np.nonzero(mask)):
-                per_row[r].append((tags[k], float(values[r, k])))
-
-        layer_any = np.stack([has[:, m].any(axis=1) for m in sch.layer_members], axis=1)
-        stats = [s for s in sch.stats if self.stats is None or s in self.stats]
-        per_layer = frame.layer_values_many(stats, rows)
-        for stat in stats:
-            when = sampled[:, None] if stat in sch.sampled_stats else np.ones((n, 1), dtype=bool)
-            collect(per_layer[stat], layer_any & when, [T.stat_tag(stat, layer) for layer in sch.layers])
-            collect(frame.global_values(stat, rows)[:, None], has.any(axis=1)[:, None] & when, [T.stat_tag(stat, "*")])
-            if self.per_param:
-                tags = [T.stat_tag(stat, layer, leaf) for layer, leaf in zip(sch.param_layers, sch.param_leaves)]
-                collect(frame.param_values(stat, rows), has & when, tags)
-        if sch.act_modules:
-            for stat in (s for s in ACTIVATION_STATISTICS if self.stats is None or s in self.stats):
-                vals = frame.act_values(stat)[rows]
-                collect(vals, sampled[:, None] & ~np.isnan(vals), [T.stat_tag(stat, m) for m in sch.act_modules])
-        for name in frame.scalar_names:
-            vals = frame.scalar(name)[rows]
-            tag = T.scalar_tag(name)
-            for r in np.nonzero(~np.isnan(vals))[0]:
-                per_row[r].append((tag, float(vals[r])))  # scalars of skipped steps are kept
-        for r, values in enumerate(per_row):
-            if values:
-                step = int(steps[r])
-                self._add(scalars_summary(values), step, self._walltime.get(step))
+        # All the values of a step in one event: the same tags and steps for every reader, a fraction
+        # of the cost of one add_scalar event per value (see gradscope.sinks.protos).
+        for group in update.records_by_step(stats=self.stats, per_param=self.per_param):
+            self._add(scalars_summary(group.values.items()), group.step, self._walltime.get(group.step))
 
     def _write_histograms(self, frame: StatsFrame, *, final: bool) -> None:
         if not self._pending_hist:
@@ -464,11 +439,6 @@ class TensorBoardSink(Sink):
         keep = ~frame.skipped
         values = frame.layer_values(stat)[keep][:, order]
         return norm_heatmap(layers, frame.steps[keep], values, stat=stat, flagged=self._flagged)
-
-    def flush(self) -> None:
-        """Flush the writer."""
-        if self.writer is not None and not self._closed:
-            self.writer.flush()
 
     def close(self, report: Report) -> None:
         """Write the final verdict and the run's record; close the writer if gradscope created it."""

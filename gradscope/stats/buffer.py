@@ -73,24 +73,42 @@ class StatsBuffer:
         self.used += 1
         return slot
 
-    def release_last(self) -> None:
-        """Give back the most recently claimed row (a step that recorded nothing)."""
-        self.used -= 1
+    def rows(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Views of the first ``n`` rows, to change in place on the device (the distributed reduction).
 
-    @property
-    def full(self) -> bool:
-        """True when no row is left."""
-        return self.used >= self.capacity
-
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Copy the used rows to the host, empty the buffer, and return (moments, activations, scalars).
-
-        Shapes: ``[rows, n_params, n_cols]``, ``[rows, n_act, n_act_cols]``, ``[rows, n_scalars]``.
+        Shapes: ``[n, n_params, n_cols]``, ``[n, n_act, n_act_cols]``, ``[n, n_scalars]``.
         """
-        n = self.used
+        head = self.storage[:n]
+        return (
+            head[:, : self._a].view(n, *self.shape_moments),
+            head[:, self._a : self._b].view(n, *self.shape_act),
+            head[:, self._b :],
+        )
+
+    def snapshot(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copy the first ``n`` used rows (default: all) to the host and return (moments, activations, scalars).
+
+        The rows copied are freed. Rows claimed after them (the step in progress, whose activation
+        statistics may already be written) move to the front, keep their content and stay claimed:
+        a row of index ``n + k`` becomes row ``k``.
+
+        Shapes: ``[n, n_params, n_cols]``, ``[n, n_act, n_act_cols]``, ``[n, n_scalars]``.
+
+        Raises:
+            ValueError: ``n`` is negative or more than the rows in use.
+        """
+        used = self.used
+        n = used if n is None else n
+        if not 0 <= n <= used:
+            raise ValueError(f"StatsBuffer.snapshot: expected 0 <= n <= {used} (the rows in use), but got n={n}.")
         # sync point: the one device-to-host copy per flush.
         host = self.storage[:n].to("cpu", copy=True).numpy().astype(np.float64, copy=False)
-        self.used = 0
+        kept = used - n
+        if kept and n:
+            src = self.storage[n:used]
+            # The destination overlaps the source only when more rows are kept than copied.
+            self.storage[:kept].copy_(src.clone() if kept > n else src)
+        self.used = kept
         return (
             host[:, : self._a].reshape(n, *self.shape_moments),
             host[:, self._a : self._b].reshape(n, *self.shape_act),

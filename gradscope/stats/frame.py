@@ -1,71 +1,133 @@
 """Host-side history of a run: moments and activations per recorded step, and the statistics they give.
 
-Everything here is NumPy on the host, float64. Rules and sinks read statistics through this class,
-so they can never trigger a device synchronisation.
+Everything here is NumPy on the host, float64. Rules and sinks read statistics through this class, by
+the names users see (``frame.layer_values("rms", rows)``), so they can never trigger a device
+synchronisation and never index a raw moment column.
+
+Layer and model values aggregate exactly: a built-in statistic of a group is derived from the group's
+moments (sums, minima, maxima of its parameters' moments), computed for all groups at once with one
+matrix product per summed moment (a one-hot ``[P, L]`` membership matrix) and one ``reduceat`` per
+extreme, never a Python loop over layers: a flush costs the same with 10 layers or 1000.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from gradscope.stats.moments import MOMENT_INDEX, MOMENTS
+from gradscope.stats.base import MomentView, Statistic
+from gradscope.stats.moments import MOMENT_INDEX, MOMENTS, SUM_MOMENTS
+from gradscope.stats.registry import STATISTICS
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["ACTIVATION_STATISTICS", "FrameSchema", "StatsFrame", "derive"]
-
-_M = MOMENT_INDEX
+__all__ = ["ACTIVATION_STATISTICS", "FrameSchema", "Rows", "StatsFrame", "derive"]
 
 #: Statistics of activation outputs, recorded on sampled steps (layer = the activation module).
 ACTIVATION_STATISTICS = ("act_zero_fraction", "act_dead_fraction", "act_saturated_fraction")
 
 GLOBAL = "*"
 
+#: Rows of a frame: all (None), a slice, or an index array.
+Rows = Union[slice, np.ndarray, None]
 
-def derive(stat: str, mom: np.ndarray, numel: np.ndarray) -> np.ndarray:
+
+def derive(stat: str | Statistic, mom: np.ndarray, numel: Any) -> np.ndarray:
     """A built-in statistic from (aggregated) moments.
 
     Args:
-        stat: built-in statistic name.
+        stat: a built-in statistic, or its name.
         mom: ``[..., len(MOMENTS)]`` moments.
-        numel: element counts broadcastable to ``mom[..., 0]``.
+        numel: element counts broadcastable to ``mom[..., 0]`` (NaN for an empty group).
 
     Returns:
         ``mom[..., 0]``-shaped float64 array.
+
+    Raises:
+        KeyError: ``stat`` is not derived from moments (a custom statistic).
     """
+    s = STATISTICS.get(stat) if isinstance(stat, str) else stat
+    if s.derive is None:
+        raise KeyError(f"Statistic {s.name!r} is a custom statistic: it is computed per parameter, not derived.")
+    view = MomentView({m: mom[..., MOMENT_INDEX[m]] for m in s.moments}, numel)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        s, ss = mom[..., _M["sum"]], mom[..., _M["sumsq"]]
-        if stat == "l2_norm":
-            return np.sqrt(ss)
-        if stat == "rms":
-            return np.sqrt(ss / numel)
-        if stat == "mean":
-            return s / numel
-        if stat == "std":
-            mean = s / numel
-            # Population variance from the first two moments, clipped at 0 against rounding.
-            return np.sqrt(np.maximum(ss / numel - mean * mean, 0.0))
-        if stat == "abs_max":
-            lo, hi = mom[..., _M["min"]], mom[..., _M["max"]]
-            return np.maximum(np.abs(lo), np.abs(hi))
-        if stat == "zero_fraction":
-            return (numel - mom[..., _M["nnz"]]) / numel
-        if stat == "nonfinite_count":
-            return mom[..., _M["nonfinite"]].copy()
-        if stat == "param_norm":
-            return np.sqrt(mom[..., _M["psumsq"]])
-        if stat == "update_ratio":
-            return np.sqrt(mom[..., _M["dsumsq"]]) / np.sqrt(mom[..., _M["psumsq"]])
-    raise KeyError(stat)
+        return s.derive(view)
+
+
+@dataclass(frozen=True)
+class _Groups:
+    """Parameters grouped (into layers, or the whole model as one group), laid out for vectorised reductions.
+
+    Attributes:
+        member: one-hot ``[P, G]``: parameter ``p`` belongs to group ``g``.
+        order: parameter indices, group after group (non-empty groups only).
+        starts: where each non-empty group starts in ``order``.
+        nonempty: indices of the groups with at least one parameter.
+    """
+
+    member: np.ndarray
+    order: np.ndarray
+    starts: np.ndarray
+    nonempty: np.ndarray
+
+    @classmethod
+    def of(cls, members: Sequence[Sequence[int]], n_params: int) -> _Groups:
+        member = np.zeros((n_params, len(members)))
+        for g, ps in enumerate(members):
+            member[list(ps), g] = 1.0
+        nonempty = np.array([g for g, ps in enumerate(members) if len(ps)], dtype=np.int64)
+        sizes = [len(members[g]) for g in nonempty]
+        order = np.array([p for g in nonempty for p in members[g]], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes else np.zeros(0, np.int64)
+        return cls(member=member, order=order, starts=starts, nonempty=nonempty)
+
+    def sum(self, vals: np.ndarray, has: np.ndarray) -> np.ndarray:
+        """Sum of ``vals [R, P]`` over each group's parameters in ``has [R, P]``, ``[R, G]``.
+
+        NaN and infinities come out as plain summation would give them (NaN in, or +inf and -inf
+        together: NaN; +inf or -inf: that), without spreading to other groups: in the product
+        ``NaN * 0`` would reach every group, so non-finite values are counted apart.
+        """
+        x = np.where(has, vals, 0.0)
+        finite = np.isfinite(x)
+        out = np.where(finite, x, 0.0) @ self.member
+        if not finite.all():
+            nan = (np.isnan(x).astype(np.float64) @ self.member) > 0
+            pinf = ((x == np.inf).astype(np.float64) @ self.member) > 0
+            ninf = ((x == -np.inf).astype(np.float64) @ self.member) > 0
+            out = np.where(pinf, np.inf, out)
+            out = np.where(ninf, -np.inf, out)
+            out = np.where(nan | (pinf & ninf), np.nan, out)
+        return out
+
+    def extreme(self, ufunc: np.ufunc, vals: np.ndarray, has: np.ndarray, fill: float) -> np.ndarray:
+        """``ufunc`` (``np.minimum``/``np.maximum``) over each group's parameters in ``has``, ``[R, G]``.
+
+        NaN propagates; parameters without a gradient count as ``fill``; empty groups give NaN.
+        """
+        out = np.full((vals.shape[0], self.member.shape[1]), np.nan)
+        if len(self.nonempty):
+            x = np.where(has, vals, fill)[:, self.order]
+            out[:, self.nonempty] = ufunc.reduceat(x, self.starts, axis=1)
+        return out
+
+    def count(self, has: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """``sum(weights[p])`` over each group's parameters in ``has``, ``[R, G]`` (0 when none)."""
+        return (has.astype(np.float64) * weights[None, :]) @ self.member
 
 
 @dataclass
 class FrameSchema:
-    """The fixed coordinates of a frame: parameters, layers, statistics, activation modules."""
+    """The fixed coordinates of a frame: parameters, layers, statistics, activation modules.
+
+    Which statistics are built-in, which moments they need and how they aggregate is read from the
+    statistic objects (:class:`gradscope.stats.base.Statistic`), resolved once through the registry.
+    """
 
     param_names: list[str]
     param_layers: list[str]
@@ -73,57 +135,73 @@ class FrameSchema:
     numels: np.ndarray
     layers: list[str]
     layer_members: list[list[int]]
-    stats: tuple[str, ...]
-    builtin: tuple[str, ...]
+    stats: Sequence[str]
     custom: dict[str, str]  # name -> reduce
     sampled_stats: tuple[str, ...] = ()  # statistics taken on sampled steps only
     act_modules: list[str] = field(default_factory=list)
     act_kinds: list[str] = field(default_factory=list)
     dtypes: list[str] = field(default_factory=list)  # each parameter's dtype name ("float32"), for dtype-aware floors
 
+    def __post_init__(self) -> None:
+        # Resolved once, so a registry change during a run does not move it.
+        self._statistics: dict[str, Statistic] = {s: STATISTICS.get(s) for s in self.stats if s not in self.custom}
+
     def custom_column(self, name: str) -> int:
         """Moment-array column of a custom statistic."""
         return len(MOMENTS) + list(self.custom).index(name)
 
+    def statistic(self, name: str) -> Statistic:
+        """The statistic object behind ``name``: a collected built-in, or any registered one."""
+        if name not in self._statistics:
+            self._statistics[name] = STATISTICS.get(name)
+        return self._statistics[name]
 
-def _aggregate(
-    mom: np.ndarray, present: np.ndarray, numel: np.ndarray, members: list[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Moments of the concatenation of ``members``' gradients, per step: ``([S, n_moments], [S])``."""
-    sub = mom[:, members, : len(MOMENTS)]
-    pres = present[:, members]
-    n = np.where(pres, numel[members][None, :], 0).sum(axis=1).astype(np.float64)
-    out = np.empty((mom.shape[0], len(MOMENTS)))
-    zero_if_absent = np.where(pres[..., None], sub, 0.0)
-    for name in ("sum", "sumsq", "nnz", "nonfinite", "psumsq", "dsumsq"):
-        out[:, _M[name]] = zero_if_absent[..., _M[name]].sum(axis=1)
-    out[:, _M["min"]] = np.where(pres, sub[..., _M["min"]], np.inf).min(axis=1)
-    out[:, _M["max"]] = np.where(pres, sub[..., _M["max"]], -np.inf).max(axis=1)
-    none = n == 0
-    out[none] = np.nan
-    n[none] = np.nan
-    return out, n
+    @cached_property
+    def held_moments(self) -> frozenset[str]:
+        """Moments this frame holds: those of the built-in statistics collected."""
+        return frozenset(m for s in self.stats if s not in self.custom for m in self.statistic(s).moments)
+
+    def derivable(self, name: str) -> bool:
+        """Whether ``name`` was collected, or is a built-in derived from moments the frame holds.
+
+        Rules may so read ``rms`` from a scope that collects ``l2_norm`` only (both come from ``sumsq``).
+        """
+        if name in self.stats:
+            return True
+        if name not in STATISTICS:
+            return False
+        s = self.statistic(name)
+        return s.builtin and set(s.moments) <= self.held_moments
+
+    @cached_property
+    def layer_groups(self) -> _Groups:
+        """The parameters grouped into layers."""
+        return _Groups.of(self.layer_members, len(self.param_names))
+
+    @cached_property
+    def model_group(self) -> _Groups:
+        """Every parameter as one group (the ``layer == "*"`` aggregate)."""
+        return _Groups.of([list(range(len(self.param_names)))], len(self.param_names))
 
 
-def _reduce_custom(vals: np.ndarray, present: np.ndarray, numel: np.ndarray, how: str) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        v = np.where(present, vals, np.nan)
-        anyp = present.any(axis=1)
-        if how == "mean":
-            w = np.where(present, numel[None, :], 0.0)
-            out = np.nansum(v * w, axis=1) / w.sum(axis=1)
+def _reduce_custom(vals: np.ndarray, has: np.ndarray, numel: np.ndarray, groups: _Groups, how: str) -> np.ndarray:
+    """A custom statistic's per-parameter values ``[R, P]`` combined per group as ``how`` says, ``[R, G]``."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if how == "mean":  # weighted by element count
+            out = groups.sum(vals * numel[None, :], has) / groups.count(has, numel)
         elif how == "sum":
-            out = np.nansum(v, axis=1)
+            out = groups.sum(vals, has)
         elif how == "max":
-            out = np.where(present, vals, -np.inf).max(axis=1)
+            out = groups.extreme(np.maximum, vals, has, -np.inf)
         elif how == "min":
-            out = np.where(present, vals, np.inf).min(axis=1)
+            out = groups.extreme(np.minimum, vals, has, np.inf)
         elif how == "norm":
-            out = np.sqrt(np.nansum(v * v, axis=1))
+            out = np.sqrt(groups.sum(vals * vals, has))
         else:  # pragma: no cover - validated at registration
             raise ValueError(how)
     # a NaN on a present parameter (a non-finite gradient, a shard's value withheld) makes the aggregate NaN
-    poisoned = (present & np.isnan(vals)).any(axis=1)
+    poisoned = groups.count(has & np.isnan(vals), np.ones(has.shape[1])) > 0
+    anyp = groups.count(has, np.ones(has.shape[1])) > 0
     return np.where(anyp & ~poisoned, out, np.nan)
 
 
@@ -174,14 +252,17 @@ class StatsFrame:
             self._thin()
 
     def _thin(self) -> None:
+        window = self.history
+        if window is None:  # an unbounded frame keeps every row
+            return
         arrays = self._arrays()
         steps = arrays["steps"]
         total = len(steps)
-        full_from = total - int(self.history)  # type: ignore[arg-type]
+        full_from = total - window
         old = np.arange(full_from)
         # Rows that were already thinned satisfy the current stride; newly aged rows are filtered now.
         old = old[(steps[old] - 1) % self.stride == 0]
-        while len(old) > int(self.history):  # type: ignore[arg-type]
+        while len(old) > window:
             self.stride *= 2
             old = old[(steps[old] - 1) % self.stride == 0]
         keep = np.concatenate([old, np.arange(full_from, total)])
@@ -279,15 +360,16 @@ class StatsFrame:
 
     # -- values ----------------------------------------------------------------------------------------
     def _check_stat(self, stat: str) -> None:
-        if stat not in self.schema.stats:
+        if not self.schema.derivable(stat):
             raise KeyError(
                 f"Statistic {stat!r} was not collected by this scope; collected: {', '.join(self.schema.stats)}."
             )
 
-    def param_values(self, stat: str, rows: slice | None = None) -> np.ndarray:
+    def param_values(self, stat: str, rows: Rows = None) -> np.ndarray:
         """``stat`` per parameter, ``[S, P]``; NaN where a parameter had no gradient or the row was not sampled.
 
-        ``rows`` restricts the computation to those rows (``slice(new_from, None)`` at a flush).
+        ``rows`` restricts the computation to those rows: a slice (``slice(new_from, None)`` at a flush)
+        or an index array.
         """
         self._check_stat(stat)
         rows = slice(None) if rows is None else rows
@@ -295,54 +377,55 @@ class StatsFrame:
         if stat in self.schema.custom:
             vals = mom[..., self.schema.custom_column(stat)].copy()
         else:
-            vals = derive(stat, mom, self.schema.numels[None, :])
+            vals = derive(self.schema.statistic(stat), mom, self.schema.numels[None, :])
         return np.where(self.has_grad[rows], vals, np.nan)
 
-    def layer_values(self, stat: str, rows: slice | None = None) -> np.ndarray:
-        """``stat`` per layer (all of a layer's parameters together), ``[S, L]``; ``rows`` as in :meth:`param_values`."""
-        self._check_stat(stat)
-        rows = slice(None) if rows is None else rows
-        return (
-            np.stack([self._group_values(stat, members, rows) for members in self.schema.layer_members], axis=1)
-            if self.schema.layer_members
-            else np.zeros((len(self.steps[rows]), 0))
-        )
+    def layer_values(self, stat: str, rows: Rows = None) -> np.ndarray:
+        """``stat`` per layer (all of a layer's parameters together), ``[S, L]``; ``rows`` as in :meth:`param_values`.
 
-    def layer_values_many(self, stats: list[str], rows: slice | None = None) -> dict[str, np.ndarray]:
-        """Several statistics per layer, ``{stat: [S, L]}``, aggregating each layer's moments once."""
-        rows = slice(None) if rows is None else rows
+        NaN where no parameter of the layer had a gradient, or (for a sampled statistic) the row was not
+        sampled. A built-in statistic may be asked for when the frame holds its moments even if it was
+        not collected under its own name (``rms`` with ``l2_norm``).
+        """
+        return self.layer_values_many([stat], rows)[stat]
+
+    def layer_values_many(self, stats: Iterable[str], rows: Rows = None) -> dict[str, np.ndarray]:
+        """Several statistics per layer, ``{stat: [S, L]}``, aggregating each needed moment once."""
+        return self._group_values(list(stats), rows, self.schema.layer_groups)
+
+    def global_values(self, stat: str, rows: Rows = None) -> np.ndarray:
+        """``stat`` over every parameter of the model together, ``[S]``; ``rows`` as in :meth:`param_values`."""
+        return self._group_values([stat], rows, self.schema.model_group)[stat][:, 0]
+
+    def _group_values(self, stats: list[str], rows: Rows, groups: _Groups) -> dict[str, np.ndarray]:
         for stat in stats:
             self._check_stat(stat)
-        out = {s: self.layer_values(s, rows) for s in stats if s in self.schema.custom}
-        builtin = [s for s in stats if s not in self.schema.custom]
-        if builtin:
-            mom, has = self.moments[rows], self.has_grad[rows]
-            aggs = [_aggregate(mom, has, self.schema.numels, m) for m in self.schema.layer_members]
-            for stat in builtin:
-                out[stat] = (
-                    np.stack([derive(stat, agg, n) for agg, n in aggs], axis=1)
-                    if aggs
-                    else np.zeros((len(self.steps[rows]), 0))
-                )
-        return {s: out[s] for s in stats}
-
-    def global_values(self, stat: str, rows: slice | None = None) -> np.ndarray:
-        """``stat`` over every parameter of the model together, ``[S]``; ``rows`` as in :meth:`param_values`."""
-        self._check_stat(stat)
+        sch = self.schema
         rows = slice(None) if rows is None else rows
-        return self._group_values(stat, list(range(len(self.schema.param_names))), rows)
-
-    def _group_values(self, stat: str, members: list[int], rows: slice = slice(None)) -> np.ndarray:
-        if stat in self.schema.custom:
-            col = self.schema.custom_column(stat)
-            return _reduce_custom(
-                self.moments[rows, members, col],
-                self.has_grad[rows][:, members],
-                self.schema.numels[members],
-                self.schema.custom[stat],
-            )
-        agg, n = _aggregate(self.moments[rows], self.has_grad[rows], self.schema.numels, members)
-        return derive(stat, agg, n)
+        has, moments = self.has_grad[rows], self.moments
+        out: dict[str, np.ndarray] = {}
+        builtin = [sch.statistic(s) for s in stats if s not in sch.custom]
+        if builtin:
+            n = groups.count(has, sch.numels)
+            empty = n == 0
+            agg = np.full((*n.shape, len(MOMENTS)), np.nan)
+            for m in sorted({m for s in builtin for m in s.moments}):
+                col = moments[rows, :, MOMENT_INDEX[m]]  # one column, not a copy of every moment
+                if m in SUM_MOMENTS:
+                    vals = groups.sum(col, has)
+                elif m == "min":
+                    vals = groups.extreme(np.minimum, col, has, np.inf)
+                else:
+                    vals = groups.extreme(np.maximum, col, has, -np.inf)
+                agg[..., MOMENT_INDEX[m]] = np.where(empty, np.nan, vals)
+            numel = np.where(empty, np.nan, n)
+            for s in builtin:
+                out[s.name] = derive(s, agg, numel)
+        for stat in stats:
+            if stat in sch.custom:
+                vals = moments[rows, :, sch.custom_column(stat)]
+                out[stat] = _reduce_custom(vals, has, sch.numels, groups, sch.custom[stat])
+        return {s: out[s] for s in stats}
 
     def act_values(self, stat: str) -> np.ndarray:
         """Activation statistic per activation module, ``[S, A]`` (NaN on rows not sampled)."""
@@ -389,17 +472,25 @@ class StatsFrame:
             )
 
         if S:
-            sampled = self.sampled[keep]
-            for stat in sch.stats:
-                has = self.has_grad[keep]
-                if stat in sch.sampled_stats:
-                    has = has & sampled[:, None]
-                layer_any = np.stack([has[:, m].any(axis=1) for m in sch.layer_members], axis=1)
-                add(self.param_values(stat)[keep], has, sch.param_layers, sch.param_leaves, stat)
-                add(self.layer_values(stat)[keep], layer_any, sch.layers, ["*"] * len(sch.layers), stat)
-                add(self.global_values(stat)[keep][:, None], has.any(axis=1)[:, None], [GLOBAL], ["*"], stat)
+            rows = np.flatnonzero(keep)
+            sampled = self.sampled[rows]
+            stats = list(sch.stats)
+            per_layer = self._group_values(stats, rows, sch.layer_groups)
+            per_model = self._group_values(stats, rows, sch.model_group)
+            has_every = self.has_grad[rows]
+            has_sampled = has_every & sampled[:, None]
+            ones = np.ones(has_every.shape[1])
+            layer_any_every = sch.layer_groups.count(has_every, ones) > 0
+            layer_any_sampled = sch.layer_groups.count(has_sampled, ones) > 0
+            for stat in stats:
+                on_sampled = stat in sch.sampled_stats
+                has = has_sampled if on_sampled else has_every
+                layer_any = layer_any_sampled if on_sampled else layer_any_every
+                add(self.param_values(stat, rows), has, sch.param_layers, sch.param_leaves, stat)
+                add(per_layer[stat], layer_any, sch.layers, ["*"] * len(sch.layers), stat)
+                add(per_model[stat], np.any(has, axis=1, keepdims=True), [GLOBAL], ["*"], stat)
             if sch.act_modules:
-                act = self._arrays()["act"][keep]
+                act = self._arrays()["act"][rows]
                 for k, stat in enumerate(ACTIVATION_STATISTICS):
                     vals = act[:, :, k]
                     mask = sampled[:, None] & ~np.isnan(vals)

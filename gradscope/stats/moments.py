@@ -3,9 +3,10 @@
 Reading the gradients is the whole cost of monitoring on a CPU and most of it on a GPU, so the
 built-in statistics are not computed one by one. Instead each gradient is reduced to *moments*
 (sum, sum of squares, min, max, non-zero count, non-finite count) and each weight to its sum of
-squares; the statistics are derived from these on the host at flush time
-(:mod:`gradscope.stats.frame`). Moments also aggregate exactly: a layer's or a shard's moments are
-sums (or min/max) of its parts, which is what layer aggregates and distributed reductions need.
+squares; each built-in statistic (:mod:`gradscope.stats.builtin`) names the moments it needs and
+derives its value from them on the host at flush time (:mod:`gradscope.stats.frame`). Moments also
+aggregate exactly: a layer's or a shard's moments are sums (or min/max) of its parts, which is what
+layer aggregates and distributed reductions need.
 
 Nothing here synchronises with an accelerator. Results land in the device buffer.
 """
@@ -24,7 +25,7 @@ __all__ = [
     "MOMENTS",
     "MOMENT_INDEX",
     "PARAM_MOMENTS",
-    "STAT_MOMENTS",
+    "SUM_MOMENTS",
     "MomentPlan",
 ]
 
@@ -39,20 +40,9 @@ MOMENT_INDEX: dict[str, int] = {name: i for i, name in enumerate(MOMENTS)}
 #: each (the weights and the update: three) and are taken on sampled steps (``sample_every``).
 CORE_MOMENTS = frozenset({"sumsq", "nonfinite"})
 
-#: Which moments each built-in statistic is derived from.
-STAT_MOMENTS: dict[str, tuple[str, ...]] = {
-    "l2_norm": ("sumsq",),
-    "rms": ("sumsq",),
-    "mean": ("sum",),
-    "std": ("sum", "sumsq"),
-    "abs_max": ("min", "max"),
-    "zero_fraction": ("nnz",),
-    # the sum of squares doubles as a free "all finite?" flag; the exact count only runs when that
-    # flag is down (see MomentPlan._nonfinite).
-    "nonfinite_count": ("sumsq", "nonfinite"),
-    "param_norm": ("psumsq",),
-    "update_ratio": ("psumsq", "dsumsq"),
-}
+#: How a group's moments follow from its parts (parameters into a layer, shards into a tensor): these
+#: add up; ``min`` and ``max`` take the smallest and the largest.
+SUM_MOMENTS = ("sum", "sumsq", "nnz", "nonfinite", "psumsq", "dsumsq")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -93,17 +83,19 @@ class MomentPlan:
 
     @classmethod
     def for_statistics(cls, names: Sequence[str]) -> MomentPlan:
-        """The plan that computes the registered statistics ``names`` (built-in and custom)."""
+        """The plan that computes the registered statistics ``names`` (built-in and custom).
+
+        Each statistic object says what it needs: a built-in its moments, a custom one its function.
+        """
         from gradscope.stats.registry import STATISTICS
 
         stats = [STATISTICS.get(s) for s in names]
-        builtin = tuple(s.name for s in stats if s.builtin)
+        builtin = [s for s in stats if s.builtin]
         custom = [s for s in stats if not s.builtin]
-        moments = sorted({m for s in builtin for m in STAT_MOMENTS[s]})
-        plan = cls(moments, [s.fn for s in custom])
-        plan.builtin = builtin
+        plan = cls(sorted({m for s in builtin for m in s.moments}), [s.fn for s in custom])
+        plan.builtin = tuple(s.name for s in builtin)
         plan.custom_reduce = {s.name: s.reduce for s in custom}
-        plan.sampled_stats = tuple(s for s in builtin if not set(STAT_MOMENTS[s]) <= CORE_MOMENTS)
+        plan.sampled_stats = tuple(s.name for s in builtin if s.sampled)
         return plan
 
     def __init__(self, moments: Sequence[str], custom: Sequence[Callable[[Tensor, Tensor], Tensor]] = ()) -> None:

@@ -71,7 +71,7 @@ def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     except ModuleNotFoundError as exc:  # pragma: no cover - matplotlib is a dependency
         raise ModuleNotFoundError("gradscope's plots need matplotlib: pip install matplotlib") from exc
     if ax is not None:
-        return ax.figure, ax  # type: ignore[return-value]
+        return ax.figure, ax  # type: ignore[return-value]  # typed Figure | SubFigure; the caller draws on it alike
     fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.add_subplot()
 

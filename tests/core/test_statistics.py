@@ -10,7 +10,9 @@ import torch.nn as nn
 import gradscope
 from gradscope.registry import STATISTICS
 from gradscope.stats import BUILTIN_STATISTICS
-from gradscope.stats import functional as F
+from gradscope.stats import builtin as F
+from gradscope.stats.frame import FrameSchema, StatsFrame, derive
+from gradscope.stats.moments import CORE_MOMENTS, MOMENTS, MomentPlan
 
 from .helpers import assert_all_close, mlp, np_stats, value
 
@@ -101,9 +103,6 @@ def test_functional_definitions_match_numpy():
 
 
 def test_fused_moments_match_the_reference_functions_on_odd_shapes_and_dtypes():
-    from gradscope.stats.frame import derive
-    from gradscope.stats.moments import MOMENTS, MomentPlan
-
     torch.manual_seed(1)
     grads = [
         torch.randn(3, 4, 5),
@@ -121,6 +120,112 @@ def test_fused_moments_match_the_reference_functions_on_odd_shapes_and_dtypes():
         for stat in GRAD_STATS:
             pairs.append((f"grad {i} {stat}", float(derive(stat, mom[i], float(g.numel()))), ref[stat]))
     assert_all_close(pairs, rtol=1e-5, atol=1e-6)
+
+
+def _builtins():
+    return [s for _, s in STATISTICS.items() if s.builtin]
+
+
+def _reference(stat, grad, before, after):
+    # a statistic of the optimizer's step takes the weights before and after it; the others (grad, param)
+    args = (before, after) if stat.needs_optimizer else (grad, before)
+    return float(stat.fn(*args))
+
+
+def _fused(grads, befores, afters, *, sampled=True):
+    """Moments of each tensor as the capture takes them: ``[len(grads), len(MOMENTS)]`` float64."""
+    plan = MomentPlan(MOMENTS)
+    mom = plan.grad_moments(grads, befores, sampled=sampled)
+    if sampled:
+        mom[:, MOMENTS.index("psumsq")] = MomentPlan.param_sumsq(befores)
+        mom[:, MOMENTS.index("dsumsq")] = MomentPlan.param_sumsq([a - b for a, b in zip(afters, befores)])
+    return mom.numpy()
+
+
+def _tensors(seed, nonfinite=False):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4, 5), (7,), (1,), (33, 64)]
+    grads = [torch.randn(s, generator=g, dtype=torch.float64) * 10.0 ** (i - 2) for i, s in enumerate(shapes)]
+    grads[1].zero_()
+    grads[3][:, :5] = 0.0  # exact zeros, so zero_fraction is not trivially 0
+    if nonfinite:
+        grads[0][0, 0, :2] = float("nan")
+        grads[3][4, 7] = float("inf")
+    befores = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    afters = [b + 1e-3 * torch.randn(s, generator=g, dtype=torch.float64) for b, s in zip(befores, shapes)]
+    return grads, befores, afters
+
+
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nan-and-inf"])
+def test_every_builtin_derivation_from_fused_moments_equals_its_reference_definition(nonfinite):
+    """Driven by the registry: a new built-in statistic is covered without touching this test.
+
+    Per tensor (the fused moments of one gradient), and for a layer and the model (moments aggregated
+    by the frame), against the statistic's own reference definition on the concatenated tensors.
+    """
+    grads, befores, afters = _tensors(7, nonfinite)
+    mom = _fused(grads, befores, afters)
+    numel = np.array([g.numel() for g in grads], dtype=np.float64)
+    # one layer "a" with the first three tensors, one layer "b" with the last
+    members = [[0, 1, 2], [3]]
+    schema = FrameSchema(
+        param_names=[f"p{i}" for i in range(4)],
+        param_layers=["a", "a", "a", "b"],
+        param_leaves=[f"p{i}" for i in range(4)],
+        numels=numel,
+        layers=["a", "b"],
+        layer_members=members,
+        stats=tuple(s.name for s in _builtins()),
+        custom={},
+    )
+    frame = StatsFrame(schema)
+    frame.append(
+        {
+            "steps": np.array([1]),
+            "skipped": np.zeros(1, bool),
+            "has_grad": np.ones((1, 4), bool),
+            "trainable": np.ones((1, 4), bool),
+            "moments": mom[None],
+            "sampled": np.ones(1, bool),
+            "act": np.zeros((1, 0, 3)),
+            "scalars": np.zeros((1, 0)),
+        },
+        [],
+    )
+
+    def cat(ts, idx):
+        return torch.cat([ts[i].reshape(-1) for i in idx])
+
+    pairs = []
+    for stat in _builtins():
+        for i in range(4):
+            ref = _reference(stat, grads[i], befores[i], afters[i])
+            pairs.append((f"{stat.name} tensor {i}", float(derive(stat, mom[i], numel[i])), ref))
+            pairs.append((f"{stat.name} param {i}", float(frame.param_values(stat.name)[0, i]), ref))
+        layer = frame.layer_values(stat.name)[0]
+        for li, idx in enumerate(members):
+            ref = _reference(stat, cat(grads, idx), cat(befores, idx), cat(afters, idx))
+            pairs.append((f"{stat.name} layer {li}", float(layer[li]), ref))
+        everything = range(4)
+        ref = _reference(stat, cat(grads, everything), cat(befores, everything), cat(afters, everything))
+        pairs.append((f"{stat.name} model", float(frame.global_values(stat.name)[0]), ref))
+    assert_all_close(pairs, rtol=1e-10, atol=1e-13)
+
+
+def test_every_step_takes_exactly_the_builtins_that_are_not_sampled():
+    """``Statistic.sampled`` says what a step outside ``sample_every`` can give: the rest is NaN there."""
+    grads, befores, afters = _tensors(3)
+    mom = _fused(grads, befores, afters, sampled=False)
+    numel = np.array([g.numel() for g in grads], dtype=np.float64)
+    for stat in _builtins():
+        assert stat.sampled == (not set(stat.moments) <= CORE_MOMENTS), stat.name
+        got = derive(stat, mom, numel)
+        if stat.sampled:
+            assert np.isnan(got).all(), stat.name
+        else:
+            want = [_reference(stat, g, b, a) for g, b, a in zip(grads, befores, afters)]
+            np.testing.assert_allclose(got, want, rtol=1e-12, err_msg=stat.name)
+    assert BUILTIN_STATISTICS == tuple(s.name for s in _builtins())
 
 
 def test_bfloat16_gradients_are_reduced_in_float32():

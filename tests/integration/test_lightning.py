@@ -7,6 +7,7 @@ applied by hand: ``g * min(1, max_norm / (||g|| + 1e-6))``, as ``clip_grad_norm_
 
 from __future__ import annotations
 
+import csv
 import math
 from pathlib import Path
 
@@ -82,11 +83,11 @@ def loader(seed: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
 
 
-def fit(tmp_path, module: Tiny, callback: GradscopeCallback, **trainer_kw):
+def fit(tmp_path, module: Tiny, callback: GradscopeCallback, *, logger=None, **trainer_kw):
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
-        logger=pl.loggers.TensorBoardLogger(str(tmp_path), name="run"),
+        logger=pl.loggers.TensorBoardLogger(str(tmp_path), name="run") if logger is None else logger,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
@@ -110,6 +111,33 @@ def scalars(log_dir: str) -> dict[str, dict[int, float]]:
     acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def metrics_csv(path: Path) -> dict[str, dict[int, float]]:
+    """What a ``CSVLogger`` wrote: column -> step -> value (cells left empty skipped)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    out: dict[str, dict[int, float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "step" and value != "":
+                # gradscope logs each of its tags once per step (Lightning may log "epoch" twice)
+                assert not key.startswith("gradscope/") or int(row["step"]) not in out.get(key, {}), key
+                out.setdefault(key, {})[int(row["step"])] = float(value)
+    return out
+
+
+def gradscope_series(report: gradscope.Report) -> dict[str, dict[int, float]]:
+    """gradscope's tags -> step -> value, from the report's tables: layer and model aggregates, scalars."""
+    df = report.stats
+    df = df[(df.param == "*") & df.value.notna()]
+    out: dict[str, dict[int, float]] = {}
+    for step, layer, stat, value in zip(df.step, df.layer, df.stat, df.value):
+        tag = f"gradscope/{stat}/{'_model' if layer == '*' else layer}"
+        out.setdefault(tag, {})[int(step)] = float(value)
+    for name, series in report.scalars.items():
+        out[f"gradscope/scalar/{name}"] = {int(s): float(v) for s, v in series.dropna().items()}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +194,44 @@ def test_written_into_the_lightning_tensorboard_run(accumulated):
     for step, value in l2(callback.report).items():
         assert math.isclose(model_l2[step], value, rel_tol=1e-6)
     assert "gradscope/l2_norm/net.0" in tb and "gradscope/update_ratio/_model" in tb
+
+
+def test_any_other_logger_gets_the_metrics_through_log_metrics(tmp_path):
+    module, callback = Tiny(), GradscopeCallback(sample_every=3)
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    fit(tmp_path, module, callback, logger=logger, accumulate_grad_batches=2)
+    written = metrics_csv(Path(logger.log_dir) / "metrics.csv")
+    want = gradscope_series(callback.report)
+    assert {"gradscope/l2_norm/_model", "gradscope/l2_norm/net.0", "gradscope/abs_max/net.2"} <= set(want)
+    assert {"gradscope/act_dead_fraction/net.1", "gradscope/scalar/loss", "gradscope/scalar/lr"} <= set(want)
+    assert {t for t in written if t.startswith("gradscope/")} == set(want)
+    for tag, series in want.items():
+        assert written[tag] == series, tag  # exactly: float64 written as text and read back
+    assert list(want["gradscope/abs_max/net.2"]) == [1, 4, 7]  # sampled statistics on sampled steps
+    assert "train_loss" in written  # Lightning's own metrics, same file
+    assert not list(tmp_path.rglob("*tfevents*"))  # no TensorBoard logger: no TensorBoard output
+
+
+def test_tensorboard_logger_gets_everything_and_the_others_the_metrics(tmp_path):
+    module, callback = Tiny(), GradscopeCallback()
+    tb = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    csv_logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    fit(tmp_path, module, callback, logger=[tb, csv_logger], max_epochs=1)
+    want = gradscope_series(callback.report)["gradscope/l2_norm/_model"]
+    assert metrics_csv(Path(csv_logger.log_dir) / "metrics.csv")["gradscope/l2_norm/_model"] == want
+    events = list(Path(tb.log_dir).glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    model_l2 = scalars(str(tb.log_dir))["gradscope/l2_norm/_model"]
+    assert model_l2.keys() == want.keys()
+    assert all(math.isclose(model_l2[s], v, rel_tol=1e-6) for s, v in want.items())
+
+
+def test_log_to_logger_false_writes_into_no_logger(tmp_path):
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    callback = GradscopeCallback(log_to_logger=False)
+    fit(tmp_path, Tiny(), callback, logger=logger, max_epochs=1)
+    assert callback.report.steps == N_BATCHES
+    assert not [t for t in metrics_csv(Path(logger.log_dir) / "metrics.csv") if t.startswith("gradscope/")]
 
 
 def test_hooks_are_removed_after_fit(accumulated):

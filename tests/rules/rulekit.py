@@ -11,9 +11,9 @@ import numpy as np
 
 from gradscope.rules.base import RuleContext
 from gradscope.stats.frame import ACTIVATION_STATISTICS, FrameSchema, StatsFrame
+from gradscope.stats.moments import MOMENT_INDEX as M
 from gradscope.stats.moments import MOMENTS
 
-M = {name: i for i, name in enumerate(MOMENTS)}
 STATS = ("l2_norm", "rms", "mean", "std", "abs_max", "zero_fraction", "nonfinite_count", "param_norm", "update_ratio")
 SAMPLED = ("mean", "std", "abs_max", "zero_fraction", "param_norm", "update_ratio")
 
@@ -58,7 +58,6 @@ def build_frame(
         layers=layers,
         layer_members=[[i for i, (layer, _, _) in enumerate(params) if layer == name] for name in layers],
         stats=stats,
-        builtin=stats,
         custom={},
         sampled_stats=tuple(s for s in SAMPLED if s in stats),
         act_modules=list(act_modules),

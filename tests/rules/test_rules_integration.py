@@ -204,7 +204,7 @@ def test_scope_tells_rules_which_activations_are_outputs_and_the_dtypes() -> Non
         loss.backward()
         opt.step()
         scope.step(loss=loss)
-        assert scope._output_activations() == [1]  # the Sigmoid; the Tanh feeds a layer
+        assert scope._order.output_activations() == [1]  # the Sigmoid; the Tanh feeds a layer
         assert scope.schema.dtypes == ["float64"] * 4
 
 

@@ -6,47 +6,69 @@ import numpy as np
 import pytest
 from rulekit import build_frame, chain, context
 
-from gradscope.rules._common import later_max
+from gradscope.rules._common import later_max, layer_rms_by_depth
 from gradscope.rules.window import (
     dtype_info,
     judged_rows,
-    layer_present,
-    layer_sums,
     persistent_windows,
     rolling_count,
     steps_to_rows,
     window_rows,
 )
+from gradscope.stats.moments import MOMENT_INDEX
 
 PARAMS = [("a", "weight", 6), ("a", "bias", 2), ("b", "weight", 4), ("c", "weight", 3)]
 
 
-def test_layer_sums_match_a_loop_over_members_and_skip_absent_parameters() -> None:
+def test_layer_statistics_match_a_loop_over_members_and_skip_absent_parameters() -> None:
     rng = np.random.default_rng(1)
     rms = rng.uniform(0.1, 2.0, size=(7, 4))
     has = rng.uniform(size=(7, 4)) > 0.3
     has[2, 2] = False  # layer b absent at row 2
     frame = build_frame(PARAMS, rms=rms, has_grad=has)
     rows = np.array([0, 2, 3, 6])
-    got = layer_sums(frame, "sumsq", rows)
+    got = frame.layer_values_many(["l2_norm", "rms", "abs_max"], rows)
     numel = np.array([6, 2, 4, 3])
     sq = rms**2 * numel
     for r_i, r in enumerate(rows):
         for li, members in enumerate([[0, 1], [2], [3]]):
             present = [p for p in members if has[r, p]]
-            want = sum(sq[r, p] for p in present) if present else np.nan
-            np.testing.assert_allclose(got[r_i, li], want, rtol=1e-12, equal_nan=True)
-    np.testing.assert_array_equal(layer_present(frame, rows)[1], [6 * has[2, 0] + 2 * has[2, 1], 0, 3 * has[2, 3]])
+            sumsq = sum(sq[r, p] for p in present) if present else np.nan
+            n = sum(numel[p] for p in present) if present else np.nan
+            peak = max(rms[r, p] for p in present) if present else np.nan
+            np.testing.assert_allclose(got["l2_norm"][r_i, li], np.sqrt(sumsq), rtol=1e-12, equal_nan=True)
+            np.testing.assert_allclose(got["rms"][r_i, li], np.sqrt(sumsq / n), rtol=1e-12, equal_nan=True)
+            np.testing.assert_array_equal(got["abs_max"][r_i, li], peak)
+    assert np.isnan(got["rms"][1, 1])  # layer b at row 2
 
 
-def test_layer_sums_keep_non_finite_values_in_their_own_layer() -> None:
+def test_layer_statistics_keep_non_finite_values_in_their_own_layer() -> None:
     nonfinite = np.zeros((2, 4))
     nonfinite[1, 2] = 5  # layer b's weight holds NaN at row 1
     frame = build_frame(PARAMS, rms=np.ones((2, 4)), nonfinite=nonfinite)
-    sums = layer_sums(frame, "sumsq", np.array([0, 1]))
-    assert np.isnan(sums[1, 1])
-    np.testing.assert_allclose(sums[1, [0, 2]], [8.0, 3.0])  # NaN * 0 must not leak into other layers
-    np.testing.assert_allclose(layer_sums(frame, "nonfinite", np.array([1]))[0], [0.0, 5.0, 0.0])
+    norms = frame.layer_values("l2_norm", np.array([0, 1]))
+    assert np.isnan(norms[1, 1])
+    np.testing.assert_allclose(norms[1, [0, 2]], np.sqrt([8.0, 3.0]))  # NaN * 0 must not leak into other layers
+    np.testing.assert_array_equal(frame.layer_values("nonfinite_count", np.array([1]))[0], [0.0, 5.0, 0.0])
+
+
+def test_layer_sums_of_infinities_follow_plain_summation() -> None:
+    frame = build_frame(PARAMS, rms=np.ones((1, 4)))
+    frame.moments[0, :, MOMENT_INDEX["sum"]] = [np.inf, -np.inf, np.inf, 1.0]  # the frame's own array
+    mean = frame.layer_values("mean", np.array([0]))[0]
+    assert np.isnan(mean[0])  # +inf and -inf in one layer
+    assert mean[1] == np.inf and mean[2] == pytest.approx(1.0 / 3.0)
+
+
+def test_rms_by_depth_without_a_nonfinite_count_flags_non_finite_layers() -> None:
+    stats = ("l2_norm", "rms")
+    rms = np.ones((2, 3))
+    rms[1, 1] = np.inf
+    frame = build_frame(chain(3), rms=rms, stats=stats)
+    got, nonfinite, names = layer_rms_by_depth(context(frame, order=[2, 0, 1]), np.array([0, 1]))
+    assert names == ["head", "fc0", "fc1"]
+    np.testing.assert_array_equal(got[1], [1.0, 1.0, np.inf])
+    np.testing.assert_array_equal(nonfinite, [[0, 0, 0], [0, 0, 1]])
 
 
 def test_persistent_windows_by_hand() -> None:

@@ -120,3 +120,27 @@ class FiresAtStep(Rule):
 
 def f32(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).astype(np.float32)
+
+
+def expected_records(report: gradscope.Report, *, per_param: bool = False) -> dict[tuple[int, str], float]:
+    """``(step, tag) -> value`` of every number a record sink should receive, from ``report``'s tables.
+
+    The layer and model aggregates (and the parameters with ``per_param``) of ``report.stats`` and the
+    scalars of ``report.scalars``, NaN values left out.
+    """
+    from gradscope.sinks import tags as T
+
+    stats = report.stats
+    if not per_param:
+        stats = stats[stats["param"] == "*"]
+    stats = stats[stats["value"].notna()]
+    out = {
+        (int(step), T.stat_tag(stat, layer, param)): float(value)
+        for step, layer, param, stat, value in stats[["step", "layer", "param", "stat", "value"]].itertuples(
+            index=False
+        )
+    }
+    for name, series in report.scalars.items():
+        for step, value in series.dropna().items():
+            out[(int(step), T.scalar_tag(name))] = float(value)
+    return out

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from sinkhelp import event_files, f32, load_events, small_mlp, train
+from sinkhelp import event_files, f32, load_events, small_mlp, tensor_text, train
 from torch.utils.tensorboard import SummaryWriter
 
 import gradscope
@@ -187,3 +187,20 @@ def test_nan_values_are_not_written_but_counted(tmp_path):
     assert [e.step for e in acc.Scalars("gradscope/l2_norm/0")] == [1, 2, 3]
     assert [(e.step, e.value) for e in acc.Scalars("gradscope/nonfinite_count/2")] == [(1, 0.0), (2, 0.0), (3, 1.0)]
     assert acc.Scalars("gradscope/nonfinite_count/_model")[-1].value == 1.0
+
+
+def test_user_writer_closed_before_the_last_flush_still_gets_everything(tmp_path):
+    # as the Hugging Face Trainer does with its own writer when training ends
+    writer = SummaryWriter(str(tmp_path))
+
+    def close_it(step, model):
+        if step == 5:
+            writer.close()
+
+    run = train(small_mlp(), 6, writer=writer, flush_every=2, histogram_every=1, grad_hook=close_it)
+    assert run.report.errors == []
+    acc = load_events(tmp_path)
+    assert [e.step for e in acc.Scalars("gradscope/l2_norm/_model")] == list(range(1, 7))
+    assert [e.step for e in acc.Histograms("gradscope/grad_hist/0")] == list(range(1, 7))
+    assert [s for s, _ in tensor_text(acc, T.VERDICT_TAG)] == [6]
+    assert len(event_files(tmp_path)) == 2  # yours, then gradscope's own on the same folder

@@ -1,0 +1,659 @@
+"""The hot path: one recorded step, from the optimizer's hooks to a row of the device buffer.
+
+Lifecycle of a recorded step (see :class:`StepRecorder`)::
+
+    begin(step)           claim a buffer row; on sampled steps arm the activation hooks
+    optimizer pre-hook    moments of every gradient the optimizer uses (after accumulation,
+                          GradScaler.unscale_, clipping, DDP all-reduce) and weight -> the row
+    optimizer post-hook   moments of the update (w_after - w_before) -> the row (sampled steps)
+    finish(values, step)  scalars and the skip flag -> the row; host metadata -> a RecordedRow
+    commit()              at a flush: reduce across ranks, ONE device-to-host copy, rows -> frame
+
+Everything up to ``commit`` is device work: no host sync, and a number of kernel launches that does
+not grow with the number of parameters. Without an optimizer the gradient moments are taken at
+``finish`` (``scope.step()``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradscope.capture.activations import ActivationMonitor
+from gradscope.capture.distributed import DistributedContext
+from gradscope.capture.hooks import HookManager
+from gradscope.capture.layout import ParamLayout
+from gradscope.errors import ConfigurationError
+from gradscope.sinks.base import Sink
+from gradscope.stats.buffer import StatsBuffer
+from gradscope.stats.frame import ACTIVATION_STATISTICS, FrameSchema, StatsFrame
+from gradscope.stats.moments import MOMENT_INDEX, MomentPlan, _local
+
+if TYPE_CHECKING:
+    from gradscope.options import WatchOptions
+
+__all__ = ["MAX_SCALARS", "SKIP_COL", "PendingStep", "RecordedRow", "StepRecorder", "frame_schema", "scalar_value"]
+
+_M = MOMENT_INDEX
+#: Most named scalars a scope records (loss, val_loss and the user's); later names are dropped.
+MAX_SCALARS = 16
+#: One more slot after the scalars: 1 when the optimizer step was skipped (GradScaler found inf). Known
+#: on the host for ordinary optimizers; written on the device by fused ones (their found_inf tensor).
+SKIP_COL = MAX_SCALARS
+# With an optimizer, a step whose pre-hook did not run is a skipped step (GradScaler found inf). If
+# the hook never runs at all, the optimizer passed is not the one stepping: stop trusting it.
+_NO_OPTIMIZER_STEP_LIMIT = 20
+
+_Warn = Callable[[str, str], None]
+
+
+@dataclass
+class PendingStep:
+    """The recorded step in progress, between :meth:`StepRecorder.begin` and :meth:`StepRecorder.finish`.
+
+    Attributes:
+        slot: its buffer row (a flush that keeps it moves it to the front).
+        step: its step number (counted from 1).
+        sampled: whether it also takes the sampled statistics and the activation statistics.
+        grads_done: the gradient moments are in the row.
+        opt_stepped: the optimizer's pre-hook ran for it (else, with an optimizer, it was skipped).
+        present: indices (layout order) of the tensors whose gradient was captured.
+        trainable: ``requires_grad`` of every tensor at capture; None before the capture.
+        grad_marker: identity and version of one gradient right after the capture (see ``marked``).
+        marked: ``grad_marker`` was taken (a None marker means no gradient existed then).
+        grad_scale: the loss scale still in the gradients (GradScaler with a fused optimizer step).
+        found_inf: the device flag of a fused step skipped by GradScaler.
+        finite: with ``on_nonfinite="raise"``, a 0-d device bool: every captured gradient is finite.
+        updated: indices of the tensors whose weights were snapshot for the update ratio.
+    """
+
+    slot: int
+    step: int
+    sampled: bool
+    grads_done: bool = False
+    opt_stepped: bool = False
+    present: list[int] = field(default_factory=list)
+    trainable: list[bool] | None = None
+    grad_marker: tuple[int, int] | None = None
+    marked: bool = False
+    grad_scale: Tensor | None = None
+    found_inf: Tensor | None = None
+    finite: Tensor | None = None
+    updated: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RecordedRow:
+    """Host metadata of one finished step whose statistics wait in the device buffer for a flush.
+
+    Attributes:
+        step: the step number.
+        skipped: the optimizer skipped the step (as known on the host; the device flag adds to it).
+        passed: scalar columns written at this step (a distributed reduction averages only those).
+        has_grad: ``[n_params]`` bool, a gradient was captured.
+        trainable: ``[n_params]`` bool, ``requires_grad`` at the step.
+        sampled: the step took the sampled statistics.
+    """
+
+    step: int
+    skipped: bool
+    passed: list[int]
+    has_grad: np.ndarray
+    trainable: np.ndarray
+    sampled: bool
+
+
+class StepRecorder:
+    """Owns the device buffer and everything written into it, step by step, until a flush.
+
+    It holds the moment plan, the buffer, the step in progress (:class:`PendingStep`), the finished
+    rows (:class:`RecordedRow`), the weights before the optimizer step (update ratio), the scalar
+    columns and the skipped steps. The scope calls :meth:`begin` and :meth:`finish` once per step and
+    :meth:`commit` at a flush; the optimizer calls the hooks that :meth:`attach` registers.
+
+    Args:
+        layout: the watched parameters.
+        plan: which moments to take (``MomentPlan.for_statistics``).
+        options: the scope's options (``every``, ``sample_every``, ``flush_every``, ``history``,
+            ``on_nonfinite``).
+        stat_names: the statistics collected (``update_ratio`` turns on the weight snapshots).
+        optimizer: the optimizer whose step hooks capture the gradients, or None.
+        device: the buffer's device (the model's).
+        acts: the activation monitor, or None.
+        dist: the distributed context (reduction of rows, agreement on a non-finite step).
+        hooks: the scope's hook manager (owns the optimizer hooks).
+        warn: ``warn(key, message)``: a warning, once per key.
+        problem: ``problem(key, message)``: an error of gradscope itself, recorded, training goes on.
+    """
+
+    def __init__(
+        self,
+        *,
+        layout: ParamLayout,
+        plan: MomentPlan,
+        options: WatchOptions,
+        stat_names: Sequence[str],
+        optimizer: torch.optim.Optimizer | None,
+        device: torch.device,
+        acts: ActivationMonitor | None,
+        dist: DistributedContext,
+        hooks: HookManager,
+        warn: _Warn,
+        problem: _Warn,
+    ) -> None:
+        self.layout = layout
+        self.plan = plan
+        #: The columns of the rows written here, as the frame reads them.
+        self.schema = frame_schema(layout, plan, stat_names, acts)
+        #: Where finished rows go at :meth:`commit`.
+        self.frame = StatsFrame(self.schema, history=options.history, thin_every=options.sample_every)
+        self.optimizer = optimizer
+        #: The activation monitor; None when activations are off or turned off (see :meth:`end_step`).
+        self.acts = acts
+        self._options = options
+        self._dist = dist
+        self._step_sinks: list[Sink] = []
+        self._hooks = hooks
+        self._warn = warn
+        self._problem = problem
+        self._update_on = "update_ratio" in stat_names
+        self._param_on = "psumsq" in plan.moments
+        self.buffer = StatsBuffer(
+            capacity=options.flush_every + 1,  # +1: the row of the step in progress survives a flush
+            n_params=len(layout.params),
+            n_cols=plan.n_cols,
+            n_act=len(acts.paths) if acts else 0,
+            n_act_cols=len(ACTIVATION_STATISTICS),
+            n_scalars=MAX_SCALARS + 1,  # + the skip flag
+            device=device,
+        )
+        #: The recorded step in progress; None between steps and on steps that are not recorded.
+        self.pending: PendingStep | None = None
+        #: Finished steps whose statistics wait in the buffer for the next :meth:`commit`.
+        self.rows: list[RecordedRow] = []
+        #: Steps the optimizer skipped (GradScaler found inf), in order.
+        self.skipped_steps: list[int] = []
+        #: Distributed: rows dropped at a non-collective commit (shard-local moments cannot be global).
+        self.unreduced_rows = 0
+        self._scalar_cols: dict[str, int] = {}
+        self._dropped_scalars: set[str] = set()
+        self._opt_seen = False
+        self._trust_optimizer = optimizer is not None
+        self._prev: dict[int, Tensor] = {}  # weights before the optimizer step (update ratio)
+        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def attach(self, model_name: str, sinks: Sequence[Sink] = ()) -> None:
+        """Register the optimizer's step pre- and post-hooks (none without an optimizer).
+
+        Args:
+            model_name: the watched model's class name, for the warnings.
+            sinks: the scope's sinks; those that override :meth:`Sink.on_step` get the gradients of each
+                recorded step.
+
+        Warns (through ``warn``): custom statistics cannot be combined across FSDP/DTensor shards; none
+        of the model's parameters is in the optimizer (statistics are then taken at ``scope.step()``).
+        """
+        self._step_sinks = [s for s in sinks if type(s).on_step is not Sink.on_step]
+        custom, optimizer = self.plan.custom_reduce, self.optimizer
+        if self._dist.sharded and custom:
+            self._warn(
+                "distributed-custom",
+                f"Custom statistics {sorted(custom)} are computed per shard and cannot be combined across FSDP/DTensor "
+                "shards: they are NaN for sharded parameters (the built-in statistics are global).",
+            )
+        if optimizer is not None:
+            in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if not any(id(t) in in_opt for t in self.layout.tensors):
+                self._warn(
+                    "optimizer-params",
+                    f"None of the {model_name}'s parameters is in the optimizer passed to watch(). Build the "
+                    "optimizer from model.parameters() and call watch() after wrapping the model (fully_shard "
+                    "replaces the parameters), or statistics will be taken at scope.step() instead.",
+                )
+            self._hooks.add("optimizer", optimizer.register_step_pre_hook(self._on_optimizer_pre))
+            self._hooks.add("optimizer", optimizer.register_step_post_hook(self._on_optimizer_post))
+
+    def begin(self, step: int) -> None:
+        """Prepare step ``step``: claim a buffer row when it is recorded, arm activation hooks when sampled."""
+        if not self._options.recorded(step):
+            return
+        slot = self.buffer.claim()
+        sampled = self._options.sampled(step)
+        self.pending = PendingStep(slot=slot, step=step, sampled=sampled)
+        acts = self.acts
+        if sampled and acts is not None and acts.entries:
+            buffer = self.buffer
+            acts.arm(lambda: buffer.activations(slot))
+
+    def finish(self, values: dict[str, Union[float, Tensor]], step: int) -> bool:
+        """End the step in progress (if recorded) as step ``step``: scalars, skip flag, its host row.
+
+        Args:
+            values: the scalars passed to ``scope.step`` (see :func:`scalar_value`).
+            step: the step count after this step.
+
+        Returns:
+            True when ``on_nonfinite="raise"`` and a captured gradient holds NaN or Inf: the caller raises.
+        """
+        pending = self.pending
+        if pending is None:
+            return False
+        skipped = False
+        if self._trust_optimizer and not pending.opt_stepped:
+            skipped = True
+            if not self._opt_seen and step >= _NO_OPTIMIZER_STEP_LIMIT:
+                self._distrust_optimizer(step)
+                skipped = False
+        if not pending.grads_done:
+            self._capture_grads(pending)
+        elif pending.marked and pending.grad_marker != self._grad_marker() and self._grad_marker() is not None:
+            self._warn(
+                "order",
+                "A backward pass ran between optimizer.step() and scope.step(): call scope.step() right after "
+                "optimizer.step(), once per optimizer step, or the statistics land one step late.",
+            )
+        slot = pending.slot
+        if values:
+            self._write_scalars(slot, values)
+        if skipped:
+            self.buffer.scalars(slot)[SKIP_COL].fill_(1.0)  # carried through distributed reductions
+        has = np.zeros(len(self.layout.params), dtype=bool)
+        has[pending.present] = True
+        trainable = pending.trainable
+        if trainable is None:  # the capture failed or never ran
+            trainable = [t.requires_grad for t in self.layout.tensors]
+        self.rows.append(
+            RecordedRow(
+                step=step,
+                skipped=skipped,
+                passed=[self._scalar_cols[k] for k in values if k in self._scalar_cols],
+                has_grad=has,
+                trainable=np.array(trainable, dtype=bool),
+                sampled=pending.sampled,
+            )
+        )
+        if skipped:
+            self.skipped_steps.append(step)
+        if self._options.on_nonfinite == "raise" and not skipped and pending.finite is not None:
+            # sync point: on_nonfinite="raise" reads one flag per recorded step, by request.
+            return not bool(pending.finite)
+        return False
+
+    def end_step(self) -> bool:
+        """After :meth:`finish`: forget the step in progress and disarm the activation hooks.
+
+        Returns:
+            True when activation statistics were just turned off: the model was compiled after
+            ``watch()``, so its activation hooks ran inside a graph and measured nothing. They are no
+            longer armed (adding and removing hooks would recompile); the caller says so.
+        """
+        self.pending = None
+        acts = self.acts
+        if acts is None:
+            return False
+        acts.disarm()
+        if acts.compiled:
+            self.acts = None
+            return True
+        return False
+
+    def commit(self, *, collective: bool = True) -> int:
+        """Move the finished rows into the frame: reduce across ranks, one device-to-host copy, append.
+
+        The row of a step in progress stays in the buffer (moved to the front). Collective in an
+        active distributed run unless ``collective=False``; then sharded rows, which cannot become
+        global, are dropped and counted in :attr:`unreduced_rows`.
+
+        Returns:
+            How many rows were appended to the frame.
+        """
+        rows = self.rows
+        n = len(rows)
+        if not n:
+            return 0
+        dist = self._dist
+        if dist.active and collective:
+            self._reduce_rows(n)
+        moments, act, scalars = self._snapshot(n)
+        if dist.active and not collective and dist.sharded:
+            # Shard-local moments cannot become global without the other ranks: leave these rows out
+            # rather than report a shard's norm as the layer's (report.meta["distributed"] counts them).
+            self.unreduced_rows += n
+            self.rows = []
+            return 0
+        skipped = np.array([r.skipped for r in rows], dtype=bool)
+        if self._trust_optimizer:
+            # Steps skipped on the device (fused optimizer + GradScaler) or, after a distributed
+            # reduction, on any rank.
+            late = (scalars[:, SKIP_COL] > 0) & ~skipped
+            if late.any():
+                skipped |= late
+                self.skipped_steps = sorted({*self.skipped_steps, *(r.step for r, x in zip(rows, late) if x)})
+        chunk = {
+            "steps": np.array([r.step for r in rows], dtype=np.int64),
+            "skipped": skipped,
+            "has_grad": np.stack([r.has_grad for r in rows]),
+            "trainable": np.stack([r.trainable for r in rows]),
+            "sampled": np.array([r.sampled for r in rows], dtype=bool),
+            "moments": moments,
+            "act": act,
+            "scalars": scalars[:, : len(self._scalar_cols)],
+        }
+        self.frame.append(chunk, list(self._scalar_cols))
+        self.rows = []
+        return n
+
+    def close(self) -> None:
+        """Forget the step in progress and free the weight snapshots (the scope removes the hooks)."""
+        self.pending = None
+        self._prev.clear()
+
+    # -- optimizer hooks -------------------------------------------------------------------------------
+    def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+        pending = self.pending
+        self._opt_seen = True
+        if pending is None:
+            return None
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if callable(closure):
+            # opt.step(closure) (Lightning, LBFGS): the backward pass runs inside step(), so the gradients
+            # the optimizer uses exist only once the closure returns. Capture then, not now.
+            return _with_closure(args, kwargs, self._after_closure(optimizer, closure, pending))
+        self._capture_for_step(optimizer, pending)
+        return None
+
+    def _after_closure(self, optimizer: Any, closure: Any, pending: PendingStep) -> Any:
+        def wrapped(*a: Any, **kw: Any) -> Any:
+            out = closure(*a, **kw)
+            if not pending.grads_done:  # LBFGS evaluates several times: the first is the step's gradient
+                self._capture_for_step(optimizer, pending)
+            else:  # a later evaluation within the same step is not a stray backward pass
+                pending.grad_marker, pending.marked = self._grad_marker(), True
+            return out
+
+        return wrapped
+
+    def _capture_for_step(self, optimizer: Any, pending: PendingStep) -> None:
+        try:
+            pending.opt_stepped = True
+            self._read_loss_scale(optimizer, pending)
+            self._capture_grads(pending)
+            pending.grad_marker, pending.marked = self._grad_marker(), True
+            if self._update_on and pending.sampled:
+                self._snapshot_weights(pending)
+        except Exception as exc:
+            self._problem(
+                "optimizer-pre", f"capturing gradients before optimizer.step() failed: {type(exc).__name__}: {exc}"
+            )
+
+    def _on_optimizer_post(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        pending = self.pending
+        if pending is None or not self._update_on or not pending.updated:
+            return
+        try:
+            upd = pending.updated
+            prev = [self._prev[i] for i in upd]
+            # prev <- before - after; its sum of squares is ||update||^2 (prev is refilled next step)
+            torch._foreach_sub_(prev, [_local(self.layout.tensors[i].detach()) for i in upd])
+            dsq = MomentPlan.param_sumsq(prev)
+            view = self.buffer.moments(pending.slot)
+            col = view[:, _M["dsumsq"]]
+            dsq = dsq.to(device=view.device, dtype=view.dtype, non_blocking=True)
+            if len(upd) == view.shape[0]:
+                col.copy_(dsq)
+            else:
+                col.index_copy_(0, self._index_tensor(upd), dsq)
+        except Exception as exc:
+            self._problem("optimizer-post", f"measuring the optimizer update failed: {type(exc).__name__}: {exc}")
+
+    # -- capture ---------------------------------------------------------------------------------------
+    def _present(self) -> tuple[list[int], list[bool]]:
+        idx: list[int] = []
+        trainable: list[bool] = []
+        for i, t in enumerate(self.layout.tensors):
+            tr = t.requires_grad
+            trainable.append(tr)
+            if tr and t.grad is not None:
+                idx.append(i)
+        return idx, trainable
+
+    def _index_tensor(self, idx: list[int]) -> Tensor:
+        key = tuple(idx)
+        t = self._index_cache.get(key)
+        if t is None:
+            if len(self._index_cache) > 64:
+                self._index_cache.clear()
+            t = torch.tensor(idx, dtype=torch.long, device=self.buffer.device)
+            self._index_cache[key] = t
+        return t
+
+    def _capture_grads(self, pending: PendingStep) -> None:
+        """Moments of every present gradient and weight into the pending row (device work only)."""
+        idx, trainable = self._present()
+        pending.grads_done = True
+        pending.present = idx
+        pending.trainable = trainable
+        if not idx:
+            return
+        plan = self.plan
+        view = self.buffer.moments(pending.slot)
+        # _present() keeps only tensors whose .grad is set
+        grads: list[Tensor] = [self.layout.tensors[i].grad for i in idx]  # type: ignore[misc]  # not None, see above
+        params = [self.layout.tensors[i] for i in idx]
+        by_device: dict[torch.device, list[int]] = {}
+        for k, g in enumerate(grads):
+            by_device.setdefault(g.device, []).append(k)
+        blocks: list[tuple[list[int], Tensor]] = []
+        for dev_idx in by_device.values():
+            g_sub = [grads[k] for k in dev_idx]
+            p_sub = [params[k] for k in dev_idx]
+            block = plan.grad_moments(g_sub, p_sub, sampled=pending.sampled) if plan.needs_grads else None
+            if block is None:
+                block = torch.full(
+                    (len(dev_idx), plan.n_cols), float("nan"), dtype=torch.float64, device=g_sub[0].device
+                )
+            if pending.grad_scale is not None:
+                block = _unscale_moments(block, pending.grad_scale)
+            if self._param_on and pending.sampled:
+                block[:, _M["psumsq"]] = MomentPlan.param_sumsq(p_sub)
+            blocks.append(([idx[k] for k in dev_idx], block.to(view.device, non_blocking=True)))
+        for rows, block in blocks:
+            block = block.to(view.dtype)
+            if len(rows) == view.shape[0]:
+                view.copy_(block)
+            else:
+                view.index_copy_(0, self._index_tensor(rows), block)
+        for sink in self._step_sinks:
+            try:
+                sink.on_step(pending.step, [(self.layout.params[i], self.layout.tensors[i].grad) for i in idx])  # type: ignore[misc]  # present tensors (from _present) have a .grad
+            except Exception as exc:
+                self._problem(f"sink-step-{type(sink).__name__}", f"{type(sink).__name__}.on_step failed: {exc}")
+        if self._options.on_nonfinite == "raise":
+            finite = self._finite_flag(view, idx)
+            if self._dist.sharded:
+                finite = self._dist.all_finite(finite)  # a NaN sits in one rank's shard; all must stop
+            if pending.found_inf is not None:
+                finite = finite | (pending.found_inf.reshape(()) > 0)  # the fused step skips it
+            pending.finite = finite
+
+    def _finite_flag(self, view: Tensor, idx: list[int]) -> Tensor:
+        rows = view if len(idx) == view.shape[0] else view.index_select(0, self._index_tensor(idx))
+        cols = [_M[m] for m in ("sumsq", "sum", "min", "max") if m in self.plan.moments]
+        return torch.isfinite(rows[:, cols[:1] or [_M["sumsq"]]]).all()
+
+    def _read_loss_scale(self, optimizer: Any, pending: PendingStep) -> None:
+        """Note the loss scale still in the gradients and the device-side skip flag of a fused step.
+
+        GradScaler with an optimizer that unscales inside its own (fused) step: at the pre-hook the
+        gradients still carry the loss scale, and the step is skipped on the device when found_inf > 0.
+        GradScaler sets both tensors on the optimizer for the duration of its step only.
+        """
+        scale = getattr(optimizer, "grad_scale", None)
+        found_inf = getattr(optimizer, "found_inf", None)
+        if isinstance(scale, Tensor):
+            pending.grad_scale = scale
+        if isinstance(found_inf, Tensor) and self._trust_optimizer:
+            pending.found_inf = found_inf
+            col = self.buffer.scalars(pending.slot)[SKIP_COL]
+            col.copy_(found_inf.reshape(()).to(device=col.device, dtype=col.dtype, non_blocking=True))
+
+    def _grad_marker(self) -> tuple[int, int] | None:
+        # Identity and version of one gradient: changes when a backward pass writes the gradients.
+        for t in self.layout.tensors:
+            if t.grad is not None:
+                return (id(t.grad), t.grad._version)
+        return None
+
+    def _snapshot_weights(self, pending: PendingStep) -> None:
+        in_opt = {id(p) for group in self.optimizer.param_groups for p in group["params"]}  # type: ignore[union-attr]  # only called when an optimizer was given
+        upd = [i for i in pending.present if id(self.layout.tensors[i]) in in_opt]
+        pending.updated = upd
+        if not upd:
+            return
+        # DTensor (FSDP2): copy the local shard; the update's moments are reduced with the others.
+        src = [_local(self.layout.tensors[i].detach()) for i in upd]
+        dst = []
+        for i, p in zip(upd, src):
+            buf = self._prev.get(i)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                buf = torch.empty_like(p)
+                self._prev[i] = buf
+            dst.append(buf)
+        torch._foreach_copy_(dst, src)
+
+    # -- host side of a step ---------------------------------------------------------------------------
+    def _distrust_optimizer(self, step: int) -> None:
+        self._trust_optimizer = False
+        self.skipped_steps.clear()
+        for row in self.rows:
+            row.skipped = False
+        if len(self.frame):
+            self.frame.skipped[:] = False
+        self._warn(
+            "optimizer-never-stepped",
+            f"gradscope saw no optimizer.step() in {step} steps on the optimizer passed to watch(); is it the "
+            "one your loop steps? Statistics are now taken at scope.step() and no step is treated as skipped.",
+        )
+
+    def _write_scalars(self, slot: int, values: dict[str, Union[float, Tensor]]) -> None:
+        view = self.buffer.scalars(slot)
+        for name, v in values.items():
+            col = self._scalar_cols.get(name)
+            if col is None:
+                if len(self._scalar_cols) >= MAX_SCALARS:
+                    if name not in self._dropped_scalars:
+                        self._dropped_scalars.add(name)
+                        self._warn(
+                            f"scalar-{name}", f"gradscope records at most {MAX_SCALARS} scalars; {name!r} is dropped."
+                        )
+                    continue
+                col = self._scalar_cols[name] = len(self._scalar_cols)
+            if isinstance(v, Tensor):
+                view[col].copy_(v.to(device=view.device, dtype=view.dtype, non_blocking=True))
+            else:
+                view[col].fill_(v)
+
+    # -- flush -----------------------------------------------------------------------------------------
+    def _reduce_rows(self, n: int) -> None:
+        """Distributed: make the first ``n`` buffer rows global, in place on the device (collective)."""
+        passed = np.zeros((n, MAX_SCALARS + 1), dtype=bool)
+        for i, r in enumerate(self.rows):
+            passed[i, r.passed] = True
+        names = list(self._scalar_cols)
+        moments, act, scalars = self.buffer.rows(n)
+        agreed = self._dist.reduce(
+            moments, act, scalars, names=names, passed=passed, skip_col=SKIP_COL, max_names=MAX_SCALARS
+        )
+        if agreed != names:
+            # Another rank logged other scalars: columns now follow the list every rank shares.
+            self._scalar_cols = {name: i for i, name in enumerate(agreed)}
+
+    def _snapshot(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The first ``n`` rows on the host; the row of the step in progress moves to the front."""
+        keeps_pending = self.buffer.used > n
+        out = self.buffer.snapshot(n)
+        pending = self.pending
+        if keeps_pending and pending is not None:
+            # Activations of a sampled step may already be in its row: point the hooks at the new place.
+            pending.slot -= n
+            if pending.sampled and self.acts is not None:
+                buffer, slot = self.buffer, pending.slot
+                self.acts.retarget(lambda: buffer.activations(slot))
+        return out
+
+
+def frame_schema(
+    layout: ParamLayout, plan: MomentPlan, stat_names: Sequence[str], acts: ActivationMonitor | None
+) -> FrameSchema:
+    """The columns of the rows a :class:`StepRecorder` writes, as the frame reads them."""
+    return FrameSchema(
+        param_names=[p.name for p in layout.params],
+        param_layers=[p.layer for p in layout.params],
+        param_leaves=[p.param for p in layout.params],
+        numels=np.array([p.numel for p in layout.params], dtype=np.float64),
+        layers=list(layout.layers),
+        layer_members=layout.layer_members(),
+        stats=stat_names,
+        custom=plan.custom_reduce,
+        sampled_stats=plan.sampled_stats,
+        act_modules=acts.paths if acts else [],
+        act_kinds=acts.kinds if acts else [],
+        dtypes=[p.dtype for p in layout.params],
+    )
+
+
+def _with_closure(args: Any, kwargs: Any, closure: Any) -> tuple[Any, Any]:
+    """``(args, kwargs)`` of ``optimizer.step`` with its closure replaced (args[0] is the optimizer)."""
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": closure}
+    return (args[0], closure, *args[2:]), kwargs
+
+
+_SCALE_1 = [_M["sum"], _M["min"], _M["max"]]
+
+
+def _unscale_moments(block: Tensor, scale: Tensor) -> Tensor:
+    """Moments of ``g / scale`` from those of ``g`` (a loss-scaled gradient), on the device.
+
+    Sums, min and max scale by ``1/scale``, the sum of squares by ``1/scale**2``; counts are unchanged.
+    """
+    s = scale.detach().reshape(()).to(device=block.device, dtype=block.dtype, non_blocking=True)
+    block = block.clone()
+    block[:, _SCALE_1] = block[:, _SCALE_1] / s
+    block[:, _M["sumsq"]] = block[:, _M["sumsq"]] / (s * s)
+    return block
+
+
+def scalar_value(name: str, value: Any) -> Union[float, Tensor]:
+    """Validate a scalar passed to ``scope.step``; tensors stay on their device.
+
+    Raises:
+        ConfigurationError: ``value`` is not a real number or a one-element real tensor.
+    """
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ConfigurationError(
+                f"Expected `{name}` passed to scope.step() to be a scalar, but got a tensor of shape "
+                f"{list(value.shape)}. Pass {name}=tensor.mean() (or the reduction your loss uses)."
+            )
+        if value.is_complex():
+            raise ConfigurationError(f"Expected `{name}` passed to scope.step() to be real, but got a complex tensor.")
+        v = value.detach().reshape(())
+        if v.device.type == "cpu":
+            # sync point: CPU tensors only; the value is in host memory already, there is no device to wait for.
+            return float(v)
+        return v if v.is_floating_point() else v.float()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigurationError(
+            f"Expected `{name}` passed to scope.step() to be a number or a one-element tensor, but got "
+            f"{type(value).__name__} {value!r}."
+        )
+    return float(value) if not (isinstance(value, float) and math.isnan(value)) else math.nan
