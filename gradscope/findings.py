@@ -23,6 +23,7 @@ __all__ = [
     "exit_code",
     "from_jsonable",
     "jsonable",
+    "selects",
     "verdict",
 ]
 
@@ -45,6 +46,14 @@ class Finding:
         message: a full sentence: what, where, and the evidence.
         suggestion: what to try.
         evidence: the numbers behind it (statistic, value, threshold, window...).
+        provisional: True while the finding rests on fewer steps than the rule's window (a partial
+            window at the end of what was recorded so far): later steps can still withdraw it. Only
+            ``report()`` during a run shows provisional findings; outputs written during the run
+            (TensorBoard, ``report_path``) hold confirmed ones only.
+        last_step: the last step at which the condition was seen to hold (the episode so far); None
+            when the rule does not track episodes.
+        resolved_step: the first step from which the condition no longer held (the episode ended);
+            None while it holds or when the rule does not track episodes.
     """
 
     kind: str
@@ -54,6 +63,9 @@ class Finding:
     message: str
     suggestion: str
     evidence: dict[str, Any] = field(default_factory=dict)
+    provisional: bool = False
+    last_step: int | None = None
+    resolved_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary (non-finite numbers as strings)."""
@@ -72,11 +84,39 @@ class Finding:
             message=d["message"],
             suggestion=d.get("suggestion", ""),
             evidence=from_jsonable(d.get("evidence", {})),
+            provisional=bool(d.get("provisional", False)),
+            last_step=None if d.get("last_step") is None else int(d["last_step"]),
+            resolved_step=None if d.get("resolved_step") is None else int(d["resolved_step"]),
         )
 
     def __str__(self) -> str:
         where = f" in {self.layer!r}" if self.layer is not None else ""
-        return f"[{self.severity}] {self.kind}{where} at step {self.step}: {self.message} Try: {self.suggestion}"
+        return (
+            f"[{self.severity}] {self.kind}{where} at step {self.step}{self.status_note()}: {self.message} "
+            f"Try: {self.suggestion}"
+        )
+
+    def status_note(self) -> str:
+        """``" (provisional)"``, ``" (resolved at step N)"`` or ``""``: how final the finding is."""
+        notes = []
+        if self.provisional:
+            notes.append("provisional")
+        if self.resolved_step is not None:
+            notes.append(f"resolved at step {self.resolved_step}")
+        return f" ({', '.join(notes)})" if notes else ""
+
+
+def selects(stop_on: frozenset[str] | None, finding: Finding) -> bool:
+    """Whether ``finding`` is one that ``stop_on`` names: a severity (that or higher) or a kind.
+
+    ``stop_on`` is normalised by :class:`gradscope.options.WatchOptions`: a set of severities from
+    :data:`SEVERITIES` and rule kinds; None selects nothing.
+    """
+    if not stop_on:
+        return False
+    if finding.kind in stop_on:
+        return True
+    return any(s in SEVERITIES and SEVERITIES.index(finding.severity) >= SEVERITIES.index(s) for s in stop_on)
 
 
 def count_errors(findings: Iterable[Finding]) -> int:

@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
 from gradscope._validate import boolean, optional_positive_int, positive_int
 from gradscope.capture.distributed import MODES as DISTRIBUTED_MODES
 from gradscope.errors import ConfigurationError, RegistryError
+from gradscope.findings import SEVERITIES, Finding
 from gradscope.rules.engine import RuleSpec, build_rules
 from gradscope.sinks.base import Sink
 from gradscope.sinks.tensorboard import check_writer
@@ -60,6 +61,8 @@ class WatchOptions:
     activations: bool = True
     sample_every: int = 10
     on_nonfinite: str = "record"
+    on_finding: Callable[[Finding], Any] | None = None
+    stop_on: Union[str, Iterable[str], None] = None
     sinks: Sequence[Union[Sink, str]] = field(default_factory=tuple)
     history: int | None = DEFAULT_HISTORY
     report_path: Union[str, os.PathLike[str], None] = None
@@ -98,6 +101,11 @@ class WatchOptions:
             raise ConfigurationError(
                 f"Expected `on_nonfinite` to be one of {ON_NONFINITE}, but got {self.on_nonfinite!r}."
             )
+        if self.on_finding is not None and not callable(self.on_finding):
+            raise ConfigurationError(
+                f"Expected `on_finding` to be a function taking a Finding, but got {self.on_finding!r}."
+            )
+        put("stop_on", _stop_on(self.stop_on))
         boolean("activations", self.activations)
         put("history", _history(self.history, self.flush_every))
         if self.report_path is not None:
@@ -186,6 +194,27 @@ def _history(history: Any, flush_every: int) -> int | None:
             f"see every new row at full resolution. Raise history or lower flush_every."
         )
     return int(history)
+
+
+def _stop_on(stop_on: Any) -> frozenset[str] | None:
+    from gradscope.rules.registry import RULES
+
+    if stop_on is None:
+        return None
+    items = [stop_on] if isinstance(stop_on, str) else stop_on
+    if not isinstance(items, Iterable):
+        raise ConfigurationError(
+            f'Expected `stop_on` to be "error", "warning", rule kinds or None, but got {stop_on!r}.'
+        )
+    chosen = set()
+    for item in items:
+        if item not in SEVERITIES and item not in RULES:
+            raise ConfigurationError(
+                f"Expected `stop_on` to name a severity ({', '.join(SEVERITIES)}) or a rule kind "
+                f"({', '.join(RULES.names())}), but got {item!r}."
+            )
+        chosen.add(item)
+    return frozenset(chosen) or None
 
 
 def _stat_list(stats: Any) -> tuple[str, ...] | None:

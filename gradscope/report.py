@@ -178,7 +178,7 @@ class Report:
             lines.append("findings:")
             for f in self.findings:
                 where = f.layer if f.layer is not None else "(model)"
-                lines.append(f"  step {f.step:>6}  {f.severity:<7}  {f.kind:<22}  {where}")
+                lines.append(f"  step {f.step:>6}  {f.severity:<7}  {f.kind:<22}  {where}{f.status_note()}")
                 lines.append(f"      {f.message}")
                 lines.append(f"      try: {f.suggestion}")
         table = self._layer_table()

@@ -11,10 +11,9 @@ import atexit
 import os
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -22,21 +21,20 @@ from gradscope.capture.activations import ActivationMonitor
 from gradscope.capture.distributed import DistributedContext
 from gradscope.capture.hooks import HookManager
 from gradscope.capture.layout import unwrap_model
+from gradscope.capture.live import Diagnosis, stop_message
 from gradscope.capture.order import ForwardOrder
 from gradscope.capture.step import StepRecorder, scalar_value
 from gradscope.capture.target import check_arguments, is_compiled, unwrap_optimizer, watchable_layout
-from gradscope.errors import ConfigurationError, GradscopeWarning, NonFiniteGradientError
+from gradscope.errors import ConfigurationError, GradientHealthError, GradscopeWarning, NonFiniteGradientError
+from gradscope.findings import Finding
 from gradscope.options import DEFAULT_HISTORY, WatchOptions
 from gradscope.report import Report
-from gradscope.rules.base import RuleContext
 from gradscope.rules.engine import RuleEngine, RuleSpec
-from gradscope.sinks.base import ScopeInfo, Sink, SinkUpdate
+from gradscope.sinks.base import ScopeInfo, Sink
 from gradscope.sinks.registry import build_sink
-from gradscope.stats.moments import MOMENT_INDEX, MomentPlan
+from gradscope.stats.moments import MomentPlan
 
 __all__ = ["GradScope", "watch"]
-
-_M = MOMENT_INDEX
 
 # Models watched by an open scope (the unwrapped module), and the open scopes (flushed at exit).
 _WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -131,6 +129,10 @@ class GradScope:
         self._ended_by: str | None = None
         for note in self._dist.notes:
             self._problem("distributed", note)
+        self._diagnosis = Diagnosis(
+            engine=self.engine, recorder=self._recorder, order=self._order, options=options,
+            has_optimizer=optimizer is not None, dist=self._dist, sinks=self._sinks, problem=self._problem,
+        )  # fmt: skip
 
         # -- attach: from here on the model carries hooks, so failures must clean up ---------------------
         try:
@@ -184,6 +186,8 @@ class GradScope:
         Raises:
             ConfigurationError: a scalar is not a number or a one-element tensor, or the scope is closed.
             NonFiniteGradientError: with ``on_nonfinite="raise"``, when a gradient holds NaN or Inf.
+            GradientHealthError: a finding that ``stop_on`` selects was confirmed (by this step's
+                evaluation, or by a ``flush()`` since the previous step).
         """
         if self._closed:
             raise ConfigurationError(
@@ -191,9 +195,13 @@ class GradScope:
             )
         named = {"loss": loss, "val_loss": val_loss, **scalars}
         values = {k: scalar_value(k, v) for k, v in named.items() if v is not None}
+        diagnosis = self._diagnosis
+        diagnosis.cadence.step_started()
         self._step += 1
         self._order.detach()
         recorder = self._recorder
+        if recorder.pending is not None:
+            diagnosis.recorded()
         try:
             if recorder.finish(values, self._step):
                 self._raise_nonfinite()
@@ -208,15 +216,22 @@ class GradScope:
                 "(dead / saturated units); gradient statistics are unaffected. Watch the compiled module, "
                 "or pass activations=False, to silence this.",
             )
-        if len(recorder.rows) >= self.flush_every:
+        if diagnosis.unflushed >= self.flush_every:
             self.flush()
+        else:
+            diagnosis.live(self._step)
         recorder.begin(self._step + 1)
+        diagnosis.cadence.step_ended()
+        stop = diagnosis.take_stop()
+        if stop:
+            self._stop(stop)
 
     def flush(self) -> list:
         """Copy buffered statistics to the host, run the rules and write the sinks now.
 
         In a distributed run (see :mod:`gradscope.capture.distributed`) this is collective: call it on
-        every rank.
+        every rank. It never raises for ``stop_on``: a finding it confirms that ``stop_on`` selects
+        makes the next ``scope.step()`` raise.
 
         Returns:
             The findings first reported by this flush.
@@ -224,15 +239,21 @@ class GradScope:
         return self._flush(final=False)
 
     def report(self) -> Report:
-        """Flush, then return the :class:`Report` of everything recorded so far (valid before close).
+        """The :class:`Report` of everything recorded so far: what ``close()`` would say if the run ended now.
 
-        In a distributed run it does not flush (a flush is collective, and ``report()`` is often called
-        on rank 0 alone): it covers the steps up to the last flush. Call :meth:`flush` on every rank
-        first, or read it after :meth:`close`, for every step.
+        Before ``close()``, the rules run once more, in final mode, on a copy of their state: findings
+        that only this judgement of the partial window gives are marked ``provisional`` (later steps
+        can still withdraw them; outputs written during the run never hold them).
+        ``report.meta["live"]`` says up to which step it judged. Never collective, never raises for
+        ``stop_on``: in a distributed run it judges what the last flush reduced plus this rank's rows
+        since (``meta["live"]["rank_local_steps"]``; sharded parameters have no values there).
         """
-        if not self._closed and not self._dist.active:
+        if self._closed:
+            return self._make_report()
+        if not self._dist.active:
             self._flush(final=False)
-        return self._make_report()
+        extra, frame, live = self._diagnosis.provisional(self._step)
+        return self._make_report(extra=extra, frame=frame, live=live)
 
     def close(self) -> Report:
         """Final flush, close the sinks and remove every hook (idempotent). Returns the report.
@@ -287,37 +308,18 @@ class GradScope:
 
     # -- flush, rules, sinks ---------------------------------------------------------------------------
     def _flush(self, *, final: bool, collective: bool = True) -> list:
-        n = self._recorder.commit(collective=collective)
-        new_findings: list = []
-        if n or final:
-            start = len(self.frame) - n  # after the append: bounded history may have thinned older rows
-            ctx = RuleContext(
-                frame=self.frame,
-                new_from=start,
-                forward_order=self._order.depth_order(),
-                has_optimizer=self.optimizer is not None,
-                final=final,
-                every=self.every,
-                sample_every=self.sample_every,
-                step_count=self._step,
-                output_activations=tuple(self._order.output_activations()),
-            )
-            if len(self.frame):
-                new_findings = self.engine.run(ctx)
-            update = SinkUpdate(
-                frame=self.frame,
-                new_from=start,
-                findings=new_findings,
-                layers_by_depth=self.layers_by_depth(),
-                final=final,
-            )
-            for sink in self._sinks:
-                try:
-                    sink.write(update)
-                except Exception as exc:
-                    name = type(sink).__name__
-                    self._problem(f"sink-{name}", f"{name}.write failed: {type(exc).__name__}: {exc}")
-        return new_findings
+        return self._diagnosis.flush(final=final, collective=collective, step_count=self._step)
+
+    def _stop(self, found: list) -> None:
+        written = None
+        if self.report_path is not None and self._dist.writes:
+            try:  # confirmed findings only: the file never contradicts the one close() writes
+                self._make_report().to_json(self.report_path)
+                written = os.fspath(self.report_path)
+            except Exception as exc:
+                self._problem("report-path", f"writing the report to {self.report_path!r} failed: {exc}")
+        report = self._make_report()
+        raise GradientHealthError(stop_message(found, self.options.stop_on, self._step, written), report=report)
 
     def _raise_nonfinite(self) -> None:
         new = self._flush(final=False)
@@ -327,22 +329,12 @@ class GradScope:
         if found:
             msg = "\n".join(str(f) for f in found)
         else:
-            frame = self.frame
-            row = len(frame) - 1
-            bad = [
-                self.layout.layers[li]
-                for li in reversed(self._order.depth_order())
-                if np.any(~np.isfinite(frame.moments[row, self.schema.layer_members[li], _M["min"]]))
-                or np.any(~np.isfinite(frame.moments[row, self.schema.layer_members[li], _M["sumsq"]]))
-            ]
-            msg = (
-                f"Non-finite gradient at step {self._step}; first layer in backward order: "
-                f"{bad[0] if bad else '(unknown)'!r}."
-            )
+            bad = self._recorder.nonfinite_layer(self._order.depth_order())
+            msg = f"Non-finite gradient at step {self._step}; first layer in backward order: {bad or '(unknown)'!r}."
         raise NonFiniteGradientError(msg, report=self._make_report())
 
-    def _make_report(self) -> Report:
-        recorder = self._recorder
+    def _make_report(self, extra: Sequence = (), frame: Any = None, live: dict | None = None) -> Report:
+        recorder, frame = self._recorder, self.frame if frame is None else frame
         meta = {
             "model": type(self.module).__name__,
             "parameters": int(sum(p.numel for p in self.layout.params)),
@@ -352,7 +344,7 @@ class GradScope:
             "layers_by_depth": self.layers_by_depth(),
             "device": str(self.device),
             "steps": self._step,
-            "recorded_steps": len(self.frame) + len(recorder.rows),
+            "recorded_steps": len(self.frame) + recorder.waiting,
             "every": self.every,
             "sample_every": self.sample_every,
             "stats": list(self.stat_names),
@@ -366,9 +358,11 @@ class GradScope:
             meta["distributed"] = {**self._dist.describe(), "unreduced_rows_dropped": recorder.unreduced_rows}
         if self._ended_by is not None:
             meta["ended_by"] = self._ended_by
+        if live is not None:
+            meta["live"] = live
         return Report(
-            findings=list(self.engine.findings),
-            frame=self.frame,
+            findings=[*self.engine.findings, *extra],
+            frame=frame,
             skipped_steps=list(recorder.skipped_steps),
             frozen=self.layout.frozen,
             meta=meta,
@@ -401,6 +395,8 @@ def watch(
     activations: bool = True,
     sample_every: int = 10,
     on_nonfinite: str = "record",
+    on_finding: Callable[[Finding], Any] | None = None,
+    stop_on: Union[str, Iterable[str], None] = None,
     sinks: Sequence[Union[Sink, str]] = (),
     history: int | None = DEFAULT_HISTORY,
     report_path: str | os.PathLike[str] | None = None,
@@ -434,6 +430,11 @@ def watch(
             everything every step (see docs/performance.md for what each costs).
         on_nonfinite: ``"record"`` (a finding at the next flush) or ``"raise"`` (stop at the step where a
             gradient first holds NaN/Inf, naming the layer; costs one host sync per recorded step).
+        on_finding: called with each new :class:`Finding`, once, on the training thread, at the step
+            it becomes visible (an exception it raises is reported as a warning; training goes on).
+        stop_on: ``"error"``, ``"warning"`` or rule kinds: when such a finding becomes visible,
+            ``scope.step()`` raises :class:`GradientHealthError` naming it (the report is still
+            written on the way out of the ``with`` block). None (default): never stop.
         sinks: extra outputs (Sink instances or registered names).
         history: recorded steps kept at full resolution on the host (default 2000, at least 100 and
             ``flush_every``). Older steps are thinned, not dropped: kept at a stride of ``sample_every``
@@ -484,6 +485,8 @@ def watch(
         activations=activations,
         sample_every=sample_every,
         on_nonfinite=on_nonfinite,
+        on_finding=on_finding,
+        stop_on=stop_on,
         sinks=sinks,
         history=history,
         report_path=report_path,

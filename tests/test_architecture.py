@@ -361,6 +361,8 @@ def non_default_options(tmp_path: Path) -> dict[str, Any]:
         "rules": "none",
         "thresholds": {"vanishing_gradients": {"ratio": 1e-20}},
         "on_nonfinite": "raise",
+        "on_finding": print,
+        "stop_on": "error",
         "sinks": (NullSink(),),
         "report_path": str(tmp_path / "report.json"),
         "distributed": "local",

@@ -137,8 +137,9 @@ def run_scenario(
 ) -> RunResult:
     """Train ``sc`` for ``sc.steps`` steps under ``gradscope.watch`` (defaults unless overridden).
 
-    ``observers`` are objects with optional ``attach(model)``, ``on_backward(step, model)`` and
-    ``detach()`` methods (the SageMaker-baseline probes use them).
+    ``observers`` are objects with optional ``attach(model)``, ``before_step(step)``,
+    ``on_backward(step, model)``, ``after_step(step, scope)`` (after ``scope.step``) and ``detach()``
+    methods (the SageMaker-baseline probes and the alert-latency probes use them).
     """
     import time
 
@@ -158,16 +159,21 @@ def run_scenario(
     t0 = time.perf_counter()
     scope = gradscope.watch(model, **kwargs)
     rule_time = [0.0]
-    run_rules = scope.engine.run
+    engine = scope.engine
+    base = type(engine)
 
-    def timed_run(ctx: Any) -> list:
-        t = time.perf_counter()
-        try:
-            return run_rules(ctx)
-        finally:
-            rule_time[0] += time.perf_counter() - t
+    class TimedEngine(base):  # type: ignore[misc, valid-type]
+        # Timed at class level: report()'s provisional pass deep-copies the engine, and a bound method
+        # stored on the instance would survive the copy and run the real engine in final mode.
+        def run(self, ctx: Any) -> list:
+            t = time.perf_counter()
+            try:
+                return base.run(self, ctx)
+            finally:
+                if self is engine:
+                    rule_time[0] += time.perf_counter() - t
 
-    scope.engine.run = timed_run  # type: ignore[method-assign]
+    engine.__class__ = TimedEngine
     try:
         for step in range(1, sc.steps + 1):
             if setup.before_step is not None:
@@ -213,6 +219,9 @@ def run_scenario(
                 val_losses[step] = val
             losses.append(total)
             scope.step(loss=total, val_loss=val)
+            for ob in observers:
+                if hasattr(ob, "after_step"):
+                    ob.after_step(step, scope)
             opt.zero_grad(set_to_none=True)
             if setup.scheduler is not None:
                 setup.scheduler.step()

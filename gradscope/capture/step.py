@@ -182,6 +182,8 @@ class StepRecorder:
         self.skipped_steps: list[int] = []
         #: Distributed: rows dropped at a non-collective commit (shard-local moments cannot be global).
         self.unreduced_rows = 0
+        # The live copy in flight (accelerators): its rows, the pinned host tensor, the event after it.
+        self._streaming: tuple[list[RecordedRow], Tensor, Any] | None = None
         self._scalar_cols: dict[str, int] = {}
         self._dropped_scalars: set[str] = set()
         self._opt_seen = False
@@ -315,10 +317,11 @@ class StepRecorder:
         Returns:
             How many rows were appended to the frame.
         """
+        appended = self._take_streamed(wait=True)
         rows = self.rows
         n = len(rows)
         if not n:
-            return 0
+            return appended
         dist = self._dist
         if dist.active and collective:
             self._reduce_rows(n)
@@ -328,7 +331,107 @@ class StepRecorder:
             # rather than report a shard's norm as the layer's (report.meta["distributed"] counts them).
             self.unreduced_rows += n
             self.rows = []
+            return appended
+        self._append(rows, moments, act, scalars, thin=True)
+        self.rows = []
+        return appended + n
+
+    def stream(self) -> int:
+        """Live evaluation between flushes: move finished rows into the frame without waiting on the device.
+
+        Not for an active distributed run (its rows must be reduced, collectively, at a flush). On a
+        CPU the rows are host memory: they are copied into the frame now. On an accelerator the rows
+        are copied into pinned host memory without blocking (the copy is queued on the stream, with
+        an event after it) and freed from the buffer; they reach the frame at a later call whose
+        event has completed, or at the next :meth:`commit`, which waits for them. At most one such
+        copy is in flight; while it is, new rows wait in the buffer.
+
+        Returns:
+            How many rows were appended to the frame.
+        """
+        appended = self._take_streamed(wait=False)
+        rows = self.rows
+        n = len(rows)
+        if not n or self._streaming is not None:
+            return appended
+        if self.buffer.device.type == "cpu":
+            moments, act, scalars = self.buffer.take_cpu(n)
+            self._moved(n)
+            self._append(rows, moments, act, scalars, thin=False)
+            self.rows = []
+            return appended + n
+        # Untested on a GPU in this project's CI (no device there): covered by the CPU path's logic.
+        host, event = self.buffer.copy_async(n)
+        self._moved(n)
+        self._streaming = (rows, host, event)
+        self.rows = []
+        return appended
+
+    def nonfinite_layer(self, depth_order: Sequence[int]) -> str | None:
+        """The frame's last row: the first layer in backward order whose gradient holds NaN or Inf."""
+        frame, members = self.frame, self.schema.layer_members
+        if not len(frame):
+            return None
+        last = frame.moments[-1]
+        for li in reversed(list(depth_order)):
+            vals = last[members[li]][:, [_M["min"], _M["sumsq"]]]
+            if not np.all(np.isfinite(vals)):
+                return self.layout.layers[li]
+        return None
+
+    @property
+    def scalar_names(self) -> list[str]:
+        """The scalar names recorded so far, in column order."""
+        return list(self._scalar_cols)
+
+    @property
+    def waiting(self) -> int:
+        """Finished rows not in the frame yet (in the buffer, or on their way to the host)."""
+        return len(self.rows) + (len(self._streaming[0]) if self._streaming is not None else 0)
+
+    def local_rows(self) -> dict[str, np.ndarray] | None:
+        """Distributed ``report()``: this rank's rows not yet reduced, as a frame chunk; None when none.
+
+        Read from the buffer without freeing them (the next collective flush reduces them). Moments
+        of sharded parameters are shard-local, so they are NaN here (no shard's norm passes for the
+        layer's); replicated (DDP) gradients are already global. Scalars are this rank's own.
+        """
+        rows = self.rows
+        if not rows:
+            return None
+        moments, act, scalars = self.buffer.peek(len(rows))
+        moments = moments.copy()
+        for shard_set in self._dist.shard_sets:
+            moments[:, shard_set.members, :] = np.nan
+        return self._chunk(rows, moments, act, scalars, note_skips=False)
+
+    def _take_streamed(self, *, wait: bool) -> int:
+        """Append the rows of the copy in flight once it is done (``wait``: wait for it); how many."""
+        streaming = self._streaming
+        if streaming is None:
             return 0
+        rows, host, event = streaming
+        if wait:
+            # sync point: at a flush, the live copy still in flight is waited for (the flush copies anyway).
+            event.synchronize()
+        elif not event.query():
+            return 0
+        self._streaming = None
+        # sync point: CPU tensors only; pinned host memory that the completed event says is written.
+        data = host.numpy().astype(np.float64, copy=True)
+        moments, act, scalars = self.buffer.split(data)
+        self._append(rows, moments, act, scalars, thin=wait)
+        return len(rows)
+
+    def _chunk(
+        self,
+        rows: list[RecordedRow],
+        moments: np.ndarray,
+        act: np.ndarray,
+        scalars: np.ndarray,
+        *,
+        note_skips: bool = True,
+    ) -> dict[str, np.ndarray]:
         skipped = np.array([r.skipped for r in rows], dtype=bool)
         if self._trust_optimizer:
             # Steps skipped on the device (fused optimizer + GradScaler) or, after a distributed
@@ -336,8 +439,9 @@ class StepRecorder:
             late = (scalars[:, SKIP_COL] > 0) & ~skipped
             if late.any():
                 skipped |= late
+            if late.any() and note_skips:
                 self.skipped_steps = sorted({*self.skipped_steps, *(r.step for r, x in zip(rows, late) if x)})
-        chunk = {
+        return {
             "steps": np.array([r.step for r in rows], dtype=np.int64),
             "skipped": skipped,
             "has_grad": np.stack([r.has_grad for r in rows]),
@@ -347,9 +451,11 @@ class StepRecorder:
             "act": act,
             "scalars": scalars[:, : len(self._scalar_cols)],
         }
-        self.frame.append(chunk, list(self._scalar_cols))
-        self.rows = []
-        return n
+
+    def _append(
+        self, rows: list[RecordedRow], moments: np.ndarray, act: np.ndarray, scalars: np.ndarray, *, thin: bool
+    ) -> None:
+        self.frame.append(self._chunk(rows, moments, act, scalars), list(self._scalar_cols), thin=thin)
 
     def close(self) -> None:
         """Forget the step in progress and free the weight snapshots (the scope removes the hooks)."""
@@ -533,7 +639,7 @@ class StepRecorder:
     def _distrust_optimizer(self, step: int) -> None:
         self._trust_optimizer = False
         self.skipped_steps.clear()
-        for row in self.rows:
+        for row in [*self.rows, *(self._streaming[0] if self._streaming is not None else ())]:
             row.skipped = False
         if len(self.frame):
             self.frame.skipped[:] = False
@@ -578,16 +684,19 @@ class StepRecorder:
 
     def _snapshot(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The first ``n`` rows on the host; the row of the step in progress moves to the front."""
-        keeps_pending = self.buffer.used > n
         out = self.buffer.snapshot(n)
+        self._moved(n)
+        return out
+
+    def _moved(self, n: int) -> None:
+        """The buffer freed its first ``n`` rows: the step in progress, if it kept its row, moved up by ``n``."""
         pending = self.pending
-        if keeps_pending and pending is not None:
+        if n and pending is not None and pending.slot >= n:
             # Activations of a sampled step may already be in its row: point the hooks at the new place.
             pending.slot -= n
             if pending.sampled and self.acts is not None:
                 buffer, slot = self.buffer, pending.slot
                 self.acts.retarget(lambda: buffer.activations(slot))
-        return out
 
 
 def frame_schema(

@@ -27,13 +27,15 @@ logged at (``logging_steps=1`` gives one per step), and ``eval_loss`` from each 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from gradscope.errors import ConfigurationError
+from gradscope.errors import ConfigurationError, GradscopeWarning
+from gradscope.integrations._stopping import StopOnFindings
 from gradscope.options import WatchOptions
 
 try:
@@ -45,6 +47,7 @@ except ModuleNotFoundError as exc:
     ) from exc
 
 if TYPE_CHECKING:
+    from gradscope.findings import Finding
     from gradscope.report import Report
     from gradscope.scope import GradScope
 
@@ -86,6 +89,14 @@ class GradscopeTrainerCallback(TrainerCallback):
 
     Args:
         log_to_trainer: write into the Trainer's TensorBoard folder when TensorBoard reporting is on.
+        stop_training_on: ``"error"``, ``"warning"`` or rule kinds: when such a finding is confirmed,
+            set ``control.should_training_stop`` so the Trainer ends through its normal end
+            (``on_train_end`` closes the scope and writes ``report_path``). None (default): never
+            stop. A step is recorded when the next one begins (the Trainer logs its loss after
+            ``on_step_end``); the Trainer then stops after that step's first micro-batch, before its
+            optimizer update. ``stop_on`` (the option of :func:`gradscope.watch`, which
+            raises from ``scope.step()``) means the same here; pass one of the two. ``on_finding``
+            is still called with every finding.
         **options: any option of :func:`gradscope.watch` (``every``, ``rules``, ``report_path``...; see
             :class:`gradscope.options.WatchOptions`), validated here. ``log_dir`` writes a separate
             TensorBoard run there, ``writer`` into your own ``SummaryWriter`` (gradscope never closes it),
@@ -95,6 +106,7 @@ class GradscopeTrainerCallback(TrainerCallback):
         scope: the open :class:`~gradscope.GradScope` during training, else None.
         report: the :class:`~gradscope.Report` of the last ``train()`` (None before it ends).
         log_dir: the TensorBoard folder written to, once training has started (None if none).
+        stopped_by: the finding that stopped the last ``train()`` (None if none did).
 
     Raises:
         ConfigurationError: for an invalid option, when the callback is built.
@@ -104,11 +116,15 @@ class GradscopeTrainerCallback(TrainerCallback):
         self,
         *,
         log_to_trainer: bool = True,
+        stop_training_on: Union[str, Iterable[str], None] = None,
         **options: Any,
     ) -> None:
         if not isinstance(log_to_trainer, bool):
             raise ConfigurationError(f"Expected `log_to_trainer` to be True or False, but got {log_to_trainer!r}.")
         self.options = WatchOptions(**options)
+        self._stop = StopOnFindings(type(self).__name__, stop_training_on, self.options)
+        self.stop_training_on = self._stop.selection
+        self.stopped_by: Finding | None = None
         self.log_to_trainer = log_to_trainer
         self.log_dir: str | None = None
         self.scope: GradScope | None = None
@@ -141,17 +157,21 @@ class GradscopeTrainerCallback(TrainerCallback):
         self.log_dir = log_dir if writer is None else getattr(writer, "log_dir", None)
         self._open_step, self._scalars, self._val_loss = None, {}, None
         self.report = None
-        options = self.options.replace(log_dir=log_dir, writer=writer)
+        self._stop.reset()
+        self.stopped_by = None
+        options = self._stop.watch_options(self.options).replace(log_dir=log_dir, writer=writer)
         self.scope = gradscope.watch(model, optimizer=opt, **options.as_kwargs())
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """A new optimizer step starts: end the previous one (its logs and evaluation are in)."""
         self._end_step()
+        self._maybe_stop(state, control)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """The optimizer stepped; keep the step open for the loss the Trainer is about to log."""
         if self.scope is not None:
             self._end_step()  # defensive: on_step_begin was not called for the previous step
+            self._maybe_stop(state, control)
             self._open_step = state.global_step
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
@@ -183,6 +203,18 @@ class GradscopeTrainerCallback(TrainerCallback):
         if self._val_loss is not None and self.options.recorded(self.scope.step_count + 1):
             scalars["val_loss"], self._val_loss = self._val_loss, None
         self.scope.step(**scalars)
+
+    def _maybe_stop(self, state: Any, control: Any) -> None:
+        finding = self._stop.finding
+        if finding is None or self.stopped_by is not None:
+            return
+        # The Trainer checks this after every micro-batch (so before the next optimizer step), then runs
+        # on_train_end, which closes the scope. Every process stops at the same step: findings come from
+        # statistics reduced across ranks at the same steps (distributed="auto", the default).
+        control.should_training_stop = True
+        self.stopped_by = finding
+        if bool(getattr(state, "is_world_process_zero", True)):
+            warnings.warn(self._stop.message(f"global step {state.global_step}"), GradscopeWarning, stacklevel=3)
 
     def _close(self) -> None:
         if self.scope is not None:

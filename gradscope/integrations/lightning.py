@@ -25,13 +25,15 @@ Where it writes, on global rank 0: into the run of the trainer's ``TensorBoardLo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import Tensor
 
-from gradscope.errors import ConfigurationError
+from gradscope.errors import ConfigurationError, GradscopeWarning
+from gradscope.integrations._stopping import StopOnFindings
 from gradscope.options import WatchOptions
 from gradscope.sinks.metrics import MetricsLoggerSink
 
@@ -47,6 +49,7 @@ except ModuleNotFoundError:  # the older standalone package
         ) from exc
 
 if TYPE_CHECKING:
+    from gradscope.findings import Finding
     from gradscope.report import Report
     from gradscope.scope import GradScope
 
@@ -102,6 +105,12 @@ class GradscopeCallback(pl.Callback):
         val_loss_key: the key of ``trainer.callback_metrics`` holding the validation loss (what your
             ``validation_step`` logs with ``self.log(...)``); it is passed as ``val_loss`` at the first
             recorded optimizer step after each validation run. ``None`` to leave it out.
+        stop_training_on: ``"error"``, ``"warning"`` or rule kinds: when such a finding is confirmed,
+            set ``trainer.should_stop`` so the fit ends after that batch, through its normal end
+            (``on_fit_end`` closes the scope and writes ``report_path``). None (default): never stop.
+            ``stop_on`` (the option of :func:`gradscope.watch`, which raises from ``scope.step()``)
+            means the same here; pass one of the two. ``on_finding`` is still called with every
+            finding.
         **options: any option of :func:`gradscope.watch` (``every``, ``rules``, ``report_path``...; see
             :class:`gradscope.options.WatchOptions`), validated here. ``log_dir`` writes a separate
             TensorBoard run there instead of the TensorBoard logger's (other loggers still get the
@@ -110,6 +119,7 @@ class GradscopeCallback(pl.Callback):
     Attributes:
         scope: the open :class:`~gradscope.GradScope` during fit, else None.
         report: the :class:`~gradscope.Report` of the last fit (None before it ends).
+        stopped_by: the finding that stopped the last fit (None if none did).
 
     Raises:
         ConfigurationError: for an invalid option, when the callback is built.
@@ -121,6 +131,7 @@ class GradscopeCallback(pl.Callback):
         optimizer_index: int | None = 0,
         log_to_logger: bool = True,
         val_loss_key: str | None = "val_loss",
+        stop_training_on: Union[str, Iterable[str], None] = None,
         **options: Any,
     ) -> None:
         super().__init__()
@@ -140,6 +151,9 @@ class GradscopeCallback(pl.Callback):
                 "`log_dir`; it takes no `writer`."
             )
         self.options = WatchOptions(**options)
+        self._stop = StopOnFindings(type(self).__name__, stop_training_on, self.options)
+        self.stop_training_on = self._stop.selection
+        self.stopped_by: Finding | None = None
         self.optimizer_index = optimizer_index
         self.log_to_logger = log_to_logger
         self.val_loss_key = val_loss_key
@@ -176,7 +190,9 @@ class GradscopeCallback(pl.Callback):
         self._losses = []
         self._val_loss = None
         self.report = None
-        options = self.options.replace(
+        self._stop.reset()
+        self.stopped_by = None
+        options = self._stop.watch_options(self.options).replace(
             log_dir=self.options.log_dir if trainer.is_global_zero else None,
             writer=writer,
             sinks=(*self.options.sinks, *sinks),
@@ -208,6 +224,19 @@ class GradscopeCallback(pl.Callback):
             scalars["val_loss"] = self._val_loss
             self._val_loss = None
         self.scope.step(**scalars)
+        if self._stop.active and self.stopped_by is None:
+            self._maybe_stop(trainer)
+
+    def _maybe_stop(self, trainer: Any) -> None:
+        if self._stop.finding is None:
+            return
+        # Lightning ends the fit after this batch and calls on_fit_end, which closes the scope. Under
+        # DDP every rank stops at the same batch: findings come from statistics reduced across ranks
+        # at the same flushes (distributed="auto", the default), so they are identical on all ranks.
+        trainer.should_stop = True
+        self.stopped_by = self._stop.finding
+        if trainer.is_global_zero:
+            warnings.warn(self._stop.message(f"global step {trainer.global_step}"), GradscopeWarning, stacklevel=3)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         """Keep the validation loss for the next recorded step."""

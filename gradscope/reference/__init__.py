@@ -6,7 +6,7 @@ Importing this package registers the built-in references. The pieces, in the ord
   with what it needs below it: :mod:`~gradscope.reference.calls` (what a composite reference sees of the
   pass) and :mod:`~gradscope.reference.sampled` (a gradient known on a sample of coordinates).
 - one file per layer family: ``linear``, ``conv``, ``embedding``, ``activations``, ``dropout``,
-  ``norm``, ``pooling``, ``shape``, ``attention``, ``containers``, ``transformer``, and ``losses``.
+  ``norm``, ``pooling``, ``rnn``, ``shape``, ``attention``, ``containers``, ``transformer``, and ``losses``.
 - :mod:`~gradscope.reference.backprop`: the pass that walks the model (:func:`manual_backward`).
 - :mod:`~gradscope.reference.finite_difference`: the numerical check for modules without a reference.
 - :mod:`~gradscope.reference.verify`: :func:`verify`, reference against autograd, and its report.
@@ -25,20 +25,24 @@ from gradscope.reference import (  # noqa: F401  (importing a layer module regis
     losses,
     norm,
     pooling,
+    rnn,
     shape,
     transformer,
+    upsample,
 )
 from gradscope.reference.attention import SelfAttention
 from gradscope.reference.backprop import BackpropResult, manual_backward
 from gradscope.reference.base import LossReference, ReferenceLayer
 from gradscope.reference.containers import Residual
 from gradscope.reference.report import GradientComparison, VerificationReport
+from gradscope.reference.rnn import Recurrent
 from gradscope.reference.verify import verify
 
 __all__ = [
     "BackpropResult",
     "GradientComparison",
     "LossReference",
+    "Recurrent",
     "ReferenceLayer",
     "Residual",
     "SelfAttention",

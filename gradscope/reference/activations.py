@@ -2,7 +2,8 @@
 
 An elementwise activation y = f(x) has a diagonal Jacobian, so its backward is one product,
 ``grad_in = grad_out * f'(x)``. Where f' is cheaper to write from the output (sigmoid, tanh), the
-forward keeps the output instead of the input. Softmax is not elementwise: each output depends on
+forward keeps the output instead of the input. ``inplace=True`` changes nothing here: a reference never
+writes into its input, and keeps what its backward needs (x, a mask, or y) as tensors of its own. Softmax is not elementwise: each output depends on
 every input along ``dim``, and the backward is a vector-Jacobian product along that axis.
 """
 
@@ -17,13 +18,18 @@ from gradscope.reference.base import ParamGrads, ReferenceLayer
 from gradscope.reference.registry import register_reference
 
 __all__ = [
+    "ELUReference",
     "GELUReference",
+    "HardswishReference",
+    "HardtanhReference",
     "LeakyReLUReference",
     "LogSoftmaxReference",
+    "MishReference",
     "ReLUReference",
     "SiLUReference",
     "SigmoidReference",
     "SoftmaxReference",
+    "SoftplusReference",
     "TanhReference",
 ]
 
@@ -98,6 +104,95 @@ class SiLUReference(ReferenceLayer):
     def backward(self, grad_out: Tensor) -> tuple[Tensor, ParamGrads]:
         """Product rule: d(x σ)/dx = σ + x σ (1 - σ)."""
         return grad_out * self.s * (1 + self.x * (1 - self.s)), {}
+
+
+@register_reference(nn.ELU)
+class ELUReference(ReferenceLayer):
+    """y = x if x > 0 else α (eˣ - 1); dy/dx = 1 or α eˣ (= y + α, which is how PyTorch's in-place backward reads it)."""
+
+    module: nn.ELU
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Compute y = ELU(x)."""
+        alpha = self.module.alpha
+        self.active = x > 0
+        self.negative_slope = alpha * torch.exp(torch.clamp(x, max=0))  # α eˣ, capped where it is not used
+        return torch.where(self.active, x, alpha * torch.expm1(torch.clamp(x, max=0)))
+
+    def backward(self, grad_out: Tensor) -> tuple[Tensor, ParamGrads]:
+        """Return dx = g where x > 0, g α eˣ elsewhere."""
+        return torch.where(self.active, grad_out, grad_out * self.negative_slope), {}
+
+
+@register_reference(nn.Hardtanh)
+@register_reference(nn.ReLU6)
+class HardtanhReference(ReferenceLayer):
+    """y = clamp(x, min_val, max_val) (ReLU6: min 0, max 6); dy/dx = 1 strictly inside, 0 at and beyond the ends."""
+
+    module: nn.Hardtanh
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Clip x to [min_val, max_val]."""
+        low, high = self.module.min_val, self.module.max_val
+        self.inside = (x > low) & (x < high)  # PyTorch passes no gradient at x == min_val or max_val
+        return torch.clamp(x, low, high)
+
+    def backward(self, grad_out: Tensor) -> tuple[Tensor, ParamGrads]:
+        """The gradient passes where x was not clipped."""
+        return torch.where(self.inside, grad_out, torch.zeros_like(grad_out)), {}
+
+
+@register_reference(nn.Hardswish)
+class HardswishReference(ReferenceLayer):
+    """y = x · ReLU6(x + 3) / 6; dy/dx = 0 below -3, x/3 + 1/2 on [-3, 3], 1 above 3 (PyTorch's boundaries)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Compute y = x · clamp(x + 3, 0, 6) / 6."""
+        self.slope = torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, x / 3 + 0.5, torch.ones_like(x)))
+        return x * torch.clamp(x + 3, 0, 6) / 6
+
+    def backward(self, grad_out: Tensor) -> tuple[Tensor, ParamGrads]:
+        """Return dx = g · slope."""
+        return grad_out * self.slope, {}
+
+
+def softplus(x: Tensor, beta: float = 1.0) -> Tensor:
+    """log(1 + e^(βx)) / β, computed without overflow: max(βx, 0) + log1p(e^-|βx|)."""
+    bx = beta * x
+    return (torch.clamp(bx, min=0) + torch.log1p(torch.exp(-bx.abs()))) / beta
+
+
+@register_reference(nn.Softplus)
+class SoftplusReference(ReferenceLayer):
+    """y = log(1 + e^(βx)) / β, or x where βx > threshold; dy/dx = σ(βx), or 1 past the threshold."""
+
+    module: nn.Softplus
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Compute y = softplus(x), linear past the threshold as PyTorch does."""
+        beta, threshold = self.module.beta, self.module.threshold
+        self.linear = x * beta > threshold
+        self.slope = torch.sigmoid(x * beta)
+        return torch.where(self.linear, x, softplus(x, beta))
+
+    def backward(self, grad_out: Tensor) -> tuple[Tensor, ParamGrads]:
+        """Return dx = g σ(βx) (g past the threshold)."""
+        return torch.where(self.linear, grad_out, grad_out * self.slope), {}
+
+
+@register_reference(nn.Mish)
+class MishReference(ReferenceLayer):
+    """y = x tanh(softplus(x)); dy/dx = t + x σ(x) (1 - t²), t = tanh(softplus(x)), since softplus' = σ."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Compute y = x tanh(softplus(x))."""
+        self.x = x
+        self.t = torch.tanh(softplus(x))
+        return x * self.t
+
+    def backward(self, grad_out: Tensor) -> tuple[Tensor, ParamGrads]:
+        """Product rule, then the chain rule through tanh and softplus."""
+        return grad_out * (self.t + self.x * torch.sigmoid(self.x) * (1 - self.t * self.t)), {}
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradscope.errors import ConfigurationError
 from gradscope.reference.backprop import CallKey
+from gradscope.reference.dropout import DROPOUT_FUNCTIONS, draw_keep_mask
 from gradscope.reference.rng import RngState, capture_rng, replay_rng
 
-__all__ = ["AutogradResult", "run_autograd"]
+__all__ = ["AutogradResult", "run_autograd", "summarise"]
 
 
 @dataclass
@@ -63,6 +63,9 @@ class _Observer:
         self.seen: Counter[int] = Counter()
         self.calls: Counter[str] = Counter()
         self.running: dict[int, list[CallKey]] = defaultdict(list)
+        self.producers: dict[int, tuple[Any, int]] = {}
+        self.inputs: dict[CallKey, tuple[Tensor, int]] = {}
+        self.keep: list[Tensor] = []
         self.handles = []
         for module in model.modules():
             self.handles.append(module.register_forward_pre_hook(self._before))
@@ -93,15 +96,28 @@ class _Observer:
         for arg in args:
             if isinstance(arg, Tensor) and arg.is_floating_point() and arg.requires_grad:
                 if id(arg) not in views:  # attention's (x, x, x) must stay one tensor: x is x is x
-                    views[id(arg)] = arg.view_as(arg)
+                    view = views[id(arg)] = arg.view_as(arg)
+                    # The node that produced the input, before any view of ours: an in-place write
+                    # rebases every view's history, but that node stays in the graph.
+                    self.producers[id(view)] = self.producers.get(id(arg), (arg.grad_fn, arg.output_nr))
+                    self.keep.append(view)  # ids stay unique while the run lasts
                     if not observed:  # the first tensor argument is the input the reference sees
-                        views[id(arg)].register_hook(self._recorder(key))
+                        view.register_hook(self._recorder(key))
                         self.result.watched.add(key)
+                        self.inputs[key] = (view, view._version)
                         observed = True
                 new_args.append(views[id(arg)])
             else:
                 new_args.append(arg)
         return tuple(new_args)
+
+    def _node_recorder(self, key: CallKey, index: int) -> Callable[[tuple[Tensor | None, ...]], None]:
+        def record(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            grad = grad_outputs[index] if index < len(grad_outputs) else None
+            if grad is not None and key not in self.result.input_grads:
+                self.result.input_grads[key] = grad.detach().clone()
+
+        return record
 
     def _recorder(self, key: CallKey) -> Callable[[Tensor], None]:
         def record(grad: Tensor) -> None:
@@ -111,14 +127,46 @@ class _Observer:
 
     def _after(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         key = self.running[id(module)].pop()
+        watched = self.inputs.pop(key, None)
+        if watched is not None and watched[0]._version != watched[1]:
+            # The module wrote into its input (ReLU6(inplace=True)): the hook on the view will not fire.
+            # The gradient of the input's old value reaches the node that produced it; read it there.
+            node, index = self.producers.get(id(watched[0]), (None, 0))
+            if node is not None:
+                node.register_prehook(self._node_recorder(key, index))
         out = output[0] if isinstance(output, tuple) and output else output
         if isinstance(out, Tensor):
             self.result.outputs[key] = out.detach().clone()
-        if type(module) is nn.Dropout and module.training and 0.0 < module.p < 1.0 and args:
+        if args and isinstance(args[0], Tensor) and type(module) in DROPOUT_FUNCTIONS:
             # Draw again from the state the module drew from: same shape, same generator, same mask.
             with replay_rng(self.result.rng_states[key]):
-                probe = F.dropout(torch.ones_like(args[0]), module.p, training=True)
-            self.result.masks[key] = probe != 0
+                mask = draw_keep_mask(module, args[0])
+            if mask is not None:
+                self.result.masks[key] = mask
+
+
+def summarise(error: BaseException, limit: int = 300) -> str:
+    """The user's error in one line: its type and the first line of its message, shortened."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}".rstrip(": ") + ("" if text.endswith(".") else ".")
+
+
+def _target_hint(output: Tensor, targets: Any) -> str:
+    """What to check about the targets, with the offending range when class indices are out of it."""
+    hint = " Check the targets against the model output (shape, dtype, and class indices in [0, C))."
+    if isinstance(targets, Tensor) and not targets.is_floating_point() and targets.numel() and output.dim() >= 1:
+        classes = output.shape[1] if output.dim() >= 2 else output.shape[0]
+        valid = targets[targets != -100]  # the default ignore_index
+        # sync point: verify is a one-off check and the loss already failed; the range goes in the message.
+        low, high = (int(valid.min()), int(valid.max())) if valid.numel() else (0, 0)
+        if low < 0 or high >= classes:
+            hint = (
+                f" The targets hold class indices from {low} to {high}, but the model output has {classes} "
+                f"classes (dim 1 of shape {list(output.shape)}): indices must lie in [0, {classes})."
+            )
+    return hint
 
 
 def run_autograd(
@@ -143,15 +191,35 @@ def run_autograd(
         with torch.enable_grad():
             # A copy, so that a first layer writing into its input (ReLU(inplace=True)) writes into a
             # non-leaf tensor, as it would in training where inputs do not require grad.
-            output = model(leaf.clone() if leaf.requires_grad else leaf)
+            try:
+                output = model(leaf.clone() if leaf.requires_grad else leaf)
+            except Exception as error:
+                raise ConfigurationError(
+                    f"The model failed on the batch, before anything could be compared: {summarise(error)} "
+                    "Check that the inputs fit the model (shape, dtype, device, index range): verify calls "
+                    "model(inputs) with the batch's inputs as one tensor."
+                ) from error
             if not isinstance(output, Tensor):
+                logits = getattr(output, "logits", None)
+                hint = (
+                    " It has a `.logits` tensor: verify a wrapper whose forward returns `.logits`, for example "
+                    "`class Logits(nn.Module): def forward(self, ids): return self.model(ids).logits`."
+                    if isinstance(logits, Tensor)
+                    else ""
+                )
                 raise ConfigurationError(
                     f"Expected the model to return a tensor, but it returned {type(output).__name__}. verify "
-                    "compares models called as loss_fn(model(inputs), targets) with a tensor output."
+                    f"compares models called as loss_fn(model(inputs), targets) with a tensor output.{hint}"
                 )
             if output.requires_grad:
                 output.register_hook(lambda grad: setattr(result, "output_grad", grad.detach().clone()))
-            loss = loss_fn(output, targets)
+            try:
+                loss = loss_fn(output, targets)
+            except Exception as error:
+                raise ConfigurationError(
+                    f"loss_fn(model(inputs), targets) failed, before anything could be compared: "
+                    f"{summarise(error)}{_target_hint(output, targets)}"
+                ) from error
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 got = f"shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
                 raise ConfigurationError(

@@ -24,7 +24,7 @@ from gradscope.reference.finite_difference import FiniteDifferenceConfig, Finite
 from gradscope.reference.losses import resolve_loss
 from gradscope.reference.registry import REFERENCES
 from gradscope.reference.rng import RngState
-from gradscope.reference.sampled import SampledGradient
+from gradscope.reference.sampled import DirectionalGradient, SampledGradient
 
 __all__ = ["BackpropResult", "CallKey", "Node", "Tape", "display_name", "manual_backward", "run_reference"]
 
@@ -104,6 +104,8 @@ class BackpropResult:
         loss_method: ``"reference"`` when the loss has a reference, ``"autograd"`` when d loss / d output
             came from autograd on the loss alone (an unrecognised ``loss_fn``).
         notes: remarks on what could not be computed, in words.
+        stopped: module calls checked numerically below which the pass could not continue (no
+            gradient at their input to continue from), so the modules before them were not reached.
     """
 
     loss: Tensor
@@ -118,6 +120,7 @@ class BackpropResult:
     owners: dict[str, CallKey] = field(default_factory=dict)
     loss_method: str = "reference"
     notes: list[str] = field(default_factory=list)
+    stopped: list[CallKey] = field(default_factory=list)
 
 
 class Tape:
@@ -159,6 +162,7 @@ class Tape:
         self.backward_order: list[CallKey] = []
         self.owners: dict[str, CallKey] = {}
         self.notes: list[str] = []
+        self.stopped: list[CallKey] = []
 
     def node(self, module: nn.Module, path: str) -> Node:
         """A new node for the next call of ``module`` at ``path``."""
@@ -234,19 +238,27 @@ class Tape:
                     "only the first use is compared."
                 )
 
-    def resume_from(self, key: CallKey) -> Tensor | None:
-        """Autograd's input gradient of a sampled module call, to continue the pass upstream of it."""
+    def resume_from(self, key: CallKey, *, checked_entirely: bool = False) -> Tensor | None:
+        """Autograd's input gradient of a module call checked numerically, to continue the pass upstream of it.
+
+        Args:
+            key: the module call.
+            checked_entirely: the estimate covered every entry of the input, so autograd's gradient
+                there was itself checked entry by entry and continuing from it needs no note.
+        """
         grad = self.resume.get(key)
         if grad is None:
+            self.stopped.append(key)
             self.notes.append(
                 f"Upstream of {display_name(key)!r} the reference has no full gradient to continue from, so the "
                 "layers before it are not checked."
             )
             return None
-        self.notes.append(
-            f"{display_name(key)!r} is checked by finite differences on a sample of coordinates; the layers "
-            "before it are checked starting from autograd's gradient at its input."
-        )
+        if not checked_entirely:
+            self.notes.append(
+                f"{display_name(key)!r} is checked numerically along random directions, which gives no full gradient "
+                "at its input; the layers before it are checked starting from autograd's gradient at its input."
+            )
         return grad.clone()
 
 
@@ -315,6 +327,8 @@ class Node:
         self.tape.record_params(self, grads)
         self.tape.backward_order.append(self.key)
         if grad_in is None:
+            if isinstance(self.reference, FiniteDifferenceReference):
+                self.tape.notes.extend(self.reference.notes)
             return None
         if tuple(grad_in.shape) != tuple(self.input_shape):
             raise RuntimeError(
@@ -322,8 +336,12 @@ class Node:
                 f"{list(grad_in.shape)}, but the input had shape {list(self.input_shape)}."
             )
         self.tape.input_grads[self.key] = grad_in
-        if isinstance(grad_in, SampledGradient):
-            return grad_in.full() if grad_in.complete else self.tape.resume_from(self.key)
+        if isinstance(self.reference, FiniteDifferenceReference):
+            self.tape.notes.extend(self.reference.notes)
+        if isinstance(grad_in, (SampledGradient, DirectionalGradient)):
+            # Continue from autograd's input gradient, just compared with the estimate: the layers below
+            # are then checked exactly, where an estimate would pass its finite-difference error on to them.
+            return self.tape.resume_from(self.key, checked_entirely=grad_in.complete)
         _require_plain(grad_in, f"The input gradient from the reference for {self.name!r}")
         return grad_in
 
@@ -407,6 +425,7 @@ def run_reference(
         owners=tape.owners,
         loss_method="reference" if loss_reference is not None else "autograd",
         notes=tape.notes,
+        stopped=tape.stopped,
     )
 
 

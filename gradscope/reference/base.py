@@ -25,13 +25,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from gradscope.reference.calls import CallRecorder, ModuleCall
-from gradscope.reference.sampled import SampledGradient
+from gradscope.reference.sampled import DirectionalGradient, SampledGradient
 
 __all__ = ["GradientOrSample", "LossReference", "ParamGrads", "ReferenceLayer"]
 
-#: What a backward may return for one tensor: the full gradient, or a finite-difference estimate on
-#: a subset of its coordinates (only the finite-difference fallback returns the latter).
-GradientOrSample = Union[Tensor, SampledGradient]
+#: What a backward may return for one tensor: the full gradient, or a finite-difference estimate of
+#: some of its entries or of its directional derivatives (only the finite-difference fallback returns those).
+GradientOrSample = Union[Tensor, SampledGradient, DirectionalGradient]
 
 #: Gradients of a module's own parameters, keyed by the parameter's name relative to the module
 #: (``"weight"``, or ``"out_proj.weight"`` for a parameter the reference handles itself).

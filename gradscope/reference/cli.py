@@ -1,7 +1,9 @@
 """``gradscope verify FILE.py:factory``: the reference backprop against autograd, from the shell.
 
-Exit codes: 0 when every gradient agrees, 1 when some differ, 2 for a usage or load error (including
-a module without a reference, unless ``--on-unsupported finite_difference``).
+Exit codes: 0 when every gradient agrees, 1 when some gradient (or forward value) differs, 2 when the
+check cannot be made: a usage error, a factory that cannot be loaded, a model, batch or loss that fails
+on its own (the error is summarised with a hint), a loss that is NaN or infinite on both sides, or a
+module without a reference with ``--on-unsupported error``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Run the model that FILE.py:factory returns forward and backward twice, by autograd and by "
             "gradscope's reference manual backprop, and compare every gradient. Exit 0 when all agree, "
-            "1 when some differ, 2 for usage or load errors."
+            "1 when some differ, 2 when the check cannot be made (usage or load error; the model, batch or "
+            "loss fails; a NaN loss on both sides; a module without a reference with --on-unsupported error)."
         ),
     )
     parser.add_argument(
@@ -46,8 +49,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--on-unsupported",
         choices=("error", "finite_difference"),
-        default="error",
-        help="what to do with a module that has no reference. Default: %(default)r",
+        default="finite_difference",
+        help="a module without a reference is checked numerically, or is an error (exit 2). Default: %(default)r",
+    )
+    parser.add_argument(
+        "--fd-directions",
+        type=int,
+        default=4,
+        help="random directions per tensor for modules checked numerically. Default: %(default)r",
     )
     parser.add_argument(
         "--json", metavar="PATH", default=None, help="also write the report as JSON to PATH ('-' for stdout)"
@@ -73,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             rtol=args.rtol,
             atol=args.atol,
             on_unsupported=args.on_unsupported,
+            fd_directions=args.fd_directions,
         )
     except UnsupportedLayerError as error:
         print(f"gradscope verify: error: {error}", file=sys.stderr)
@@ -84,4 +94,9 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             with open(args.json, "w", encoding="utf-8") as handle:
                 json.dump(report.to_dict(), handle, indent=2)
-    return EXIT_OK if report.ok else EXIT_MISMATCH
+    if not report.ok:
+        return EXIT_MISMATCH
+    if not report.comparable:
+        print(f"gradscope verify: error: {report.summary()}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
 from gradscope.errors import GradientHealthError
-from gradscope.reference.sampled import SampledGradient
+from gradscope.reference.sampled import DirectionalGradient, SampledGradient
 
-__all__ = ["GradientComparison", "VerificationReport", "compare"]
+__all__ = ["GradientComparison", "JointComparison", "VerificationReport", "compare", "compare_joint"]
+
+#: What :func:`compare` takes as the reference side: a tensor, or a numerical estimate.
+GradientOrEstimate = Union[Tensor, SampledGradient, DirectionalGradient]
 
 #: Kinds of comparison. Gradients: ``parameter`` (d loss / d parameter), ``input`` (d loss / d a module
 #: call's input), ``output`` (d loss / d model output). Values: ``forward`` (a module call's output)
@@ -30,14 +33,19 @@ class GradientComparison:
             ``"(model)"`` for the model itself).
         kind: one of ``parameter``, ``input``, ``output``, ``forward``, ``loss`` (see :data:`KINDS`).
         shape: the tensor's shape.
-        abs_error: max |reference - autograd| over the compared entries.
-        rel_error: ``abs_error`` / max(|reference|, |autograd|) over the compared entries (0 when both are 0).
-        ok: ``abs_error <= atol + rtol * max(|reference|, |autograd|)``, both finite.
-        method: ``"reference"`` (manual backprop) or ``"finite_difference"`` (a sample of coordinates).
-        compared: how many entries were compared (all of them, or the finite-difference sample).
+        abs_error: max |reference - autograd| over the compared numbers.
+        rel_error: ``abs_error`` / max(|reference|, |autograd|) over the compared numbers (0 when both are 0).
+        ok: False only when the two disagree beyond tolerance (see :attr:`status`).
+        method: ``"reference"`` (manual backprop, every entry) or ``"finite_difference"`` (checked
+            numerically: see :attr:`detail`).
+        compared: how many numbers were compared: entries, or directional derivatives.
         layer: the module call that produced it (its path, as in ``name`` for inputs).
-        scale: max(|reference|, |autograd|) over the compared entries. When it is below ``atol`` the
+        scale: max(|reference|, |autograd|) over the compared numbers. When it is below ``atol`` the
             gradient is zero up to rounding (a bias followed by BatchNorm), and ``rel_error`` means little.
+        status: ``"agrees"``, ``"differs"``, ``"not comparable"`` (both sides non-finite: NaN or the same
+            infinity, at every entry) or ``"not checked"`` (no numerical counterpart; :attr:`detail` says why).
+        detail: for a numerical check, what was checked (``"all 12 entries"``, ``"4 random sign directions"``)
+            and what was left out and why; for the other statuses, the reason.
     """
 
     name: str
@@ -50,6 +58,8 @@ class GradientComparison:
     compared: int = 0
     layer: str = ""
     scale: float = 0.0
+    status: str = "agrees"
+    detail: str = ""
 
     def describe(self) -> str:
         """One sentence: what was compared and by how much it differs."""
@@ -60,12 +70,16 @@ class GradientComparison:
             "forward": f"forward output of {self.name!r}",
             "loss": "loss value",
         }[self.kind]
-        verdict = "agrees" if self.ok else "differs"
-        return f"The {what} {verdict}: max abs error {self.abs_error:.3g}, relative error {self.rel_error:.3g}."
+        if self.status in ("not comparable", "not checked"):
+            return f"The {what} is {self.status}: {self.detail}."
+        how = f" (checked numerically: {self.detail})" if self.method == "finite_difference" else ""
+        return (
+            f"The {what} {self.status}{how}: max abs error {self.abs_error:.3g}, relative error {self.rel_error:.3g}."
+        )
 
 
 def compare(
-    reference: Tensor | SampledGradient,
+    reference: GradientOrEstimate,
     autograd: Tensor,
     *,
     name: str,
@@ -73,26 +87,57 @@ def compare(
     rtol: float,
     atol: float,
     layer: str = "",
+    fd_rtol: float | None = None,
+    fd_atol: float | None = None,
 ) -> GradientComparison:
-    """Compare a reference tensor (or a finite-difference sample) with autograd's, entry by entry.
+    """Compare a reference tensor (or a numerical estimate) with autograd's.
+
+    A tensor is compared entry by entry: ``|reference - autograd| <= atol + rtol * max(|reference|,
+    |autograd|)`` over the whole tensor. Entries where both sides are non-finite alike (NaN and NaN, or
+    the same infinity) are left out; when that leaves nothing, the status is ``"not comparable"``.
+
+    A numerical estimate (:class:`SampledGradient`, :class:`DirectionalGradient`) is compared number by
+    number: estimate e_j of ⟨∇, v_j⟩ with error bound E_j against a_j = ⟨autograd, v_j⟩, passing when
+    ``|e_j - a_j| <= E_j + (atol + rtol' * max|autograd|) * ‖v_j‖₂``, where ``rtol'`` is the larger of
+    ``rtol`` and the rounding of the module's own working precision: the entry-by-entry allowance for
+    autograd's rounding, summed over the direction's entries as independent errors add. ``fd_rtol`` / ``fd_atol``, when
+    given, replace that bound with ``fd_atol * ‖v_j‖₂ + fd_rtol * max(|e_j|, |a_j|)``.
 
     Args:
-        reference: the reference value; for a :class:`SampledGradient`, only its coordinates are compared.
+        reference: the reference value, or a numerical estimate.
         autograd: autograd's value, the full tensor.
         name: see :class:`GradientComparison`.
         kind: see :class:`GradientComparison`.
         rtol: relative tolerance, against the larger magnitude of the two tensors.
         atol: absolute tolerance.
         layer: see :class:`GradientComparison`.
+        fd_rtol: a fixed relative tolerance for numerical estimates, instead of their error bounds.
+        fd_atol: a fixed absolute tolerance for numerical estimates, instead of their error bounds.
     """
-    method = "reference"
-    if isinstance(reference, SampledGradient):
-        method = "finite_difference"
-        ref = reference.values
-        auto = autograd.reshape(-1)[reference.indices.to(autograd.device)]
-    else:
-        ref, auto = reference, autograd
-    ref, auto = ref.detach().to(torch.float64), auto.detach().to(torch.float64)
+    shape = tuple(autograd.shape)
+    if isinstance(reference, DirectionalGradient) and reference.joint is not None and reference.joint.refine:
+        reference = reference.joint.refine(reference.label)  # compared alone: difference it alone
+    if isinstance(reference, (SampledGradient, DirectionalGradient)):
+        return _compare_numerical(reference, autograd, name, kind, rtol, atol, layer, fd_rtol, fd_atol)
+    ref, auto = reference.detach().to(torch.float64), autograd.detach().to(torch.float64)
+    alike = ~torch.isfinite(ref) & ~torch.isfinite(auto) & ((ref == auto) | (ref.isnan() & auto.isnan()))
+    # sync point: verify is a one-off check, not a training step; its numbers go to the host.
+    skipped = int(alike.sum())
+    if skipped and skipped == ref.numel():
+        return GradientComparison(
+            name=name,
+            kind=kind,
+            shape=shape,
+            abs_error=math.nan,
+            rel_error=math.nan,
+            ok=True,
+            compared=0,
+            layer=layer,
+            scale=math.nan,
+            status="not comparable",
+            detail="both sides are NaN or infinite at every entry",
+        )
+    ref, auto = ref[~alike], auto[~alike]
     if ref.numel() == 0:
         abs_error, scale = 0.0, 0.0
     else:
@@ -101,17 +146,158 @@ def compare(
         scale = max(float(ref.abs().max()), float(auto.abs().max()))
     rel_error = abs_error / scale if scale > 0 else (0.0 if abs_error == 0 else math.inf)
     ok = math.isfinite(abs_error) and math.isfinite(scale) and abs_error <= atol + rtol * scale
+    detail = f"{skipped} entries non-finite on both sides left out" if skipped else ""
     return GradientComparison(
         name=name,
         kind=kind,
-        shape=tuple(autograd.shape),
+        shape=shape,
         abs_error=abs_error,
         rel_error=rel_error,
         ok=ok,
-        method=method,
         compared=int(ref.numel()),
         layer=layer,
         scale=scale,
+        status="agrees" if ok else "differs",
+        detail=detail,
+    )
+
+
+@dataclass(frozen=True)
+class JointComparison:
+    """The joint check of one module's tensors (see :class:`~gradscope.reference.sampled.JointEstimate`).
+
+    Attributes:
+        ok: every joint directional derivative agrees with autograd's within its tolerance.
+        abs_error: max over directions of |estimate - autograd|.
+        scale: max over directions of max(|estimate|, |autograd|).
+        detail: what was checked, in words.
+    """
+
+    ok: bool
+    abs_error: float
+    scale: float
+    detail: str
+
+
+def compare_joint(members: list[tuple[DirectionalGradient, Tensor]], *, rtol: float, atol: float) -> JointComparison:
+    """Compare a joint estimate with autograd's gradients of the same tensors, projected the same way.
+
+    Autograd's side is Σ_T ⟨autograd_T, w_T v_{T,j}⟩, and the tolerance is the estimate's error bound
+    plus, for each tensor, the allowance of :func:`compare` for its rounding.
+
+    Args:
+        members: each tensor's :class:`DirectionalGradient` (all sharing one ``joint``) and autograd's gradient.
+        rtol: relative tolerance of autograd's rounding (the larger of this and the module's own applies).
+        atol: absolute tolerance per entry.
+    """
+    joint = members[0][0].joint
+    assert joint is not None
+    projected = torch.zeros_like(joint.values)
+    allowance = torch.zeros_like(joint.values)
+    covered = 0
+    for estimate, autograd in members:
+        values, reach = estimate.project(autograd)
+        projected = projected + values.to(projected.device)
+        # sync point: verify is a one-off check; autograd's largest entry scales its rounding allowance.
+        largest = float(autograd.detach().abs().max()) if autograd.numel() else 0.0
+        allowance = allowance + (atol + max(rtol, estimate.rtol) * largest) * reach.to(projected.device)
+        covered += estimate.shape.numel() if estimate.mask is None else int(estimate.mask.sum())
+    diff = (joint.values - projected).abs()
+    # sync point: verify is a one-off check, not a training step; its numbers go to the host.
+    abs_error = float(diff.max()) if diff.numel() else 0.0
+    scale = float(torch.maximum(joint.values.abs(), projected.abs()).max()) if diff.numel() else 0.0
+    finite = bool(torch.isfinite(joint.values).all() and torch.isfinite(projected).all())  # sync point: as above
+    ok = finite and bool((diff <= joint.errors + allowance).all())  # sync point: as above
+    others = joint.members - 1
+    detail = (
+        f"{joint.values.numel()} random sign directions over {covered} entries, "
+        + (f"jointly with {others} other tensor{'s' if others != 1 else ''} of {joint.layer!r}" if others else "")
+    ).rstrip(", ")
+    return JointComparison(ok=ok, abs_error=abs_error, scale=scale, detail=detail)
+
+
+def _compare_numerical(
+    reference: SampledGradient | DirectionalGradient,
+    autograd: Tensor,
+    name: str,
+    kind: str,
+    rtol: float,
+    atol: float,
+    layer: str,
+    fd_rtol: float | None,
+    fd_atol: float | None,
+) -> GradientComparison:
+    shape = tuple(autograd.shape)
+    left_out = f"; left out: {reference.excluded}" if reference.excluded else ""
+    if reference.count == 0:
+        return GradientComparison(
+            name=name,
+            kind=kind,
+            shape=shape,
+            abs_error=0.0,
+            rel_error=0.0,
+            ok=True,
+            method="finite_difference",
+            layer=layer,
+            status="not checked",
+            detail=reference.excluded or "nothing to difference",
+        )
+    projected, reach = reference.project(autograd)
+    # sync point: verify is a one-off check; autograd's largest entry scales its rounding allowance.
+    largest = float(autograd.detach().abs().max()) if autograd.numel() else 0.0
+    estimate = reference.values.to(device=projected.device, dtype=torch.float64)
+    bound = (
+        reference.errors.to(device=projected.device, dtype=torch.float64)
+        if reference.errors is not None
+        else torch.zeros_like(estimate)
+    )
+    if isinstance(reference, SampledGradient):
+        detail = f"all {reference.count} entries" if reference.complete else f"{reference.count} entries"
+    else:
+        covered = reference.shape.numel() if reference.mask is None else int(reference.mask.sum())
+        detail = f"{reference.count} random sign directions over {covered} entries"
+    detail += left_out
+    diff = (estimate - projected).abs()
+    magnitude = torch.maximum(estimate.abs(), projected.abs())
+    if fd_rtol is not None or fd_atol is not None:
+        tolerance = (fd_atol or 0.0) * reach + (fd_rtol or 0.0) * magnitude
+    else:
+        # Autograd's side may be off by atol + rtol' * max|autograd| per entry, as in an entry-by-entry
+        # comparison; along a sign direction those errors add up like a random walk, to ‖v_j‖₂ times that.
+        tolerance = bound + (atol + max(rtol, reference.rtol) * largest) * reach
+    if not bool(torch.isfinite(estimate).all()):  # sync point: verify is a one-off check on the host
+        return GradientComparison(
+            name=name,
+            kind=kind,
+            shape=shape,
+            abs_error=math.nan,
+            rel_error=math.nan,
+            ok=True,
+            method="finite_difference",
+            compared=reference.count,
+            layer=layer,
+            scale=math.nan,
+            status="not comparable",
+            detail="the module's output is not finite around this point, so finite differences are undefined",
+        )
+    # sync point: verify is a one-off check, not a training step; its numbers go to the host.
+    abs_error = float(diff.max())
+    scale = float(magnitude.max())
+    ok = math.isfinite(abs_error) and bool((diff <= tolerance).all())  # sync point: as above
+    rel_error = abs_error / scale if scale > 0 else (0.0 if abs_error == 0 else math.inf)
+    return GradientComparison(
+        name=name,
+        kind=kind,
+        shape=shape,
+        abs_error=abs_error,
+        rel_error=rel_error,
+        ok=ok,
+        method="finite_difference",
+        compared=reference.count,
+        layer=layer,
+        scale=scale,
+        status="agrees" if ok else "differs",
+        detail=detail,
     )
 
 
@@ -129,8 +315,9 @@ class VerificationReport:
         rtol: relative tolerance for reference gradients.
         atol: absolute tolerance for reference gradients (the floor computed from the model's gradients,
             unless one was given).
-        fd_rtol: relative tolerance for finite-difference samples.
-        fd_atol: absolute tolerance for finite-difference samples.
+        fd_rtol: the fixed relative tolerance for numerical checks, if one was given (``None``: each
+            estimate's own error bound, see :func:`compare`).
+        fd_atol: the fixed absolute tolerance for numerical checks, if one was given.
         loss_reference: the loss the reference computed.
         loss_autograd: the loss autograd computed.
         loss_method: ``"reference"`` or ``"autograd"`` (an unrecognised loss_fn: d loss / d output came
@@ -146,8 +333,8 @@ class VerificationReport:
     dtype: torch.dtype
     rtol: float
     atol: float
-    fd_rtol: float
-    fd_atol: float
+    fd_rtol: float | None
+    fd_atol: float | None
     loss_reference: float
     loss_autograd: float
     loss_method: str
@@ -157,8 +344,25 @@ class VerificationReport:
 
     @property
     def ok(self) -> bool:
-        """True when every gradient, layer output and the loss agree within tolerance."""
+        """True when nothing differs: every gradient, layer output and the loss agree, or cannot be compared."""
         return all(c.ok for c in self.comparisons)
+
+    @property
+    def comparable(self) -> bool:
+        """False when the loss is NaN or infinite on both sides: then no gradient means anything."""
+        return not any(c.kind == "loss" and c.status == "not comparable" for c in self.comparisons)
+
+    @property
+    def verdict(self) -> str:
+        """``"agree"``, ``"differ"`` (some gradient or value differs) or ``"not comparable"`` (a non-finite loss)."""
+        if not self.ok:
+            return "differ"
+        return "agree" if self.comparable else "not comparable"
+
+    @property
+    def numerical(self) -> list[GradientComparison]:
+        """The gradients checked numerically (finite differences) rather than entry by entry by a reference."""
+        return [c for c in self.gradients if c.method == "finite_difference"]
 
     @property
     def mismatches(self) -> list[GradientComparison]:
@@ -196,6 +400,7 @@ class VerificationReport:
         """A JSON-ready summary: settings, verdict and every comparison."""
         return {
             "ok": self.ok,
+            "verdict": self.verdict,
             "dtype": str(self.dtype).replace("torch.", ""),
             "rtol": self.rtol,
             "atol": self.atol,
@@ -206,18 +411,52 @@ class VerificationReport:
         }
 
     def summary(self) -> str:
-        """The verdict in one or two sentences."""
+        """The verdict in one or two sentences, saying what was checked only numerically."""
         gradients = self.gradients
         bad = self.mismatches
+        if not self.comparable:
+            return (
+                "Not comparable: the loss is NaN or infinite on both sides, so no gradient can be checked. "
+                "Fix the model, batch or loss so that the loss is finite (see the rows marked 'not comparable')."
+            )
         if not bad:
-            return f"All {len(gradients)} gradients agree."
+            return f"All {len(gradients)} gradients agree.{self._coverage()}"
         first = self.first_mismatch
         assert first is not None
         bad_gradients = [c for c in bad if c.kind in _GRADIENT_KINDS]
         head = f"{len(bad_gradients)} of {len(gradients)} gradients differ"
         if len(bad) > len(bad_gradients):
             head += f", and {len(bad) - len(bad_gradients)} forward values"
-        return f"{head}. The disagreement starts at {_where(first)}: {first.describe()}"
+        return f"{head}. The disagreement starts at {_where(first)}: {first.describe()}{self._coverage()}"
+
+    def _coverage(self) -> str:
+        """What was checked only numerically, and what not at all, in words ("" when every entry was)."""
+        parts = []
+        numerical = [c for c in self.numerical if c.status in ("agrees", "differs")]
+        if numerical:
+            layers = sorted({c.layer or c.name for c in numerical})
+            shown = ", ".join(repr(n) for n in layers[:6]) + (f" and {len(layers) - 6} more" if len(layers) > 6 else "")
+            directional = sum("directions" in c.detail for c in numerical)
+            how = [
+                f"{n} {what}"
+                for n, what in (
+                    (directional, "along random directions"),
+                    (len(numerical) - directional, "entry by entry"),
+                )
+                if n
+            ]
+            parts.append(
+                f" {len(numerical)} of them were checked only numerically, by finite differences "
+                f"({', '.join(how)}), in the layers without a reference: {shown}."
+            )
+        unchecked = [c for c in self.gradients if c.status in ("not checked", "not comparable")]
+        if unchecked:
+            parts.append(
+                f" {len(unchecked)} could not be checked: "
+                + "; ".join(f"{c.name!r}: {c.detail}" for c in unchecked)
+                + "."
+            )
+        return "".join(parts)
 
     def __str__(self) -> str:
         shown = [c for c in self.comparisons if c.kind in _GRADIENT_KINDS or not c.ok]
@@ -227,10 +466,9 @@ class VerificationReport:
                 c.name,
                 c.kind,
                 "[" + ", ".join(map(str, c.shape)) + "]",
-                f"{c.abs_error:.2e}",
-                f"{c.rel_error:.2e}" if c.scale > self._atol_for(c) or not c.ok else "~0 (*)",
-                ("ok" if c.ok else "MISMATCH")
-                + (f" (finite differences, {c.compared} entries)" if c.method == "finite_difference" else ""),
+                "-" if c.status in ("not checked", "not comparable") else f"{c.abs_error:.2e}",
+                "-" if c.status in ("not checked", "not comparable") else _relative(c, self._atol_for(c)),
+                _result(c),
             )
             for c in shown
         ]
@@ -256,11 +494,24 @@ class VerificationReport:
                 "(for example a bias followed by normalization), so their relative error means nothing."
             )
         lines.extend(f"note: {note}" for note in self.notes)
-        lines += ["", ("PASS: " if self.ok else "FAIL: ") + self.summary()]
+        head = {"agree": "PASS: ", "differ": "FAIL: ", "not comparable": "NOT COMPARABLE: "}[self.verdict]
+        lines += ["", head + self.summary()]
         return "\n".join(lines)
 
     def _atol_for(self, c: GradientComparison) -> float:
-        return self.fd_atol if c.method == "finite_difference" else self.atol
+        return self.fd_atol if c.method == "finite_difference" and self.fd_atol is not None else self.atol
+
+
+def _relative(c: GradientComparison, atol: float) -> str:
+    return f"{c.rel_error:.2e}" if c.scale > atol or not c.ok else "~0 (*)"
+
+
+def _result(c: GradientComparison) -> str:
+    """The table's result cell: the verdict, and how a numerical row was checked."""
+    if c.status in ("not comparable", "not checked"):
+        return c.status
+    verdict = "ok" if c.ok else "MISMATCH"
+    return f"{verdict} (numerically: {c.detail})" if c.method == "finite_difference" else verdict
 
 
 def _where(c: GradientComparison) -> str:

@@ -6,6 +6,7 @@ the activation modules; see :mod:`gradscope.capture.activations`), so windows he
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import numpy as np
@@ -15,7 +16,7 @@ from gradscope.findings import Finding
 from gradscope.rules._common import fmt, layer_label, nanmedian, steps_label
 from gradscope.rules.base import Rule, RuleContext
 from gradscope.rules.registry import register_rule
-from gradscope.rules.window import judged_rows, persistent_windows, steps_to_rows, window_rows
+from gradscope.rules.window import Episode, episode_min_rows, episode_windows, judged_rows, steps_to_rows
 
 __all__ = ["DeadUnits", "SaturatedActivations"]
 
@@ -37,7 +38,7 @@ class _ActivationRule(Rule):
                 raise ConfigurationError(
                     f"Expected threshold {name!r} of rule {self.name!r} to be in (0, 1], but got {th[name]!r}."
                 )
-        for name in ("window", "min_samples"):
+        for name in ("window", "min_samples", "confirm"):
             if not th[name] > 0:
                 raise ConfigurationError(
                     f"Expected threshold {name!r} of rule {self.name!r} to be > 0, but got {th[name]!r}."
@@ -45,39 +46,65 @@ class _ActivationRule(Rule):
 
     def reset(self) -> None:
         """Forget what was seen and reported (a new run)."""
-        self._reported: set[int] = set()
+        # per activation module reported: its finding and the episode followed since
+        self._reported: dict[int, tuple[Finding, Episode]] = {}
 
     def check(self, ctx: RuleContext) -> list[Finding]:
-        """Findings visible in the rows added since the last flush (and their look-back window)."""
+        """Findings visible in the rows added since the last flush (and their look-back window).
+
+        Modules reported before are followed: an episode update when their ``last_step`` or
+        ``resolved_step`` (no longer above ``threshold`` for ``confirm`` steps) changed.
+        """
         schema = ctx.frame.schema
         skip = set(ctx.output_activations) if self.skip_output else set()
         mods = [a for a, k in enumerate(schema.act_kinds) if k in self.kinds and a not in skip]
-        reported = self._reported
-        mods = [a for a in mods if a not in reported]
         if not mods:
             return []
         th = self.thresholds
         sample_every = ctx.sample_every
         win = steps_to_rows(th["window"], sample_every, minimum=1)
         rows, _ = judged_rows(ctx, win - 1, sampled=True)
-        length = window_rows(len(rows), win, final=ctx.final, minimum=int(th["min_samples"]))
-        if length == 0:
+        if len(rows) == 0:
             return []
         vals = ctx.frame.act_values(self.stat)[rows][:, mods]
         flags = np.nan_to_num(vals, nan=-1.0) >= th["threshold"]
-        pers = persistent_windows(flags, length, th["min_fraction"])
         steps = ctx.frame.steps[rows]
         out: list[Finding] = []
+        reported = self._reported
         for j, a in enumerate(mods):
+            if a in reported:
+                kept, ep = reported[a]
+                if ep.follow(steps, flags[:, j], int(th["confirm"])):
+                    out.append(dataclasses.replace(kept, last_step=ep.last, resolved_step=ep.resolved))
+        fresh = [j for j, a in enumerate(mods) if a not in reported]
+        if not fresh:
+            return out
+        flags, vals = flags[:, fresh], vals[:, fresh]
+        min_rows = episode_min_rows(
+            steps,
+            flags,
+            final=ctx.final,
+            window=win,
+            confirm=steps_to_rows(th["confirm"], sample_every, minimum=1),
+            minimum=int(th["min_samples"]),
+            init_steps=int(th["window"]),
+        )
+        pers, lengths = episode_windows(flags, win, th["min_fraction"], min_rows)
+        for j, a in enumerate(mods[i] for i in fresh):
             hit = np.flatnonzero(pers[:, j])
             if len(hit) == 0:
                 continue
             w = int(hit[0])
+            length = int(lengths[w])
             span = slice(w, w + length)
-            reported.add(a)
             value = float(nanmedian(vals[span, j]))
             first, last = int(steps[w]), int(steps[w + length - 1])
-            out.append(self._finding(ctx, a, value, first, last, length, rows[span]))
+            finding = self._finding(ctx, a, value, first, last, length, rows[span])
+            held = steps[span][flags[span, j]]
+            ep = Episode(last=int(held.max()))
+            ep.follow(steps, flags[:, j], int(th["confirm"]))  # later rows may already show it clearing
+            reported[a] = (finding, ep)
+            out.append(dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved))
         return out
 
     def _finding(
@@ -105,12 +132,25 @@ class DeadUnits(_ActivationRule):
             layers of the healthy runs in benchmarks/detection.py stay below 0.4 (a 16-unit autoencoder
             bottleneck; the others below 0.15), the dead-unit faults reach 0.75 to 1.
         window: 30 steps (3 sampled steps at the default ``sample_every=10``); min_fraction: 0.8.
-        min_samples: 2 sampled steps, the fewest judged at the end of a short run.
+        min_samples: 2 sampled steps, the fewest judged at the last flush: at the end of a short run,
+            and for an episode that began fewer than ``window`` steps before the end.
+        confirm: 20 steps (2 sampled steps at ``sample_every=10``). At an ordinary flush, an episode
+            that begins after the first ``window`` steps (the module was below ``threshold`` at the
+            sampled step before) is confirmed after ``confirm`` steps instead of a full window. The
+            healthy runs of benchmarks/detection.py stay below 0.4 at every sampled step, so a second
+            sample adds margin against a one-batch fluke, not against them. The same span below
+            ``threshold`` resolves an episode (``resolved_step``).
     """
 
     severity = "warning"
     requires_activations = True
-    defaults: ClassVar[dict[str, Any]] = {"threshold": 0.5, "window": 30, "min_fraction": 0.8, "min_samples": 2}
+    defaults: ClassVar[dict[str, Any]] = {
+        "threshold": 0.5,
+        "window": 30,
+        "min_fraction": 0.8,
+        "min_samples": 2,
+        "confirm": 20,
+    }
     kinds = ("relu",)
     stat = "act_dead_fraction"
 
@@ -164,12 +204,20 @@ class SaturatedActivations(_ActivationRule):
             hidden tanh/sigmoid layers of the healthy runs in benchmarks/detection.py stay below 0.02,
             the saturation faults reach 0.72 to 1.
         window: 30 steps (3 sampled steps at the default ``sample_every=10``); min_fraction: 0.8.
-        min_samples: 2 sampled steps, the fewest judged at the end of a short run.
+        min_samples: 2 sampled steps, the fewest judged at the last flush (as ``dead_units``).
+        confirm: 20 steps (2 sampled steps), as ``dead_units``: the hidden tanh/sigmoid layers of the
+            healthy runs stay below 0.02 at every sampled step.
     """
 
     severity = "warning"
     requires_activations = True
-    defaults: ClassVar[dict[str, Any]] = {"threshold": 0.5, "window": 30, "min_fraction": 0.8, "min_samples": 2}
+    defaults: ClassVar[dict[str, Any]] = {
+        "threshold": 0.5,
+        "window": 30,
+        "min_fraction": 0.8,
+        "min_samples": 2,
+        "confirm": 20,
+    }
     kinds = _SATURATING
     stat = "act_saturated_fraction"
     skip_output = True

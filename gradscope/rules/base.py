@@ -35,7 +35,9 @@ class RuleContext:
             first); layers never seen running are appended in registration order. Backward order is
             the reverse.
         has_optimizer: whether the scope was given an optimizer.
-        final: True at the last flush (``close()``).
+        final: True at the last flush (``close()``) and in the provisional pass of ``report()`` (rules
+            run on a copy of their state, with ``new_from == len(frame)``): windowed rules then judge
+            the trailing rows that have not filled a window yet, above their ``min_steps``.
         every: one step in ``every`` is recorded (``watch(every=...)``).
         sample_every: the sampled statistics and activations are taken every this many steps.
         step_count: ``scope.step()`` calls so far (recorded or not).
@@ -123,7 +125,16 @@ class Rule(ABC):
 
     @abstractmethod
     def check(self, ctx: RuleContext) -> list[Finding]:
-        """Return the findings visible in ``ctx`` (the engine drops ones already reported)."""
+        """Return the findings visible in ``ctx``.
+
+        A finding of a (kind, layer) not reported before is new. Returning one whose (kind, layer)
+        was reported before is an *episode update*: the engine copies its ``last_step`` (the last
+        step the condition held, as of this judgement) and ``resolved_step`` (the first step from
+        which it no longer held, once it has cleared; None while it holds) onto the finding it keeps,
+        and ignores the rest, so a rule can return ``dataclasses.replace(first, last_step=...,
+        resolved_step=...)`` of the finding it reported first. A rule that does not follow episodes
+        never reports a (kind, layer) twice.
+        """
 
     def finding(
         self,

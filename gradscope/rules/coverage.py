@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import dataclasses
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -11,7 +12,10 @@ from gradscope.findings import Finding
 from gradscope.rules._common import layer_label, steps_label
 from gradscope.rules.base import Rule, RuleContext
 from gradscope.rules.registry import register_rule
-from gradscope.rules.window import steps_to_rows
+from gradscope.rules.window import Episode, steps_to_rows
+
+if TYPE_CHECKING:
+    from gradscope.stats.frame import StatsFrame
 
 __all__ = ["NoGradient"]
 
@@ -29,18 +33,35 @@ class NoGradient(Rule):
 
     A gradient of exact zeros is a gradient (e.g. behind dead units) and is left to the other rules.
 
+    A parameter that had gradients and then *stops* getting them is reported too (a branch switched
+    off, a graph cut introduced mid-run), once it has gone without for more than twice the longest gap
+    it ever had between two gradients (a branch used every 30 steps needs 59), and for ``confirm``
+    steps when it had gradients over at least ``window`` steps before the stop (its usual gaps are
+    known), ``window`` steps otherwise. The finding follows the episode: ``last_step`` is the last step a reported
+    parameter had no gradient, ``resolved_step`` the first step at which all of them had one again.
+
     Thresholds:
         window: 50 steps, so that branches used every few steps (alternating heads, rarely routed
             experts) get a chance to receive one (our choice).
-        min_steps: 2, the fewest steps judged at the end of a short run (e.g. a CI check).
+        min_steps: 2, the fewest steps judged at the last flush: at the end of a short run (e.g. a
+            CI check), and for a parameter made trainable fewer than ``window`` steps before the end.
+        confirm: 10 steps. At an ordinary flush, a parameter made trainable after the first
+            ``window`` steps (unfrozen mid-run) that has had no gradient since is confirmed after
+            ``confirm`` steps; one trainable from the start keeps the full window (our choice: no
+            healthy run of benchmarks/detection.py unfreezes a parameter). A parameter that stopped
+            getting gradients after a window of history is confirmed after ``confirm`` steps and more
+            than twice its longest earlier gap (the branch of healthy_alternating_branch, used every
+            other step, would need 10 steps without one; it never has 2), at the last flush too: a
+            branch used now and then looks exactly like one that stopped until its gap is longer than
+            usual, so ``min_steps`` does not apply to a stop.
     """
 
     severity = "warning"
-    defaults: ClassVar[dict[str, Any]] = {"window": 50, "min_steps": 2}
+    defaults: ClassVar[dict[str, Any]] = {"window": 50, "min_steps": 2, "confirm": 10}
 
     def validate(self) -> None:
         """Check threshold ranges."""
-        for name in ("window", "min_steps"):
+        for name in ("window", "min_steps", "confirm"):
             if not self.thresholds[name] > 0:
                 raise ConfigurationError(
                     f"Expected threshold {name!r} of rule 'no_gradient' to be > 0, but got {self.thresholds[name]!r}."
@@ -51,9 +72,31 @@ class NoGradient(Rule):
         self._state: dict[str, np.ndarray] | None = None
         self._last_step = 0  # steps, not row indices: a bounded frame thins old rows between flushes
         self._reported: set[int] = set()
+        self._episodes: dict[str, tuple[Finding, Episode, list[int]]] = {}  # layer -> (finding, episode, params)
+
+    def _update(self, frame: StatsFrame, rows: np.ndarray) -> None:
+        """Fold the rows ``rows`` into the per-parameter counts."""
+        st = self._state
+        assert st is not None
+        has = frame.has_grad[rows]
+        trainable = frame.trainable[rows]
+        steps = frame.steps[rows]
+        missing = trainable & ~has
+        for r in range(len(rows)):  # a flush's rows, vectorised over parameters
+            got = has[r] & trainable[r]
+            miss = missing[r]
+            ended = got & (st["gap"] > 0) & st["ever"]  # a gap between two gradients: how long they can be
+            st["max_gap"] = np.where(ended, np.maximum(st["max_gap"], st["gap"]), st["max_gap"])
+            st["gap_since"] = np.where(miss & (st["gap"] == 0), steps[r], st["gap_since"])
+            st["gap"] = np.where(miss, st["gap"] + 1, np.where(got, 0, st["gap"]))
+            st["first_grad"] = np.where(got & ~st["ever"], steps[r], st["first_grad"])
+            st["ever"] |= got
+            st["missing"] += miss
+            st["since"] = np.where((st["since"] < 0) & miss, steps[r], st["since"])
+            st["last"] = np.where(miss, steps[r], st["last"])
 
     def check(self, ctx: RuleContext) -> list[Finding]:
-        """Findings visible in the rows added since the last flush."""
+        """Findings visible in the rows added since the last flush, and updates of the episodes reported."""
         frame = ctx.frame
         P = len(frame.schema.param_names)
         if self._state is None:  # sized at the first flush: the rule is built before the model is seen
@@ -62,37 +105,47 @@ class NoGradient(Rule):
                 "missing": np.zeros(P, dtype=np.int64),
                 "since": np.full(P, -1, dtype=np.int64),
                 "last": np.full(P, -1, dtype=np.int64),
+                "gap": np.zeros(P, dtype=np.int64),  # recorded steps without a gradient, up to the last
+                "gap_since": np.full(P, -1, dtype=np.int64),
+                "max_gap": np.zeros(P, dtype=np.int64),  # the longest gap between two gradients so far
+                "first_grad": np.full(P, -1, dtype=np.int64),  # the step of the first gradient
             }
         st = self._state
         rows = np.flatnonzero((frame.steps > self._last_step) & ~frame.skipped)
         if len(frame):
             self._last_step = max(self._last_step, int(frame.steps[-1]))
         if len(rows):
-            has = frame.has_grad[rows]
-            trainable = frame.trainable[rows]
-            steps = frame.steps[rows]
-            st["ever"] |= (has & trainable).any(axis=0)
-            missing = trainable & ~has
-            st["missing"] += missing.sum(axis=0)
-            first_missing = np.where(missing.any(axis=0), steps[np.argmax(missing, axis=0)], -1)
-            st["since"] = np.where((st["since"] < 0) & (first_missing >= 0), first_missing, st["since"])
-            last_missing = np.where(missing.any(axis=0), steps[len(steps) - 1 - np.argmax(missing[::-1], axis=0)], -1)
-            st["last"] = np.maximum(st["last"], last_missing)
+            self._update(frame, rows)
+        out = self._follow(frame, rows)
+        th = self.thresholds
         every = ctx.every
-        need = steps_to_rows(self.thresholds["window"], every, minimum=1)
+        window = steps_to_rows(th["window"], every, minimum=1)
+        # never had a gradient: a full window from initialisation, `confirm` steps for a parameter that
+        # became trainable mid-run, `min_steps` at the last flush
+        confirm = steps_to_rows(th["confirm"], every, minimum=1)
+        late = st["since"] > int(th["window"])
+        need = np.where(late, confirm, window)
         if ctx.final:
-            need = min(need, int(self.thresholds["min_steps"]))
+            need = np.minimum(need, int(th["min_steps"]))
         never = ~st["ever"] & (st["missing"] >= need)
-        if not never.any():
-            return []
-        out: list[Finding] = []
+        # stopped: had gradients, then none for more than twice its longest earlier gap, and for `confirm`
+        # steps once a window of its history shows how long its gaps get (a full window before that)
+        known = (st["gap_since"] - st["first_grad"]) >= int(th["window"])
+        stopped = st["ever"] & (st["gap"] >= np.maximum(np.where(known, confirm, window), 2 * st["max_gap"] + 1))
+        if not (never | stopped).any():
+            return out
         schema = frame.schema
         for li, members in enumerate(schema.layer_members):
+            layer = schema.layers[li]
+            if layer in self._episodes:
+                continue  # one finding per layer: its episode is followed
             bad = [p for p in members if never[p] and p not in self._reported]
             if not bad:
+                bad = [p for p in members if stopped[p] and p not in self._reported]
+                if bad:
+                    out.append(self._stopped(ctx, layer, bad, len(bad) == len(members)))
                 continue
             self._reported.update(bad)
-            layer = schema.layers[li]
             first = int(min(st["since"][p] for p in bad))
             last = int(max(st["last"][p] for p in bad))
             names = [schema.param_leaves[p] for p in bad]
@@ -117,8 +170,56 @@ class NoGradient(Rule):
                         "params": [schema.param_names[p] for p in bad],
                         "steps_without_grad": int(max(st["missing"][p] for p in bad)),
                         "window": [first, last],
-                        "threshold_steps": int(need * every),
+                        "threshold_steps": int(max(need[p] for p in bad) * every),
                     },
                 )
             )
+            self._episodes[layer] = (out[-1], Episode(last=last), bad)
+            out[-1] = dataclasses.replace(out[-1], last_step=last)
+        return out
+
+    def _stopped(self, ctx: RuleContext, layer: str, bad: list[int], whole: bool) -> Finding:
+        """The finding for parameters of ``layer`` that had gradients and stopped getting them."""
+        st = self._state
+        assert st is not None
+        schema = ctx.frame.schema
+        self._reported.update(bad)
+        first = int(min(st["gap_since"][p] for p in bad))
+        last = int(max(st["last"][p] for p in bad))
+        gap = int(max(st["gap"][p] for p in bad))
+        names = [schema.param_leaves[p] for p in bad]
+        finding = self.finding(
+            step=first,
+            layer=layer,
+            message=(
+                f"{'All trainable parameters' if whole else 'Trainable parameter(s)'} of layer {layer_label(layer)} "
+                f"({', '.join(names)}) stopped receiving a gradient at step {first}: none over "
+                f"{steps_label(first, last)} ({gap} recorded steps), after getting one before. The graph was cut "
+                "before the layer or the forward pass stopped using it."
+            ),
+            suggestion=(
+                "Look for what changed at that step: a branch or module switched off, a .detach() or "
+                "torch.no_grad() that now covers it, parameters frozen without requires_grad_(False), or a "
+                "new model or optimizer built from a copy of the parameters."
+            ),
+            evidence={
+                "params": [schema.param_names[p] for p in bad],
+                "steps_without_grad": gap,
+                "window": [first, last],
+                "longest_earlier_gap": int(max(st["max_gap"][p] for p in bad)) * ctx.every,
+            },
+        )
+        self._episodes[layer] = (finding, Episode(last=last), bad)
+        return dataclasses.replace(finding, last_step=last)
+
+    def _follow(self, frame: StatsFrame, rows: np.ndarray) -> list[Finding]:
+        """Episode updates: the last step a reported parameter lacked a gradient, or the step all got one again."""
+        out: list[Finding] = []
+        if not len(rows):
+            return out
+        steps = frame.steps[rows]
+        for finding, ep, bad in self._episodes.values():
+            flags = (frame.trainable[rows][:, bad] & ~frame.has_grad[rows][:, bad]).any(axis=1)
+            if ep.follow(steps, flags, 1):
+                out.append(dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved))
         return out

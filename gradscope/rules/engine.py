@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
@@ -123,7 +124,10 @@ def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | No
 class RuleEngine:
     """Runs rules at each flush and keeps the findings, one per (kind, layer), at their first step.
 
-    A rule that raises is reported as a warning and switched off: monitoring never crashes training.
+    A rule that reports a (kind, layer) it reported before is updating that finding's episode: the
+    engine copies the new ``last_step`` and ``resolved_step`` onto the finding it keeps (see
+    :meth:`Rule.check`); the first finding's step, message and evidence stay. A rule that raises is
+    reported as a warning and switched off: monitoring never crashes training.
 
     Args:
         rules: the rules to run; from :func:`build_rules`, a :class:`RuleSelection` that says which
@@ -138,6 +142,7 @@ class RuleEngine:
         self.inactive: list[str] = []  # rules from "all" left out: the scope does not collect what they read
         self._seen: set[tuple[str, str | None]] = set()
         self._broken: set[str] = set()
+        self.updated: list[Finding] = []  # kept findings whose episode the last run() changed
 
     def check_requirements(self, collected: Iterable[str], *, activations: bool) -> None:
         """Raise ``ConfigurationError`` when a rule asked for by name needs a statistic that is not collected.
@@ -168,8 +173,13 @@ class RuleEngine:
         self.rules = kept
 
     def run(self, ctx: RuleContext) -> list[Finding]:
-        """Run every rule; return the findings not reported before, ordered by step."""
+        """Run every rule; return the findings not reported before, ordered by step.
+
+        Episode updates (a (kind, layer) reported again) change the kept finding in :attr:`findings`
+        and are listed, as changed, in :attr:`updated`.
+        """
         new: list[Finding] = []
+        episodes: dict[tuple[str, str | None], Finding] = {}
         for rule in self.rules:
             if rule.name in self._broken:
                 continue
@@ -186,7 +196,16 @@ class RuleEngine:
                 if key not in self._seen:
                     self._seen.add(key)
                     new.append(f)
+                else:
+                    episodes[key] = f
         new.sort(key=lambda f: f.step)
         self.findings.extend(new)
         self.findings.sort(key=lambda f: f.step)
+        self.updated = []
+        for i, kept in enumerate(self.findings):
+            update = episodes.get((kept.kind, kept.layer))
+            if update is None or (update.last_step, update.resolved_step) == (kept.last_step, kept.resolved_step):
+                continue
+            self.findings[i] = dataclasses.replace(kept, last_step=update.last_step, resolved_step=update.resolved_step)
+            self.updated.append(self.findings[i])
         return new

@@ -69,7 +69,11 @@ class LossNotDecreasing(Rule):
             slow, noisy healthy learner above 3.5% (our measurements; SageMaker's LossNotDecreasing
             fires when the loss 10 steps apart did not decrease at all, which noisy mini-batch losses
             trip constantly).
-        min_steps: 20, the fewest recorded losses judged at the end of a short run.
+        min_steps: 20, the fewest recorded losses judged at the last flush of a short run. At every
+            last flush (and in the provisional pass of ``report()``, which adds no rows) the window
+            ending at the last recorded loss is judged. There is no trailing partial episode: a
+            stall is judged against the run's start, so a window that ends at the last step already
+            holds any stall that began within it, and a shorter one only has less statistical power.
     """
 
     severity = "warning"
@@ -124,9 +128,13 @@ class LossNotDecreasing(Rule):
                 self._start = run_start
         _, base, base_noise = run_start
         z, dec = th["z"], th["decrease"]
-        # windows not judged before: those ending at a row added by this flush
+        # windows not judged before: those ending at a row added by this flush; at the last flush (and in
+        # the provisional pass of report(), which adds no rows) the last window at least
         new_pos = int(np.searchsorted(valid, ctx.new_from))
-        for i in range(max(0, new_pos - length + 1), len(vals) - length + 1):
+        begin = max(0, new_pos - length + 1)
+        if ctx.final:
+            begin = min(begin, len(vals) - length)
+        for i in range(begin, len(vals) - length + 1):
             w = vals[i : i + length]
             a, b = float(np.median(w[:half])), float(np.median(w[-half:]))
             sigma = _noise(w)

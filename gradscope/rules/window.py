@@ -7,11 +7,18 @@ read only the rows they still have to judge (the new rows plus one window of loo
 (``ctx.frame.layer_values("rms", rows)``, ``ctx.frame.global_values("l2_norm", rows)``), which
 aggregates every layer at once.
 
+Persistence is judged per episode start (:func:`episode_windows`): a window begins at every row, and
+the last ones are partial (the rows since). How many rows a start needs (:func:`episode_min_rows`)
+is what makes a finding live: a full window for an episode from initialisation, the rule's
+``confirm`` for one that begins mid-run, its ``min_steps`` at the last flush (``close()``, and the
+provisional pass of ``report()``). :class:`Episode` follows a reported finding until it clears.
+
 Everything here is NumPy on the host.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,7 +28,10 @@ if TYPE_CHECKING:
     from gradscope.stats.frame import FrameSchema
 
 __all__ = [
+    "Episode",
     "dtype_info",
+    "episode_min_rows",
+    "episode_windows",
     "judged_rows",
     "persistent_windows",
     "rolling_count",
@@ -116,3 +126,110 @@ def persistent_windows(flags: np.ndarray, length: int, min_fraction: float) -> n
         return np.zeros((0, *np.shape(flags)[1:]), dtype=bool)
     need = max(1, int(np.ceil(min_fraction * length - 1e-9)))
     return (counts >= need) & np.asarray(flags, dtype=bool)[: counts.shape[0]]
+
+
+def episode_min_rows(
+    steps: np.ndarray, flags: np.ndarray, *, final: bool, window: int, confirm: int, minimum: int, init_steps: int
+) -> np.ndarray:
+    """The fewest rows an episode starting at each row needs to be judged, shaped like ``flags``.
+
+    * At the last flush (``final``, also the provisional pass of ``report()``): ``minimum`` (the rule's
+      ``min_steps`` / ``min_samples``) for every start, so a condition that began fewer than a window
+      before the end is judged on the rows since.
+    * At an ordinary flush, an episode that begins after the run's first ``init_steps`` steps (mid-run,
+      not an initialisation transient): ``confirm``. It begins at a row where the condition holds and
+      did not hold at the judged row before (the first judged row never counts: its past is unknown),
+      so the rows of an episode that began at initialisation are never confirmed early.
+    * Otherwise (an episode from initialisation, at an ordinary flush): a full ``window``.
+
+    Args:
+        steps: step numbers of the judged rows ``[R]``.
+        flags: ``[R, ...]`` the condition per row.
+        final: the last flush.
+        window: the rule's window, in rows.
+        confirm: the rows that confirm a mid-run episode (at most ``window``).
+        minimum: the rows judged at the end of a run.
+        init_steps: episodes whose first step is at or below this are from initialisation.
+    """
+    f = np.asarray(flags, dtype=bool)
+    if final:
+        return np.full(f.shape, min(int(minimum), int(window)), dtype=np.int64)
+    onset = np.zeros_like(f)
+    onset[1:] = f[1:] & ~f[:-1]
+    late = (np.asarray(steps) > init_steps).reshape(-1, *(1,) * (f.ndim - 1))
+    return np.where(onset & late, min(int(confirm), int(window)), int(window)).astype(np.int64)
+
+
+def episode_windows(
+    flags: np.ndarray, window: int, min_fraction: float, min_rows: np.ndarray | int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows start a persistent episode, trailing partial windows included.
+
+    A window starts at every row ``i`` and spans ``length[i] = min(window, R - i)`` rows, so the last
+    ``window - 1`` starts have partial windows (the rows since). Row ``i`` starts an episode when the
+    condition holds at row ``i`` itself (a finding's step is the first step of its episode), in at
+    least ``min_fraction`` of the window's rows, and the window has at least ``min_rows[i]`` rows (see
+    :func:`episode_min_rows`). With ``min_rows == window`` this is :func:`persistent_windows` padded
+    with False.
+
+    Args:
+        flags: ``[R, ...]`` the condition per row.
+        window: the window, in rows.
+        min_fraction: the fraction of a window's rows that must hold the condition.
+        min_rows: the fewest rows a window starting at each row needs: one number, ``[R]``, or
+            shaped like ``flags`` (from :func:`episode_min_rows`).
+
+    Returns:
+        ``(held [R, ...] bool, length [R] int)``.
+    """
+    f = np.asarray(flags, dtype=bool)
+    r = f.shape[0]
+    length = np.minimum(int(window), r - np.arange(r)).astype(np.int64)
+    cs = np.concatenate([np.zeros((1, *f.shape[1:]), dtype=np.int64), np.cumsum(f, axis=0, dtype=np.int64)])
+    counts = cs[np.arange(r) + length] - cs[:r]
+    need = np.maximum(1, np.ceil(min_fraction * length - 1e-9)).astype(np.int64)
+    extra = (1,) * (f.ndim - 1)
+    min_rows = np.asarray(min_rows, dtype=np.int64)
+    if min_rows.ndim == 1:
+        min_rows = min_rows.reshape(-1, *extra)
+    enough = length.reshape(-1, *extra) >= min_rows
+    held = f & (counts >= need.reshape(-1, *extra)) & enough
+    return held, length
+
+
+@dataclass
+class Episode:
+    """The episode behind a reported finding: its last step so far and, once over, where it ended.
+
+    A rule keeps one per finding it reported and calls :meth:`follow` at each flush with the
+    condition on the judged rows; it reports ``last`` and ``resolved`` to the engine as the finding's
+    ``last_step`` and ``resolved_step`` (see :meth:`gradscope.rules.base.Rule.check`).
+
+    Attributes:
+        last: the last step at which the condition held.
+        resolved: the first step from which it no longer held, once it has not held for the rule's
+            clearing span; None while it holds (or since it came back).
+        after: the first recorded step after ``last`` seen so far (None when none was seen yet).
+    """
+
+    last: int
+    resolved: int | None = None
+    after: int | None = None
+
+    def follow(self, steps: np.ndarray, flags: np.ndarray, clear_steps: int) -> bool:
+        """Update from the judged rows' ``steps [R]`` and condition ``flags [R]``; True when it changed.
+
+        The condition coming back after a resolution re-opens the episode (``resolved`` back to None).
+        It is resolved once the rows after its last step span at least ``clear_steps`` steps.
+        """
+        before = (self.last, self.resolved)
+        steps = np.asarray(steps)
+        held = steps[np.asarray(flags, dtype=bool) & (steps > self.last)]
+        if len(held):
+            self.last, self.resolved, self.after = int(held.max()), None, None
+        later = steps[steps > self.last]
+        if len(later):
+            self.after = int(later[0]) if self.after is None else min(self.after, int(later[0]))
+            if self.resolved is None and int(later[-1]) - self.last >= clear_steps:
+                self.resolved = self.after
+        return (self.last, self.resolved) != before

@@ -83,7 +83,10 @@ def check_writer(writer: Any) -> None:
 
 def _finding_markdown(f: Finding) -> str:
     where = f"`{f.layer or '(root)'}`" if f.layer is not None else "the model"
-    return f"**{f.severity}: {f.kind}** in {where} at step {f.step}\n\n{f.message}\n\n*Try:* {f.suggestion}"
+    return (
+        f"**{f.severity}: {f.kind}** in {where} at step {f.step}{f.status_note()}\n\n{f.message}\n\n"
+        f"*Try:* {f.suggestion}"
+    )
 
 
 def verdict_markdown(report: Report) -> str:
@@ -100,7 +103,7 @@ def verdict_markdown(report: Report) -> str:
         lines += ["| step | severity | kind | layer |", "|---:|---|---|---|"]
         for f in report.findings:
             layer = "(model)" if f.layer is None else (f.layer or "(root)")
-            lines.append(f"| {f.step} | {f.severity} | {f.kind} | `{layer}` |")
+            lines.append(f"| {f.step}{f.status_note()} | {f.severity} | {f.kind} | `{layer}` |")
         lines.append("")
     lines += ["```", str(report), "```"]
     return "\n".join(lines)

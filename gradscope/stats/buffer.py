@@ -48,6 +48,7 @@ class StatsBuffer:
         dtype = torch.float32 if torch.device(device).type == "mps" else torch.float64
         self.storage = torch.full((capacity, self.row_size), float("nan"), dtype=dtype, device=device)
         self.used = 0
+        self._pinned: Tensor | None = None  # host side of copy_async, made on first use
 
     @property
     def device(self) -> torch.device:
@@ -88,29 +89,92 @@ class StatsBuffer:
     def snapshot(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Copy the first ``n`` used rows (default: all) to the host and return (moments, activations, scalars).
 
-        The rows copied are freed. Rows claimed after them (the step in progress, whose activation
-        statistics may already be written) move to the front, keep their content and stay claimed:
-        a row of index ``n + k`` becomes row ``k``.
+        The rows copied are freed (see :meth:`drop`).
 
         Shapes: ``[n, n_params, n_cols]``, ``[n, n_act, n_act_cols]``, ``[n, n_scalars]``.
 
         Raises:
             ValueError: ``n`` is negative or more than the rows in use.
         """
-        used = self.used
-        n = used if n is None else n
-        if not 0 <= n <= used:
-            raise ValueError(f"StatsBuffer.snapshot: expected 0 <= n <= {used} (the rows in use), but got n={n}.")
+        n = self._check(n)
         # sync point: the one device-to-host copy per flush.
         host = self.storage[:n].to("cpu", copy=True).numpy().astype(np.float64, copy=False)
+        self.drop(n)
+        return self.split(host)
+
+    def peek(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The first ``n`` used rows on the host, left in the buffer (``report()`` of a distributed run).
+
+        Shapes as in :meth:`snapshot`.
+        """
+        n = self._check(n)
+        # sync point: report() by request, in a distributed run: this rank's rows that wait for the
+        # next collective flush (on a CPU buffer a plain copy).
+        host = self.storage[:n].to("cpu", copy=True).numpy().astype(np.float64, copy=False)
+        return self.split(host)
+
+    def take_cpu(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A CPU buffer's first ``n`` rows, copied and freed: the live path reads host memory directly.
+
+        Raises:
+            ValueError: the buffer is not on the CPU (use :meth:`copy_async`), or ``n`` is out of range.
+        """
+        if self.device.type != "cpu":
+            raise ValueError(f"StatsBuffer.take_cpu: the buffer is on {self.device}; use copy_async().")
+        n = self._check(n)
+        # sync point: CPU tensors only; the buffer is host memory, there is no device to wait for.
+        host = self.storage[:n].numpy().astype(np.float64, copy=True)
+        self.drop(n)
+        return self.split(host)
+
+    def copy_async(self, n: int) -> tuple[Tensor, torch.cuda.Event]:
+        """A device buffer's first ``n`` rows into pinned host memory, without waiting; the rows are freed.
+
+        The copy and the move of the remaining rows to the front are queued on the current stream in
+        that order, so the copy reads the rows before they are overwritten. Read the returned host
+        tensor only once the returned event has completed (``event.query()``); it is reused by the
+        next call, so at most one copy may be in flight.
+
+        Returns:
+            ``(host, event)``: ``host[:n]`` holds the rows once ``event`` completes.
+        """
+        n = self._check(n)
+        if self._pinned is None:
+            self._pinned = torch.empty(self.storage.shape, dtype=self.storage.dtype, pin_memory=True)
+        host = self._pinned[:n]
+        host.copy_(self.storage[:n], non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.drop(n)
+        return host, event
+
+    def drop(self, n: int) -> None:
+        """Free the first ``n`` used rows (on the device, no sync).
+
+        Rows claimed after them (the step in progress, whose activation statistics may already be
+        written) move to the front, keep their content and stay claimed: a row of index ``n + k``
+        becomes row ``k``.
+        """
+        used = self.used
         kept = used - n
         if kept and n:
             src = self.storage[n:used]
             # The destination overlaps the source only when more rows are kept than copied.
             self.storage[:kept].copy_(src.clone() if kept > n else src)
         self.used = kept
+
+    def split(self, host: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows ``[n, row_size]`` on the host as (moments, activations, scalars)."""
+        n = host.shape[0]
         return (
             host[:, : self._a].reshape(n, *self.shape_moments),
             host[:, self._a : self._b].reshape(n, *self.shape_act),
             host[:, self._b :].reshape(n, self.n_scalars),
         )
+
+    def _check(self, n: int | None) -> int:
+        used = self.used
+        n = used if n is None else n
+        if not 0 <= n <= used:
+            raise ValueError(f"StatsBuffer: expected 0 <= n <= {used} (the rows in use), but got n={n}.")
+        return n

@@ -230,7 +230,11 @@ class StatsFrame:
 
     def __init__(self, schema: FrameSchema, *, history: int | None = None, thin_every: int = 1) -> None:
         self.schema = schema
-        self._chunks: list[dict[str, np.ndarray]] = []
+        # Preallocated arrays whose first ``_n`` rows are the frame; their capacity doubles when full,
+        # so appending a few rows costs O(rows), not O(history) (rows arrive every few steps when the
+        # rules run live). None until the first append.
+        self._data: dict[str, np.ndarray] | None = None
+        self._n = 0
         self._scalar_names: list[str] = []
         self._cache: dict[str, Any] | None = None
         self.history = history
@@ -241,15 +245,59 @@ class StatsFrame:
         self.dropped = 0
 
     # -- building -----------------------------------------------------------------------------------
-    def append(self, chunk: dict[str, np.ndarray], scalar_names: list[str]) -> None:
-        """Add one flush worth of rows (see the class docstring for the keys); thin old rows if bounded."""
-        if len(chunk["steps"]) == 0:
+    def append(self, chunk: dict[str, np.ndarray], scalar_names: list[str], *, thin: bool = True) -> None:
+        """Add rows (see the class docstring for the keys); thin old rows if bounded.
+
+        Args:
+            chunk: the rows, by key (``scalars`` may have fewer columns than ``scalar_names``).
+            scalar_names: every scalar name so far, in column order.
+            thin: thin now when the full-resolution part exceeds ``history``. Live appends between
+                flushes pass False (at most one flush of rows more; thinning costs O(history)), and
+                the next flush's append thins.
+        """
+        k = len(chunk["steps"])
+        if k == 0:
             return
-        self._chunks.append(chunk)
         self._scalar_names = list(scalar_names)
+        self._reserve(k, len(scalar_names), chunk)
+        data, n = self._data, self._n
+        assert data is not None  # allocated by _reserve
+        for key, value in chunk.items():
+            if key == "scalars":
+                width = value.shape[1]
+                data[key][n : n + k, :width] = value
+                data[key][n : n + k, width:] = np.nan  # scalars seen late: NaN in earlier rows
+            else:
+                data[key][n : n + k] = value
+        self._n = n + k
         self._cache = None
-        if self.history is not None and len(self) - self._n_thinned > self.history:
+        if thin and self.history is not None and len(self) - self._n_thinned > self.history:
             self._thin()
+
+    def _reserve(self, k: int, width: int, chunk: dict[str, np.ndarray]) -> None:
+        """Room for ``k`` more rows and ``width`` scalar columns (capacity doubling)."""
+        data, n = self._data, self._n
+        if data is None:
+            data = self._empty(max(k, 64), width, chunk)
+        else:
+            cap, cols = len(data["steps"]), data["scalars"].shape[1]
+            if n + k > cap or width > cols:
+                grown = self._empty(max(2 * cap, n + k) if n + k > cap else cap, max(width, cols), chunk)
+                for key, arr in data.items():
+                    if key == "scalars":
+                        grown[key][:n, :cols] = arr[:n]
+                    else:
+                        grown[key][:n] = arr[:n]
+                data = grown
+        self._data = data
+
+    @staticmethod
+    def _empty(cap: int, width: int, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for key, value in chunk.items():
+            shape = (cap, width) if key == "scalars" else (cap, *value.shape[1:])
+            out[key] = np.full(shape, np.nan) if key == "scalars" else np.empty(shape, dtype=value.dtype)
+        return out
 
     def _thin(self) -> None:
         window = self.history
@@ -268,9 +316,21 @@ class StatsFrame:
         keep = np.concatenate([old, np.arange(full_from, total)])
         self.dropped += total - len(keep)
         self._n_thinned = len(old)
-        cache = {k: v[keep] for k, v in arrays.items()}
-        self._chunks = [cache]
-        self._cache = cache
+        data = self._data
+        assert data is not None  # total > window >= 0 rows were appended
+        for arr in data.values():
+            arr[: len(keep)] = arr[keep]  # in place: the right side is a copy
+        self._n = len(keep)
+        self._cache = None
+
+    def copy(self) -> StatsFrame:
+        """An independent frame with the same schema, rows and thinning state (appending to it leaves this one)."""
+        other = StatsFrame(self.schema, history=self.history, thin_every=self.stride)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("_data", "_cache", "_scalar_names")})
+        other._data = None if self._data is None else {k: v.copy() for k, v in self._data.items()}
+        other._scalar_names = list(self._scalar_names)
+        other._cache = None
+        return other
 
     @property
     def full_from_step(self) -> int | None:
@@ -290,8 +350,9 @@ class StatsFrame:
         }
 
     def _arrays(self) -> dict[str, Any]:
+        """The frame's arrays, ``[S, ...]`` views of the preallocated ones (valid until the next append)."""
         if self._cache is None:
-            if not self._chunks:
+            if self._data is None:
                 P, C = len(self.schema.param_names), len(MOMENTS) + len(self.schema.custom)
                 A, K = len(self.schema.act_modules), len(ACTIVATION_STATISTICS)
                 self._cache = {
@@ -305,17 +366,9 @@ class StatsFrame:
                     "scalars": np.zeros((0, len(self._scalar_names))),
                 }
             else:
-                width = len(self._scalar_names)
-                cache = {k: np.concatenate([c[k] for c in self._chunks]) for k in self._chunks[0] if k != "scalars"}
-                # Scalars seen late get NaN in earlier rows.
-                padded = []
-                for c in self._chunks:
-                    sc = c["scalars"]
-                    if sc.shape[1] < width:
-                        sc = np.concatenate([sc, np.full((sc.shape[0], width - sc.shape[1]), np.nan)], axis=1)
-                    padded.append(sc[:, :width])
-                cache["scalars"] = np.concatenate(padded)
-                self._chunks = [cache]
+                n, width = self._n, len(self._scalar_names)
+                cache = {k: v[:n] for k, v in self._data.items()}
+                cache["scalars"] = self._data["scalars"][:n, :width]
                 self._cache = cache
         return self._cache
 

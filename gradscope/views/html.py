@@ -20,7 +20,7 @@ import numpy as np
 
 from gradscope._io import atomic_write_text
 from gradscope._version import __version__
-from gradscope.findings import count_errors, verdict
+from gradscope.findings import Finding, count_errors, verdict
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -140,6 +140,12 @@ _WORST_COLUMNS = [
 ]
 
 
+def _status_html(f: Finding) -> str:
+    """How final a finding is, under its step: provisional, resolved at step N (``Finding.status_note``)."""
+    note = f.status_note().strip()
+    return f"<br><span class='muted'>{_e(note.strip('()'))}</span>" if note else ""
+
+
 def _findings_html(report: Report) -> str:
     if not report.findings:
         return "<p>No findings: every rule passed.</p>"
@@ -149,7 +155,7 @@ def _findings_html(report: Report) -> str:
         evidence = json.dumps(f.to_dict()["evidence"], indent=1, allow_nan=False)
         rows.append(
             "<tr>"
-            f"<td class='num'>{f.step}</td><td class='sev-{_e(f.severity)}'>{_e(f.severity)}</td>"
+            f"<td class='num'>{f.step}{_status_html(f)}</td><td class='sev-{_e(f.severity)}'>{_e(f.severity)}</td>"
             f"<td><code>{_e(f.kind)}</code></td><td><code>{_e(layer)}</code></td>"
             f"<td>{_e(f.message)}<details><summary>evidence</summary><pre>{_e(evidence)}</pre></details></td>"
             f"<td>{_e(f.suggestion)}</td>"

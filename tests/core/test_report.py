@@ -170,3 +170,19 @@ def test_registry_messages():
         gradscope.register_statistic("ok_name", reduce="median")
     with pytest.raises(RegistryError, match="Pass the class, not an instance"):
         gradscope.register_reference(torch.nn.Linear(1, 1))
+
+
+def test_text_and_json_say_which_findings_are_provisional_or_resolved():
+    import dataclasses
+
+    base = Finding("vanishing_gradients", "error", 4, "0", "collapsed.", "use He init.", {"ratio": 1e-5})
+    resolved = dataclasses.replace(base, resolved_step=9, last_step=8)
+    provisional = dataclasses.replace(base, kind="dead_units", layer="1", provisional=True)
+    report = Report(findings=[resolved, provisional], meta={"model": "M", "steps": 10})
+    text = str(report)
+    assert "(resolved at step 9)" in text and "(provisional)" in text
+    back = Report.from_json(report.to_json())
+    assert [(f.kind, f.provisional, f.last_step, f.resolved_step) for f in back.findings] == [
+        ("vanishing_gradients", False, 8, 9),
+        ("dead_units", True, None, None),
+    ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import datetime
 import functools
 import json
 import os
@@ -59,6 +60,7 @@ STEPS = 12
 WATCH = {"flush_every": 5, "sample_every": 2}
 SCENARIOS = ("ddp", "fsdp", "fsdp_nan")
 NAN_STEP = 4
+LONE_REPORT_STEP = 7  # between the flushes of steps 5 and 10
 VAL_EVERY = 3
 LR = 0.2
 
@@ -176,7 +178,12 @@ def _train(
     *,
     extra: bool,
     device: str = "cpu",
-) -> None:
+) -> dict[str, Any]:
+    """Train ``STEPS`` steps; rank 0 alone calls ``report()`` after step ``LONE_REPORT_STEP`` (not collective).
+
+    Returns what that lone report covered (rank 0; empty on the other ranks).
+    """
+    lone: dict[str, Any] = {}
     for step in range(1, STEPS + 1):
         tokens, targets = (t.to(device) for t in batch(step))
         loss = loss_fn(wrapped(_slice(tokens, rank, world)), _slice(targets, rank, world))
@@ -184,6 +191,10 @@ def _train(
         opt.step()
         scope.step(loss=loss, **(extra_scalars(step, model, rank, world) if extra else {}))
         opt.zero_grad(set_to_none=True)
+        if step == LONE_REPORT_STEP and rank == 0:
+            rep = scope.report()  # a collective here would hang the other ranks (the group's timeout fails it)
+            lone = {"steps": sorted({int(s) for s in rep.stats["step"]}), "live": rep.meta["live"]}
+    return lone
 
 
 def scenario_ddp(rank: int, world: int, out: Path) -> None:
@@ -194,11 +205,22 @@ def scenario_ddp(rank: int, world: int, out: Path) -> None:
     opt = torch.optim.SGD(ddp.parameters(), lr=LR, momentum=0.9)
     # Every rank passes the same log_dir and report_path: only rank 0 may write there.
     scope = gradscope.watch(ddp, optimizer=opt, log_dir=out / "tb-ddp", report_path=out / "report-ddp.json", **WATCH)
-    _train(model, ddp, opt, scope, rank, world, extra=True)
-    mid = scope.report()  # not collective: what the last flush reduced
-    mid_steps = sorted({int(s) for s in mid.stats["step"]})  # now: the report reads the live frame
+    lone = _train(model, ddp, opt, scope, rank, world, extra=True)
+    mid = scope.report()  # not collective: what the last flush reduced plus this rank's rows since
+    mid_steps = sorted({int(s) for s in mid.stats["step"]})
+    mid_l2 = mid.stats.query("layer == '*' and stat == 'l2_norm'").set_index("step")["value"]
     report = scope.close()
-    _dump(out, f"ddp-rank{rank}", report, {"mid_report_steps": mid_steps})
+    _dump(
+        out,
+        f"ddp-rank{rank}",
+        report,
+        {
+            "mid_report_steps": mid_steps,
+            "mid_live": mid.meta["live"],
+            "mid_l2_norm": {int(k): float(v) for k, v in mid_l2.items()},
+            "lone": lone,
+        },
+    )
 
 
 def _fsdp_model(device: str = "cpu") -> nn.Module:
@@ -222,11 +244,26 @@ def scenario_fsdp(rank: int, world: int, out: Path) -> None:
         scope = gradscope.watch(
             model, optimizer=opt, log_dir=out / "tb-fsdp", stats=[*DEFAULT_STATISTICS, "test_abs_sum"], **WATCH
         )
-    _train(model, model, opt, scope, rank, world, extra=False)
+    lone = _train(model, model, opt, scope, rank, world, extra=False)
+    mid = scope.report()
+    mid_l2 = mid.stats.query("layer == '*' and stat == 'l2_norm'").set_index("step")["value"]
+    mid_loss = mid.scalars["loss"]
     report = scope.close()
     local = {name: p.to_local().numel() for name, p in model.named_parameters()}
     warned = [str(w.message) for w in caught if issubclass(w.category, gradscope.GradscopeWarning)]
-    _dump(out, f"fsdp-rank{rank}", report, {"local_numel": local, "warnings": warned})
+    _dump(
+        out,
+        f"fsdp-rank{rank}",
+        report,
+        {
+            "local_numel": local,
+            "warnings": warned,
+            "lone": lone,
+            "mid_live": mid.meta["live"],
+            "mid_l2_norm": {int(k): None if v != v else float(v) for k, v in mid_l2.items()},
+            "mid_loss": {int(k): float(v) for k, v in mid_loss.items()},
+        },
+    )
 
 
 def scenario_fsdp_cuda(rank: int, world: int, out: Path) -> None:
@@ -275,10 +312,13 @@ def run_rank(
         gradscope.register_rule("test_probe")(ProbeRule)
     if "test_abs_sum" not in STATISTICS:
         gradscope.register_statistic("test_abs_sum", reduce="sum")(lambda g, p: g.abs().sum())
+    # A collective that only some ranks issue (report() on rank 0 alone must issue none) fails after
+    # this timeout instead of hanging the test.
+    timeout = datetime.timedelta(seconds=120)
     if init is None:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     else:
-        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world, timeout=timeout)
     try:
         for name in scenarios:
             run = {

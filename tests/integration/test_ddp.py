@@ -111,8 +111,30 @@ def test_ddp_reductions_use_two_collectives_per_flush(how):
         # 3 flushes (steps 5, 10, close) x (MIN + SUM), plus one exchange of scalar names: the ranks
         # registered different scalars before the first flush.
         assert d["collectives"] == 3 * 2 + 1, d
-        # report() before close is not collective: it returned what the flush at step 10 reduced.
-        assert r["extra"]["mid_report_steps"] == list(range(1, 11))
+        # report() before close is not collective: what the flush at step 10 reduced, plus this rank's
+        # steps 11 and 12 (DDP gradients are global already), and it says which are which.
+        assert r["extra"]["mid_report_steps"] == list(range(1, _dist.STEPS + 1))
+        live = r["extra"]["mid_live"]
+        assert live["reduced_to_step"] == 10 and live["rank_local_steps"] == [11, _dist.STEPS], live
+        assert live["judged_to_step"] == _dist.STEPS
+
+
+@pytest.mark.parametrize("how", RUNS)
+def test_report_on_rank_zero_alone_mid_run_covers_recent_steps_without_a_collective(how):
+    _, _, _, raw = _run(how)
+    ref, _ = _dist.reference_run(True)
+    want = ref.stats.query("layer == '*' and stat == 'l2_norm'").set_index("step")["value"]
+    lone = raw[0]["extra"]["lone"]
+    # after step 7, between the flushes of steps 5 and 10: steps 6 and 7 are rank 0's own rows
+    assert lone["steps"] == list(range(1, _dist.LONE_REPORT_STEP + 1)), lone
+    assert lone["live"]["reduced_to_step"] == 5 and lone["live"]["rank_local_steps"] == [6, 7], lone
+    assert all(not r["extra"]["lone"] for r in raw[1:])
+    # the collective count above (3 flushes) holds: the lone report issued none, and every rank's
+    # report after step 12 had the rank-local steps 11-12 with the global DDP gradient norm
+    for r in raw:
+        mid = {int(k): v for k, v in r["extra"]["mid_l2_norm"].items()}
+        for step in (11, 12):
+            assert math.isclose(mid[step], want[step], rel_tol=2e-5), (step, mid[step], want[step])
 
 
 @pytest.mark.parametrize("how", RUNS)
@@ -136,3 +158,20 @@ def test_distributed_mode_is_validated():
     with gradscope.watch(nn.Linear(2, 2)) as scope:
         assert not scope._dist.active and scope._dist.writes
     assert "distributed" not in scope.report().meta
+
+
+@pytest.mark.parametrize("how", RUNS)
+def test_fsdp_report_before_close_marks_unreduced_shard_values_unknown(how):
+    out, world, _, _ = _run(how)
+    for rank in range(world):
+        extra = json.loads((out / f"fsdp-rank{rank}.json").read_text())["extra"]
+        live = extra["mid_live"]
+        assert live["reduced_to_step"] == 10 and live["rank_local_steps"] == [11, _dist.STEPS], live
+        l2 = {int(k): v for k, v in extra["mid_l2_norm"].items()}
+        assert sorted(l2) == list(range(1, _dist.STEPS + 1))
+        # reduced steps are global; the rank-local ones of sharded parameters are unknown, never a shard's norm
+        assert all(l2[s] is not None and l2[s] > 0 for s in range(1, 11)), l2
+        assert l2[11] is None and l2[12] is None, l2
+        loss = {int(k): v for k, v in extra["mid_loss"].items()}
+        assert all(math.isfinite(loss[s]) for s in (11, 12)), loss  # this rank's own loss
+        assert extra["lone"] == {} or extra["lone"]["live"]["rank_local_steps"] == [6, 7]

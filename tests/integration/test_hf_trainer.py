@@ -71,7 +71,7 @@ def tiny_gpt2() -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def run_trainer(tmp_path: Path, callback: GradscopeTrainerCallback, **args_kw):
+def run_trainer(tmp_path: Path, callback: GradscopeTrainerCallback, *, extra: tuple = (), **args_kw):
     record = RecordGrads()
     kw = {
         "output_dir": str(tmp_path / "out"),
@@ -97,7 +97,7 @@ def run_trainer(tmp_path: Path, callback: GradscopeTrainerCallback, **args_kw):
         args=transformers.TrainingArguments(**kw),
         train_dataset=Progressions(64, seed=0),
         eval_dataset=Progressions(16, seed=1),
-        callbacks=[callback, record],
+        callbacks=[callback, record, *extra],
     )
     trainer.train()
     return trainer, record
@@ -233,3 +233,75 @@ def test_watch_unwraps_accelerates_optimizer():
     got = report.stats.query("stat == 'l2_norm' and layer == '*'").value.to_list()
     np.testing.assert_allclose(got, refs, rtol=1e-6)
     assert (report.stats.query("stat == 'update_ratio' and layer == '*'").value > 0).all()
+
+
+# -- graceful stop on findings -------------------------------------------------------------------------
+
+
+def _finding(kind: str, severity: str, step: int, *, provisional: bool = False) -> gradscope.Finding:
+    return gradscope.Finding(
+        kind, severity, step, "lm_head", "made up by the test.", "nothing.", provisional=provisional
+    )
+
+
+class Announces(transformers.TrainerCallback):
+    """Hands findings to the scope's ``on_finding`` hook after chosen optimizer steps, as the scope would."""
+
+    def __init__(self, gs: GradscopeTrainerCallback, at: dict[int, list[gradscope.Finding]]) -> None:
+        self.gs, self.at = gs, at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for finding in self.at.get(state.global_step, []):
+            self.gs.scope.options.on_finding(finding)
+
+
+class PoisonGradients(transformers.TrainerCallback):
+    """NaN in one gradient entry of the chosen optimizer step, right before the optimizer reads it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                model.lm_head.weight.grad[0, 0] = math.nan
+
+
+def test_stop_training_on_ends_training_one_step_after_a_matching_finding(tmp_path):
+    seen: list[gradscope.Finding] = []
+    gs = GradscopeTrainerCallback(stop_training_on=["dead_units", "error"], on_finding=seen.append, rules="none")
+    stop = _finding("nonfinite_gradients", "error", 4)
+    ignored = [
+        _finding("vanishing_gradients", "warning", 2),
+        _finding("exploding_gradients", "error", 3, provisional=True),
+    ]
+    announce = Announces(gs, {2: ignored[:1], 3: ignored[1:], 4: [stop]})
+    with pytest.warns(gradscope.GradscopeWarning, match=r"stopping training \(global step 4\).*nonfinite_gradients"):
+        trainer, _ = run_trainer(tmp_path, gs, extra=(announce,), max_steps=12, report_to=[])
+    # seen when step 5 begins (step 4's record closes then): the Trainer ends before step 5's update
+    assert trainer.state.global_step == 4 and gs.report.steps == 4 and gs.scope is None
+    assert gs.stopped_by is stop and seen == [*ignored, stop]
+    assert gs.stop_training_on == frozenset({"dead_units", "error"})
+
+
+def test_stop_on_in_the_trainer_callback_is_the_graceful_stop_and_checked():
+    gs = GradscopeTrainerCallback(stop_on="nonfinite_gradients")
+    assert gs.stop_training_on == gs.options.stop_on == frozenset({"nonfinite_gradients"})
+    with pytest.raises(gradscope.ConfigurationError, match="pass `stop_training_on` only"):
+        GradscopeTrainerCallback(stop_on="error", stop_training_on="error")
+    with pytest.raises(gradscope.ConfigurationError, match="`stop_training_on` to name a severity"):
+        GradscopeTrainerCallback(stop_training_on=["error", "fatal"])
+
+
+def test_a_diverging_run_stops_after_the_first_error_and_the_report_on_disk_names_it(tmp_path):
+    # flush_every=5 bounds the live cadence (measured from this machine's timings): step 3's finding is
+    # confirmed by step 5, recorded when step 6 begins, and the Trainer stops before step 6's update
+    gs = GradscopeTrainerCallback(stop_training_on="error", flush_every=5, report_path=tmp_path / "report.json")
+    with pytest.warns(gradscope.GradscopeWarning, match="stopping training.*nonfinite_gradients"):
+        trainer, _ = run_trainer(tmp_path, gs, extra=(PoisonGradients(3),), max_steps=12, report_to=[])
+    # step 3's gradient holds a NaN (and AdamW spreads it to every later step through lm_head's weights)
+    assert gs.stopped_by is not None and (gs.stopped_by.kind, gs.stopped_by.step) == ("nonfinite_gradients", 3)
+    assert 3 <= trainer.state.global_step <= 5 < 12
+    saved = gradscope.Report.from_json(tmp_path / "report.json")
+    assert saved.steps == trainer.state.global_step
+    assert [(f.step, f.provisional) for f in saved.findings if f.kind == "nonfinite_gradients"][:1] == [(3, False)]

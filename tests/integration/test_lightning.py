@@ -7,6 +7,7 @@ applied by hand: ``g * min(1, max_norm / (||g|| + 1e-6))``, as ``clip_grad_norm_
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from pathlib import Path
@@ -92,8 +93,7 @@ def fit(tmp_path, module: Tiny, callback: GradscopeCallback, *, logger=None, **t
         enable_model_summary=False,
         enable_checkpointing=False,
         log_every_n_steps=1,
-        callbacks=[callback],
-        **{"max_epochs": 2, **trainer_kw},
+        **{"max_epochs": 2, "callbacks": [callback], **trainer_kw},
     )
     trainer.fit(module, loader(0), loader(1))
     return trainer
@@ -323,3 +323,88 @@ def test_options_are_validated_when_the_callback_is_built(kwargs, match):
 def test_optimizer_index_out_of_range_names_the_fix(tmp_path):
     with pytest.raises(gradscope.ConfigurationError, match="optimizer_index=None"):
         fit(tmp_path, Tiny(), GradscopeCallback(optimizer_index=1), max_epochs=1)
+
+
+# -- graceful stop on findings -------------------------------------------------------------------------
+
+
+def _finding(kind: str, severity: str, step: int, *, provisional: bool = False) -> gradscope.Finding:
+    return gradscope.Finding(kind, severity, step, "net.0", "made up by the test.", "nothing.", provisional=provisional)
+
+
+class Announces(pl.Callback):
+    """Hands findings to the scope's ``on_finding`` hook at chosen batches, as the scope would."""
+
+    def __init__(self, gs: GradscopeCallback, at: dict[int, list[gradscope.Finding]]) -> None:
+        self.gs, self.at = gs, at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        for finding in self.at.get(trainer.global_step + 1, []):
+            self.gs.scope.options.on_finding(finding)
+
+
+def test_stop_training_on_ends_the_fit_at_the_step_of_a_matching_finding(tmp_path):
+    seen: list[gradscope.Finding] = []
+    gs = GradscopeCallback(stop_training_on="error", on_finding=seen.append, rules="none")
+    stop = _finding("nonfinite_gradients", "error", 5)
+    ignored = [_finding("dead_units", "warning", 2), _finding("exploding_gradients", "error", 3, provisional=True)]
+    announce = Announces(gs, {2: ignored[:1], 3: ignored[1:], 5: [stop]})
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        max_epochs=2,
+        callbacks=[gs, announce],
+    )
+    with pytest.warns(gradscope.GradscopeWarning, match=r"stopping training \(global step 5\).*nonfinite_gradients"):
+        trainer.fit(Tiny(), loader(0))
+    # a warning and a provisional error do not stop an "error" selection; the error at step 5 does,
+    # after its batch, through the normal end of fit (the scope closed)
+    assert trainer.global_step == 5 and gs.report.steps == 5 and gs.scope is None
+    assert gs.stopped_by is stop and seen == [*ignored, stop]
+    assert gs.stop_training_on == frozenset({"error"})
+
+
+@pytest.mark.parametrize(
+    ("stop", "finding", "stops"),
+    [
+        ("warning", _finding("dead_units", "warning", 1), True),
+        ("warning", _finding("nonfinite_gradients", "error", 1), True),
+        (["dead_units"], _finding("dead_units", "warning", 1), True),
+        (["dead_units"], _finding("nonfinite_gradients", "error", 1), False),
+    ],
+)
+def test_stop_training_on_takes_severities_and_kinds(tmp_path, stop, finding, stops):
+    gs = GradscopeCallback(stop_training_on=stop, rules="none")
+    with pytest.warns(gradscope.GradscopeWarning, match="stopping") if stops else contextlib.nullcontext():
+        fit(tmp_path, Tiny(), gs, callbacks=[gs, Announces(gs, {2: [finding]})], logger=False, max_epochs=1)
+    assert gs.report.steps == (2 if stops else N_BATCHES)
+    assert (gs.stopped_by is finding) == stops
+
+
+def test_stop_on_in_a_callback_is_the_graceful_stop_and_not_both(tmp_path):
+    gs = GradscopeCallback(stop_on="error", rules="none")
+    assert gs.stop_training_on == gs.options.stop_on == frozenset({"error"})
+    with pytest.warns(gradscope.GradscopeWarning, match="stopping"):
+        fit(tmp_path, Tiny(), gs, callbacks=[gs, Announces(gs, {3: [_finding("x", "error", 3)]})], max_epochs=1)
+    assert gs.report.steps == 3  # no GradientHealthError out of fit: the trainer stopped
+    with pytest.raises(gradscope.ConfigurationError, match="pass `stop_training_on` only"):
+        GradscopeCallback(stop_on="error", stop_training_on="error")
+    with pytest.raises(gradscope.ConfigurationError, match="`stop_training_on` to name a severity"):
+        GradscopeCallback(stop_training_on="fatal")
+
+
+def test_a_diverging_fit_stops_at_the_first_error_and_the_report_on_disk_names_it(tmp_path):
+    # batch 2 multiplies the loss by inf: step 3's gradients are non-finite, the weights NaN after it.
+    # Between flushes the rules run live at a cadence measured from this machine's step and rule
+    # times; flush_every=5 bounds it, so the stop comes by step 5 however loaded the machine is.
+    gs = GradscopeCallback(stop_training_on="error", flush_every=5, report_path=tmp_path / "report.json")
+    with pytest.warns(gradscope.GradscopeWarning, match="stopping training.*nonfinite_gradients"):
+        trainer = fit(tmp_path, Tiny(inf_at=2), gs, logger=False, max_epochs=2)
+    assert gs.stopped_by is not None and (gs.stopped_by.kind, gs.stopped_by.step) == ("nonfinite_gradients", 3)
+    assert 3 <= trainer.global_step <= 5 < 2 * N_BATCHES
+    saved = gradscope.Report.from_json(tmp_path / "report.json")
+    assert saved.steps == trainer.global_step
+    assert [(f.step, f.provisional) for f in saved.findings if f.kind == "nonfinite_gradients"] == [(3, False)]

@@ -42,7 +42,7 @@ def _all_kept(model, inputs):
             lambda mod, args, out, name=name: masks.__setitem__(name, torch.ones_like(out, dtype=torch.bool))
         )
         for name, m in model.named_modules()
-        if isinstance(m, nn.Dropout)
+        if isinstance(m, nn.modules.dropout._DropoutNd)
     ]
     with torch.no_grad():
         model(inputs)

@@ -41,6 +41,13 @@ def test_the_documented_layers_are_registered():
         nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity, nn.Sequential,
         gradscope.reference.Residual, nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder,
         nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.NLLLoss,
+        # issue 15: recurrent layers, decoders, norms, convolutions, resampling, activations, losses
+        nn.RNN, nn.LSTM, nn.GRU, gradscope.reference.Recurrent, nn.TransformerDecoderLayer, nn.TransformerDecoder,
+        nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm, nn.BatchNorm3d,
+        nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle,
+        nn.MaxPool1d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool3d, nn.AdaptiveMaxPool2d, nn.EmbeddingBag,
+        nn.ELU, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Softplus, nn.Mish, nn.Dropout2d,
+        nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.KLDivLoss, nn.BCELoss,
     }  # fmt: skip
     assert expected <= _builtin_types()
     for module_type in expected:

@@ -55,7 +55,8 @@ def test_float32_verification_uses_float32_tolerances():
     report = gradscope.verify(_model().eval(), *_batch(), nn.CrossEntropyLoss(), dtype=torch.float32)
     assert report.ok and report.rtol == 1e-4
     largest = max(c.scale for c in report.gradients)
-    assert report.atol == pytest.approx(1e-3 * 1e-4 * largest)
+    # In float32 the floor is 256 machine epsilons of the largest gradient (1e-3 * rtol would be below one ε).
+    assert report.atol == pytest.approx(256 * torch.finfo(torch.float32).eps * largest)
     assert report.dtype == torch.float32
 
 
@@ -70,6 +71,8 @@ def test_float32_verification_uses_float32_tolerances():
             "Expected `on_unsupported` to be one of 'error', 'finite_difference', but got 'skip'.",
         ),
         ({"fd_coordinates": 0}, "Expected `fd_coordinates` to be a positive int, but got 0."),
+        ({"fd_directions": 0}, "Expected `fd_directions` to be a positive int, but got 0."),
+        ({"fd_rtol": -1.0}, "Expected `fd_rtol` to be a non-negative float, but got -1.0."),
     ],
 )
 def test_configuration_is_validated_eagerly(kwargs, message):
@@ -165,3 +168,56 @@ def test_a_reference_that_computes_another_function_is_a_forward_mismatch():
     assert (first.kind, first.name) == ("forward", "1")
     assert "forward output of '1' differs" in report.summary()
     assert "1  " in str(report) and "forward" in str(report)
+
+
+def test_a_model_that_does_not_fit_its_batch_is_a_configuration_error_that_says_so():
+    model = nn.Sequential(nn.Linear(5, 3))
+    with pytest.raises(gradscope.ConfigurationError) as info:
+        gradscope.verify(model, torch.randn(4, 4), torch.randint(0, 3, (4,)), nn.CrossEntropyLoss())
+    message = str(info.value)
+    assert message.startswith("The model failed on the batch, before anything could be compared: RuntimeError: ")
+    assert "Check that the inputs fit the model" in message and "\n" not in message
+
+
+def test_out_of_range_targets_name_the_range_and_the_classes():
+    targets = torch.tensor([0, 1, 5, 2])
+    with pytest.raises(gradscope.ConfigurationError) as info:
+        gradscope.verify(nn.Linear(4, 3), torch.randn(4, 4), targets, nn.CrossEntropyLoss())
+    assert "The targets hold class indices from 0 to 5, but the model output has 3 classes" in str(info.value)
+
+
+def test_a_model_output_object_gets_the_logits_hint():
+    class Output:
+        def __init__(self, logits):
+            self.logits = logits
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return Output(self.fc(x))
+
+    with pytest.raises(gradscope.ConfigurationError, match=r"returned Output.*forward returns `\.logits`"):
+        gradscope.verify(Model(), torch.randn(4, 4), torch.randint(0, 3, (4,)), nn.CrossEntropyLoss())
+
+
+def test_nan_on_one_side_only_differs():
+    model = _model()
+    model[0].weight.register_hook(lambda grad: grad * float("nan"))  # autograd's side only
+    report = gradscope.verify(model, *_batch(), nn.CrossEntropyLoss())
+    assert not report.ok and report.verdict == "differ" and report.comparable
+    assert report.first_mismatch.name == "0.weight"
+
+
+def test_nan_entries_on_both_sides_are_left_out_of_a_comparison():
+    from gradscope.reference.report import compare
+
+    ref = torch.tensor([1.0, float("nan"), 3.0], dtype=torch.float64)
+    auto = torch.tensor([1.0, float("nan"), 3.0 + 1e-3], dtype=torch.float64)
+    row = compare(ref, auto, name="w", kind="parameter", rtol=1e-10, atol=0.0)
+    assert row.status == "differs" and row.compared == 2 and row.abs_error == pytest.approx(1e-3)
+    assert "1 entries non-finite on both sides left out" in row.detail
+    both = compare(ref[1:2], auto[1:2], name="w", kind="parameter", rtol=1e-10, atol=0.0)
+    assert both.ok and both.status == "not comparable"

@@ -31,8 +31,8 @@ CHECKED, OUTPUTS, SOURCES = _blocks("checked"), _blocks("output"), _blocks("sour
 
 
 def test_every_checked_block_has_an_output():
-    assert set(CHECKED) == set(OUTPUTS) == {"worked-example", "flops", "vanishing"}
-    assert len(SOURCES) == 2
+    assert set(CHECKED) == set(OUTPUTS) == {"worked-example", "fork", "bptt", "flops", "vanishing"}
+    assert len(SOURCES) == 3
 
 
 @pytest.mark.parametrize("name", sorted(CHECKED))

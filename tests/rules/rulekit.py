@@ -10,6 +10,7 @@ from typing import Any, Optional
 import numpy as np
 
 from gradscope.rules.base import RuleContext
+from gradscope.rules.engine import RuleEngine
 from gradscope.stats.frame import ACTIVATION_STATISTICS, FrameSchema, StatsFrame
 from gradscope.stats.moments import MOMENT_INDEX as M
 from gradscope.stats.moments import MOMENTS
@@ -120,14 +121,37 @@ def chain(n_layers: int, numel: int = 100) -> list[tuple[str, str, int]]:
     return [(f"fc{i}", "weight", numel) for i in range(n_layers - 1)] + [("head", "weight", numel)]
 
 
-def feed(rule: Any, frame: StatsFrame, chunk_rows: int, **extra: Any) -> list:
-    """Run ``rule`` as the engine does, one flush per ``chunk_rows`` rows on a growing frame; all findings."""
-    found = []
+def feed(rule: Any, frame: StatsFrame, chunk_rows: int, *, final: bool = True, **extra: Any) -> list:
+    """Run ``rule`` through a RuleEngine, one flush per ``chunk_rows`` rows on a growing frame; all findings.
+
+    The last flush is ``final`` (``close()``) unless ``final=False``. Findings are the engine's: one per
+    (kind, layer), with the episode updates (``last_step``, ``resolved_step``) of later flushes applied.
+    """
+    engine = RuleEngine([rule])
     n = len(frame)
     arrays = frame._arrays()
     grown = StatsFrame(frame.schema)
     for start in range(0, n, chunk_rows):
         end = min(start + chunk_rows, n)
         grown.append({k: v[start:end] for k, v in arrays.items()}, frame.scalar_names)
-        found += rule.check(context(grown, new_from=start, final=end == n, **extra))
-    return found
+        engine.run(context(grown, new_from=start, final=final and end == n, **extra))
+        if engine.errors:
+            raise AssertionError(engine.errors[0])
+    return list(engine.findings)
+
+
+def flush_steps(rule: Any, frame: StatsFrame, chunk_rows: int, **extra: Any) -> dict[tuple[str, Any], int]:
+    """The last step of the flush (every ``chunk_rows`` rows, none final) at which each (kind, layer) was first reported."""
+    engine = RuleEngine([rule])
+    n = len(frame)
+    arrays = frame._arrays()
+    grown = StatsFrame(frame.schema)
+    seen: dict[tuple[str, Any], int] = {}
+    for start in range(0, n, chunk_rows):
+        end = min(start + chunk_rows, n)
+        grown.append({k: v[start:end] for k, v in arrays.items()}, frame.scalar_names)
+        for f in engine.run(context(grown, new_from=start, final=False, **extra)):
+            seen[(f.kind, f.layer)] = int(grown.steps[-1])
+        if engine.errors:
+            raise AssertionError(engine.errors[0])
+    return seen

@@ -125,3 +125,30 @@ def test_to_csv_tables(report, tmp_path):
     np.testing.assert_allclose(scalars["val_loss"], report.scalars["val_loss"], rtol=1e-15)
     with pytest.raises(ValueError, match="Expected `table` to be one of stats, layers, scalars"):
         report.to_csv(tmp_path / "x.csv", table="findings")
+
+
+def test_html_and_tensorboard_text_say_provisional_and_resolved(report):
+    import json
+
+    from gradscope.sinks.tensorboard import _finding_markdown, verdict_markdown
+    from gradscope.views.html import render_html
+
+    data = json.loads(report.to_json())
+    (first,) = data["findings"]
+    data["findings"] = [
+        {**first, "resolved_step": 9, "last_step": 7},
+        {**first, "layer": "4", "step": 12, "provisional": True},
+    ]
+    rep = Report.from_json(json.dumps(data))
+    resolved, provisional = rep.findings
+    assert (resolved.resolved_step, provisional.provisional) == (9, True)
+    page = render_html(rep)
+    # once in the findings table, once in the text report the page embeds
+    assert page.count("resolved at step 9") == 2 and page.count(">provisional<") == 1
+    assert page.count("(provisional)") == 1  # the text report's line
+    assert "at step 4 (resolved at step 9)\n" in _finding_markdown(resolved)
+    assert "at step 12 (provisional)\n" in _finding_markdown(provisional)
+    table = verdict_markdown(rep)
+    assert "| 4 (resolved at step 9) | error |" in table and "| 12 (provisional) | error |" in table
+    plain = _finding_markdown(rep.findings[0].__class__.from_dict(first))
+    assert "(resolved" not in plain and "(provisional)" not in plain
