@@ -227,8 +227,24 @@ class TransformerEncoderReference(ReferenceLayer):
         return self.stack.backward(grad_out), {}
 
 
+class _DecoderInputs:
+    """The inputs a composite sets on a decoder reference before its forward, and its memory gradient.
+
+    Names follow PyTorch's arguments; ``grad_memory`` is read back after the backward.
+    """
+
+    memory: Tensor | None = None
+    tgt_mask: Tensor | None = None
+    memory_mask: Tensor | None = None
+    tgt_key_padding_mask: Tensor | None = None
+    memory_key_padding_mask: Tensor | None = None
+    tgt_is_causal: bool = False
+    memory_is_causal: bool = False
+    grad_memory: Tensor | None = None
+
+
 @register_reference(nn.TransformerDecoderLayer)
-class TransformerDecoderLayerReference(ReferenceLayer):
+class TransformerDecoderLayerReference(_DecoderInputs, ReferenceLayer):
     """One decoder block: self-attention on the target x, cross-attention to ``memory``, feed-forward.
 
     x is the target ``[N, T, E]`` (``batch_first``), ``[T, N, E]`` or ``[T, E]``. The composite that
@@ -239,15 +255,6 @@ class TransformerDecoderLayerReference(ReferenceLayer):
     """
 
     module: nn.TransformerDecoderLayer
-
-    memory: Tensor | None = None
-    tgt_mask: Tensor | None = None
-    memory_mask: Tensor | None = None
-    tgt_key_padding_mask: Tensor | None = None
-    memory_key_padding_mask: Tensor | None = None
-    tgt_is_causal: bool = False
-    memory_is_causal: bool = False
-    grad_memory: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         """Compute the three residual sub-blocks, pre-norm or post-norm."""
@@ -302,7 +309,7 @@ class TransformerDecoderLayerReference(ReferenceLayer):
 
 
 @register_reference(nn.TransformerDecoder)
-class TransformerDecoderReference(ReferenceLayer):
+class TransformerDecoderReference(_DecoderInputs, ReferenceLayer):
     """A stack of decoder layers reading one memory, then the optional final norm.
 
     Configured like :class:`TransformerDecoderLayerReference` (``memory``, the masks, ``grad_memory``);
@@ -310,15 +317,6 @@ class TransformerDecoderReference(ReferenceLayer):
     """
 
     module: nn.TransformerDecoder
-
-    memory: Tensor | None = None
-    tgt_mask: Tensor | None = None
-    memory_mask: Tensor | None = None
-    tgt_key_padding_mask: Tensor | None = None
-    memory_key_padding_mask: Tensor | None = None
-    tgt_is_causal: bool = False
-    memory_is_causal: bool = False
-    grad_memory: Tensor | None = None
 
     _settings = (
         "memory",
