@@ -80,15 +80,23 @@ class _ActivationRule(Rule):
         if not fresh:
             return out
         flags, vals = flags[:, fresh], vals[:, fresh]
-        min_rows = episode_min_rows(
-            steps,
-            flags,
-            final=ctx.final,
-            window=win,
-            confirm=steps_to_rows(th["confirm"], sample_every, minimum=1),
-            minimum=int(th["min_samples"]),
-            init_steps=int(th["window"]),
-        )
+        spans = {
+            "window": win,
+            "confirm": steps_to_rows(th["confirm"], sample_every, minimum=1),
+            "minimum": int(th["min_samples"]),
+            "init_steps": int(th["window"]),
+        }
+        min_rows = episode_min_rows(steps, flags, final=False, **spans)
+        # One sample confirms a mid-run onset only after a clean stretch: a module that held the
+        # condition at a sampled step of the look-back (a flicker) needs the full window.
+        recent = np.zeros_like(flags)
+        for back in range(1, win):
+            recent[back:] |= flags[:-back]
+        min_rows = np.where(recent, win, min_rows)
+        if ctx.final:
+            # the last flush judges trailing episodes on `min_samples`, and is never stricter than an
+            # ordinary flush: a mid-run onset confirmed by `confirm` live is confirmed at the end too
+            min_rows = np.minimum(min_rows, episode_min_rows(steps, flags, final=True, **spans))
         pers, lengths = episode_windows(flags, win, th["min_fraction"], min_rows)
         for j, a in enumerate(mods[i] for i in fresh):
             hit = np.flatnonzero(pers[:, j])
@@ -134,12 +142,15 @@ class DeadUnits(_ActivationRule):
         window: 30 steps (3 sampled steps at the default ``sample_every=10``); min_fraction: 0.8.
         min_samples: 2 sampled steps, the fewest judged at the last flush: at the end of a short run,
             and for an episode that began fewer than ``window`` steps before the end.
-        confirm: 20 steps (2 sampled steps at ``sample_every=10``). At an ordinary flush, an episode
-            that begins after the first ``window`` steps (the module was below ``threshold`` at the
-            sampled step before) is confirmed after ``confirm`` steps instead of a full window. The
-            healthy runs of benchmarks/detection.py stay below 0.4 at every sampled step, so a second
-            sample adds margin against a one-batch fluke, not against them. The same span below
-            ``threshold`` resolves an episode (``resolved_step``).
+        confirm: 10 steps (1 sampled step at ``sample_every=10``). At an ordinary flush (and a live
+            evaluation), an episode that begins after the first ``window`` steps (the module was
+            below ``threshold`` at the sampled step before) is confirmed after ``confirm`` steps
+            instead of a full window: at the default sampling, by the first sampled step that shows
+            it, so it is seen 0 to 9 steps after its onset (two samples made that 10 to 19). The
+            healthy runs of benchmarks/detection.py stay below 0.4 at every sampled step, so the
+            second sample added margin against a one-batch fluke, not against them; with batches of
+            a few samples, raise ``confirm`` to 20. The same span below ``threshold`` resolves an
+            episode (``resolved_step``).
     """
 
     severity = "warning"
@@ -149,7 +160,7 @@ class DeadUnits(_ActivationRule):
         "window": 30,
         "min_fraction": 0.8,
         "min_samples": 2,
-        "confirm": 20,
+        "confirm": 10,
     }
     kinds = ("relu",)
     stat = "act_dead_fraction"
@@ -205,7 +216,7 @@ class SaturatedActivations(_ActivationRule):
             the saturation faults reach 0.72 to 1.
         window: 30 steps (3 sampled steps at the default ``sample_every=10``); min_fraction: 0.8.
         min_samples: 2 sampled steps, the fewest judged at the last flush (as ``dead_units``).
-        confirm: 20 steps (2 sampled steps), as ``dead_units``: the hidden tanh/sigmoid layers of the
+        confirm: 10 steps (1 sampled step), as ``dead_units``: the hidden tanh/sigmoid layers of the
             healthy runs stay below 0.02 at every sampled step.
     """
 
@@ -216,7 +227,7 @@ class SaturatedActivations(_ActivationRule):
         "window": 30,
         "min_fraction": 0.8,
         "min_samples": 2,
-        "confirm": 20,
+        "confirm": 10,
     }
     kinds = _SATURATING
     stat = "act_saturated_fraction"

@@ -33,6 +33,13 @@ class NoGradient(Rule):
 
     A gradient of exact zeros is a gradient (e.g. behind dead units) and is left to the other rules.
 
+    A recorded step at which *no* trainable parameter had a gradient says nothing about any layer:
+    without ``optimizer=``, ``scope.step()`` called after ``opt.zero_grad()`` (or before the first
+    ``backward()``) sees every gradient gone. Such steps are left out of the per-layer counts and
+    reported once, as one model-level finding (``layer=None``), after ``confirm`` of them (at the last
+    flush: ``min_steps``), saying where ``scope.step()`` belongs; it is resolved once steps with
+    gradients follow.
+
     A parameter that had gradients and then *stops* getting them is reported too (a branch switched
     off, a graph cut introduced mid-run), once it has gone without for more than twice the longest gap
     it ever had between two gradients (a branch used every 30 steps needs 59), and for ``confirm``
@@ -73,6 +80,9 @@ class NoGradient(Rule):
         self._last_step = 0  # steps, not row indices: a bounded frame thins old rows between flushes
         self._reported: set[int] = set()
         self._episodes: dict[str, tuple[Finding, Episode, list[int]]] = {}  # layer -> (finding, episode, params)
+        # steps at which no trainable parameter had a gradient (not kept beyond what is reported)
+        self._empty = {"count": 0, "first": -1, "last": -1}
+        self._empty_episode: tuple[Finding, Episode] | None = None
 
     def _update(self, frame: StatsFrame, rows: np.ndarray) -> None:
         """Fold the rows ``rows`` into the per-parameter counts."""
@@ -82,7 +92,14 @@ class NoGradient(Rule):
         trainable = frame.trainable[rows]
         steps = frame.steps[rows]
         missing = trainable & ~has
+        empty = _empty_rows(has, trainable)
         for r in range(len(rows)):  # a flush's rows, vectorised over parameters
+            if empty[r]:  # no gradient anywhere: says nothing about any one layer (see the class docstring)
+                e = self._empty
+                e["count"] += 1
+                e["first"] = int(steps[r]) if e["first"] < 0 else e["first"]
+                e["last"] = int(steps[r])
+                continue
             got = has[r] & trainable[r]
             miss = missing[r]
             ended = got & (st["gap"] > 0) & st["ever"]  # a gap between two gradients: how long they can be
@@ -119,6 +136,7 @@ class NoGradient(Rule):
         out = self._follow(frame, rows)
         th = self.thresholds
         every = ctx.every
+        out.extend(self._no_gradient_anywhere(ctx, rows))
         window = steps_to_rows(th["window"], every, minimum=1)
         # never had a gradient: a full window from initialisation, `confirm` steps for a parameter that
         # became trainable mid-run, `min_steps` at the last flush
@@ -218,8 +236,54 @@ class NoGradient(Rule):
         if not len(rows):
             return out
         steps = frame.steps[rows]
+        has, trainable = frame.has_grad[rows], frame.trainable[rows]
+        keep = ~_empty_rows(has, trainable)
         for finding, ep, bad in self._episodes.values():
-            flags = (frame.trainable[rows][:, bad] & ~frame.has_grad[rows][:, bad]).any(axis=1)
-            if ep.follow(steps, flags, 1):
+            flags = (trainable[:, bad] & ~has[:, bad]).any(axis=1)
+            if ep.follow(steps[keep], flags[keep], 1):
                 out.append(dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved))
         return out
+
+    def _no_gradient_anywhere(self, ctx: RuleContext, rows: np.ndarray) -> list[Finding]:
+        """The model-level finding for steps at which no trainable parameter had a gradient, and its episode."""
+        frame = ctx.frame
+        if self._empty_episode is not None:
+            finding, ep = self._empty_episode
+            if not len(rows):
+                return []
+            flags = _empty_rows(frame.has_grad[rows], frame.trainable[rows])
+            if ep.follow(frame.steps[rows], flags, 1):
+                return [dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved)]
+            return []
+        e = self._empty
+        th = self.thresholds
+        need = steps_to_rows(th["confirm"], ctx.every, minimum=1)
+        if ctx.final:
+            need = min(need, int(th["min_steps"]))
+        if e["count"] < need:
+            return []
+        first, last = e["first"], e["last"]
+        finding = self.finding(
+            step=first,
+            layer=None,
+            message=(
+                f"No trainable parameter had a gradient when scope.step() ran, at {e['count']} recorded steps "
+                f"({steps_label(first, last)}): the gradients were cleared (optimizer.zero_grad()) or not yet "
+                "computed when gradscope read them, so no layer can be judged at those steps."
+            ),
+            suggestion=(
+                "Call scope.step() after opt.step() and before opt.zero_grad(), or pass optimizer= to watch() "
+                "(gradscope then reads the gradients when the optimizer uses them)."
+            ),
+            evidence={"steps_without_any_grad": int(e["count"]), "window": [first, last]},
+        )
+        ep = Episode(last=last)
+        if len(rows):
+            ep.follow(frame.steps[rows], _empty_rows(frame.has_grad[rows], frame.trainable[rows]), 1)
+        self._empty_episode = (finding, ep)
+        return [dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved)]
+
+
+def _empty_rows(has: np.ndarray, trainable: np.ndarray) -> np.ndarray:
+    """Rows ``[R]`` at which some parameter was trainable and none had a gradient."""
+    return trainable.any(axis=1) & ~(has & trainable).any(axis=1)

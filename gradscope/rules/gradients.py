@@ -127,7 +127,7 @@ class VanishingGradients(Rule):
         rows, _ = judged_rows(ctx, win - 1)
         if len(rows) == 0:
             return []
-        rms, nonfinite, names = layer_rms_by_depth(ctx, rows)
+        rms, nonfinite, names = _layer_rms(ctx, rows)
         if rms.shape[1] < 2:
             return []
         tiny, _ = dtype_info(ctx.frame.schema)
@@ -228,6 +228,27 @@ def _pow10(x: float) -> float:
     """``10 ** x`` that saturates at inf instead of raising OverflowError."""
     with np.errstate(over="ignore"):
         return float(np.power(10.0, x))
+
+
+def _layer_rms(ctx: RuleContext, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """:func:`~gradscope.rules._common.layer_rms_by_depth`, where a layer without a gradient is never non-finite.
+
+    Without ``nonfinite_count`` collected (``stats=["l2_norm"]``), a layer's non-finite count is
+    inferred from its RMS, which is NaN both for a NaN gradient and for no gradient at all: a layer
+    that had no gradient at a row (an unused head, a branch skipped that step) counts 0 there, so it
+    neither hides its row from the vanishing/exploding rules nor reads as NaN.
+
+    Returns:
+        ``(rms [R, L], nonfinite [R, L], names [L])`` in forward order, as ``layer_rms_by_depth``.
+    """
+    rms, nonfinite, names = layer_rms_by_depth(ctx, rows)
+    frame = ctx.frame
+    if "nonfinite_count" in frame.schema.stats or not len(rows):
+        return rms, nonfinite, names
+    has = frame.has_grad[rows]
+    had = np.stack([has[:, list(m)].any(axis=1) for m in frame.schema.layer_members], axis=1)
+    had = had[:, list(ctx.forward_order)]
+    return rms, np.where(had, nonfinite, 0.0), names
 
 
 def _log_global(norm: np.ndarray, nonfinite: np.ndarray) -> np.ndarray:
@@ -339,7 +360,7 @@ class ExplodingGradients(Rule):
         length = window_rows(len(rows), win, final=ctx.final, minimum=int(th["min_steps"]))
         if length == 0:
             return []
-        rms, nonfinite, names = layer_rms_by_depth(ctx, rows)
+        rms, nonfinite, names = _layer_rms(ctx, rows)
         lg = _log_global(ctx.frame.global_values("l2_norm", rows), nonfinite)
         pos = np.searchsorted(valid, rows)  # position of each judged row among all judged rows of the run
         # The warm-up level, measured once from full-resolution rows (a bounded frame thins old rows later).
@@ -476,7 +497,7 @@ class ExplodingGradients(Rule):
             rows, _ = judged_rows(ctx, win - 1)
             if len(rows) == 0:
                 return []
-            rms, nonfinite, names = layer_rms_by_depth(ctx, rows)
+            rms, nonfinite, names = _layer_rms(ctx, rows)
             bad = nonfinite.sum(axis=1) > 0
             if how == "depth":
                 if layer not in names:
@@ -503,7 +524,7 @@ class ExplodingGradients(Rule):
         head = valid[:span]
         if len(head) == 0:
             return None, False
-        _, nonfinite, _ = layer_rms_by_depth(ctx, head)
+        _, nonfinite, _ = _layer_rms(ctx, head)
         lg = _log_global(ctx.frame.global_values("l2_norm", head), nonfinite)
         ok = np.flatnonzero(np.isfinite(lg))[:n_rows]
         complete = len(ok) >= n_rows or len(head) >= span
@@ -654,7 +675,7 @@ class NonfiniteGradients(Rule):
         rows, _ = judged_rows(ctx, 0)
         if len(rows) == 0:
             return []
-        _, nonfinite, names = layer_rms_by_depth(ctx, rows)
+        _, nonfinite, names = _layer_rms(ctx, rows)
         bad_rows = np.flatnonzero((nonfinite > 0).any(axis=1))
         if len(bad_rows) == 0:
             return []

@@ -7,6 +7,7 @@ mini-batch loss that goes up on some steps never fires by itself.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,7 +17,7 @@ from gradscope.findings import Finding
 from gradscope.rules._common import fmt, steps_label
 from gradscope.rules.base import Rule, RuleContext
 from gradscope.rules.registry import register_rule
-from gradscope.rules.window import steps_to_rows, window_rows
+from gradscope.rules.window import Episode, steps_to_rows, window_rows
 
 __all__ = ["LossNotDecreasing", "Overfitting"]
 
@@ -59,9 +60,18 @@ class LossNotDecreasing(Rule):
     step is where the loss last came back to its starting level (the first step, for a run that never
     made progress).
 
-    Not detected: a loss that decreased for a while and then stalled (indistinguishable from
-    convergence without knowing the achievable loss), and, within one window, stalls whose per-step
-    noise exceeds about 4% of the loss (raise ``window`` for those: the bound tightens as 1/sqrt(window)).
+    ``decrease`` is a rate per ``window``: a shorter window (the last flush of a short run, the
+    provisional pass of ``report()`` from ``min_steps`` on) tests ``decrease * length / window``, the
+    same rate pro rata, so a short window never makes the claim easier.
+
+    A loss that decreased for a while and then stalled is, from the loss alone, indistinguishable from
+    convergence; it is reported when the optimizer shows why: the update-to-weight ratio collapsed
+    (below ``collapse`` of its level over the window before) at the step the loss stopped falling,
+    after a window of statistically established progress (see :meth:`_stall_after_progress`). That
+    finding follows its episode and is resolved when the updates come back. Without an optimizer (no
+    update ratio) such a stall is not detected; nor, within one window, are stalls from the start
+    whose per-step noise exceeds about 4% of the loss (raise ``window`` for those: the bound tightens
+    as 1/sqrt(window)).
 
     Thresholds:
         window: 100 steps; decrease: 2% of the loss per window; z: 2 (one-sided 98%); warmup_growth:
@@ -69,6 +79,9 @@ class LossNotDecreasing(Rule):
             slow, noisy healthy learner above 3.5% (our measurements; SageMaker's LossNotDecreasing
             fires when the loss 10 steps apart did not decrease at all, which noisy mini-batch losses
             trip constantly).
+        collapse: 0.1, the update-ratio drop (10x) that marks the optimizer as stopped, for a stall
+            after progress (our choice: a learning rate set to 0 gives 0; no healthy run of
+            benchmarks/detection.py drops its update ratio 10x within a window).
         min_steps: 20, the fewest recorded losses judged at the last flush of a short run. At every
             last flush (and in the provisional pass of ``report()``, which adds no rows) the window
             ending at the last recorded loss is judged. There is no trailing partial episode: a
@@ -83,11 +96,12 @@ class LossNotDecreasing(Rule):
         "z": 2.0,
         "warmup_growth": 1.5,
         "min_steps": 20,
+        "collapse": 0.1,
     }
 
     def validate(self) -> None:
         """Check threshold ranges."""
-        for name in ("window", "z", "min_steps", "warmup_growth"):
+        for name in ("window", "z", "min_steps", "warmup_growth", "collapse"):
             if not self.thresholds[name] > 0:
                 raise ConfigurationError(
                     f"Expected threshold {name!r} of rule 'loss_not_decreasing' to be > 0, but got "
@@ -103,11 +117,22 @@ class LossNotDecreasing(Rule):
         """Forget what was seen and reported (a new run)."""
         self._fired = False
         self._start: tuple[int, float, float] | None = None
+        # a stall after progress, once reported: the finding, its episode, the update-ratio level before it
+        self._stall: tuple[Finding, Episode, float] | None = None
 
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Findings visible in the rows added since the last flush (and their look-back window)."""
-        if self._fired or "loss" not in ctx.frame.scalar_names:
+        if "loss" not in ctx.frame.scalar_names:
             return []
+        if self._fired:
+            return self._follow_stall(ctx)
+        found = self._from_start(ctx)
+        if found:
+            return found
+        return self._stall_after_progress(ctx)
+
+    def _from_start(self, ctx: RuleContext) -> list[Finding]:
+        """The equivalence test: a stall within the window and since the start of the run."""
         frame = ctx.frame
         th = self.thresholds
         loss = frame.scalar("loss")
@@ -127,7 +152,10 @@ class LossNotDecreasing(Rule):
             if len(vals) >= win:
                 self._start = run_start
         _, base, base_noise = run_start
-        z, dec = th["z"], th["decrease"]
+        # `decrease` is per window of `window` steps: a shorter window (a short run at its end, the
+        # provisional pass of report() at step 20) tests the same rate of progress, pro rata, so a
+        # slow learner is never called stalled because its window is short.
+        z, dec = th["z"], th["decrease"] * min(1.0, length / win)
         # windows not judged before: those ending at a row added by this flush; at the last flush (and in
         # the provisional pass of report(), which adds no rows) the last window at least
         new_pos = int(np.searchsorted(valid, ctx.new_from))
@@ -181,6 +209,127 @@ class LossNotDecreasing(Rule):
                     },
                 )
             ]
+        return []
+
+    def _stall_after_progress(self, ctx: RuleContext) -> list[Finding]:
+        """A loss that stopped falling after real progress because the optimizer stopped moving the weights.
+
+        A mini-batch loss is too noisy for the equivalence test to exclude a decrease of 2% within a
+        window or two after a stall, and a loss that stops falling looks like convergence. What tells
+        them apart is the optimizer: at a sampled step ``s`` the update-to-weight ratio fell below
+        ``collapse`` times its median over the ``window`` steps before ``s`` and stayed there; before
+        ``s`` the loss had fallen below the run's start by more than ``decrease`` at ``z`` standard
+        errors (real progress);
+        since ``s`` (at least ``min_steps`` recorded losses) a decrease of ``decrease`` is not
+        established (the lower bound of the drop between its halves' medians is below it). The finding's step is ``s``; it is resolved when the
+        update ratio comes back above the collapse level.
+        """
+        frame = ctx.frame
+        if "update_ratio" not in frame.schema.stats:
+            return []
+        th = self.thresholds
+        win = steps_to_rows(th["window"], ctx.every, minimum=8)
+        keep = np.flatnonzero(~frame.skipped)
+        if len(keep) < win + int(th["min_steps"]):
+            return []
+        rows = keep[-3 * win :]  # the recent rows (full resolution): a stall is judged as it happens
+        srows = rows[frame.sampled[rows]]
+        if len(srows) < 4:
+            return []
+        ratio = frame.global_values("update_ratio", srows)
+        ssteps = frame.steps[srows]
+        collapse = float(th["collapse"])
+        if not ratio[-1] < collapse * float(np.nanmax(ratio[:-1], initial=0.0)):
+            return []  # the latest update is not collapsed: nothing to look for (the common case, cheap)
+        for j in range(3, len(srows)):
+            before = ratio[:j][(ssteps[:j] >= ssteps[j] - th["window"]) & np.isfinite(ratio[:j])]
+            if len(before) < 3:
+                continue
+            ref = float(np.median(before))
+            later = ratio[j:]
+            if not (ref > 0 and np.isfinite(later).all() and (later < collapse * ref).all()):
+                continue
+            found = self._stall_at(ctx, rows, int(ssteps[j]), ref)
+            if found is not None:
+                return [found]
+            break  # the earliest collapse that holds until now is the candidate; later ones are within it
+        return []
+
+    def _stall_at(self, ctx: RuleContext, rows: np.ndarray, s: int, ref: float) -> Finding | None:
+        """The finding for a stall that began at step ``s`` (``ref``: the update ratio before), or None."""
+        frame = ctx.frame
+        th = self.thresholds
+        loss = frame.scalar("loss")[rows]
+        steps = frame.steps[rows]
+        ok = np.isfinite(loss)
+        pre = loss[ok & (steps < s) & (steps >= s - th["window"])]
+        post = loss[ok & (steps >= s)]
+        if len(post) < int(th["min_steps"]) or len(pre) < int(th["min_steps"]):
+            return None
+        if self._start is None:
+            return None  # the run's start is measured by the equivalence test once a window is recorded
+        z, dec = th["z"], th["decrease"]
+        half = len(pre) // 2
+        a0, b0 = self._start[1], float(np.median(pre[-half:]))
+        se0 = _MEDIAN_SE * max(_noise(pre), self._start[2]) * np.sqrt(2.0 / half)
+        if (a0 - b0) - z * se0 <= dec * abs(a0):
+            return None  # no real progress since the start: not this test's case
+        h = len(post) // 2
+        a, b = float(np.median(post[:h])), float(np.median(post[-h:]))
+        se = _MEDIAN_SE * _noise(post) * np.sqrt(2.0 / h)
+        if (a - b) - z * se > dec * abs(a):
+            return None  # still falling, established: the optimizer's steps got small, not useless
+        after = self._ratio_after(ctx, rows, s)
+        first, last = s, int(steps[-1])
+        finding = self.finding(
+            step=first,
+            layer=None,
+            message=(
+                f"The training loss stopped decreasing at step {s} after real progress: it fell from {fmt(a0)} at the "
+                f"start of the run to {fmt(b0)} before that step, and its median has been {fmt(a)} then "
+                f"{fmt(b)} since ({steps_label(first, last)}); at the same step the optimizer's update-to-weight "
+                f"ratio fell from {fmt(ref)} to {fmt(after)}: the weights stopped moving."
+            ),
+            suggestion=(
+                "Check the learning rate schedule (a scheduler that drops it to 0 or by orders of magnitude), "
+                "parameter groups rebuilt or frozen at that step, and the optimizer's state (a reloaded checkpoint, "
+                "a GradScaler skipping every step)."
+            ),
+            evidence={
+                "stat": "loss",
+                "window": [first, last],
+                "median_before": [a0, b0],
+                "median_since": [a, b],
+                "update_ratio_before": ref,
+                "update_ratio_since": after,
+                "threshold_decrease": float(dec),
+            },
+        )
+        self._fired = True
+        ep = Episode(last=last)
+        self._stall = (finding, ep, ref)
+        return dataclasses.replace(finding, last_step=last)
+
+    @staticmethod
+    def _ratio_after(ctx: RuleContext, rows: np.ndarray, s: int) -> float:
+        frame = ctx.frame
+        srows = rows[frame.sampled[rows] & (frame.steps[rows] >= s)]
+        ratio = frame.global_values("update_ratio", srows) if len(srows) else np.zeros(0)
+        return float(np.median(ratio)) if len(ratio) else float("nan")
+
+    def _follow_stall(self, ctx: RuleContext) -> list[Finding]:
+        """The episode of a stall after progress: it lasts while the update ratio stays collapsed."""
+        if self._stall is None:
+            return []
+        finding, ep, ref = self._stall
+        frame = ctx.frame
+        rows = np.flatnonzero(~frame.skipped & frame.sampled & (frame.steps > ep.last))
+        if not len(rows):
+            return []
+        ratio = frame.global_values("update_ratio", rows)
+        held = ~(np.nan_to_num(ratio, nan=0.0) >= float(self.thresholds["collapse"]) * ref)
+        if ep.follow(frame.steps[rows], held, 1):
+            return [dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved)]
         return []
 
     @staticmethod

@@ -237,8 +237,9 @@ def test_tiny_steps_are_not_judged_every_step():
     [(1.0, 0.005, 1), (1.0, 0.02, 2), (0.1, 0.005, 5), (0.001, 0.002, 50), (0.01, 0.0, 1)],
 )
 def test_cadence_follows_the_budget(step_time, eval_time, k):
+    # the full evaluations get half the budget (the screen the other half): 0.02 / 2 = 1% here
     clock = FakeClock()
-    c = LiveCadence(50, budget=0.01, clock=clock)
+    c = LiveCadence(50, budget=0.02, clock=clock)
     assert c.every == 50  # nothing measured: no live evaluation
     for _ in range(3):
         c.step_started()
@@ -247,7 +248,7 @@ def test_cadence_follows_the_budget(step_time, eval_time, k):
         c.step_ended()
         clock.now += step_time
     c.step_started()
-    want = min(50, max(1, math.ceil(eval_time / (0.01 * step_time) - 1e-9)))
+    want = min(50, max(1, math.ceil(eval_time / (0.02 / 2 * step_time) - 1e-9)))
     assert c.every == want == k
     c.waiting = k
     assert c.due() == (k < 50)

@@ -214,3 +214,23 @@ def test_nonfinite_follows_the_forward_order_and_fires_once() -> None:
     assert f.layer == "fc0"
     found = feed(NonfiniteGradients(), frame, chunk_rows=3)
     assert [(g.step, g.layer) for g in found] == [(5, "fc1")]
+
+
+# -- stats=["l2_norm"] only ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stats", [("l2_norm",), ("l2_norm", "nonfinite_count")])
+def test_a_layer_without_a_gradient_is_not_nonfinite_with_l2_norm_only(stats: tuple[str, ...]) -> None:
+    """An unused layer's RMS is NaN (no gradient); without ``nonfinite_count`` it once counted as NaN gradients."""
+    params = [*chain(3), ("unused", "weight", 100)]
+    has = np.ones((50, 4), bool)
+    has[:, 3] = False
+    vanish = np.tile([1e-7, 1e-2, 1e-2, 1.0], (60, 1))
+    has60 = np.ones((60, 4), bool)
+    has60[:, 3] = False
+    (f,) = VanishingGradients().check(context(build_frame(params, rms=vanish, has_grad=has60, stats=stats)))
+    assert (f.step, f.layer) == (1, "fc0")
+    jump = np.tile([1e-2, 1e-2, 1e-2, 1.0], (50, 1))
+    jump[30:, :3] = 2.0  # 200x from step 31 on, as in the test above
+    (g,) = ExplodingGradients().check(context(build_frame(params, rms=jump, has_grad=has, stats=stats)))
+    assert (g.step, g.evidence["criterion"], g.evidence["growth"]) == (31, "runaway", pytest.approx(200.0))

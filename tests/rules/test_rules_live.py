@@ -224,8 +224,11 @@ def _dead(n: int, dead_steps: slice, kind: str = "relu") -> StatsFrame:
 def test_dead_units_late_trailing_episode_found_at_the_end_and_not_before_min_samples() -> None:
     (f,) = feed(DeadUnits(), _dead(320, slice(305, None)), chunk_rows=50, sample_every=10)  # samples 310, 320
     assert (f.step, f.layer, f.last_step) == (310, "relu", 320)
-    assert feed(DeadUnits(), _dead(320, slice(315, None)), chunk_rows=50, sample_every=10) == []  # 1 sample
-    # mid-run, `confirm` (2 samples) is min_samples: an ordinary flush confirms it as soon
+    # mid-run, one sample confirms it (`confirm`: 10 steps), at the last flush as at an ordinary one
+    (f,) = feed(DeadUnits(), _dead(320, slice(315, None)), chunk_rows=50, sample_every=10)
+    assert (f.step, f.last_step) == (320, 320)
+    # from initialisation, `min_samples` (2) at the last flush: one sample is not enough
+    assert feed(DeadUnits(), _dead(15, slice(1, None)), chunk_rows=5, sample_every=10) == []
     (f,) = feed(DeadUnits(), _dead(320, slice(305, None)), chunk_rows=50, sample_every=10, final=False)
     assert f.step == 310
     # from initialisation, a short run: ordinary flushes wait for the window (3 samples), report() shows it
@@ -234,9 +237,9 @@ def test_dead_units_late_trailing_episode_found_at_the_end_and_not_before_min_sa
     assert f.step == 10
 
 
-def test_dead_units_mid_run_confirmed_after_two_samples_init_after_the_window() -> None:
+def test_dead_units_mid_run_confirmed_at_the_first_sample_init_after_the_window() -> None:
     seen = flush_steps(DeadUnits(), _dead(200, slice(101, None)), chunk_rows=1, sample_every=10)
-    assert seen == {("dead_units", "relu"): 120}  # samples 110 and 120 (confirm: 20 steps)
+    assert seen == {("dead_units", "relu"): 110}  # sample 110 (confirm: 10 steps, one sample)
     seen = flush_steps(DeadUnits(), _dead(200, slice(1, None)), chunk_rows=1, sample_every=10)
     assert seen == {("dead_units", "relu"): 30}  # samples 10, 20, 30 (window: 30 steps)
 
@@ -253,9 +256,11 @@ def test_dead_units_healthy_frames_give_nothing() -> None:
 def test_saturated_activations_trailing_confirmed_and_resolved_like_dead_units() -> None:
     (f,) = feed(SaturatedActivations(), _dead(320, slice(305, None), "tanh"), chunk_rows=50, sample_every=10)
     assert (f.kind, f.step, f.layer, f.last_step) == ("saturated_activations", 310, "tanh", 320)
-    assert feed(SaturatedActivations(), _dead(320, slice(315, None), "tanh"), chunk_rows=50, sample_every=10) == []
+    (f,) = feed(SaturatedActivations(), _dead(320, slice(315, None), "tanh"), chunk_rows=50, sample_every=10)
+    assert (f.step, f.last_step) == (320, 320)
+    assert feed(SaturatedActivations(), _dead(15, slice(1, None), "tanh"), chunk_rows=5, sample_every=10) == []
     seen = flush_steps(SaturatedActivations(), _dead(200, slice(101, None), "tanh"), chunk_rows=1, sample_every=10)
-    assert seen == {("saturated_activations", "tanh"): 120}
+    assert seen == {("saturated_activations", "tanh"): 110}
     seen = flush_steps(SaturatedActivations(), _dead(200, slice(1, None), "tanh"), chunk_rows=1, sample_every=10)
     assert seen == {("saturated_activations", "tanh"): 30}
     (f,) = feed(SaturatedActivations(), _dead(260, slice(101, 201), "tanh"), chunk_rows=10, sample_every=10)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from rulekit import build_frame, chain, context, feed
+from rulekit import build_frame, chain, context, feed, flush_steps
 
 from gradscope.errors import ConfigurationError
 from gradscope.rules import LossNotDecreasing, Overfitting
@@ -94,3 +94,52 @@ def test_a_growing_gap_while_validation_stops_improving() -> None:
     # the gap grows by 0.25 (a quarter of the validation loss) once training is 0.25 lower than at the
     # best validation step (10): at step 60, for three validations in a row
     assert f.step == 60 and f.evidence["gap"] - f.evidence["gap_at_best"] >= 0.25
+
+
+# -- short windows, stalls after progress ------------------------------------------------------------------
+
+
+def test_a_short_window_tests_the_same_rate_of_progress_pro_rata() -> None:
+    # 6% per 100 steps, a learner the full window never calls stalled (its halves' medians, 50 steps
+    # apart, differ by 3% > 2%). Over 20 steps they differ by 0.6%: below the 2% margin (the old test
+    # fired here), above the margin of a 20-step window, 0.4% (2% x 20/100): not stalled.
+    t = np.arange(20)
+    slow = 2.3 * (1 - 0.0006 * t) + _noise(20, 0.001)
+    assert LossNotDecreasing().check(context(_frame(2.3 * (1 - 0.0006 * np.arange(100))))) == []
+    assert LossNotDecreasing().check(context(_frame(slow), final=True)) == []
+    # a loss that does not move at all is still judged stalled from `min_steps` on
+    (f,) = LossNotDecreasing().check(context(_frame(2.3 + _noise(20, 0.001)), final=True))
+    assert f.evidence["window"] == [1, 20]
+
+
+def _stalled(n: int = 300, stop: int = 160, back: int | None = None, ratio_after: float = 0.0, seed: int = 0):
+    """Loss falling from 2.3 to ~0.8 by step 60, slowly after; the optimizer stops at step ``stop`` (ratio 0)."""
+    t = np.arange(1, n + 1)
+    loss = 0.75 + 1.55 * np.exp(-t / 20) - 0.0002 * np.minimum(t, stop) + _noise(n, 0.12, seed)
+    ratio = np.where((t >= stop) & (t < (back or n + 1)), ratio_after, 1e-2)
+    sampled = (t - 1) % 10 == 0
+    return build_frame(
+        chain(2),
+        rms=np.full((n, 2), 1e-2),
+        scalars={"loss": loss},
+        update_ratio=np.tile(ratio[:, None], (1, 2)),
+        sampled=sampled,
+    )
+
+
+def test_a_loss_that_stalls_after_progress_when_the_updates_stop_is_an_episode() -> None:
+    # the mini-batch noise (15% of the loss) hides the stall from the equivalence test; the update
+    # ratio collapsing to 0 at step 160 (first sampled at 161) says the weights stopped moving
+    seen = flush_steps(LossNotDecreasing(), _stalled(), chunk_rows=10, sample_every=10)
+    assert seen == {("loss_not_decreasing", None): 180}  # 20 losses since 161: min_steps
+    (f,) = feed(LossNotDecreasing(), _stalled(), chunk_rows=10, sample_every=10)
+    assert (f.step, f.last_step, f.resolved_step) == (161, 291, None)
+    assert f.evidence["update_ratio_since"] == 0.0 and "stopped decreasing at step 161" in f.message
+    # the optimizer comes back at step 250: resolved at the first sampled step showing it
+    (g,) = feed(LossNotDecreasing(), _stalled(back=250), chunk_rows=10, sample_every=10)
+    assert (g.step, g.last_step, g.resolved_step) == (161, 241, 251)
+
+
+def test_the_same_loss_with_the_optimizer_still_moving_or_slowing_is_not_a_stall() -> None:
+    assert feed(LossNotDecreasing(), _stalled(stop=10_000), chunk_rows=10, sample_every=10) == []
+    assert feed(LossNotDecreasing(), _stalled(ratio_after=2e-3), chunk_rows=10, sample_every=10) == []  # 5x slower

@@ -1,0 +1,245 @@
+"""The live screen, the findings log and the zero_grad trap, on real runs of tiny models.
+
+Each fault is known independently of gradscope: a NaN written into a gradient is non-finite; a
+ReLU layer whose bias is set to -100 outputs zero for every sample; ``zero_grad()`` before
+``scope.step()`` leaves every ``.grad`` None (torch's default ``set_to_none=True``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import gradscope
+from gradscope.capture.live import HOT_STEPS, LiveScreen
+
+
+class FakeClock:
+    """A clock the test advances: training takes ``step`` seconds, gradscope's own work none."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def _train(steps: int, *, fault=None, zero_grad_first: bool = False, clock: FakeClock | None = None, **kw):
+    """``steps`` SGD steps of a 3-layer ReLU MLP; ``fault(step, model)`` runs after backward()."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    watch_kw = {} if zero_grad_first else {"optimizer": opt}
+    scope = gradscope.watch(model, **watch_kw, **kw)
+    if clock is not None:
+        scope._diagnosis.cadence.clock = clock
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, steps + 1):
+        x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if fault is not None:
+            fault(step, model)
+        opt.step()
+        if zero_grad_first:
+            opt.zero_grad()  # the trap: gradients cleared before gradscope reads them
+        if clock is not None:
+            clock.now += 1.0
+        scope.step(loss=loss)
+        if not zero_grad_first:
+            opt.zero_grad()
+    return scope
+
+
+def test_a_nan_is_announced_at_its_own_step_with_the_default_cadence(caplog):
+    # A ~1 ms step: the rules themselves run only at flushes (every 50 steps), but a CPU row is host
+    # memory, so the row holding the NaN makes them run at that very step.
+    def nan_at_37(step: int, model: nn.Module) -> None:
+        if step == 37:
+            model[2].weight.grad[0, 0] = float("nan")
+
+    seen: list[tuple[int, str]] = []
+    steps = {"now": 0}
+
+    def on_finding(f):
+        seen.append((steps["now"], f.kind))
+
+    with caplog.at_level(logging.WARNING, logger="gradscope"):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        scope = gradscope.watch(model, optimizer=opt, on_finding=on_finding)
+        g = torch.Generator().manual_seed(1)
+        for step in range(1, 46):
+            steps["now"] = step
+            x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            nan_at_37(step, model)
+            opt.step()
+            scope.step(loss=loss)
+            opt.zero_grad()
+            if step == 37:
+                assert "nonfinite_gradients" in {k for _, k in seen}, "not announced at its own step"
+        scope.close()
+    assert (37, "nonfinite_gradients") in seen
+    # NaN stays in the weights: later rows flag only the parameters it newly reaches, not every step
+    assert 1 <= scope._diagnosis.cadence.triggered <= 3
+    records = [r for r in caplog.records if r.name == "gradscope" and "nonfinite_gradients" in r.getMessage()]
+    assert len(records) == 1 and records[0].levelno == logging.ERROR
+    assert records[0].getMessage().startswith("step 37: nonfinite_gradients in '2'")
+
+
+def test_each_finding_is_logged_once_at_the_step_it_became_visible(caplog):
+    # Two faults mid-run with slow (fake) steps: the ReLU after layer 0 dies at step 70 (bias -100),
+    # a NaN at step 90. Every finding on_finding receives is logged exactly once, at the same step.
+    def faults(step: int, model: nn.Module) -> None:
+        if step == 69:
+            with torch.no_grad():
+                model[0].bias.fill_(-100.0)
+        if step == 90:
+            model[4].weight.grad[0, 0] = float("nan")
+
+    handed: list[tuple[int, str, object]] = []
+    clock = FakeClock()
+    holder: dict = {}
+
+    def on_finding(f):
+        handed.append((holder["scope"]._step, f.kind, f.layer))
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with caplog.at_level(logging.WARNING, logger="gradscope"):
+        scope = gradscope.watch(model, optimizer=opt, on_finding=on_finding)
+        holder["scope"] = scope
+        scope._diagnosis.cadence.clock = clock
+        g = torch.Generator().manual_seed(1)
+        for step in range(1, 101):
+            x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            faults(step, model)
+            opt.step()
+            clock.now += 1.0
+            scope.step(loss=loss)
+            opt.zero_grad()
+        final = scope.close()
+    logged = [r for r in caplog.records if r.name == "gradscope"]
+    kinds = {k for _, k, _ in handed}
+    assert {"dead_units", "nonfinite_gradients"} <= kinds, handed
+    assert len(logged) == len(handed)  # once each, nothing else
+    for (step, kind, layer), record in zip(handed, logged):
+        where = "the model" if layer is None else repr(layer)
+        assert record.getMessage().startswith(f"step {step}: {kind} in {where}")
+    dead = {layer: step for step, kind, layer in handed if kind == "dead_units"}
+    # the first sampled step after the onset (steps 1, 11, ..., 71): one sample confirms a mid-run
+    # onset (the layer after it sees only its biases: the units whose bias is negative die too)
+    assert dead["1"] == 71
+    assert {f.kind for f in final.findings} >= {"dead_units", "nonfinite_gradients"}
+
+
+def test_logging_can_be_silenced(caplog):
+    def nan_at_5(step: int, model: nn.Module) -> None:
+        if step == 5:
+            model[2].weight.grad[0, 0] = float("nan")
+
+    log = logging.getLogger("gradscope")
+    before = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        with caplog.at_level(logging.WARNING):
+            log.setLevel(logging.CRITICAL)
+            report = _train(12, fault=nan_at_5).close()
+    finally:
+        log.setLevel(before)
+    assert "nonfinite_gradients" in {f.kind for f in report.findings}
+    assert not [r for r in caplog.records if r.name == "gradscope"]
+
+
+def test_zero_grad_before_scope_step_is_one_model_level_finding():
+    report = _train(30, zero_grad_first=True).close()
+    (f,) = [f for f in report.findings if f.kind == "no_gradient"]
+    assert f.layer is None and f.step == 1 and f.last_step == 30
+    assert "scope.step() after opt.step() and before opt.zero_grad()" in f.suggestion
+    assert "optimizer=" in f.suggestion and f.evidence["steps_without_any_grad"] == 10  # confirmed after `confirm`
+    # the same run in the right order: no finding at all
+    assert _train(30).close().findings == []
+
+
+def test_the_screen_makes_the_rules_run_when_a_parameter_stops_getting_a_gradient():
+    # slow (fake) steps of 1 s: the screen runs at every step and flags the stop after 5 rows
+    clock = FakeClock()
+
+    def detach_last(step: int, model: nn.Module) -> None:
+        if step >= 80:
+            model[4].bias.grad = None  # the output bias stops getting a gradient from step 80
+
+    scope = _train(110, fault=detach_last, clock=clock)
+    d = scope._diagnosis
+    assert d.last_trigger is not None and d.last_trigger[1] == ["no_gradient"]
+    assert 84 <= d.last_trigger[0] <= 85  # 5 rows without a gradient (steps 80-84)
+    report = scope.close()
+    (f,) = [f for f in report.findings if f.kind == "no_gradient"]
+    assert (f.step, f.layer) == (80, "4")
+
+
+def test_live_screen_on_rows():
+    # The screen alone, on a frame grown row by row: what it flags, and only when new.
+    from gradscope.stats.frame import FrameSchema, StatsFrame
+    from gradscope.stats.moments import MOMENT_INDEX as M
+    from gradscope.stats.moments import MOMENTS
+
+    schema = FrameSchema(
+        param_names=["a.w", "b.w"],
+        param_layers=["a", "b"],
+        param_leaves=["w", "w"],
+        numels=np.array([4.0, 4.0]),
+        layers=["a", "b"],
+        layer_members=[[0], [1]],
+        stats=("l2_norm", "nonfinite_count"),
+        custom={},
+        sampled_stats=(),
+        act_modules=["r"],
+        act_kinds=["relu"],
+        dtypes=["float32", "float32"],
+    )
+    frame = StatsFrame(schema)
+    screen = LiveScreen()
+
+    def add(step: int, rms=(1e-2, 1e-2), has=(True, True), nonfinite=0.0, dead=np.nan) -> list[str]:
+        mom = np.full((1, 2, len(MOMENTS)), np.nan)
+        mom[0, :, M["sumsq"]] = np.square(rms) * 4
+        mom[0, :, M["nonfinite"]] = nonfinite
+        act = np.full((1, 1, 3), np.nan)
+        act[0, 0, 1] = dead
+        frame.append(
+            {
+                "steps": np.array([step]),
+                "skipped": np.zeros(1, bool),
+                "has_grad": np.array([has]),
+                "trainable": np.ones((1, 2), bool),
+                "moments": mom,
+                "sampled": np.array([not np.isnan(dead)]),
+                "act": act,
+                "scalars": np.zeros((1, 0)),
+            },
+            [],
+        )
+        return screen(frame)
+
+    assert all(add(s) == [] for s in range(1, 21))  # healthy: nothing
+    assert add(21, rms=(1e-2, 2e-1)) == []  # 20x, more than a decade, at one row: a spike
+    assert add(22, rms=(1e-2, 2e-1)) == ["shift"]  # at a second row: it lasts
+    assert add(23, rms=(1e-2, 2e-1)) == []  # still shifted: not new
+    assert add(24, nonfinite=1.0) == ["nonfinite"]
+    assert add(25, dead=0.9) == ["activation"] and add(26, dead=0.95) == []
+    flags = [add(s, has=(True, False)) for s in range(27, 33)]
+    assert flags == [[], [], [], [], ["no_gradient"], []]  # the 5th row without one
+    assert add(33, has=(False, False)) == ["no_gradient"]  # no gradient anywhere
+    assert HOT_STEPS >= 10  # a rule's `confirm` span fits in the hot period
