@@ -8,6 +8,9 @@ pair is taken. Printed per variant:
   (flushes and rules every 50 steps, activation sampling every 10) is included: this is the figure
   the targets refer to.
 * ``median``: median of the per-pair ratios (an ordinary step).
+* ``fixed us``: median over ordinary steps of watched minus bare time, in microseconds: what every
+  step pays whatever the model (on a model with many small tensors, the cost that matters).
+* ``flush ms``: the mean extra time of the steps that flushed, beyond the fixed cost.
 
 Variants: ``gradscope`` is ``watch(model, optimizer=opt)`` with its defaults (``l2_norm``, ``rms`` and
 ``nonfinite_count`` at every step; the other statistics and the activations every 10 steps; rules
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import platform
 import statistics
@@ -43,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from workloads import Workload, cpu_workloads, gpu_workloads, hf_workloads
 
 import gradscope
+from gradscope.capture import kernels
 
 
 def make_optimizer(kind: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -171,7 +176,8 @@ def measure(
     for i in range(warmup):
         timed(bare, i)
         timed(watched, i)
-    tb, tw = [], []
+    tb, tw, flushed = [], [], []
+    scope = watched.scope
     for i in range(pairs):
         if i % 2 == 0:
             a = timed(bare, i)
@@ -181,9 +187,13 @@ def measure(
             a = timed(bare, i)
         tb.append(a)
         tw.append(b)
+        flushed.append(scope is not None and scope.step_count % scope.flush_every == 0)
     bare.close()
     watched.close()
     ratios = [b / a for a, b in zip(tb, tw)]
+    diff = [b - a for a, b in zip(tb, tw)]
+    fixed = statistics.median([d for d, f in zip(diff, flushed) if not f] or diff)
+    at_flush = [d - fixed for d, f in zip(diff, flushed) if f]
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), 0, max(ratios)]
     return {
         "workload": wl.name,
@@ -193,10 +203,13 @@ def measure(
         "median": statistics.median(ratios),
         "iqr": (q[0], q[-1]),
         "pairs": pairs,
+        "fixed_us": fixed * 1e6,
+        "flush_ms": statistics.fmean(at_flush) * 1e3 if at_flush else float("nan"),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("gradscope").setLevel(logging.CRITICAL)  # findings lines would interleave the table
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -207,9 +220,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="a few pairs only (smoke test; ratios are noisy)")
     ap.add_argument("--compile", action="store_true", help="torch.compile both the bare and the watched model")
+    ap.add_argument(
+        "--kernel",
+        choices=["auto", "sync", "off"],
+        default="auto",
+        help="compiled CPU kernel: use if built, build, off",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    os.environ[kernels.KERNEL_ENV] = args.kernel
+    if args.device == "cpu":
+        kernels.cpu_kernel()  # loaded (or, with --kernel sync, built) now, before anything is timed
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     pool = {w.name: w for w in cpu_workloads() + gpu_workloads() + hf_workloads()}
     default = [w.name for w in (gpu_workloads() if args.device.startswith("cuda") else cpu_workloads())]
@@ -217,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         default.append("hf-gpt2-small")  # transformers' own GPT-2 small, when installed
     names = args.workloads.split(",") if args.workloads else default
     default_pairs = {
+        "mlp8": 200,
+        "mlp128": 100,
+        "digits": 150,
         "mlp": 150,
         "cnn": 100,
         "gpt": 60,
@@ -229,9 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     print(
         f"gradscope {gradscope.__version__}, torch {torch.__version__}, device {args.device} ({dev}), "
-        f"threads {torch.get_num_threads()}, dtype {args.dtype}, compile {args.compile}"
+        f"threads {torch.get_num_threads()}, dtype {args.dtype}, compile {args.compile}, CPU kernel {kernels.cpu_kernel_state()}"
     )
-    print(f"{'workload':<12} {'variant':<20} {'bare ms':>9} {'amortised':>10} {'median':>8} {'IQR':>13} {'pairs':>6}")
+    print(
+        f"{'workload':<12} {'variant':<24} {'bare ms':>9} {'amortised':>10} {'median':>8} {'IQR':>13} {'pairs':>6} "
+        f"{'fixed us':>9} {'flush ms':>9}"
+    )
     rows = []
     for name in names:
         wl = pool[name]
@@ -249,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             rows.append(r)
             print(
-                f"{r['workload']:<12} {r['variant']:<20} {r['bare_ms']:>9.2f} {r['amortised']:>9.3f}x {r['median']:>7.3f}x "
-                f"{r['iqr'][0]:>6.3f}-{r['iqr'][1]:<6.3f} {r['pairs']:>6}"
+                f"{r['workload']:<12} {r['variant']:<24} {r['bare_ms']:>9.2f} {r['amortised']:>9.3f}x {r['median']:>7.3f}x "
+                f"{r['iqr'][0]:>6.3f}-{r['iqr'][1]:<6.3f} {r['pairs']:>6} {r['fixed_us']:>9.0f} {r['flush_ms']:>9.2f}"
             )
             sys.stdout.flush()
     return 0

@@ -8,12 +8,21 @@ one intra-op thread there is no spinning to inflate it. Ratios only::
 
     python benchmarks/overhead_cpu.py [--variants gradscope,gradscope-tb] [--threads 1]
     python benchmarks/overhead_cpu.py --baseline gradscope --variants gradscope-tb   # what TensorBoard adds
+    python benchmarks/overhead_cpu.py --workloads mlp8,mlp128,digits --pairs 100      # many small tensors
+
+Besides the ratios it prints the *fixed* cost of a watched step (median over pairs of watched minus
+bare CPU time, in microseconds: what every step pays whatever the model) and the cost of one flush
+(the mean extra time of the steps that flushed, beyond the fixed cost, in milliseconds). The
+compiled CPU moment kernel is loaded before timing when this machine has it built (build it once
+with ``python -m gradscope.capture.kernels``, or pass ``--kernel sync``); the header says which
+path ran (``--kernel off`` times the eager path).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import statistics
 import sys
@@ -28,9 +37,11 @@ from overhead import Runner
 from workloads import Workload, cpu_workloads
 
 import gradscope
+from gradscope.capture import kernels
 
 
 def measure(wl: Workload, variant: str, *, warmup: int, pairs: int, baseline: str = "bare") -> dict:
+    """Paired CPU times of ``pairs`` steps: ratios, the fixed per-step cost and the flush cost."""
     torch.manual_seed(0)
     base = wl.make_model()
     g = torch.Generator().manual_seed(1)
@@ -47,40 +58,65 @@ def measure(wl: Workload, variant: str, *, warmup: int, pairs: int, baseline: st
     for i in range(warmup):
         timed(bare, i)
         timed(watched, i)
-    tb, tw = [], []
+    tb, tw, flushed = [], [], []
+    scope = watched.scope
     for i in range(pairs):
         first, second = (bare, watched) if i % 2 == 0 else (watched, bare)
         a = timed(first, i)
         b = timed(second, i)
         tb.append(a if first is bare else b)
         tw.append(b if first is bare else a)
+        flushed.append(scope is not None and scope.step_count % scope.flush_every == 0)
     bare.close()
     watched.close()
+    diff = [w - b for b, w in zip(tb, tw)]
+    fixed = statistics.median(d for d, f in zip(diff, flushed) if not f)
+    at_flush = [d - fixed for d, f in zip(diff, flushed) if f]
     return {
         "bare_ms": statistics.median(tb) * 1e3,
         "amortised": sum(tw) / sum(tb),
         "median": statistics.median(w / b for b, w in zip(tb, tw) if b > 0),
+        "fixed_us": fixed * 1e6,
+        "flush_ms": statistics.fmean(at_flush) * 1e3 if at_flush else float("nan"),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.getLogger("gradscope").setLevel(logging.CRITICAL)  # findings lines would interleave the table
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="gradscope,gradscope-tb")
-    ap.add_argument("--workloads", default="mlp,cnn,gpt")
+    ap.add_argument("--variants", default="gradscope,gradscope-tb,gradscope-all-every-step")
+    ap.add_argument("--workloads", default="mlp8,mlp128,digits,mlp,cnn,gpt")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--pairs", type=int, default=None, help="default: 200 (mlp, cnn), 120 (gpt)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--baseline", default="bare", help="the variant ratios are taken against (e.g. gradscope)")
+    ap.add_argument(
+        "--kernel",
+        choices=["auto", "sync", "off"],
+        default="auto",
+        help="compiled CPU kernel: use if built, build, off",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    os.environ[kernels.KERNEL_ENV] = args.kernel
+    kernels.cpu_kernel()  # loaded (or, with --kernel sync, built) now, before anything is timed
     pool = {w.name: w for w in cpu_workloads()}
-    print(f"gradscope {gradscope.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, CPU time")
-    print(f"{'workload':<10} {'variant':<16} {args.baseline + ' cpu ms':>16} {'amortised':>10} {'median':>8}")
+    print(
+        f"gradscope {gradscope.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, CPU time, "
+        f"CPU kernel {kernels.cpu_kernel_state()}"
+    )
+    print(
+        f"{'workload':<10} {'variant':<26} {args.baseline + ' cpu ms':>16} {'amortised':>10} {'median':>8} "
+        f"{'fixed us':>9} {'flush ms':>9}"
+    )
     for name in args.workloads.split(","):
         for variant in args.variants.split(","):
-            pairs = args.pairs or (120 if name == "gpt" else 200)
+            pairs = args.pairs or (120 if name in ("gpt", "mlp128") else 200)
             r = measure(pool[name], variant, warmup=args.warmup, pairs=pairs, baseline=args.baseline)
-            print(f"{name:<10} {variant:<16} {r['bare_ms']:>16.2f} {r['amortised']:>9.3f}x {r['median']:>7.3f}x")
+            print(
+                f"{name:<10} {variant:<26} {r['bare_ms']:>16.2f} {r['amortised']:>9.3f}x {r['median']:>7.3f}x "
+                f"{r['fixed_us']:>9.0f} {r['flush_ms']:>9.2f}"
+            )
             sys.stdout.flush()
     return 0
 

@@ -138,8 +138,73 @@ def resnet50(classes: int = 1000) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def block_mlp(blocks: int, width: int = 64, d_in: int = 64, classes: int = 10) -> nn.Module:
+    """``blocks`` x (Linear(width, width) + ReLU), then a classifier: many small parameter tensors."""
+    layers: list[nn.Module] = [nn.Linear(d_in, width), nn.ReLU()]
+    for _ in range(blocks - 1):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+def digits_cnn(classes: int = 10) -> nn.Module:
+    """A small CNN for 8x8 one-channel digits (the shape of scikit-learn's digits): about 3 ms per step."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 4 * 4, 128),
+        nn.ReLU(),
+        nn.Linear(128, classes),
+    )
+
+
+def small_tensor_workloads() -> list[Workload]:
+    """Models with many small parameter tensors: the fixed per-step and per-tensor costs show here."""
+
+    def mlp_batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+    def digits_batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        # synthetic data of the digits' shape (nothing is downloaded): 64 images of 1x8x8
+        return torch.rand(64, 1, 8, 8, generator=g) * 16, torch.randint(0, 10, (64,), generator=g)
+
+    return [
+        Workload(
+            "mlp8",
+            lambda: block_mlp(8),
+            mlp_batch,
+            F.cross_entropy,
+            "sgd",
+            "8 blocks of Linear(64, 64)+ReLU and a classifier (18 tensors, 34k params), batch 32, SGD",
+        ),
+        Workload(
+            "mlp128",
+            lambda: block_mlp(128),
+            mlp_batch,
+            F.cross_entropy,
+            "sgd",
+            "128 blocks of Linear(64, 64)+ReLU and a classifier (258 tensors, 0.53M params), batch 32, SGD",
+        ),
+        Workload(
+            "digits",
+            digits_cnn,
+            digits_batch,
+            F.cross_entropy,
+            "sgd",
+            "3-conv CNN on 8x8 one-channel digits (synthetic), 10 tensors, 0.19M params, batch 64, SGD",
+        ),
+    ]
+
+
 def cpu_workloads() -> list[Workload]:
     return [
+        *small_tensor_workloads(),
         Workload(
             "mlp",
             lambda: mlp(1024, 4),

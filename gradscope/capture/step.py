@@ -16,8 +16,10 @@ not grow with the number of parameters. Without an optimizer the gradient moment
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Union
@@ -29,6 +31,7 @@ from torch import Tensor
 from gradscope.capture.activations import ActivationMonitor
 from gradscope.capture.distributed import DistributedContext
 from gradscope.capture.hooks import HookManager
+from gradscope.capture.kernels import FusedMoments
 from gradscope.capture.layout import ParamLayout
 from gradscope.errors import ConfigurationError
 from gradscope.sinks.base import Sink
@@ -52,6 +55,7 @@ SKIP_COL = MAX_SCALARS
 _NO_OPTIMIZER_STEP_LIMIT = 20
 
 _Warn = Callable[[str, str], None]
+_NOT_NONE = functools.partial(operator.is_not, None)
 
 
 @dataclass
@@ -131,6 +135,9 @@ class StepRecorder:
         hooks: the scope's hook manager (owns the optimizer hooks).
         warn: ``warn(key, message)``: a warning, once per key.
         problem: ``problem(key, message)``: an error of gradscope itself, recorded, training goes on.
+        moment_path: how gradient moments are computed (:class:`gradscope.capture.kernels.FusedMoments`):
+            ``"auto"`` (the compiled kernel on a CPU, multi-tensor operators on accelerators),
+            ``"kernel"``, ``"foreach"`` (the accelerator path, also on CPU tensors) or ``"eager"``.
     """
 
     def __init__(
@@ -147,6 +154,7 @@ class StepRecorder:
         hooks: HookManager,
         warn: _Warn,
         problem: _Warn,
+        moment_path: str = "auto",
     ) -> None:
         self.layout = layout
         self.plan = plan
@@ -154,7 +162,7 @@ class StepRecorder:
         self.schema = frame_schema(layout, plan, stat_names, acts)
         #: Where finished rows go at :meth:`commit`.
         self.frame = StatsFrame(self.schema, history=options.history, thin_every=options.sample_every)
-        self.optimizer = optimizer
+        self._optimizer = optimizer
         #: The activation monitor; None when activations are off or turned off (see :meth:`end_step`).
         self.acts = acts
         self._options = options
@@ -190,6 +198,24 @@ class StepRecorder:
         self._trust_optimizer = optimizer is not None
         self._prev: dict[int, Tensor] = {}  # weights before the optimizer step (update ratio)
         self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        # DTensor shards go through the eager path (the fused ones read plain storage). So does every
+        # distributed run: ranks must compute bit-identical moments of the same replicated gradients,
+        # and a rank without the compiled kernel (another machine, a build in progress) would not.
+        self.moments = FusedMoments(plan, path="eager" if dist.sharded or dist.active else moment_path)
+        self._custom_names = list(plan.custom_reduce)
+        self._in_opt_cache: tuple[Any, list[int], list[int]] | None = None
+        self._prev_list: tuple[list[int], list[Tensor]] | None = None
+        self._custom_warned: set[int] = set()
+        # Per-step host work that does not grow with the parameters: everything that only depends on
+        # the layout is computed once (see _present and finish).
+        n = len(layout.params)
+        self._all_idx = list(range(n))
+        self._all_true = np.ones(n, dtype=bool)
+        self._all_true.flags.writeable = False
+        self._one_device = len({t.device for t in layout.tensors}) <= 1
+        #: Optimizer steps seen by the pre-hook since the last :meth:`finish` (``scope.step()``): 0 when
+        #: ``scope.step()`` is called again without an optimizer step in between.
+        self.optimizer_steps = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def attach(self, model_name: str, sinks: Sequence[Sink] = ()) -> None:
@@ -204,7 +230,7 @@ class StepRecorder:
         of the model's parameters is in the optimizer (statistics are then taken at ``scope.step()``).
         """
         self._step_sinks = [s for s in sinks if type(s).on_step is not Sink.on_step]
-        custom, optimizer = self.plan.custom_reduce, self.optimizer
+        custom, optimizer = self.plan.custom_reduce, self._optimizer
         if self._dist.sharded and custom:
             self._warn(
                 "distributed-custom",
@@ -220,8 +246,36 @@ class StepRecorder:
                     "optimizer from model.parameters() and call watch() after wrapping the model (fully_shard "
                     "replaces the parameters), or statistics will be taken at scope.step() instead.",
                 )
-            self._hooks.add("optimizer", optimizer.register_step_pre_hook(self._on_optimizer_pre))
-            self._hooks.add("optimizer", optimizer.register_step_post_hook(self._on_optimizer_post))
+            self._register(optimizer)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose step hooks capture the gradients (None: captured at ``scope.step()``)."""
+        return self._optimizer
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Follow ``optimizer`` from now on: hooks off the previous one, on this one; per-optimizer state reset.
+
+        The weight snapshots of ``update_ratio`` are freed (they belonged to the previous optimizer's
+        parameters); trust in the optimizer is restored (a new one gets the same
+        :data:`_NO_OPTIMIZER_STEP_LIMIT` steps to show it steps). A step in progress whose gradients the
+        previous optimizer already captured keeps them.
+        """
+        self._hooks.remove("optimizer")
+        self._optimizer = optimizer
+        self._prev.clear()
+        self._prev_list = None
+        self._in_opt_cache = None
+        self._opt_seen = False
+        self._trust_optimizer = True
+        pending = self.pending
+        if pending is not None:
+            pending.updated = []  # the snapshot (if any) was taken for the previous optimizer
+        self._register(optimizer)
+
+    def _register(self, optimizer: torch.optim.Optimizer) -> None:
+        self._hooks.add("optimizer", optimizer.register_step_pre_hook(self._on_optimizer_pre))
+        self._hooks.add("optimizer", optimizer.register_step_post_hook(self._on_optimizer_post))
 
     def begin(self, step: int) -> None:
         """Prepare step ``step``: claim a buffer row when it is recorded, arm activation hooks when sampled."""
@@ -262,13 +316,18 @@ class StepRecorder:
                 "A backward pass ran between optimizer.step() and scope.step(): call scope.step() right after "
                 "optimizer.step(), once per optimizer step, or the statistics land one step late.",
             )
+        self.optimizer_steps = 0
         slot = pending.slot
         if values:
             self._write_scalars(slot, values)
         if skipped:
-            self.buffer.scalars(slot)[SKIP_COL].fill_(1.0)  # carried through distributed reductions
-        has = np.zeros(len(self.layout.params), dtype=bool)
-        has[pending.present] = True
+            self.buffer.set_scalar(slot, SKIP_COL, 1.0)  # carried through distributed reductions
+        n = len(self._all_idx)
+        if len(pending.present) == n:
+            has = self._all_true  # read-only, shared: rows are stacked (copied) at a flush
+        else:
+            has = np.zeros(n, dtype=bool)
+            has[pending.present] = True
         trainable = pending.trainable
         if trainable is None:  # the capture failed or never ran
             trainable = [t.requires_grad for t in self.layout.tensors]
@@ -278,7 +337,7 @@ class StepRecorder:
                 skipped=skipped,
                 passed=[self._scalar_cols[k] for k in values if k in self._scalar_cols],
                 has_grad=has,
-                trainable=np.array(trainable, dtype=bool),
+                trainable=self._all_true if all(trainable) else np.array(trainable, dtype=bool),
                 sampled=pending.sampled,
             )
         )
@@ -461,11 +520,13 @@ class StepRecorder:
         """Forget the step in progress and free the weight snapshots (the scope removes the hooks)."""
         self.pending = None
         self._prev.clear()
+        self._prev_list = None
 
     # -- optimizer hooks -------------------------------------------------------------------------------
     def _on_optimizer_pre(self, optimizer: Any, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         pending = self.pending
         self._opt_seen = True
+        self.optimizer_steps += 1
         if pending is None:
             return None
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -508,9 +569,13 @@ class StepRecorder:
             upd = pending.updated
             prev = [self._prev[i] for i in upd]
             # prev <- before - after; its sum of squares is ||update||^2 (prev is refilled next step)
-            torch._foreach_sub_(prev, [_local(self.layout.tensors[i].detach()) for i in upd])
-            dsq = MomentPlan.param_sumsq(prev)
+            tensors = self.layout.tensors
+            with torch.no_grad():  # (no per-tensor detach(): a fixed number of operator calls)
+                torch._foreach_sub_(prev, [_local(tensors[i]) for i in upd])
             view = self.buffer.moments(pending.slot)
+            if self.moments.write_sumsq(prev, view, [] if len(upd) == view.shape[0] else upd, _M["dsumsq"]):
+                return
+            dsq = self.moments.sumsq(prev)
             col = view[:, _M["dsumsq"]]
             dsq = dsq.to(device=view.device, dtype=view.dtype, non_blocking=True)
             if len(upd) == view.shape[0]:
@@ -521,15 +586,16 @@ class StepRecorder:
             self._problem("optimizer-post", f"measuring the optimizer update failed: {type(exc).__name__}: {exc}")
 
     # -- capture ---------------------------------------------------------------------------------------
-    def _present(self) -> tuple[list[int], list[bool]]:
-        idx: list[int] = []
-        trainable: list[bool] = []
-        for i, t in enumerate(self.layout.tensors):
-            tr = t.requires_grad
-            trainable.append(tr)
-            if tr and t.grad is not None:
-                idx.append(i)
-        return idx, trainable
+    def _present(self) -> tuple[list[int], list[bool], list[Tensor]]:
+        """Indices of the tensors with a gradient to capture, ``requires_grad`` of all, and those gradients."""
+        tensors = self.layout.tensors
+        grads = [t.grad for t in tensors]
+        trainable = [t.requires_grad for t in tensors]
+        # (no `None in grads`: that compares tensors with ==, a torch call per tensor)
+        if all(trainable) and all(map(_NOT_NONE, grads)):
+            return self._all_idx, trainable, grads  # type: ignore[return-value]  # reason: no None in grads
+        idx = [i for i, (g, tr) in enumerate(zip(grads, trainable)) if tr and g is not None]
+        return idx, trainable, [grads[i] for i in idx]  # type: ignore[misc]  # reason: filtered above
 
     def _index_tensor(self, idx: list[int]) -> Tensor:
         key = tuple(idx)
@@ -543,7 +609,7 @@ class StepRecorder:
 
     def _capture_grads(self, pending: PendingStep) -> None:
         """Moments of every present gradient and weight into the pending row (device work only)."""
-        idx, trainable = self._present()
+        idx, trainable, grads = self._present()
         pending.grads_done = True
         pending.present = idx
         pending.trainable = trainable
@@ -551,17 +617,33 @@ class StepRecorder:
             return
         plan = self.plan
         view = self.buffer.moments(pending.slot)
-        # _present() keeps only tensors whose .grad is set
-        grads: list[Tensor] = [self.layout.tensors[i].grad for i in idx]  # type: ignore[misc]  # not None, see above
-        params = [self.layout.tensors[i] for i in idx]
-        by_device: dict[torch.device, list[int]] = {}
-        for k, g in enumerate(grads):
-            by_device.setdefault(g.device, []).append(k)
+        tensors = self.layout.tensors
+        params = tensors if idx is self._all_idx else [tensors[i] for i in idx]
+        if self._one_device and pending.grad_scale is None and plan.needs_grads:
+            # The CPU kernel writes the moments straight into the buffer row: one call for all tensors.
+            rows = [] if idx is self._all_idx else idx
+            if self.moments.write(grads, params, view, rows, sampled=pending.sampled):
+                if self._param_on and pending.sampled:
+                    with torch.no_grad():
+                        local = [_local(p) for p in params]
+                        if not self.moments.write_sumsq(local, view, rows, _M["psumsq"]):
+                            col = view[:, _M["psumsq"]]
+                            dsq = self.moments.sumsq(local).to(col.dtype)
+                            col.copy_(dsq) if not rows else col.index_copy_(0, self._index_tensor(rows), dsq)
+                self._after_capture(pending, view, idx)
+                return
+        if self._one_device:
+            by_device = {grads[0].device: self._all_idx if idx is self._all_idx else list(range(len(idx)))}
+        else:
+            by_device = {}
+            for k, g in enumerate(grads):
+                by_device.setdefault(g.device, []).append(k)
         blocks: list[tuple[list[int], Tensor]] = []
         for dev_idx in by_device.values():
-            g_sub = [grads[k] for k in dev_idx]
-            p_sub = [params[k] for k in dev_idx]
-            block = plan.grad_moments(g_sub, p_sub, sampled=pending.sampled) if plan.needs_grads else None
+            whole = len(dev_idx) == len(grads)
+            g_sub = grads if whole else [grads[k] for k in dev_idx]
+            p_sub = params if whole else [params[k] for k in dev_idx]
+            block = self.moments(g_sub, p_sub, sampled=pending.sampled) if plan.needs_grads else None
             if block is None:
                 block = torch.full(
                     (len(dev_idx), plan.n_cols), float("nan"), dtype=torch.float64, device=g_sub[0].device
@@ -569,14 +651,21 @@ class StepRecorder:
             if pending.grad_scale is not None:
                 block = _unscale_moments(block, pending.grad_scale)
             if self._param_on and pending.sampled:
-                block[:, _M["psumsq"]] = MomentPlan.param_sumsq(p_sub)
-            blocks.append(([idx[k] for k in dev_idx], block.to(view.device, non_blocking=True)))
+                with torch.no_grad():
+                    block[:, _M["psumsq"]] = self.moments.sumsq([_local(p) for p in p_sub])
+            blocks.append((idx if whole else [idx[k] for k in dev_idx], block.to(view.device, non_blocking=True)))
         for rows, block in blocks:
             block = block.to(view.dtype)
             if len(rows) == view.shape[0]:
                 view.copy_(block)
             else:
                 view.index_copy_(0, self._index_tensor(rows), block)
+        self._after_capture(pending, view, idx)
+
+    def _after_capture(self, pending: PendingStep, view: Tensor, idx: list[int]) -> None:
+        """Sinks that take the gradients, the failed custom statistics, the finite flag of on_nonfinite="raise"."""
+        if self.plan.failed and len(self._custom_warned) < len(self.plan.failed):
+            self._warn_failed_custom()
         for sink in self._step_sinks:
             try:
                 sink.on_step(pending.step, [(self.layout.params[i], self.layout.tensors[i].grad) for i in idx])  # type: ignore[misc]  # present tensors (from _present) have a .grad
@@ -589,6 +678,18 @@ class StepRecorder:
             if pending.found_inf is not None:
                 finite = finite | (pending.found_inf.reshape(()) > 0)  # the fused step skips it
             pending.finite = finite
+
+    def _warn_failed_custom(self) -> None:
+        for k, reason in self.plan.failed.items():
+            if k in self._custom_warned:
+                continue
+            self._custom_warned.add(k)
+            name = self._custom_names[k] if k < len(self._custom_names) else f"custom statistic #{k}"
+            self._warn(
+                f"custom-stat-{name}",
+                f"Custom statistic {name!r} failed ({reason}); it is turned off (NaN) for the rest of the run, "
+                "every other statistic goes on. Fix the function passed to register_statistic.",
+            )
 
     def _finite_flag(self, view: Tensor, idx: list[int]) -> Tensor:
         rows = view if len(idx) == view.shape[0] else view.index_select(0, self._index_tensor(idx))
@@ -619,21 +720,41 @@ class StepRecorder:
         return None
 
     def _snapshot_weights(self, pending: PendingStep) -> None:
-        in_opt = {id(p) for group in self.optimizer.param_groups for p in group["params"]}  # type: ignore[union-attr]  # only called when an optimizer was given
-        upd = [i for i in pending.present if id(self.layout.tensors[i]) in in_opt]
+        upd = self._in_optimizer(pending.present)
         pending.updated = upd
         if not upd:
             return
         # DTensor (FSDP2): copy the local shard; the update's moments are reduced with the others.
-        src = [_local(self.layout.tensors[i].detach()) for i in upd]
-        dst = []
-        for i, p in zip(upd, src):
-            buf = self._prev.get(i)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                buf = torch.empty_like(p)
-                self._prev[i] = buf
-            dst.append(buf)
-        torch._foreach_copy_(dst, src)
+        tensors = self.layout.tensors
+        src = [_local(tensors[i]) for i in upd]
+        cached = self._prev_list
+        if cached is not None and cached[0] is upd:
+            dst = cached[1]  # the same tensors as last time: their buffers (allocated and checked then)
+        else:
+            dst = []
+            for i, p in zip(upd, src):
+                buf = self._prev.get(i)
+                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                    buf = torch.empty_like(p)
+                    self._prev[i] = buf
+                dst.append(buf)
+            self._prev_list = (upd, dst)
+        with torch.no_grad():
+            torch._foreach_copy_(dst, src)
+
+    def _in_optimizer(self, present: list[int]) -> list[int]:
+        """The present tensors the optimizer updates (cached per optimizer, param groups and present set)."""
+        opt = self._optimizer
+        groups = opt.param_groups  # type: ignore[union-attr]  # reason: only called when an optimizer was given
+        key = (id(opt), len(groups), sum(len(g["params"]) for g in groups), len(present))
+        cached = self._in_opt_cache
+        if cached is not None and cached[0] == key and cached[1] is present:
+            return cached[2]
+        in_opt = {id(p) for group in groups for p in group["params"]}
+        tensors = self.layout.tensors
+        upd = [i for i in present if id(tensors[i]) in in_opt]
+        self._in_opt_cache = (key, present, upd)
+        return upd
 
     # -- host side of a step ---------------------------------------------------------------------------
     def _distrust_optimizer(self, step: int) -> None:
@@ -650,7 +771,7 @@ class StepRecorder:
         )
 
     def _write_scalars(self, slot: int, values: dict[str, Union[float, Tensor]]) -> None:
-        view = self.buffer.scalars(slot)
+        view: Tensor | None = None
         for name, v in values.items():
             col = self._scalar_cols.get(name)
             if col is None:
@@ -663,9 +784,10 @@ class StepRecorder:
                     continue
                 col = self._scalar_cols[name] = len(self._scalar_cols)
             if isinstance(v, Tensor):
+                view = self.buffer.scalars(slot) if view is None else view
                 view[col].copy_(v.to(device=view.device, dtype=view.dtype, non_blocking=True))
             else:
-                view[col].fill_(v)
+                self.buffer.set_scalar(slot, col, v)
 
     # -- flush -----------------------------------------------------------------------------------------
     def _reduce_rows(self, n: int) -> None:

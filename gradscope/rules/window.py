@@ -79,15 +79,23 @@ def dtype_info(schema: FrameSchema) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     f32 = torch.finfo(torch.float32)
-    tiny = np.zeros(len(schema.layers), dtype=np.float64)
-    eps = np.zeros(len(schema.layers), dtype=np.float64)
-    dtypes = schema.dtypes or []
-    for li, members in enumerate(schema.layer_members):
-        for p in members:
-            dt = getattr(torch, dtypes[p], None) if p < len(dtypes) else None
-            fi = torch.finfo(dt) if isinstance(dt, torch.dtype) and dt.is_floating_point else f32
-            tiny[li] = max(tiny[li], fi.tiny)
-            eps[li] = max(eps[li], fi.eps)
+    dtypes = list(schema.dtypes or [])
+    n_params = len(schema.param_names)
+    # One lookup per distinct dtype name, then per-parameter arrays reduced per layer in one pass. A
+    # parameter without a known floating dtype counts as float32; a layer without parameters gets
+    # 0 from the reduction, float32 below.
+    names, inverse = np.unique(
+        np.asarray(dtypes[:n_params] + [""] * max(0, n_params - len(dtypes)), dtype=str), return_inverse=True
+    )
+    tiny_of, eps_of = np.zeros(len(names)), np.zeros(len(names))
+    for i, name in enumerate(names):
+        dt = getattr(torch, str(name), None) if name else None
+        fi = torch.finfo(dt) if isinstance(dt, torch.dtype) and dt.is_floating_point else f32
+        tiny_of[i], eps_of[i] = fi.tiny, fi.eps
+    groups = schema.layer_groups
+    has = np.ones((1, n_params), dtype=bool)
+    tiny = np.nan_to_num(groups.extreme(np.maximum, tiny_of[inverse][None, :], has, 0.0)[0], nan=0.0)
+    eps = np.nan_to_num(groups.extreme(np.maximum, eps_of[inverse][None, :], has, 0.0)[0], nan=0.0)
     tiny[tiny == 0] = f32.tiny
     eps[eps == 0] = f32.eps
     return tiny, eps

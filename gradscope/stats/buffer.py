@@ -49,6 +49,11 @@ class StatsBuffer:
         self.storage = torch.full((capacity, self.row_size), float("nan"), dtype=dtype, device=device)
         self.used = 0
         self._pinned: Tensor | None = None  # host side of copy_async, made on first use
+        self._views: dict[int, Tensor] = {}
+        # A CPU buffer is host memory: NumPy writes into it cost a fraction of a torch call (the
+        # per-step host work: clearing a row, writing the scalars).
+        # sync point: CPU tensors only; a view of host memory, made once, nothing to wait for.
+        self._host = self.storage.numpy() if self.storage.device.type == "cpu" else None
 
     @property
     def device(self) -> torch.device:
@@ -56,8 +61,17 @@ class StatsBuffer:
         return self.storage.device
 
     def moments(self, slot: int) -> Tensor:
-        """View ``[n_params, n_cols]`` of a row."""
-        return self.storage[slot, : self._a].view(self.shape_moments)
+        """View ``[n_params, n_cols]`` of a row (made once per row: this is on every step's path)."""
+        view = self._views.get(slot)
+        if view is None:
+            view = self._views[slot] = self.storage[slot, : self._a].view(self.shape_moments)
+        return view
+
+    def host_moments(self, slot: int) -> np.ndarray | None:
+        """A CPU buffer's row ``[n_params, n_cols]`` as a NumPy view (no torch call); None on a device."""
+        if self._host is None:
+            return None
+        return self._host[slot, : self._a].reshape(self.shape_moments)
 
     def activations(self, slot: int) -> Tensor:
         """View ``[n_act, n_act_cols]`` of a row."""
@@ -70,9 +84,19 @@ class StatsBuffer:
     def claim(self) -> int:
         """Reserve the next row, cleared to NaN, and return its index."""
         slot = self.used
-        self.storage[slot].fill_(float("nan"))
+        if self._host is not None:
+            self._host[slot].fill(np.nan)
+        else:
+            self.storage[slot].fill_(float("nan"))
         self.used += 1
         return slot
+
+    def set_scalar(self, slot: int, col: int, value: float) -> None:
+        """Write a host number into scalar column ``col`` of row ``slot``."""
+        if self._host is not None:
+            self._host[slot, self._b + col] = value
+        else:
+            self.storage[slot, self._b + col].fill_(value)
 
     def rows(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
         """Views of the first ``n`` rows, to change in place on the device (the distributed reduction).

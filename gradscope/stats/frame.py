@@ -6,8 +6,9 @@ synchronisation and never index a raw moment column.
 
 Layer and model values aggregate exactly: a built-in statistic of a group is derived from the group's
 moments (sums, minima, maxima of its parameters' moments), computed for all groups at once with one
-matrix product per summed moment (a one-hot ``[P, L]`` membership matrix) and one ``reduceat`` per
-extreme, never a Python loop over layers: a flush costs the same with 10 layers or 1000.
+``reduceat`` per moment over the parameters sorted by group, never a Python loop over layers and never
+a dense parameters x layers matrix: a flush costs O(rows x parameters), the same per parameter with
+10 layers or 5000.
 """
 
 from __future__ import annotations
@@ -63,62 +64,72 @@ def derive(stat: str | Statistic, mom: np.ndarray, numel: Any) -> np.ndarray:
 class _Groups:
     """Parameters grouped (into layers, or the whole model as one group), laid out for vectorised reductions.
 
+    Every reduction is one ``ufunc.reduceat`` over the parameters sorted group after group, so it costs
+    O(rows x parameters) whatever the number of groups (a dense one-hot ``[P, G]`` product would cost
+    O(rows x parameters x groups) and its matrix alone O(parameters x groups) memory).
+
     Attributes:
-        member: one-hot ``[P, G]``: parameter ``p`` belongs to group ``g``.
-        order: parameter indices, group after group (non-empty groups only).
-        starts: where each non-empty group starts in ``order``.
+        n_groups: number of groups ``G`` (empty ones included).
+        order: parameter indices, group after group (non-empty groups only; a parameter may appear
+            in several groups).
+        starts: where each non-empty group starts in ``order``, strictly increasing.
         nonempty: indices of the groups with at least one parameter.
+        identity: ``order`` is ``0..P-1`` (no gather needed).
     """
 
-    member: np.ndarray
+    n_groups: int
     order: np.ndarray
     starts: np.ndarray
     nonempty: np.ndarray
+    identity: bool
 
     @classmethod
     def of(cls, members: Sequence[Sequence[int]], n_params: int) -> _Groups:
-        member = np.zeros((n_params, len(members)))
-        for g, ps in enumerate(members):
-            member[list(ps), g] = 1.0
-        nonempty = np.array([g for g, ps in enumerate(members) if len(ps)], dtype=np.int64)
-        sizes = [len(members[g]) for g in nonempty]
-        order = np.array([p for g in nonempty for p in members[g]], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes else np.zeros(0, np.int64)
-        return cls(member=member, order=order, starts=starts, nonempty=nonempty)
+        sizes = np.fromiter((len(ps) for ps in members), dtype=np.int64, count=len(members))
+        nonempty = np.flatnonzero(sizes).astype(np.int64)
+        order = (
+            np.concatenate([np.asarray(members[int(g)], dtype=np.int64) for g in nonempty])
+            if len(nonempty)
+            else np.zeros(0, np.int64)
+        )
+        starts = np.concatenate([[0], np.cumsum(sizes[nonempty])[:-1]]).astype(np.int64)[: len(nonempty)]
+        identity = len(order) == n_params and bool(np.array_equal(order, np.arange(n_params)))
+        return cls(n_groups=len(members), order=order, starts=starts, nonempty=nonempty, identity=identity)
+
+    def _reduce(self, ufunc: np.ufunc, x: np.ndarray, empty: float) -> np.ndarray:
+        """``ufunc.reduceat`` of ``x [R, P]`` over each group, ``[R, G]`` (``empty`` for empty groups)."""
+        if len(self.nonempty) == self.n_groups and self.identity:
+            return ufunc.reduceat(x, self.starts, axis=1) if len(self.starts) else np.zeros((x.shape[0], 0))
+        out = np.full((x.shape[0], self.n_groups), empty)
+        if len(self.nonempty):
+            xs = x if self.identity else x[:, self.order]
+            out[:, self.nonempty] = ufunc.reduceat(xs, self.starts, axis=1)
+        return out
 
     def sum(self, vals: np.ndarray, has: np.ndarray) -> np.ndarray:
-        """Sum of ``vals [R, P]`` over each group's parameters in ``has [R, P]``, ``[R, G]``.
+        """Sum of ``vals [R, P]`` over each group's parameters in ``has [R, P]``, ``[R, G]`` (0 when none).
 
-        NaN and infinities come out as plain summation would give them (NaN in, or +inf and -inf
-        together: NaN; +inf or -inf: that), without spreading to other groups: in the product
-        ``NaN * 0`` would reach every group, so non-finite values are counted apart.
+        NaN and infinities come out as plain summation gives them (NaN in, or +inf and -inf together:
+        NaN; +inf or -inf: that), and stay within their group.
         """
-        x = np.where(has, vals, 0.0)
-        finite = np.isfinite(x)
-        out = np.where(finite, x, 0.0) @ self.member
-        if not finite.all():
-            nan = (np.isnan(x).astype(np.float64) @ self.member) > 0
-            pinf = ((x == np.inf).astype(np.float64) @ self.member) > 0
-            ninf = ((x == -np.inf).astype(np.float64) @ self.member) > 0
-            out = np.where(pinf, np.inf, out)
-            out = np.where(ninf, -np.inf, out)
-            out = np.where(nan | (pinf & ninf), np.nan, out)
-        return out
+        with np.errstate(invalid="ignore", over="ignore"):
+            return self._reduce(np.add, np.where(has, vals, 0.0), 0.0)
 
     def extreme(self, ufunc: np.ufunc, vals: np.ndarray, has: np.ndarray, fill: float) -> np.ndarray:
         """``ufunc`` (``np.minimum``/``np.maximum``) over each group's parameters in ``has``, ``[R, G]``.
 
         NaN propagates; parameters without a gradient count as ``fill``; empty groups give NaN.
         """
-        out = np.full((vals.shape[0], self.member.shape[1]), np.nan)
-        if len(self.nonempty):
-            x = np.where(has, vals, fill)[:, self.order]
-            out[:, self.nonempty] = ufunc.reduceat(x, self.starts, axis=1)
-        return out
+        with np.errstate(invalid="ignore"):
+            return self._reduce(ufunc, np.where(has, vals, fill), np.nan)
 
     def count(self, has: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """``sum(weights[p])`` over each group's parameters in ``has``, ``[R, G]`` (0 when none)."""
-        return (has.astype(np.float64) * weights[None, :]) @ self.member
+        return self._reduce(np.add, np.where(has, np.asarray(weights, dtype=np.float64)[None, :], 0.0), 0.0)
+
+    def any(self, has: np.ndarray) -> np.ndarray:
+        """Whether any of each group's parameters is in ``has [R, P]``, ``[R, G]`` bool."""
+        return self._reduce(np.logical_or, np.asarray(has, dtype=bool), False).astype(bool)
 
 
 @dataclass
@@ -184,6 +195,27 @@ class FrameSchema:
         return _Groups.of([list(range(len(self.param_names)))], len(self.param_names))
 
 
+def _labels(names: np.ndarray, codes: np.ndarray) -> Any:
+    """``names[codes]`` as the column pandas would infer from those strings, built without one string per row.
+
+    With pandas' pyarrow-backed string dtype (pandas 3), the column is decoded from a dictionary array
+    of the few distinct names (converting millions of Python strings costs seconds); otherwise it is
+    the plain object array, as before.
+    """
+    import pandas as pd
+
+    expected = pd.Series(names[:1]).dtype
+    if getattr(expected, "storage", None) == "pyarrow":
+        import pyarrow as pa  # type: ignore[import-untyped]  # reason: pyarrow ships no type stubs
+
+        uniques, inverse = np.unique(names.astype(str), return_inverse=True)
+        dictionary = pa.DictionaryArray.from_arrays(pa.array(inverse.astype(np.int32)[codes]), pa.array(uniques))
+        column = dictionary.cast(pa.large_string()).to_pandas()
+        if column.dtype == expected:
+            return column
+    return names[codes]
+
+
 def _reduce_custom(vals: np.ndarray, has: np.ndarray, numel: np.ndarray, groups: _Groups, how: str) -> np.ndarray:
     """A custom statistic's per-parameter values ``[R, P]`` combined per group as ``how`` says, ``[R, G]``."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -200,8 +232,8 @@ def _reduce_custom(vals: np.ndarray, has: np.ndarray, numel: np.ndarray, groups:
         else:  # pragma: no cover - validated at registration
             raise ValueError(how)
     # a NaN on a present parameter (a non-finite gradient, a shard's value withheld) makes the aggregate NaN
-    poisoned = groups.count(has & np.isnan(vals), np.ones(has.shape[1])) > 0
-    anyp = groups.count(has, np.ones(has.shape[1])) > 0
+    poisoned = groups.any(has & np.isnan(vals))
+    anyp = groups.any(has)
     return np.where(anyp & ~poisoned, out, np.nan)
 
 
@@ -502,53 +534,33 @@ class StatsFrame:
         import pandas as pd
 
         sch = self.schema
-        keep = ~self.skipped
-        steps = self.steps[keep]
-        S = len(steps)
-        parts: list[pd.DataFrame] = []
-
-        def add(values: np.ndarray, mask: np.ndarray, layers: list[str], params: list[str], stat: str) -> None:
-            # values, mask: [S, N] over N (layer, param) pairs
-            idx_s, idx_n = np.nonzero(mask)
-            if len(idx_s) == 0:
-                return
-            parts.append(
-                pd.DataFrame(
-                    {
-                        "step": steps[idx_s].astype(np.int64),
-                        "layer": np.asarray(layers, dtype=object)[idx_n],
-                        "param": np.asarray(params, dtype=object)[idx_n],
-                        "stat": stat,
-                        "value": values[idx_s, idx_n],
-                    }
-                )
-            )
-
-        if S:
-            rows = np.flatnonzero(keep)
-            sampled = self.sampled[rows]
-            stats = list(sch.stats)
-            per_layer = self._group_values(stats, rows, sch.layer_groups)
-            per_model = self._group_values(stats, rows, sch.model_group)
-            has_every = self.has_grad[rows]
-            has_sampled = has_every & sampled[:, None]
-            ones = np.ones(has_every.shape[1])
-            layer_any_every = sch.layer_groups.count(has_every, ones) > 0
-            layer_any_sampled = sch.layer_groups.count(has_sampled, ones) > 0
-            for stat in stats:
-                on_sampled = stat in sch.sampled_stats
-                has = has_sampled if on_sampled else has_every
-                layer_any = layer_any_sampled if on_sampled else layer_any_every
-                add(self.param_values(stat, rows), has, sch.param_layers, sch.param_leaves, stat)
-                add(per_layer[stat], layer_any, sch.layers, ["*"] * len(sch.layers), stat)
-                add(per_model[stat], np.any(has, axis=1, keepdims=True), [GLOBAL], ["*"], stat)
-            if sch.act_modules:
-                act = self._arrays()["act"][rows]
-                for k, stat in enumerate(ACTIVATION_STATISTICS):
-                    vals = act[:, :, k]
-                    mask = sampled[:, None] & ~np.isnan(vals)
-                    add(vals, mask, sch.act_modules, ["*"] * len(sch.act_modules), stat)
-        if not parts:
+        rows = np.flatnonzero(~self.skipped)
+        stats = list(sch.stats)
+        act_stats = list(ACTIVATION_STATISTICS) if sch.act_modules else []
+        P, L, A = len(sch.param_names), len(sch.layers), len(sch.act_modules)
+        # Columns of one step's block, in the table's order: per statistic its parameters, its layers,
+        # the model; then per activation statistic its modules. Row-major order over (row, column) is
+        # so the table's order (by step, then statistic, then entity): no sort, no concatenation of
+        # per-statistic tables.
+        layer_names = np.asarray([*sch.param_layers, *sch.layers, GLOBAL], dtype=object)
+        param_names = np.asarray([*sch.param_leaves, *["*"] * L, "*"], dtype=object)
+        n_cols = len(stats) * (P + L + 1) + len(act_stats) * A
+        col_layer = np.concatenate(
+            [np.tile(layer_names, len(stats)), np.tile(np.asarray(sch.act_modules, dtype=object), len(act_stats))]
+        )
+        col_param = np.concatenate([np.tile(param_names, len(stats)), np.full(len(act_stats) * A, "*", dtype=object)])
+        col_stat = np.repeat(
+            np.asarray([*stats, *act_stats], dtype=object), [P + L + 1] * len(stats) + [A] * len(act_stats)
+        )
+        # Row blocks bound the dense [rows, columns] scratch to a few million cells.
+        block = max(1, 4_000_000 // max(1, n_cols))
+        pieces: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (step, column, value)
+        for lo in range(0, len(rows), block):
+            r = rows[lo : lo + block]
+            values, mask = self._long_block(r, stats, act_stats)
+            idx_s, idx_c = np.nonzero(mask)
+            pieces.append((self.steps[r][idx_s], idx_c, values[idx_s, idx_c]))
+        if not pieces or not sum(len(p[0]) for p in pieces):
             return pd.DataFrame(
                 {
                     "step": pd.Series(dtype="int64"),
@@ -558,11 +570,41 @@ class StatsFrame:
                     "value": pd.Series(dtype="float64"),
                 }
             )
-        df = pd.concat(parts, ignore_index=True)
-        order = {s: i for i, s in enumerate((*sch.stats, *ACTIVATION_STATISTICS))}
-        df["_o"] = df["stat"].map(order)
-        df = df.sort_values(["step", "_o"], kind="stable").drop(columns="_o").reset_index(drop=True)
-        return df
+        cols = np.concatenate([p[1] for p in pieces])
+        return pd.DataFrame(
+            {
+                "step": np.concatenate([p[0] for p in pieces]).astype(np.int64, copy=False),
+                "layer": _labels(col_layer, cols),
+                "param": _labels(col_param, cols),
+                "stat": _labels(col_stat, cols),
+                "value": np.concatenate([p[2] for p in pieces]).astype(np.float64, copy=False),
+            }
+        )
+
+    def _long_block(self, rows: np.ndarray, stats: list[str], act_stats: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Values and presence of the long table's columns (see :meth:`to_dataframe`) at ``rows``, ``[R, n_cols]``."""
+        sch = self.schema
+        sampled = self.sampled[rows]
+        per_layer = self._group_values(stats, rows, sch.layer_groups)
+        per_model = self._group_values(stats, rows, sch.model_group)
+        has_every = self.has_grad[rows]
+        has_sampled = has_every & sampled[:, None]
+        layer_any_every = sch.layer_groups.any(has_every)
+        layer_any_sampled = sch.layer_groups.any(has_sampled) if sch.sampled_stats else layer_any_every
+        values: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
+        for stat in stats:
+            on_sampled = stat in sch.sampled_stats
+            has = has_sampled if on_sampled else has_every
+            values += [self.param_values(stat, rows), per_layer[stat], per_model[stat]]
+            masks += [has, layer_any_sampled if on_sampled else layer_any_every, np.any(has, axis=1, keepdims=True)]
+        if act_stats:
+            act = self._arrays()["act"][rows]
+            for k in range(len(act_stats)):
+                vals = act[:, :, k]
+                values.append(vals)
+                masks.append(sampled[:, None] & ~np.isnan(vals))
+        return np.concatenate(values, axis=1), np.concatenate(masks, axis=1)
 
     def scalars_dataframe(self) -> pd.DataFrame:
         """Wide table of the scalars passed to ``scope.step``: index ``step``, one column per name."""

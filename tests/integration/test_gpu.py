@@ -136,3 +136,31 @@ def test_fsdp2_on_nccl_matches_single_process(tmp_path):
         rep = gradscope.Report.from_json(json.loads((out / f"fsdp_cuda-rank{rank}.json").read_text()))
         bad = _dist.compare_stats(rep.stats, ref.stats, rtol=1e-4, atol=1e-6, skip=("act_dead_fraction",))
         assert not bad, "\n".join(bad[:30])
+
+
+def test_cuda_moments_take_the_multi_tensor_path_and_match_float64():
+    """On CUDA the capture uses the fixed-launch multi-tensor path; its moments equal float64 references."""
+    from gradscope.capture.kernels import FusedMoments
+    from gradscope.stats.moments import MOMENT_INDEX, MOMENTS, MomentPlan
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=g) for s in [(64, 33), (7,), (1,), (3, 4, 5)]]
+    grads[0][1, 2] = float("nan")
+    grads[1].zero_()
+    fused = FusedMoments(MomentPlan(MOMENTS))
+    block = fused([x.cuda() for x in grads], [x.cuda() for x in grads], sampled=True).cpu().numpy()
+    assert fused.last_path == "foreach"
+    for i, x in enumerate(grads):
+        d = x.double()
+        fin = torch.isfinite(d)
+        assert block[i, MOMENT_INDEX["nonfinite"]] == float((~fin).sum())
+        assert block[i, MOMENT_INDEX["nnz"]] == float(torch.count_nonzero(d))
+        if bool(fin.all()):
+            assert block[i, MOMENT_INDEX["sumsq"]] == pytest.approx(float((d * d).sum()), rel=1e-5)
+            assert block[i, MOMENT_INDEX["sum"]] == pytest.approx(
+                float(d.sum()), abs=1e-5 * float(d.abs().sum()) + 1e-7
+            )
+            assert block[i, MOMENT_INDEX["min"]] == pytest.approx(float(d.min()))
+            assert block[i, MOMENT_INDEX["max"]] == pytest.approx(float(d.max()))
+        else:
+            assert not math.isfinite(block[i, MOMENT_INDEX["sumsq"]])

@@ -117,3 +117,36 @@ def test_dtype_info_uses_the_coarsest_dtype_of_each_layer() -> None:
     assert tiny[0] == torch.finfo(torch.float16).tiny and eps[0] == torch.finfo(torch.float16).eps
     assert tiny[1] == torch.finfo(torch.bfloat16).tiny and eps[1] == torch.finfo(torch.bfloat16).eps
     assert tiny[2] == torch.finfo(torch.float64).tiny
+
+
+def test_dtype_info_equals_a_loop_over_parameters_with_ragged_and_empty_layers() -> None:
+    import torch
+
+    from gradscope.stats.frame import FrameSchema
+
+    names = ["float16", "int64", "bfloat16", "float64", "float32", "not_a_dtype", "float16"]
+    members = [[6, 0], [], [1, 5], [2, 3, 4]]  # layer 1 has no parameter; the last two have no dtype name
+    schema = FrameSchema(
+        param_names=[f"p{i}" for i in range(9)],
+        param_layers=[],
+        param_leaves=[],
+        numels=np.ones(9),
+        layers=["a", "b", "c", "d"],
+        layer_members=[*members[:3], [2, 3, 4, 7, 8]],
+        stats=["rms"],
+        custom={},
+        dtypes=names,
+    )
+    f32 = torch.finfo(torch.float32)
+    want_tiny, want_eps = [], []
+    for ps in schema.layer_members:
+        infos = []
+        for p in ps:
+            dt = getattr(torch, names[p], None) if p < len(names) else None
+            infos.append(torch.finfo(dt) if isinstance(dt, torch.dtype) and dt.is_floating_point else f32)
+        want_tiny.append(max((i.tiny for i in infos), default=f32.tiny))
+        want_eps.append(max((i.eps for i in infos), default=f32.eps))
+    tiny, eps = dtype_info(schema)
+    np.testing.assert_array_equal(tiny, want_tiny)
+    np.testing.assert_array_equal(eps, want_eps)
+    assert eps[0] == torch.finfo(torch.float16).eps and tiny[1] == f32.tiny

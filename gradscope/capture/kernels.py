@@ -1,0 +1,526 @@
+"""Fused moment kernels: every gradient moment in as few passes and launches as the device allows.
+
+Three code paths compute the ``[n, 6]`` gradient moments (columns :data:`GRAD_MOMENTS`: sum, sum of
+squares, min, max, non-zero count, non-finite count) of a list of gradients:
+
+* **CPU, compiled** (:func:`cpu_kernel`): one C++ function, built once per machine with the system's
+  C++ compiler (``torch.utils.cpp_extension``) and cached, reads each gradient **once** for all six
+  moments, and is called **once** for all gradients (no per-tensor dispatch). On a CPU the cost of
+  monitoring is how many times the gradients are read and how many operator calls are made per
+  tensor; this kernel makes both one. Building it takes a minute or more of a compiler, once per
+  machine and torch version: ``python -m gradscope.capture.kernels`` (or ``GRADSCOPE_CPU_KERNEL=build``:
+  in a background thread on first use). Once built, every process loads it from the cache; until
+  then (or when no compiler works) the eager path is used. Nothing starts a compiler implicitly.
+* **Accelerators** (:func:`foreach_moments`): multi-tensor ``torch._foreach_*`` operators, a fixed
+  number of kernel launches per step whatever the number of tensors (for each dtype present, and
+  per 256 MiB of gradients for the temporaries of the exact non-finite count and the sampled
+  moments), and no host sync. The non-finite count is exact: ``g * 0`` is 0 for finite entries and
+  NaN otherwise, and its L0 norm counts the latter.
+* **Eager fallback** (:meth:`gradscope.stats.moments.MomentPlan.grad_moments`): per-tensor ATen ops.
+
+Nothing here synchronises with an accelerator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from gradscope.stats.moments import CORE_MOMENTS, GRAD_MOMENTS, MOMENT_INDEX, MomentPlan
+
+__all__ = ["KERNEL_ENV", "FusedMoments", "cpu_kernel", "cpu_kernel_state", "foreach_moments", "grad_moments"]
+
+#: Environment variable: ``auto`` (default: use the kernel when this machine has it built, never start
+#: a compiler implicitly), ``build`` (build it in a background thread on first use when it is not
+#: built yet), ``sync`` (build it in the foreground on first use), ``off`` (never use it).
+#: ``python -m gradscope.capture.kernels`` builds it once for every later process.
+KERNEL_ENV = "GRADSCOPE_CPU_KERNEL"
+
+# One pass per tensor, six moments. Sums accumulate in the input type over blocks of 512 entries
+# (vectorised with `omp simd` reductions, no -ffast-math: NaN and Inf keep their meaning) and the
+# blocks in float64, so the relative error stays ~1e-10 on millions of entries.
+_SOURCE = r"""
+#include <cmath>
+#include <limits>
+#include <algorithm>
+
+namespace {
+constexpr int64_t kBlock = 512;
+
+template <typename T>
+void moments_one(const T* __restrict x, int64_t n, double* out) {
+  double sum = 0.0, sumsq = 0.0;
+  T mn = std::numeric_limits<T>::infinity(), mx = -std::numeric_limits<T>::infinity();
+  int64_t nnz = 0, nonfinite = 0, nan = 0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min<int64_t>(n, start + kBlock);
+    T s = 0, ss = 0, bmn = mn, bmx = mx;
+    int32_t bz = 0, bnf = 0, bnan = 0;  // 32-bit lanes within a block vectorise with 32-bit floats
+#pragma omp simd reduction(+ : s, ss, bz, bnf, bnan) reduction(min : bmn) reduction(max : bmx)
+    for (int64_t i = start; i < end; ++i) {
+      const T v = x[i];
+      s += v;
+      ss += v * v;
+      bmn = v < bmn ? v : bmn;
+      bmx = v > bmx ? v : bmx;
+      bz += v != T(0);
+      bnan += v != v;
+      bnf += !(v - v == T(0));
+    }
+    sum += s; sumsq += ss; mn = bmn; mx = bmx; nnz += bz; nonfinite += bnf; nan += bnan;
+  }
+  if (nan) { mn = std::numeric_limits<T>::quiet_NaN(); mx = mn; }
+  if (n == 0) { mn = 0; mx = 0; }
+  out[0] = sum; out[1] = sumsq; out[2] = mn; out[3] = mx; out[4] = (double)nnz; out[5] = (double)nonfinite;
+}
+
+// The core moments only: the sum of squares, and the exact non-finite count in a second pass that
+// runs only when the sum of squares says something is not finite. Other columns are NaN.
+template <typename T>
+void core_one(const T* __restrict x, int64_t n, double* out) {
+  double sumsq = 0.0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min<int64_t>(n, start + kBlock);
+    T ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = start; i < end; ++i) ss += x[i] * x[i];
+    sumsq += ss;
+  }
+  int64_t nonfinite = 0;
+  if (!std::isfinite(sumsq)) {
+#pragma omp simd reduction(+ : nonfinite)
+    for (int64_t i = 0; i < n; ++i) nonfinite += !(x[i] - x[i] == T(0));
+  }
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  out[0] = nan; out[1] = sumsq; out[2] = nan; out[3] = nan; out[4] = nan; out[5] = (double)nonfinite;
+}
+}  // namespace
+
+// Moments of each tensor xs[k] into row rows[k] (k when rows is empty) of out ([R, C] float64,
+// contiguous): moment j goes to column cols[j], or nowhere when cols[j] < 0. `full`: all six
+// moments in one pass; otherwise the sum of squares and the non-finite count only.
+void moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<int64_t> rows,
+                  std::vector<int64_t> cols, bool full) {
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kFloat64 && out.is_contiguous() && out.dim() == 2,
+              "moments_into: out must be a contiguous [R, C] float64 CPU tensor");
+  TORCH_CHECK(cols.size() == 6, "moments_into: six column indices");
+  TORCH_CHECK(rows.empty() || rows.size() == xs.size(), "moments_into: one row per tensor");
+  const int64_t R = out.size(0), C = out.size(1);
+  for (int64_t c : cols) TORCH_CHECK(c < C, "moments_into: column out of range");
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.device().is_cpu() && x.layout() == torch::kStrided && x.is_contiguous() &&
+                    (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat64),
+                "moments_into: contiguous float32/float64 CPU tensors only");
+  }
+  double* o = out.data_ptr<double>();
+  double m[6];
+  for (size_t k = 0; k < xs.size(); ++k) {
+    const int64_t r = rows.empty() ? (int64_t)k : rows[k];
+    TORCH_CHECK(r >= 0 && r < R, "moments_into: row out of range");
+    const auto& x = xs[k];
+    if (x.scalar_type() == torch::kFloat32) {
+      if (full) moments_one<float>(x.data_ptr<float>(), x.numel(), m);
+      else core_one<float>(x.data_ptr<float>(), x.numel(), m);
+    } else {
+      if (full) moments_one<double>(x.data_ptr<double>(), x.numel(), m);
+      else core_one<double>(x.data_ptr<double>(), x.numel(), m);
+    }
+    double* row = o + r * C;
+    for (int j = 0; j < 6; ++j) if (cols[j] >= 0) row[cols[j]] = m[j];
+  }
+}
+"""
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"state": "unbuilt", "fn": None, "error": None}
+
+
+def _clear_stale_lock(name: str) -> None:
+    """Remove a build lock left by a process that exited mid-build (a daemon thread dies with it).
+
+    torch's builder waits on that file forever; a build takes minutes, so a lock older than 15
+    minutes belongs to no live build.
+    """
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(name, verbose=False), "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > 15 * 60:
+            os.remove(lock)
+    except OSError:
+        pass
+
+
+def _cpu_flags() -> str:
+    """The CPU's instruction-set flags: the kernel is built for this CPU (-march=native), and cached per flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() + platform.machine()
+
+
+def _name() -> str:
+    digest = hashlib.sha1((_SOURCE + torch.__version__ + _cpu_flags()).encode()).hexdigest()[:12]
+    return f"gradscope_moments_{digest}"
+
+
+def _built() -> bool:
+    """Whether this machine's extension cache holds the built kernel (loading it compiles nothing)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        name = _name()
+        folder = _get_build_directory(name, verbose=False)
+        return os.path.exists(os.path.join(folder, f"{name}.so"))
+    except Exception:
+        return False
+
+
+def _load_built() -> None:
+    """Import the kernel this machine already built: no compiler, no build lock, no ninja."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory, _import_module_from_library
+
+        name = _name()
+        module = _import_module_from_library(name, _get_build_directory(name, verbose=False), True)
+        _check_and_keep(module.moments_into)
+    except Exception as exc:
+        _state.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _check_and_keep(fn: Any) -> None:
+    check = torch.zeros(1, 6, dtype=torch.float64)  # a wrong build must never be used
+    fn([torch.tensor([1.0, -2.0, 0.0])], check, [], list(range(6)), True)
+    # sync point: CPU tensors only; the self-check of a freshly loaded kernel, once per process.
+    got = check.tolist()
+    if got != [[-1.0, 5.0, -2.0, 1.0, 2.0, 0.0]]:
+        raise RuntimeError(f"self-check gave {got}")
+    _state.update(state="ready", fn=fn)
+
+
+def _build() -> None:
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        name = _name()
+        _clear_stale_lock(name)
+        os.environ.setdefault("MAX_JOBS", "1")  # one compiler process: training keeps the other cores
+        module = load_inline(
+            name,
+            cpp_sources=[_SOURCE],
+            functions=["moments_into"],
+            extra_cflags=["-O3", "-fopenmp-simd", "-march=native"],
+            verbose=False,
+        )
+        _check_and_keep(module.moments_into)
+    except Exception as exc:  # no compiler, no headers, a failed build: the eager path stays
+        _state.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def grad_moments(grads: list[Tensor], full: bool = True) -> Tensor:
+    """``[len(grads), 6]`` float64 moments (:data:`GRAD_MOMENTS`) with the compiled kernel, NaN where not taken.
+
+    Raises:
+        RuntimeError: the kernel is not available (see :func:`cpu_kernel_state`), or a tensor is not a
+            contiguous float32/float64 CPU tensor.
+    """
+    fn = cpu_kernel()
+    if fn is None:
+        raise RuntimeError(f"gradscope's CPU moment kernel is {cpu_kernel_state()}: {_state['error'] or 'not built'}.")
+    out = torch.full((len(grads), _GRAD_COLS), float("nan"), dtype=torch.float64)
+    fn(grads, out, [], [0, 1, 2, 3, 4, 5] if full else [-1, 1, -1, -1, -1, 5], full)
+    return out
+
+
+def cpu_kernel_state() -> str:
+    """``unbuilt``, ``absent`` (not built on this machine), ``building``, ``ready``, ``failed`` or ``off``."""
+    if os.environ.get(KERNEL_ENV, "auto").lower() in ("off", "0", "false", "no"):
+        return "off"
+    return str(_state["state"])
+
+
+_KernelFn = Callable[[list[Tensor], Tensor, list[int], list[int], bool], None]
+
+
+def cpu_kernel(*, start: bool = True) -> _KernelFn | None:
+    """The compiled CPU moment kernel, or None while it is not (yet) available.
+
+    By default (``auto``) the first call loads the kernel when this machine has it built, and
+    otherwise gives up for the life of the process; ``GRADSCOPE_CPU_KERNEL=build`` starts the build in
+    a background thread, ``=sync`` builds it now. Built kernels are cached on disk by
+    ``torch.utils.cpp_extension``, so later processes only load them.
+
+    Args:
+        start: start the build when it has not started yet.
+
+    Returns:
+        ``fn(grads, out, rows, cols, full)``: the moments (:data:`GRAD_MOMENTS` order) of ``grads[k]``
+        into row ``rows[k]`` (``k`` when ``rows`` is empty) of ``out`` (a contiguous ``[R, C]`` float64
+        CPU tensor: the device buffer's row itself), moment ``j`` into column ``cols[j]`` (none when
+        negative). ``full=False`` takes the sum of squares and the non-finite count only (a second
+        pass only when the sum of squares is not finite). Contiguous float32/float64 CPU tensors only;
+        anything else raises before anything is written.
+    """
+    state = _state["state"]
+    if state == "ready":
+        return _state["fn"]  # (the environment is read before the first load only: this runs every step)
+    if state != "unbuilt" or not start:
+        return None
+    mode = os.environ.get(KERNEL_ENV, "auto").lower()
+    if mode in ("off", "0", "false", "no"):
+        return None
+    if mode not in ("build", "sync") and not _built():
+        _state["state"] = "absent"  # checked once per process: the eager path from now on
+        return None  # never start a compiler implicitly (tests, fresh machines)
+    with _lock:
+        if _state["state"] != "unbuilt":
+            return _state["fn"]
+        _state["state"] = "building"
+    if mode == "sync":
+        _build()
+        return _state["fn"]
+    if mode != "build":  # auto, with the kernel built: import it
+        _load_built()
+        return _state["fn"]
+    threading.Thread(target=_build, name="gradscope-kernel-build", daemon=True).start()
+    return None
+
+
+# -- accelerators: multi-tensor operators ------------------------------------------------------------
+#: Largest group of gradients whose temporaries (``g * 0``, ``-g``, ``max(g, 0)``) exist at once.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def _chunks(grads: Sequence[Tensor]) -> list[list[Tensor]]:
+    out: list[list[Tensor]] = [[]]
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if out[-1] and size + nbytes > _CHUNK_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(g)
+        size += nbytes
+    return out
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def foreach_moments(grads: Sequence[Tensor], wanted: frozenset[str] | set[str]) -> dict[str, Tensor]:
+    """Gradient moments of same-dtype tensors with multi-tensor operators: a fixed number of launches.
+
+    Args:
+        grads: gradients of one dtype on one device (any shapes).
+        wanted: moment names (of ``sum``, ``sumsq``, ``min``, ``max``, ``nnz``, ``nonfinite``).
+
+    Returns:
+        moment name -> ``[len(grads)]`` tensor (accumulation dtype) on the gradients' device.
+    """
+    gs = list(grads)
+    acc = _acc(gs[0].dtype)
+    out: dict[str, Tensor] = {}
+    if "sumsq" in wanted or "nonfinite" in wanted:
+        out["sumsq"] = torch.stack(torch._foreach_powsum(gs, 2, dtype=acc))
+    if "nnz" in wanted:
+        out["nnz"] = torch.stack(torch._foreach_norm(gs, 0, dtype=acc))
+    if "max" in wanted or "min" in wanted:
+        out["max"] = torch.stack(torch._foreach_max(gs)).to(acc)
+    chunks = _chunks(gs) if {"nonfinite", "min", "sum"} & set(wanted) else []
+    if "min" in wanted:
+        out["min"] = -torch.cat([torch.stack(torch._foreach_max(torch._foreach_neg(c))) for c in chunks]).to(acc)
+    if "sum" in wanted:
+        # sum(g) = 2 sum(max(g, 0)) - sum(|g|): no multi-tensor signed sum exists.
+        pos = torch.cat(
+            [torch.stack(torch._foreach_powsum(torch._foreach_clamp_min(c, 0.0), 1, dtype=acc)) for c in chunks]
+        )
+        out["sum"] = 2 * pos - torch.stack(torch._foreach_powsum(gs, 1, dtype=acc))
+    if "nonfinite" in wanted:
+        # g * 0 is 0 where g is finite and NaN where it is not; its L0 norm counts the latter.
+        out["nonfinite"] = torch.cat(
+            [torch.stack(torch._foreach_norm(torch._foreach_mul(c, 0.0), 0, dtype=acc)) for c in chunks]
+        )
+    return out
+
+
+# -- choosing the path --------------------------------------------------------------------------------
+_GRAD_COLS = len(GRAD_MOMENTS)
+
+
+class FusedMoments:
+    """The ``[n, n_cols]`` float64 moments block of a plan, by the fastest path that applies.
+
+    ``path``: ``"auto"`` (the compiled kernel on a CPU once it is built, the multi-tensor path on
+    accelerators), ``"kernel"``, ``"foreach"`` (the accelerator path, on any device: the op-count test
+    forces it on CPU tensors), or ``"eager"``. Any gradient a fused path cannot take (sparse, complex,
+    another dtype, a DTensor) sends the whole step to the eager path, which measures everything.
+
+    Args:
+        plan: the moment plan (columns, custom statistics, the moments wanted per step kind).
+        path: see above.
+    """
+
+    def __init__(self, plan: MomentPlan, *, path: str = "auto") -> None:
+        if path not in ("auto", "kernel", "foreach", "eager"):
+            raise ValueError(f"FusedMoments: path must be auto, kernel, foreach or eager, got {path!r}.")
+        self.plan = plan
+        self.path = path
+        #: The path the last call took (``kernel``, ``foreach`` or ``eager``): for tests and benchmarks.
+        self.last_path = ""
+        self._tails: dict[tuple[int, torch.device], Tensor] = {}
+        self._cols: dict[bool, list[int]] = {}
+
+    def __call__(self, grads: Sequence[Tensor], params: Sequence[Tensor], *, sampled: bool) -> Tensor:
+        """Moments of ``grads`` (one device) as :meth:`MomentPlan.grad_moments` returns them."""
+        plan = self.plan
+        device = grads[0].device
+        path = self.path
+        if path == "auto":
+            path = "kernel" if device.type == "cpu" else "foreach"
+        block: Tensor | None = None
+        if path == "kernel":
+            block = self._kernel(grads, sampled)
+        elif path == "foreach":
+            block = self._foreach(grads, sampled)
+        if block is None:
+            self.last_path = "eager"
+            return plan.grad_moments(grads, params, sampled=sampled)
+        self.last_path = path
+        n = len(grads)
+        if plan.custom:
+            tail = torch.cat([self._tail(n, device)[:, :2], plan.custom_columns(grads, params, device)], dim=1)
+        else:
+            tail = self._tail(n, device)
+        return torch.cat([block, tail], dim=1)
+
+    def sumsq(self, tensors: Sequence[Tensor]) -> Tensor:
+        """``[len(tensors)]`` float64 sums of squares (weights, updates), by the same choice of path."""
+        device = tensors[0].device
+        path = self.path
+        if path == "auto":
+            path = "kernel" if device.type == "cpu" else "foreach"
+        if path == "kernel":
+            fn = cpu_kernel()
+            if fn is not None:
+                out = torch.empty(len(tensors), 1, dtype=torch.float64)
+                try:
+                    fn(list(tensors), out, [], [-1, 0, -1, -1, -1, -1], False)
+                    return out[:, 0]
+                except (RuntimeError, TypeError, ValueError):
+                    pass
+        elif path == "foreach" and len({t.dtype for t in tensors}) == 1:
+            try:
+                acc = _acc(tensors[0].dtype)
+                return torch.stack(torch._foreach_powsum(list(tensors), 2, dtype=acc)).to(torch.float64)
+            except (RuntimeError, TypeError, NotImplementedError):
+                pass
+        return MomentPlan.param_sumsq(tensors)
+
+    def write(
+        self, grads: list[Tensor], params: Sequence[Tensor], view: Tensor, rows: list[int], *, sampled: bool
+    ) -> bool:
+        """The compiled CPU kernel's path: moments straight into the buffer rows ``view[rows]``.
+
+        One C++ call reads each gradient once and writes the row: no temporary tensors, no copies.
+        Columns the step does not take are left as they are (NaN: the row was cleared when claimed).
+
+        Returns:
+            False when the path does not apply (not a CPU kernel path, not built yet, a gradient it
+            cannot read): nothing was written, use :meth:`__call__`.
+        """
+        if self.path not in ("auto", "kernel") or view.device.type != "cpu":
+            return False
+        fn = cpu_kernel()
+        if fn is None:
+            return False
+        wanted = self.plan.wanted(sampled)
+        cols = self._cols.get(sampled)
+        if cols is None:
+            cols = self._cols[sampled] = [MOMENT_INDEX[m] if m in wanted else -1 for m in GRAD_MOMENTS]
+        try:
+            fn(grads, view, rows, cols, bool(wanted - CORE_MOMENTS))
+        except (RuntimeError, TypeError, ValueError):  # checked before anything is written
+            return False
+        if self.plan.custom:
+            custom = self.plan.custom_columns(grads, params, view.device).to(view.dtype)
+            dest = view[:, len(MOMENT_INDEX) :]
+            if rows:
+                dest.index_copy_(0, torch.tensor(rows, dtype=torch.long), custom)
+            else:
+                dest.copy_(custom)
+        self.last_path = "kernel"
+        return True
+
+    def write_sumsq(self, tensors: list[Tensor], view: Tensor, rows: list[int], col: int) -> bool:
+        """Sums of squares of ``tensors`` into ``view[rows, col]`` with the CPU kernel; False if it does not apply."""
+        if self.path not in ("auto", "kernel") or view.device.type != "cpu":
+            return False
+        fn = cpu_kernel()
+        if fn is None:
+            return False
+        try:
+            fn(tensors, view, rows, [-1, col, -1, -1, -1, -1], False)
+        except (RuntimeError, TypeError, ValueError):
+            return False
+        return True
+
+    def _tail(self, n: int, device: torch.device) -> Tensor:
+        key = (n, device)
+        t = self._tails.get(key)
+        if t is None:
+            if len(self._tails) > 64:
+                self._tails.clear()
+            t = torch.full((n, self.plan.n_cols - _GRAD_COLS), float("nan"), dtype=torch.float64, device=device)
+            self._tails[key] = t
+        return t
+
+    def _kernel(self, grads: Sequence[Tensor], sampled: bool) -> Tensor | None:
+        fn = cpu_kernel()
+        if fn is None:
+            return None
+        wanted = self.plan.wanted(sampled)
+        block = torch.full((len(grads), _GRAD_COLS), float("nan"), dtype=torch.float64)
+        cols = [MOMENT_INDEX[m] if m in wanted else -1 for m in GRAD_MOMENTS]
+        try:
+            fn(list(grads), block, [], cols, bool(wanted - CORE_MOMENTS))
+        except (RuntimeError, TypeError, ValueError):  # sparse, complex, half precision, non-contiguous, DTensor
+            return None
+        return block
+
+    def _foreach(self, grads: Sequence[Tensor], sampled: bool) -> Tensor | None:
+        wanted = self.plan.wanted(sampled) & set(GRAD_MOMENTS)
+        if not wanted:
+            return None
+        gs = list(grads)
+        dtypes = {g.dtype for g in gs}
+        if len(dtypes) != 1:
+            return None  # mixed dtypes: the eager path (the multi-tensor kernels group by dtype anyway)
+        try:
+            cols = foreach_moments(gs, wanted)
+        except (RuntimeError, TypeError, NotImplementedError):  # sparse, complex, empty tensors
+            return None
+        n = len(gs)
+        nan = self._tail(n, gs[0].device)[:, 0]
+        taken = [cols[m].to(torch.float64) if m in cols and m in wanted else nan for m in GRAD_MOMENTS]
+        return torch.stack(taken, dim=1)
+
+
+if __name__ == "__main__":  # python -m gradscope.capture.kernels: build the CPU kernel once for this machine
+    os.environ[KERNEL_ENV] = "sync"
+    cpu_kernel()
+    print(f"gradscope CPU moment kernel: {cpu_kernel_state()}" + (f" ({_state['error']})" if _state["error"] else ""))

@@ -1,0 +1,279 @@
+"""The fused moment paths (multi-tensor operators, the compiled CPU kernel) against float64 references,
+and the capture's isolation of what it cannot measure the usual way (sparse, complex, failing custom
+statistics), and ``StepRecorder.attach_optimizer``."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import gradscope
+from gradscope.capture import kernels
+from gradscope.capture.kernels import FusedMoments
+from gradscope.stats.moments import GRAD_MOMENTS, MOMENT_INDEX, MOMENTS, MomentPlan
+
+from .helpers import assert_all_close, np_stats, value
+
+_GRAD = len(GRAD_MOMENTS)
+
+
+def _grads(dtype: torch.dtype, nonfinite: bool) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    shapes = [(3, 4, 5), (7,), (1,), (33, 64), (2, 2, 2, 2)]
+    grads = [
+        (torch.randn(s, generator=g, dtype=torch.float64) * 10.0 ** (i - 2)).to(dtype) for i, s in enumerate(shapes)
+    ]
+    grads[1].zero_()
+    grads[3][:, :5] = 0.0
+    if nonfinite:
+        grads[0][0, 0, :2] = float("nan")
+        grads[3][4, 7] = float("inf")
+        grads[4][0, 0, 0, 0] = -float("inf")
+    return grads
+
+
+def _reference(g: torch.Tensor) -> list[float]:
+    """The six gradient moments of one tensor in float64 NumPy."""
+    x = g.double().numpy().ravel()
+    with np.errstate(all="ignore"):
+        return [
+            float(x.sum()),
+            float((x * x).sum()),
+            float(np.min(x)),  # NaN when a NaN is present, as torch.aminmax
+            float(np.max(x)),
+            float(np.count_nonzero(x)),
+            float((~np.isfinite(x)).sum()),
+        ]
+
+
+def _check(block: torch.Tensor, grads: list[torch.Tensor], rtol: float, moments=GRAD_MOMENTS) -> None:
+    got = block.double().numpy()
+    pairs = []
+    for i, g in enumerate(grads):
+        ref = _reference(g)
+        for m in moments:
+            j = MOMENT_INDEX[m]
+            exp = ref[j]
+            if m in ("sum", "sumsq") and not np.isfinite(exp):
+                # a NaN or Inf entry makes the sums non-finite; which one depends on the order of the adds
+                assert not np.isfinite(got[i, j]), (i, m, got[i, j])
+                continue
+            # float32 sums: rounding of the order of eps * sum(|g|) (the accelerator path's signed sum is
+            # 2 sum(max(g, 0)) - sum(|g|), which has exactly that error)
+            scale = float(np.abs(g.double().numpy()).sum()) if m == "sum" else abs(exp)
+            tol = max(rtol, 1e-6) * max(1.0, scale) if np.isfinite(scale) else 0.0  # infinities: exactly
+            pairs.append((f"grad {i} {m}", got[i, j], exp, tol))
+    assert_all_close(pairs, rtol=rtol)
+
+
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nan-and-inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_the_accelerator_path_on_cpu_tensors_matches_float64_references(dtype, nonfinite):
+    grads = _grads(dtype, nonfinite)
+    fused = FusedMoments(MomentPlan(MOMENTS), path="foreach")
+    block = fused(grads, grads, sampled=True)
+    assert fused.last_path == "foreach" and block.shape == (len(grads), len(MOMENTS)) and block.dtype == torch.float64
+    _check(block, grads, rtol={torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype])
+    assert torch.isnan(block[:, _GRAD:]).all()  # the weight columns are filled by the recorder
+    core = fused(grads, grads, sampled=False)  # an ordinary step: the sum of squares and the exact count only
+    _check(core, grads, rtol=1e-5, moments=("sumsq", "nonfinite"))
+    others = [MOMENT_INDEX[m] for m in ("sum", "min", "max", "nnz")]
+    assert torch.isnan(core[:, others]).all()
+
+
+def test_the_accelerator_path_sends_what_it_cannot_take_to_the_eager_path():
+    fused = FusedMoments(MomentPlan(MOMENTS), path="foreach")
+    mixed = [torch.randn(3), torch.randn(4, dtype=torch.float64)]
+    block = fused(mixed, mixed, sampled=True)
+    assert fused.last_path == "eager"
+    _check(block, mixed, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    """The compiled CPU kernel, built now if this machine has none cached (about a minute, once)."""
+    if kernels.cpu_kernel_state() == "off":
+        pytest.skip(f"{kernels.KERNEL_ENV}=off")
+    mp = pytest.MonkeyPatch()
+    mp.setenv(kernels.KERNEL_ENV, "sync")
+    try:
+        fn = kernels.cpu_kernel()
+        if fn is None and kernels.cpu_kernel_state() == "building":  # a background build of this process
+            import time
+
+            for _ in range(600):
+                time.sleep(0.5)
+                if kernels.cpu_kernel_state() != "building":
+                    break
+            fn = kernels.cpu_kernel()
+    finally:
+        mp.undo()
+    if fn is None:
+        pytest.skip(f"no C++ compiler could build the kernel: {kernels._state['error']}")
+    return fn
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nan-and-inf"])
+def test_the_compiled_cpu_kernel_reads_every_moment_in_one_pass_and_matches_float64(cpu_kernel, nonfinite):
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        grads = _grads(dtype, nonfinite)
+        contiguous = [g.contiguous() for g in grads]
+        fused = FusedMoments(MomentPlan(MOMENTS), path="kernel")
+        block = fused(contiguous, contiguous, sampled=True)
+        assert fused.last_path == "kernel"
+        _check(block, contiguous, rtol=rtol)
+        core = fused(contiguous, contiguous, sampled=False)
+        _check(core, contiguous, rtol=rtol, moments=("sumsq", "nonfinite"))
+        assert torch.isnan(core[:, [MOMENT_INDEX[m] for m in ("sum", "min", "max", "nnz")]]).all()
+    # what it cannot read (a transposed view, half precision) goes to the eager path, measured all the same
+    odd = [torch.randn(6, 5).t(), torch.randn(4).to(torch.bfloat16)]
+    block = fused(odd, odd, sampled=True)
+    assert fused.last_path == "eager"
+    _check(block, odd, rtol=1e-5)
+    # 3M entries: float64 accumulation over blocks keeps the sums exact to ~1e-10
+    big = torch.randn(3_000_000, generator=torch.Generator().manual_seed(0))
+    row = kernels.grad_moments([big])[0].numpy()
+    x = big.double().numpy()
+    assert row[1] == pytest.approx(float((x * x).sum()), rel=1e-8)
+    assert row[0] == pytest.approx(float(x.sum()), abs=1e-9 * float(np.abs(x).sum()))
+
+
+@pytest.mark.slow
+def test_a_watched_run_on_the_compiled_kernel_equals_the_eager_run(cpu_kernel):
+    def run(path: str):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scope = gradscope.watch(model, optimizer=opt, sample_every=1, rules="none")
+        scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
+        x = torch.randn(8, 5)
+        for _ in range(3):
+            model(x).square().mean().backward()
+            opt.step()
+            scope.step()
+            opt.zero_grad()
+        assert scope._recorder.moments.last_path == path
+        return scope.close().stats
+
+    a, b = run("kernel"), run("eager")
+    cols = [c for c in a.columns if c in b.columns and a[c].dtype.kind == "f"]
+    np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-5, atol=1e-9)
+
+
+# -- what the usual path cannot measure --------------------------------------------------------------
+def test_a_sparse_gradient_is_measured_over_its_values_and_the_other_layers_stay_exact():
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 4, sparse=True)
+    head = nn.Linear(4, 3)
+    model = nn.Sequential(emb, head)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, optimizer=opt, sample_every=1, rules="none", activations=False)
+    idx = torch.tensor([[1, 2, 2, 7]])
+    model(idx).square().mean().backward()
+    dense = emb.weight.grad.to_dense().double().numpy()
+    head_g = head.weight.grad.double().numpy()
+    opt.step()
+    scope.step()
+    stats = scope.close().stats
+    ref_e, ref_h = np_stats(dense), np_stats(head_g)
+    pairs = []
+    for stat in ("l2_norm", "rms", "mean", "std", "abs_max", "zero_fraction", "nonfinite_count"):
+        pairs.append((f"embedding {stat}", value(stats, 1, "0", "weight", stat), ref_e[stat]))
+        pairs.append((f"head {stat}", value(stats, 1, "1", "weight", stat), ref_h[stat]))
+    assert_all_close(pairs, rtol=1e-5, atol=1e-7)
+
+
+def test_a_complex_parameter_is_measured_over_its_real_and_imaginary_parts():
+    z = torch.complex(torch.tensor([3.0, 0.0, -1.0]), torch.tensor([4.0, 0.0, 2.0]))
+    mom = MomentPlan(MOMENTS).grad_moments([z, torch.tensor([1.0, -1.0])], [z, z])[0].numpy()
+    parts = np.array([3.0, 4.0, 0.0, 0.0, -1.0, 2.0])
+    assert mom[MOMENT_INDEX["sumsq"]] == pytest.approx(25.0 + 5.0)  # sum of |z|^2
+    assert mom[MOMENT_INDEX["sum"]] == pytest.approx(parts.sum())
+    assert (mom[MOMENT_INDEX["min"]], mom[MOMENT_INDEX["max"]]) == (-1.0, 4.0)
+    assert mom[MOMENT_INDEX["nnz"]] == 2.0  # complex entries with a non-zero part
+    assert mom[MOMENT_INDEX["nonfinite"]] == 0.0
+
+
+def test_a_failing_custom_statistic_is_turned_off_alone_with_a_warning_naming_it():
+    calls = []
+
+    @gradscope.register_statistic("gs_test_broken")
+    def broken_stat(grad, param):
+        calls.append(1)
+        raise ValueError("boom")
+
+    @gradscope.register_statistic("gs_test_half_sum")
+    def half_sum(grad, param):
+        return grad.sum() / 2
+
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scope = gradscope.watch(
+            model, optimizer=opt, stats=["l2_norm", "gs_test_broken", "gs_test_half_sum"], rules="none"
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            names = [n.split(".") for n, _ in model.named_parameters()]
+            for _ in range(3):
+                model(torch.randn(5, 3)).sum().backward()
+                ref = [p.grad.double().norm().item() for p in model.parameters()]
+                half = [p.grad.double().sum().item() / 2 for p in model.parameters()]
+                opt.step()
+                scope.step()
+                opt.zero_grad()
+        stats = scope.close().stats
+    finally:
+        from gradscope.registry import STATISTICS
+
+        for name in ("gs_test_broken", "gs_test_half_sum"):
+            STATISTICS.unregister(name)
+    messages = [str(w.message) for w in caught if "gs_test_broken" in str(w.message)]
+    assert len(messages) == 1 and "boom" in messages[0]
+    assert len(calls) == 1  # turned off after its first failure
+    got = [value(stats, 3, layer, param, "l2_norm") for layer, param in names]
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    got = [value(stats, 3, layer, param, "gs_test_half_sum") for layer, param in names]
+    np.testing.assert_allclose(got, half, rtol=1e-5)
+    off = stats[stats.stat == "gs_test_broken"]
+    assert len(off) and off.value.isna().all()
+
+
+# -- following a new optimizer -------------------------------------------------------------------------
+def test_attach_optimizer_moves_the_hooks_and_resets_the_weight_snapshots():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    old = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, optimizer=old, sample_every=1, rules="none", activations=False)
+    rec = scope._recorder
+    x = torch.randn(5, 3)
+
+    def step(opt):
+        model(x).square().mean().backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        ratio = [float((p.detach() - b).norm() / b.norm()) for p, b in zip(model.parameters(), before)]
+        assert rec.optimizer_steps == 1  # the recorder saw this optimizer step
+        scope.step()
+        assert rec.optimizer_steps == 0  # reset by scope.step(): a second scope.step() would see 0
+        opt.zero_grad()
+        return ratio
+
+    step(old)
+    assert rec._prev  # update_ratio keeps the weights of the old optimizer's parameters
+    new = torch.optim.Adam(model.parameters(), lr=0.01)
+    rec.attach_optimizer(new)
+    assert rec.optimizer is new and not rec._prev
+    assert not old._optimizer_step_pre_hooks and len(new._optimizer_step_pre_hooks) == 1
+    ratio = step(new)
+    assert rec.skipped_steps == []  # the new optimizer's step was seen: not a skipped step
+    report = scope.close()
+    names = [n.split(".") for n, _ in model.named_parameters()]
+    got = [value(report.stats, 2, layer, param, "update_ratio") for layer, param in names]
+    np.testing.assert_allclose(got, ratio, rtol=1e-4)

@@ -1,0 +1,31 @@
+"""``benchmarks/host_scale.py`` (the host-side figures of docs/performance.md) keeps running.
+
+A smoke run at small sizes: every case prints its line with its times; the times are never judged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_host_scale_benchmark_prints_every_case(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "host_scale.py"), "--quick", "--cases", "flush,report,wide"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()[1:] if line.split()}
+    assert re.search(r"flush \d+\.\d ms \(commit \d+\.\d ms, rules \d+\.\d ms\)", lines["flush"]), proc.stdout
+    assert re.search(r"report\(\) \d+\.\d\d s", lines["report"]) and "rows, built when read" in lines["report"]
+    assert re.search(r"HTML \d+\.\d\d s \(\d+ KiB\)", proc.stdout), proc.stdout

@@ -1,0 +1,86 @@
+"""The accelerator code path dispatches a number of ATen operators that does not grow with the model.
+
+A watched step on the multi-tensor (``foreach``) path, forced on CPU tensors, runs under a
+``TorchDispatchMode`` that counts every ATen operator it dispatches. Models with 4, 16 and 64
+parameter tensors must dispatch exactly as many: no per-parameter kernel launch, whatever the depth.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradscope
+from gradscope.capture.kernels import FusedMoments
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops[str(func.overloadpacket.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model(n_tensors: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(8, 8) for _ in range(n_tensors // 2)])
+
+
+def _ops_per_step(n_tensors: int, *, optimizer: bool) -> list[Counter[str]]:
+    """ATen operators of gradscope's part of steps 1-12 (sampled: 1 and 11) on the foreach path."""
+    model = _model(n_tensors)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, foreach=True) if optimizer else None
+    scope = gradscope.watch(model, optimizer=opt, activations=False, rules="none", flush_every=100)
+    scope._recorder.moments = FusedMoments(scope._recorder.plan, path="foreach")
+    counts = []
+    x = torch.randn(4, 8)
+    try:
+        for _ in range(12):
+            model(x).square().mean().backward()
+            base = Counter[str]()
+            with _CountOps() as mode:
+                if opt is not None:
+                    opt.step()
+                scope.step()
+            if opt is not None:
+                base = _optimizer_ops(model)
+            counts.append(mode.ops - base)
+            model.zero_grad(set_to_none=True)
+        assert scope._recorder.moments.last_path == "foreach"
+    finally:
+        scope.close()
+    return counts
+
+
+def _optimizer_ops(model: nn.Module) -> Counter[str]:
+    """What SGD(foreach=True) alone dispatches for one step of a copy of ``model`` (same gradients)."""
+    clone = _model(sum(1 for _ in model.parameters()))
+    for p, q in zip(clone.parameters(), model.parameters()):
+        p.grad = q.grad.clone() if q.grad is not None else None
+    opt = torch.optim.SGD(clone.parameters(), lr=0.01, foreach=True)
+    with _CountOps() as mode:
+        opt.step()
+    return mode.ops
+
+
+@pytest.mark.parametrize("optimizer", [False, True], ids=["scope-step", "optimizer-hooks"])
+def test_aten_op_count_of_a_watched_step_does_not_grow_with_the_number_of_tensors(optimizer):
+    per_size = {n: _ops_per_step(n, optimizer=optimizer) for n in (4, 16, 64)}
+    for step in (1, 2, 5, 11, 12):  # sampled (every statistic, weights, update) and ordinary steps
+        small, mid, large = (per_size[n][step - 1] for n in (4, 16, 64))
+        if step == 1:  # once per run: the weight snapshots of update_ratio are allocated, one per tensor
+            for c in (small, mid, large):
+                c.pop("empty_like", None)
+        assert small == mid == large, (
+            f"step {step}: ATen operators per step grow with the number of tensors:\n"
+            f" 4 tensors: {sum(small.values())} {dict(small)}\n64 tensors: {sum(large.values())} {dict(large)}"
+        )
+    # the sampled step takes every moment (and the update): more operators than an ordinary step, still fixed
+    assert sum(per_size[4][10].values()) > sum(per_size[4][1].values()) > 0
