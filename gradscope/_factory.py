@@ -21,6 +21,10 @@ _EXPECTED = (
 )
 
 
+def _exit_text(code: object) -> str:
+    return "sys.exit()" if code is None else f"sys.exit({code!r})"
+
+
 class FactoryError(ConfigurationError):
     """Raised when ``FILE.py:factory`` cannot be loaded or returns the wrong shape (CLI exit code 2)."""
 
@@ -40,8 +44,8 @@ def load_callable(spec: str) -> Callable[[], Any]:
     """Import ``FILE.py`` from ``"FILE.py:factory"`` and return the factory, not called yet.
 
     Raises:
-        FactoryError: for a malformed spec, a missing file or attribute, an import that raises, or a
-            non-callable attribute.
+        FactoryError: for a malformed spec, a missing file or attribute, an import that raises or calls
+            ``sys.exit``, or a non-callable attribute. ``KeyboardInterrupt`` propagates.
     """
     path_text, sep, attr = spec.rpartition(":")
     if not sep or not path_text or not attr:
@@ -61,6 +65,12 @@ def load_callable(spec: str) -> Callable[[], Any]:
     sys.modules[module_name] = module
     try:
         module_spec.loader.exec_module(module)
+    except SystemExit as exc:
+        # An exit code 0 from here would read as "healthy" to CI: it is a load error like any other.
+        raise FactoryError(
+            f"Importing {str(path)!r} called {_exit_text(exc.code)}. A factory file must not exit when imported: "
+            'put script code under `if __name__ == "__main__":`.'
+        ) from None
     except Exception as exc:
         raise FactoryError(f"Importing {str(path)!r} raised {type(exc).__name__}: {exc}") from exc
     finally:
@@ -93,10 +103,16 @@ def call_factory(fn: Callable[[], Any], spec: str) -> LoadedFactory:
         spec: how to name it in error messages (``"FILE.py:make"`` or the function's name).
 
     Raises:
-        FactoryError: for a factory that raises or returns the wrong shape.
+        FactoryError: for a factory that raises, calls ``sys.exit`` or returns the wrong shape.
+            ``KeyboardInterrupt`` propagates.
     """
     try:
         result = fn()
+    except SystemExit as exc:
+        raise FactoryError(
+            f"The factory {spec!r} called {_exit_text(exc.code)} instead of returning (model, batch, loss_fn). "
+            f"{_EXPECTED}"
+        ) from None
     except Exception as exc:
         raise FactoryError(f"The factory {spec!r} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(result, (tuple, list)) or len(result) not in (3, 4):

@@ -80,6 +80,16 @@ def _num(v: Any) -> float | None:
     return float(v)  # also reads the strings "inf" and "-inf"
 
 
+def _stored(v: Any) -> float | None:
+    """A norm read from a file: a non-negative number, "inf", or null; anything else is a damaged file."""
+    if isinstance(v, bool) or not (v is None or isinstance(v, (int, float)) or v in ("inf", "Infinity")):
+        raise ValueError(f"a norm is {v!r}, not a number, 'inf' or null")
+    out = _num(v)
+    if out is not None and not out >= 0:
+        raise ValueError(f"a norm is {v!r}; norms are non-negative")
+    return out
+
+
 def _json_num(v: float | None) -> float | str | None:
     if v is None or math.isnan(v):
         return None
@@ -143,13 +153,23 @@ class LayerProfile:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerProfile:
-        """Inverse of :meth:`to_dict` (the derived fields are recomputed, not read)."""
-        return cls(
-            layer=str(d["layer"]),
-            numel=int(d["numel"]),
-            norms=[_num(v) for v in d["l2_norm"]],
-            rms=[_num(v) for v in d.get("rms", [None] * len(d["l2_norm"]))],
-        )
+        """Inverse of :meth:`to_dict` (the derived fields are recomputed, not read).
+
+        Raises:
+            TypeError, ValueError, KeyError: for a damaged entry (:meth:`GradientProfile.from_dict` reports
+                them as a damaged profile).
+        """
+        if not isinstance(d, dict):
+            raise TypeError(f"a layer entry is a {type(d).__name__}, not an object")
+        layer, numel, norms = d["layer"], d["numel"], d["l2_norm"]
+        rms = d.get("rms", [None] * len(norms) if isinstance(norms, list) else None)
+        if not isinstance(layer, str):
+            raise TypeError(f"a layer name is {layer!r}, not a string")
+        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+            raise ValueError(f"layer {layer!r} has numel {numel!r}, not a non-negative int")
+        if not isinstance(norms, list) or not isinstance(rms, list) or len(rms) != len(norms):
+            raise TypeError(f"layer {layer!r} needs lists l2_norm and rms of one value per seed")
+        return cls(layer=layer, numel=numel, norms=[_stored(v) for v in norms], rms=[_stored(v) for v in rms])
 
 
 @dataclass
@@ -225,16 +245,39 @@ class GradientProfile:
                 f"1 to {PROFILE_VERSION}. Upgrade gradscope, or record the profile again with this version."
             )
         try:
+            seeds, layers = data["seeds"], data["layers"]
+            if not isinstance(layers, list) or not isinstance(seeds, list):
+                raise TypeError("'layers' and 'seeds' must be lists")
+            if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32 for s in seeds):
+                raise ValueError(f"'seeds' must hold ints from 0 to 2**32-1, but holds {seeds!r}"[:200])
+            if len(seeds) > 1000:
+                raise ValueError(f"'seeds' holds {len(seeds)} seeds; a profile has at most 1000")
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"'seeds' repeats a seed: {seeds!r}"[:200])
+            profile_layers = [LayerProfile.from_dict(d) for d in layers]
+            for lp in profile_layers:
+                if len(lp.norms) != len(seeds):
+                    raise ValueError(f"layer {lp.layer!r} has {len(lp.norms)} value(s) for {len(seeds)} seed(s)")
+            if len({lp.layer for lp in profile_layers}) != len(profile_layers):
+                raise ValueError("a layer appears twice")
+            losses = data.get("loss", [])
+            meta = data.get("meta", {})
+            if not isinstance(losses, list) or not isinstance(meta, dict):
+                raise TypeError("'loss' must be a list and 'meta' an object")
             return cls(
-                layers=[LayerProfile.from_dict(d) for d in data["layers"]],
-                seeds=[int(s) for s in data["seeds"]],
-                losses=[_num(v) for v in data.get("loss", [])],
+                layers=profile_layers,
+                seeds=list(seeds),
+                losses=[_num(v) for v in losses],
                 model=str(data.get("model", "")),
                 source=str(data.get("source", "")),
-                meta=dict(data.get("meta", {})),
+                meta=dict(meta),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigurationError(f"{origin} is a damaged gradient profile: {type(exc).__name__}: {exc}.") from exc
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise ConfigurationError(
+                f"{origin} is a damaged gradient profile ({type(exc).__name__}: {reason}). Record it again with "
+                "`gradscope snapshot FILE.py:factory -o PROFILE.json`."
+            ) from exc
 
     @classmethod
     def from_json(cls, source: Union[str, os.PathLike[str]]) -> GradientProfile:
@@ -254,11 +297,17 @@ class GradientProfile:
                     f"Cannot find the baseline profile {text!r}. Record it first with "
                     "`gradscope snapshot FILE.py:factory -o PROFILE.json`, or fix the path."
                 )
-            raw = path.read_text(encoding="utf-8")
+            try:
+                raw = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigurationError(f"Cannot read the baseline profile {text!r}: {exc}.") from exc
         try:
             data = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ConfigurationError(f"{origin} is not valid JSON ({exc}); is it a gradscope profile?") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, too-long integers, deep nesting
+            reason = " ".join(str(exc).split())[:200]
+            raise ConfigurationError(
+                f"{origin} is not valid JSON ({type(exc).__name__}: {reason}); is it a gradscope profile?"
+            ) from exc
         return cls.from_dict(data, origin=origin)
 
     def __str__(self) -> str:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import sys
+import math
 import time
 from typing import Any, Callable
 
 from gradscope._factory import call_factory, load_callable
+from gradscope._io import echo
 from gradscope.baseline import DEFAULT_SEEDS, DEFAULT_TOLERANCE, compare, load_profile, snapshot
 from gradscope.ci_report import CheckRecord, junit_xml, markdown, write_json
 from gradscope.errors import ConfigurationError, GradientHealthError
@@ -51,31 +52,62 @@ def parse_thresholds(items: list[str]) -> dict[str, dict[str, Any]]:
             )
         try:
             value: Any = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            # not a Python literal (or one nested too deep to parse): the rule validates the text itself
             value = raw.strip()
         out.setdefault(rule, {})[name] = value
     return out
 
 
-def parse_seeds(text: str) -> Any:
-    """``"3"`` -> 3 (seeds 0, 1, 2); ``"0,5,7"`` -> ``[0, 5, 7]``."""
+#: Seeds the command accepts: what torch, ``random`` and NumPy can all be seeded with.
+MAX_SEED = 2**32 - 1
+#: Largest ``--steps``: check keeps every step in memory, and a health check is meant to take seconds.
+MAX_STEPS = 100_000
+
+
+def _int_or_none(text: str) -> int | None:
     try:
-        if "," in text:
-            return [int(t) for t in text.split(",") if t.strip()]
-        return int(text)
+        return int(text.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"Expected a number of seeds (3) or a list (0,5,7), but got {text!r}."
-        ) from None
+        return None
+
+
+def parse_seeds(text: str) -> Any:
+    """``"3"`` -> 3 (seeds 0, 1, 2); ``"0,5,7"`` -> ``[0, 5, 7]``.
+
+    Raises:
+        argparse.ArgumentTypeError: not a count from 1 to 1000 nor a list of distinct seeds from 0 to 2**32-1.
+    """
+    bad = argparse.ArgumentTypeError(
+        "Expected a number of seeds (3) or a list (0,5,7): a count from 1 to 1000 (3 means seeds 0, 1, 2) or "
+        f"distinct seeds from 0 to {MAX_SEED}, but got {text!r}."
+    )
+    if "," not in text:
+        count = _int_or_none(text)
+        if count is None or not 1 <= count <= 1000:
+            raise bad
+        return count
+    seeds = [_int_or_none(t) for t in text.split(",") if t.strip()]
+    if not seeds or any(s is None or not 0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
+        raise bad
+    return seeds
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
+    value = _int_or_none(text)
+    if value is None or value <= 0:
         raise argparse.ArgumentTypeError(f"Expected a positive int, but got {text!r}.")
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(
+            f"Expected at most {MAX_STEPS} steps (a health check keeps every step in memory), but got {text!r}."
+        )
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _int_or_none(text)
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"Expected a whole number from 0 to {MAX_SEED} (2**32-1), but got {text!r}.")
     return value
 
 
@@ -84,11 +116,17 @@ def _tolerance(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value >= 0:
+    if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(
-            f"Expected a non-negative number of log10 units (0.3 = a factor 2), got {text!r}."
+            f"Expected a finite non-negative number of log10 units (0.3 = a factor 2), but got {text!r}."
         )
     return value
+
+
+def _output_path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("Expected a file path, but got an empty string.")
+    return text
 
 
 def add_parser(subparsers: Any) -> None:
@@ -104,7 +142,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("targets", nargs="+", metavar="FILE.py:factory", help="factories to check")
     p.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS, help="training steps. Default: %(default)r")
-    p.add_argument("--seed", type=int, default=0, help="seed of the factory call and the run. Default: %(default)r")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the factory call and the run. Default: %(default)r")
     p.add_argument(
         "--fail-on",
         choices=SEVERITIES,
@@ -135,9 +173,13 @@ def add_parser(subparsers: Any) -> None:
         metavar="LOG10",
         help=f"allowed profile change in log10 units, on top of seed noise. Default: {DEFAULT_TOLERANCE!r}",
     )
-    p.add_argument("--json", metavar="PATH", help="write every check with its full report as JSON")
-    p.add_argument("--junit", metavar="PATH", help="write a JUnit XML file (one test case per check)")
-    p.add_argument("--markdown", metavar="PATH", help="write a Markdown summary (for a CI job summary)")
+    p.add_argument("--json", type=_output_path, metavar="PATH", help="write every check with its full report as JSON")
+    p.add_argument(
+        "--junit", type=_output_path, metavar="PATH", help="write a JUnit XML file (one test case per check)"
+    )
+    p.add_argument(
+        "--markdown", type=_output_path, metavar="PATH", help="write a Markdown summary (for a CI job summary)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only one line per check")
     p.set_defaults(func=run_check)
 
@@ -151,7 +193,9 @@ def add_parser(subparsers: Any) -> None:
         ),
     )
     s.add_argument("target", metavar="FILE.py:factory", help="the factory to profile")
-    s.add_argument("-o", "--output", required=True, metavar="PROFILE.json", help="where to write the profile")
+    s.add_argument(
+        "-o", "--output", type=_output_path, required=True, metavar="PROFILE.json", help="where to write the profile"
+    )
     s.add_argument(
         "--seeds",
         type=parse_seeds,
@@ -163,26 +207,56 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _error(command: str, message: str) -> None:
-    print(f"gradscope {command}: error: {message}", file=sys.stderr)
+    echo(f"gradscope {command}: error: {message}", err=True)
 
 
 def _guard(target: str, what: str, fn: Callable[[], Any]) -> Any:
-    """Run ``fn``; turn an exception that is not a finding into ConfigurationError naming the target."""
+    """Run ``fn``; turn an exception that is not a finding into ConfigurationError naming the target.
+
+    ``sys.exit`` in the model or the loss is an error too (an exit 0 would read as healthy to CI);
+    ``KeyboardInterrupt`` propagates.
+    """
     try:
         return fn()
     except (ConfigurationError, GradientHealthError):
         raise
-    except Exception as exc:
+    except SystemExit as exc:
+        code = "sys.exit()" if exc.code is None else f"sys.exit({exc.code!r})"
         raise ConfigurationError(
-            f"{what} {target!r} raised {type(exc).__name__}: {exc}. The model, batch and loss_fn that the factory "
-            "returns must run as loss_fn(model(inputs), targets)."
+            f"{what} {target!r}: the model or loss_fn called {code}. The model, batch and loss_fn that the factory "
+            "returns must run as loss_fn(model(inputs), targets) without exiting."
+        ) from None
+    except Exception as exc:
+        reason = str(exc).rstrip().rstrip(".")
+        raise ConfigurationError(
+            f"{what} {target!r} raised {type(exc).__name__}: {reason}. The model, batch and loss_fn that the "
+            "factory returns must run as loss_fn(model(inputs), targets)."
         ) from exc
+
+
+def _check_rule_flags(args: argparse.Namespace, thresholds: dict[str, dict[str, Any]]) -> None:
+    """Refuse unknown rules in ``--rules`` or ``--threshold`` with the flag's name.
+
+    Called after the factory file is imported, since it may register rules of its own.
+    """
+    from gradscope.rules.engine import build_rules
+
+    try:
+        build_rules(args.rules)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"--rules {','.join(args.rules)}: {exc}") from None
+    if thresholds:
+        try:
+            build_rules(args.rules, thresholds)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"--threshold: {exc}") from None
 
 
 def _check_target(target: str, args: argparse.Namespace, thresholds: dict[str, dict[str, Any]]) -> list[CheckRecord]:
     started = time.perf_counter()
     try:
         fn = load_callable(target)
+        _check_rule_flags(args, thresholds)
         with seeded(args.seed):
             loaded = call_factory(fn, target)
         report = _guard(
@@ -209,7 +283,9 @@ def _check_target(target: str, args: argparse.Namespace, thresholds: dict[str, d
             base = load_profile(args.baseline)
             current = _guard(target, "Profiling", lambda: snapshot(fn, seeds=base.seeds, name=target, strict=False))
             tol = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
-            comparison = compare(base, current, tolerance=tol)
+            comparison = _guard(
+                args.baseline, "Comparing with the baseline", lambda: compare(base, current, tolerance=tol)
+            )
             comparison.baseline_source = args.baseline
             records.append(
                 CheckRecord(target, "baseline", args.fail_on, time.perf_counter() - started, comparison=comparison)
@@ -238,12 +314,12 @@ def run_check(args: argparse.Namespace) -> int:
                 _error("check", r.error if target in r.error else f"{target}: {r.error}")
                 continue
             if not args.quiet:
-                print(r.details())
-                print()
-            print(r.headline(), flush=True)
+                echo(r.details())
+                echo()
+            echo(r.headline())
     failed = [r for r in records if r.failed]
     total = sum(r.seconds for r in records)
-    print(
+    echo(
         f"gradscope check: {len(records) - len(failed)} passed, {len(failed)} failed "
         f"(fail-on={args.fail_on}) in {total:.2f} s"
     )
@@ -286,8 +362,8 @@ def run_snapshot(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error("snapshot", f"cannot write {args.output!r}: {exc}")
         return EXIT_USAGE
-    print(profile)
-    print(
+    echo(str(profile))
+    echo(
         f"gradscope snapshot: wrote {args.output} ({len(profile.layers)} layers, seeds "
         f"{', '.join(map(str, profile.seeds))}) in {profile.meta.get('seconds', 0.0):.2f} s"
     )

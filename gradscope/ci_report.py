@@ -1,4 +1,4 @@
-"""Results of CI checks and their three renderings: JSON, JUnit XML and Markdown.
+r"""Results of CI checks and their three renderings: JSON, JUnit XML and Markdown.
 
 The ``gradscope check`` command and the pytest plugin both collect :class:`CheckRecord` objects (one
 per health check, watched run or baseline comparison) and write them with the functions here, so a
@@ -9,17 +9,22 @@ CI job reads the same files whichever way it ran the checks.
 - :func:`junit_xml`: one ``<testsuite>`` with one ``<testcase>`` per check; a failing check carries a
   ``<failure>`` whose text lists the findings (or the layers that moved), a broken one an ``<error>``.
 - :func:`markdown`: a verdict table and the failing findings, for a CI job summary.
+
+Text that comes from user code or files (names, messages, layer names) may hold control characters:
+both renderings escape them (``\x1b`` for ESC), so an ANSI sequence can neither make the XML
+unparseable nor reach a terminal that shows the Markdown.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gradscope._io import atomic_write_text
+from gradscope._io import atomic_write_text, escape_controls, one_line
 from gradscope._version import __version__
 from gradscope.findings import Finding, count_errors
 from gradscope.health import failing_findings, health_message
@@ -217,27 +222,44 @@ def junit_xml(records: list[CheckRecord], *, suite: str = "gradscope") -> str:
     )
     props = ET.SubElement(ts, "properties")
     ET.SubElement(props, "property", {"name": "gradscope_version", "value": __version__})
+    x = escape_controls  # XML 1.0 cannot hold most control characters, not even as character references
     for r in records:
         tc = ET.SubElement(
-            ts, "testcase", {"classname": f"gradscope.{r.kind}", "name": r.name, "time": f"{r.seconds:.3f}"}
+            ts, "testcase", {"classname": f"gradscope.{x(r.kind)}", "name": x(r.name), "time": f"{r.seconds:.3f}"}
         )
         if r.error is not None:
-            el = ET.SubElement(tc, "error", {"type": "error", "message": r.error.splitlines()[0] if r.error else ""})
-            el.text = r.error
+            message = r.error.splitlines()[0] if r.error.strip() else ""
+            el = ET.SubElement(tc, "error", {"type": "error", "message": x(message)})
+            el.text = x(r.error)
         elif r.failed:
             kind = "baseline" if r.comparison is not None else r.failing[0].kind
-            el = ET.SubElement(tc, "failure", {"type": kind, "message": _failure_summary(r)})
-            el.text = r.details()
+            el = ET.SubElement(tc, "failure", {"type": x(kind), "message": x(_failure_summary(r))})
+            el.text = x(r.details())
         else:
             out = ET.SubElement(tc, "system-out")
-            out.text = r.details()
+            out.text = x(r.details())
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
 def _md(text: str) -> str:
-    """Escape text for a Markdown table cell or list item."""
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("<", "&lt;")
+    """Escape text for a Markdown table cell or list item (one line, control characters escaped)."""
+    return one_line(str(text)).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
+
+
+def _code(text: str) -> str:
+    """``text`` as an inline code span that its own backticks cannot close, on one line."""
+    body = one_line(str(text)).replace("|", "\\|")  # a table cell ends at "|" even inside a code span
+    fence = "`" * (max((len(run) for run in re.findall("`+", body)), default=0) + 1)
+    pad = " " if body.startswith("`") or body.endswith("`") else ""
+    return f"{fence}{pad}{body}{pad}{fence}"
+
+
+def _fenced(text: str) -> list[str]:
+    """``text`` as a fenced code block, with a fence longer than any backtick run inside it."""
+    body = escape_controls(text)
+    fence = "`" * max(3, max((len(run) for run in re.findall("`+", body)), default=0) + 1)
+    return [fence, body, fence]
 
 
 def markdown(records: list[CheckRecord], *, title: str = "gradscope") -> str:
@@ -262,24 +284,26 @@ def markdown(records: list[CheckRecord], *, title: str = "gradscope") -> str:
         else:
             found = "-"
         lines.append(
-            f"| `{_md(r.name)}` | {r.kind} | {icon[r.verdict]} {r.verdict.lower()} | {found} | {r.seconds:.2f} s |"
+            f"| {_code(r.name)} | {r.kind} | {icon[r.verdict]} {r.verdict.lower()} | {found} | {r.seconds:.2f} s |"
         )
     for r in records:
         if not (r.failed or (r.report is not None and r.report.findings)):
             continue
-        lines += ["", f"### {icon[r.verdict]} `{_md(r.name)}`", ""]
+        lines += ["", f"### {icon[r.verdict]} {_code(r.name)}", ""]
         if r.error is not None:
             lines.append(f"- **error**: {_md(r.error)}")
         if r.comparison is not None:
             lines.append(f"- {_md(r.comparison.summary())}")
             lines += [
-                f"  - `{_md(lc.layer or '(root)')}` ({lc.status}): {_md(lc.message)}" for lc in r.comparison.mismatches
+                f"  - {_code(lc.layer or '(root)')} ({_md(lc.status)}): {_md(lc.message)}"
+                for lc in r.comparison.mismatches
             ]
         if r.report is not None:
             for f in r.report.findings:
-                where = f" in `{_md(f.layer)}`" if f.layer is not None else ""
+                where = f" in {_code(f.layer)}" if f.layer is not None else ""
                 lines.append(
-                    f"- **{f.severity}** `{f.kind}`{where} at step {f.step}: {_md(f.message)} *Try:* {_md(f.suggestion)}"
+                    f"- **{_md(f.severity)}** {_code(f.kind)}{where} at step {_md(str(f.step))}: {_md(f.message)} "
+                    f"*Try:* {_md(f.suggestion)}"
                 )
-            lines += ["", "<details><summary>report</summary>", "", "```", str(r.report), "```", "", "</details>"]
+            lines += ["", "<details><summary>report</summary>", "", *_fenced(str(r.report)), "", "</details>"]
     return "\n".join(lines) + "\n"

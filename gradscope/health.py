@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy as _copy
 import numbers
+import operator
 import random
 import time
 from collections.abc import Iterator, Mapping
@@ -104,6 +105,11 @@ def _validate(model: Any, batch: Any, loss_fn: Any, steps: Any, optimizer: Any, 
         raise ConfigurationError(f"Expected `steps` to be a positive int, but got {steps!r}.")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ConfigurationError(f"Expected `seed` to be an int, but got {seed!r}.")
+    seed_value: int = operator.index(seed)
+    if not -(2**63) <= seed_value < 2**64:
+        raise ConfigurationError(
+            f"Expected `seed` to be an int from -2**63 to 2**64-1 (what torch can seed with), but got {seed!r}."
+        )
     if not isinstance(copy, bool):
         raise ConfigurationError(f"Expected `copy` to be True or False, but got {copy!r}.")
     if optimizer is not None:

@@ -31,11 +31,13 @@ from gradscope.stats.registry import STATISTICS
 if TYPE_CHECKING:
     from gradscope.rules.base import Rule
 
-__all__ = ["DEFAULT_HISTORY", "MIN_HISTORY", "ON_NONFINITE", "WatchOptions"]
+__all__ = ["DEFAULT_HISTORY", "MAX_FLUSH_EVERY", "MIN_HISTORY", "ON_NONFINITE", "WatchOptions"]
 
 #: Recorded steps kept at full resolution on the host by default, and the fewest allowed.
 DEFAULT_HISTORY = 2000
 MIN_HISTORY = 100
+#: The most recorded steps buffered on the device between flushes (the buffer is allocated up front).
+MAX_FLUSH_EVERY = 10_000
 #: What ``on_nonfinite`` may say.
 ON_NONFINITE = ("record", "raise")
 
@@ -70,6 +72,7 @@ class WatchOptions:
     histogram_every: int | None = 100
     histogram_weights: bool = False
     figure_every: int | None = 1000
+    noise_scale: Union[bool, int] = False
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -84,12 +87,17 @@ class WatchOptions:
                 raise ConfigurationError(
                     f"Expected `log_dir` to be a path (str or os.PathLike), but got {self.log_dir!r}."
                 )
-            put("log_dir", os.fspath(self.log_dir))
+            put("log_dir", _path("log_dir", self.log_dir, "a directory such as 'runs/exp1'"))
         if self.writer is not None:
             check_writer(self.writer)
         every = positive_int("every", self.every)
         put("every", every)
         put("flush_every", positive_int("flush_every", self.flush_every))
+        if self.flush_every > MAX_FLUSH_EVERY:
+            raise ConfigurationError(
+                f"Expected `flush_every` to be at most {MAX_FLUSH_EVERY}, but got {self.flush_every}: the device "
+                "buffer holds flush_every rows and is allocated up front. Flush more often (the default is 50)."
+            )
         sample_every = positive_int("sample_every", self.sample_every)
         if sample_every % every:
             raise ConfigurationError(
@@ -113,7 +121,7 @@ class WatchOptions:
                 raise ConfigurationError(
                     f"Expected `report_path` to be a path (str or os.PathLike), but got {self.report_path!r}."
                 )
-            put("report_path", os.fspath(self.report_path))
+            put("report_path", _path("report_path", self.report_path, "a file such as 'gradscope.json'"))
         if self.distributed not in DISTRIBUTED_MODES:
             raise ConfigurationError(
                 f"Expected `distributed` to be one of {DISTRIBUTED_MODES}, but got {self.distributed!r}."
@@ -121,6 +129,13 @@ class WatchOptions:
         put("histogram_every", optional_positive_int("histogram_every", self.histogram_every))
         boolean("histogram_weights", self.histogram_weights)
         put("figure_every", optional_positive_int("figure_every", self.figure_every))
+        if not isinstance(self.noise_scale, bool) and not (
+            isinstance(self.noise_scale, numbers.Integral) and self.noise_scale > 0
+        ):
+            raise ConfigurationError(
+                "Expected `noise_scale` to be False, True (the gradient noise scale, in micro-batches) or the "
+                f"micro-batch size in samples (per rank under DDP), but got {self.noise_scale!r}."
+            )
         put("stats", _stat_list(self.stats))
         if isinstance(self.sinks, (str, Sink)) or not isinstance(self.sinks, Iterable):
             raise ConfigurationError(
@@ -178,6 +193,15 @@ class WatchOptions:
     def names(cls) -> tuple[str, ...]:
         """The option names, in order."""
         return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _path(name: str, value: Union[str, os.PathLike[str]], example: str) -> str:
+    path = os.fspath(value)
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigurationError(
+            f"Expected `{name}` to be a non-empty path, but got {value!r}. Pass {example}, or None."
+        )
+    return path
 
 
 def _history(history: Any, flush_every: int) -> int | None:

@@ -419,17 +419,19 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         return
     if not state.records and state.written is None:
         return
+    from gradscope._io import escape_controls as x  # names and messages come from user code
+
     tr.write_sep("=", "gradscope")
     for r in state.records:
-        tr.write_line(r.headline(), red=r.failed, green=not r.failed)
+        tr.write_line(x(r.headline()), red=r.failed, green=not r.failed)
         if r.report is not None:
             for f in r.report.findings:
-                tr.write_line(f"    {f}")
+                tr.write_line(x(f"    {f}"))
         if r.comparison is not None:
             for lc in r.comparison.mismatches:
-                tr.write_line(f"    {lc.layer or '(root)'}: {lc.status}: {lc.message}")
+                tr.write_line(x(f"    {lc.layer or '(root)'}: {lc.status}: {lc.message}"))
         if r.error is not None:
-            tr.write_line(f"    {r.error}")
+            tr.write_line(x(f"    {r.error}"))
     failed = sum(r.failed for r in state.records)
     tests = len({r.name for r in state.records})
     seconds = sum(r.seconds for r in state.records)

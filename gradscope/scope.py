@@ -12,27 +12,37 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 import torch.nn as nn
 
-from gradscope.capture.activations import ActivationMonitor
-from gradscope.capture.distributed import DistributedContext
+from gradscope.capture import lifecycle
+from gradscope.capture.follow import REPEATED_STEP, OptimizerFollower, RepeatDetector
+from gradscope.capture.guard import NonFiniteGuard
 from gradscope.capture.hooks import HookManager
 from gradscope.capture.layout import unwrap_model
-from gradscope.capture.live import Diagnosis, stop_message
-from gradscope.capture.order import ForwardOrder
-from gradscope.capture.step import StepRecorder, scalar_value
-from gradscope.capture.target import check_arguments, is_compiled, unwrap_optimizer, watchable_layout
-from gradscope.errors import ConfigurationError, GradientHealthError, GradscopeWarning, NonFiniteGradientError
+from gradscope.capture.meta import report_meta
+from gradscope.capture.noise_scale import NoiseScaleEstimate, noise_scale_from_option, scope_estimate
+from gradscope.capture.step import scalar_value
+from gradscope.capture.target import check_arguments, is_compiled, unwrap_optimizer
+from gradscope.capture.weakcall import WeakCall
+from gradscope.errors import ConfigurationError, GradscopeWarning, NonFiniteGradientError
 from gradscope.findings import Finding
 from gradscope.options import DEFAULT_HISTORY, WatchOptions
 from gradscope.report import Report
 from gradscope.rules.engine import RuleEngine, RuleSpec
-from gradscope.sinks.base import ScopeInfo, Sink
+from gradscope.sinks.base import Sink
 from gradscope.sinks.registry import build_sink
-from gradscope.stats.moments import MomentPlan
+
+if TYPE_CHECKING:
+    from gradscope.capture.distributed import DistributedContext
+    from gradscope.capture.layout import ParamLayout
+    from gradscope.capture.live import Diagnosis
+    from gradscope.capture.nonfinite import NonfiniteOrigin
+    from gradscope.capture.order import ForwardOrder
+    from gradscope.capture.step import StepRecorder
+    from gradscope.stats.frame import FrameSchema, StatsFrame
 
 __all__ = ["GradScope", "watch"]
 
@@ -57,6 +67,16 @@ class GradScope:
     Use as a context manager, or call :meth:`close`. See :func:`watch` for the arguments.
     """
 
+    # Built by gradscope.capture.lifecycle.build_parts (again after a re-layout before step 1).
+    layout: ParamLayout
+    frame: StatsFrame
+    schema: FrameSchema
+    device: torch.device
+    _recorder: StepRecorder
+    _diagnosis: Diagnosis
+    _dist: DistributedContext
+    _order: ForwardOrder
+
     def __init__(
         self,
         model: nn.Module,
@@ -79,38 +99,22 @@ class GradScope:
                 f"This {type(target).__name__} is already watched by an open gradscope scope. Close that scope "
                 "(scope.close() or leave its `with` block) before watching the model again, or keep using it."
             )
-        layout = watchable_layout(target)
-        self.model, self.module, self.optimizer, self.layout = model, target, optimizer, layout
+        self.model, self.module, self.optimizer = model, target, optimizer
         self.on_nonfinite = options.on_nonfinite
         self._hooks = HookManager()
-
-        plan = MomentPlan.for_statistics(self.stat_names)
         # Activation hooks would be traced into a compiled graph; under torch.compile they are off.
         self.compiled = is_compiled(model)
-        acts = ActivationMonitor(target, self._hooks) if activations and not self.compiled else None
-        self._dist = DistributedContext.detect(layout.tensors, options.distributed)
-        self._order = ForwardOrder(layout, self._hooks)
-        act_paths = acts.paths if acts else []
+        self._want_acts = activations and not self.compiled
         self.engine = RuleEngine(options.build_rules())
-        self.engine.check_requirements(
-            self.stat_names, activations=bool(act_paths) or (activations and not self.compiled)
-        )
-        self.device = next(t.device for t in layout.tensors if t.requires_grad)
-        self._recorder = StepRecorder(
-            layout=layout,
-            plan=plan,
-            options=options,
-            stat_names=self.stat_names,
-            optimizer=optimizer,
-            device=self.device,
-            acts=acts,
-            dist=self._dist,
-            hooks=self._hooks,
-            warn=self._warn,
-            problem=self._problem,
-        )
-        self.schema, self.frame = self._recorder.schema, self._recorder.frame
         self._sinks: list[Sink] = [build_sink(s) for s in options.sinks]
+        # -- state -------------------------------------------------------------------------------------
+        self._step = 0
+        self._closed = False
+        self._warned: set[str] = set()
+        self._errors: list[str] = []
+        self._ended_by: str | None = None
+        self._repeat = RepeatDetector()
+        lifecycle.build_parts(self, first=True)
         if not self._dist.writes:
             self._sinks = []  # distributed: only rank 0 writes; the other ranks never open a sink
         elif log_dir is not None or writer is not None:
@@ -120,40 +124,30 @@ class GradScope:
             self._sinks.append(
                 TensorBoardSink(writer=writer, **tb) if writer is not None else TensorBoardSink(log_dir, **tb)
             )
-
-        # -- state -------------------------------------------------------------------------------------
-        self._step = 0
-        self._closed = False
-        self._warned: set[str] = set()
-        self._errors: list[str] = []
-        self._ended_by: str | None = None
+        self._diagnosis.sinks = self._sinks
         for note in self._dist.notes:
             self._problem("distributed", note)
-        self._diagnosis = Diagnosis(
-            engine=self.engine, recorder=self._recorder, order=self._order, options=options,
-            has_optimizer=optimizer is not None, dist=self._dist, sinks=self._sinks, problem=self._problem,
-        )  # fmt: skip
+        # Only with on_nonfinite="raise": a pre-hook that stops before the optimizer writes NaN.
+        raising = self.on_nonfinite == "raise"
+        self._guard = NonFiniteGuard(self._recorder, self._hooks, WeakCall(self, "_nonfinite")) if raising else None
+        self._follower = OptimizerFollower(
+            lambda: self.layout, lambda: self._recorder, self._hooks, self.attach_optimizer, WeakCall(self, "_warn")
+        )
 
         # -- attach: from here on the model carries hooks, so failures must clean up ---------------------
         try:
-            self._recorder.attach(type(target).__name__, self._sinks)
-            if not self.compiled:
-                # Learn the depth order of layers from the first forward pass (removed after step 1).
-                self._order.attach(target, acts.entries if acts else [])
-            info = ScopeInfo(
-                layout=layout,
-                model_name=type(target).__name__,
-                stats=self.stat_names,
-                every=self.every,
-                activation_modules=act_paths,
-            )
-            for sink in self._sinks:
-                sink.open(info)
+            lifecycle.attach_parts(self)
+            self._noise = noise_scale_from_option(model, optimizer, options.noise_scale, self._hooks)
+            if optimizer is not None:
+                self._follower.attach()
+                if self._guard is not None:
+                    self._guard.attach(optimizer)
         except BaseException:
             self._hooks.remove_all()
             raise
         _WATCHED.add(target)
         _OPEN.add(self)
+        self._opened = True
         self._recorder.begin(self._step + 1)
 
     # -- public API ----------------------------------------------------------------------------------
@@ -193,22 +187,28 @@ class GradScope:
             raise ConfigurationError(
                 "This gradscope scope is closed; scope.step() can no longer be called. Watch again."
             )
-        named = {"loss": loss, "val_loss": val_loss, **scalars}
+        named = {"loss": loss, "val_loss": val_loss, **scalars, **(self._noise.scalars() if self._noise else {})}
         values = {k: scalar_value(k, v) for k, v in named.items() if v is not None}
         diagnosis = self._diagnosis
         diagnosis.cadence.step_started()
         self._step += 1
-        self._order.detach()
+        if self._step == 1:
+            lifecycle.relayout_if_changed(self)
+        if self._order.seen_any:
+            self._order.detach()
         recorder = self._recorder
         if recorder.pending is not None:
             diagnosis.recorded()
+        if self._repeat.repeated(recorder, self.layout):
+            self._warn("repeated-step", REPEATED_STEP)
         try:
             if recorder.finish(values, self._step):
-                self._raise_nonfinite()
+                lifecycle.raise_nonfinite(self)
         except NonFiniteGradientError:
             raise
         except Exception as exc:  # monitoring must never stop training
             self._problem("step", f"recording step {self._step} failed: {type(exc).__name__}: {exc}")
+        self._repeat.ended(self.layout)
         if recorder.end_step():
             self._warn(
                 "compiled-activations",
@@ -222,9 +222,36 @@ class GradScope:
             diagnosis.live(self._step)
         recorder.begin(self._step + 1)
         diagnosis.cadence.step_ended()
-        stop = diagnosis.take_stop()
-        if stop:
-            self._stop(stop)
+        found = diagnosis.take_stop()
+        if found:
+            lifecycle.stop(self, found)
+
+    def locate_nonfinite(self, batch: Any = None, loss_fn: Callable | None = None) -> NonfiniteOrigin | None:
+        """Name the module and operation where a NaN/Inf first appeared (:mod:`gradscope.capture.nonfinite`).
+
+        With ``batch=(inputs, targets)``: replay ``loss_fn(model(inputs), targets)`` and its backward under
+        finiteness checks on a copy of the model, and return the origin (None: all finite). Without: arm the
+        checks for the next forward (non-finite weights); a new ``nonfinite_gradients`` finding carries it.
+        """
+        from gradscope.capture.nonfinite import locate_nonfinite  # imported on use: nothing is armed until then
+
+        return locate_nonfinite(self, batch, loss_fn)
+
+    def noise_scale(self) -> NoiseScaleEstimate:
+        """The gradient noise scale estimate (``watch(noise_scale=...)``, docs/rules.md); one host sync."""
+        return scope_estimate(self._noise)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Watch the steps of ``optimizer`` from now on, instead of the optimizer passed to ``watch()``.
+
+        Call it when the loop builds a new optimizer over the watched parameters (a resume, an LR finder, a
+        new phase). Without the call gradscope notices the new optimizer at its first step, warns once and
+        follows it.
+
+        Raises:
+            ConfigurationError: ``optimizer`` is not an optimizer, the scope is closed, or ``watch()`` had none.
+        """
+        lifecycle.attach_optimizer(self, optimizer)
 
     def flush(self) -> list:
         """Copy buffered statistics to the host, run the rules and write the sinks now.
@@ -288,6 +315,16 @@ class GradScope:
             _OPEN.discard(self)
         return self._make_report()
 
+    def __del__(self) -> None:
+        # An unclosed scope that is collected (a train() helper that forgot close()) still writes its
+        # outputs and report_path. Nothing registered on the model or optimizer holds the scope strongly.
+        if self.__dict__.get("_closed", True) or not self.__dict__.get("_opened"):
+            return  # closed, or __init__ failed before anything was attached
+        try:
+            self._close(collective=False, ended_by="garbage collection")
+        except Exception:  # a finaliser never raises
+            pass
+
     def __enter__(self) -> GradScope:
         return self
 
@@ -308,58 +345,16 @@ class GradScope:
 
     # -- flush, rules, sinks ---------------------------------------------------------------------------
     def _flush(self, *, final: bool, collective: bool = True) -> list:
+        if self._step and not self._closed:
+            lifecycle.warn_unwatched(self)  # O(parameters) on the host, once per flush
         return self._diagnosis.flush(final=final, collective=collective, step_count=self._step)
 
-    def _stop(self, found: list) -> None:
-        written = None
-        if self.report_path is not None and self._dist.writes:
-            try:  # confirmed findings only: the file never contradicts the one close() writes
-                self._make_report().to_json(self.report_path)
-                written = os.fspath(self.report_path)
-            except Exception as exc:
-                self._problem("report-path", f"writing the report to {self.report_path!r} failed: {exc}")
-        report = self._make_report()
-        raise GradientHealthError(stop_message(found, self.options.stop_on, self._step, written), report=report)
-
-    def _raise_nonfinite(self) -> None:
-        new = self._flush(final=False)
-        found = [f for f in self.engine.findings if f.kind == "nonfinite_gradients" and f.step == self._step] or [
-            f for f in new if f.severity == "error"
-        ]
-        if found:
-            msg = "\n".join(str(f) for f in found)
-        else:
-            bad = self._recorder.nonfinite_layer(self._order.depth_order())
-            msg = f"Non-finite gradient at step {self._step}; first layer in backward order: {bad or '(unknown)'!r}."
-        raise NonFiniteGradientError(msg, report=self._make_report())
+    def _nonfinite(self) -> None:
+        lifecycle.nonfinite_in_step(self)
 
     def _make_report(self, extra: Sequence = (), frame: Any = None, live: dict | None = None) -> Report:
         recorder, frame = self._recorder, self.frame if frame is None else frame
-        meta = {
-            "model": type(self.module).__name__,
-            "parameters": int(sum(p.numel for p in self.layout.params)),
-            "trainable_parameters": int(sum(t.numel() for t in self.layout.tensors if t.requires_grad)),
-            "tensors": len(self.layout.params),
-            "layers": len(self.layout.layers),
-            "layers_by_depth": self.layers_by_depth(),
-            "device": str(self.device),
-            "steps": self._step,
-            "recorded_steps": len(self.frame) + recorder.waiting,
-            "every": self.every,
-            "sample_every": self.sample_every,
-            "stats": list(self.stat_names),
-            "rules": [r.name for r in self.engine.rules],
-            "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
-            "history": self.frame.history_info(),
-            "compiled": self.compiled,
-            "activations": recorder.acts is not None and bool(recorder.acts.entries),
-        }
-        if self._dist.world_size > 1:
-            meta["distributed"] = {**self._dist.describe(), "unreduced_rows_dropped": recorder.unreduced_rows}
-        if self._ended_by is not None:
-            meta["ended_by"] = self._ended_by
-        if live is not None:
-            meta["live"] = live
+        meta = report_meta(self, live)
         return Report(
             findings=[*self.engine.findings, *extra],
             frame=frame,
@@ -404,6 +399,7 @@ def watch(
     histogram_every: int | None = 100,
     histogram_weights: bool = False,
     figure_every: int | None = 1000,
+    noise_scale: bool | int = False,
 ) -> GradScope:
     """Watch ``model``'s gradients: per-layer statistics on the device, rules, and outputs.
 
@@ -420,7 +416,8 @@ def watch(
         flush_every: copy statistics to the host, run the rules and write outputs every this many
             recorded steps (one device-to-host copy each time).
         stats: statistic names to collect; default all built-ins (``update_ratio`` only with an optimizer).
-        rules: ``"all"`` (default), ``"none"``, or a list of rule names / Rule instances; ``"-name"`` removes one.
+        rules: ``"all"`` (default), ``"none"``, or a list of rule names / Rule instances; ``"-name"`` removes one
+            (a list that starts with a removal starts from ``"all"``).
         thresholds: per-rule threshold overrides, ``{"vanishing_gradients": {"ratio": 1e-4}}``.
         activations: measure ReLU/tanh/sigmoid outputs (dead and saturated units) on sampled steps.
         sample_every: every this many steps (a multiple of ``every``), also take the statistics that cost
@@ -429,7 +426,8 @@ def watch(
             come from a single pass and are taken at every recorded step. ``sample_every=1`` takes
             everything every step (see docs/performance.md for what each costs).
         on_nonfinite: ``"record"`` (a finding at the next flush) or ``"raise"`` (stop at the step where a
-            gradient first holds NaN/Inf, naming the layer; costs one host sync per recorded step).
+            gradient first holds NaN/Inf, naming the layer, from ``optimizer.step()`` before the update, so
+            the weights stay intact; costs one host sync per recorded step).
         on_finding: called with each new :class:`Finding`, once, on the training thread, at the step
             it becomes visible (an exception it raises is reported as a warning; training goes on).
         stop_on: ``"error"``, ``"warning"`` or rule kinds: when such a finding becomes visible,
@@ -442,7 +440,8 @@ def watch(
             run length while ``report.stats`` still spans the run (``report.meta["history"]`` says
             from which step it is full). ``None`` keeps every step.
         report_path: write the JSON report here at ``close()``, also when the loop raises (NaN,
-            ``KeyboardInterrupt``) and at interpreter exit; atomically (temporary file + rename), so a
+            ``KeyboardInterrupt``), when an unclosed scope is garbage-collected and at interpreter exit;
+            atomically (temporary file + rename), so a
             killed process leaves the previous complete file or none, never a truncated one.
         distributed: ``"auto"`` (default): under ``torch.distributed`` with several ranks, statistics
             are global (DDP gradients are already all-reduced; FSDP2/DTensor shards are combined at each
@@ -453,6 +452,7 @@ def watch(
         histogram_weights: with ``log_dir`` or ``writer``: also histograms of the weights.
         figure_every: with ``log_dir`` or ``writer``: the gradient-flow figure every this many steps
             (and at ``close()``); None: only at ``close()``. See docs/tensorboard.md.
+        noise_scale: True or the micro-batch size (per rank): the gradient noise scale (docs/rules.md).
 
     Returns:
         A :class:`GradScope`; use it as a context manager or call ``close()``.
@@ -494,5 +494,6 @@ def watch(
         histogram_every=histogram_every,
         histogram_weights=histogram_weights,
         figure_every=figure_every,
+        noise_scale=noise_scale,
     )
     return GradScope(model, optimizer=optimizer, options=options)

@@ -1,8 +1,12 @@
 """Activation statistics for dead and saturated units, taken by forward hooks on sampled steps only.
 
-Hooks are registered just before a sampled step and removed at its end, so other steps pay nothing.
-Only modules in training mode are measured (a validation forward inside a step is ignored), and
-only the first training forward of a step (one micro-batch under gradient accumulation).
+One global forward hook (``torch.nn.modules.module.register_module_forward_hook``) is registered just
+before a sampled step and removed at its end, so other steps pay nothing. It is global, not on the
+user's modules, and it picks the watched modules by identity: nothing is ever left on a module, so
+``torch.save(model)``, pickling and ``copy.deepcopy(model)`` work at every step, and the forward
+passes of a deep copy (an EMA or evaluation model) never reach the scope. Only modules in training
+mode are measured (a validation forward inside a step is ignored), and only the first training
+forward of a step (one micro-batch under gradient accumulation).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from gradscope.capture.hooks import HookManager
+from gradscope.capture.weakcall import WeakCall
 
 __all__ = ["ACTIVATION_KINDS", "SATURATION_DERIVATIVE", "ActivationMonitor", "find_activations"]
 
@@ -164,7 +169,7 @@ def activation_statistics(
 
 
 class ActivationMonitor:
-    """Registers forward hooks on sampled steps and writes statistics into the device buffer.
+    """Registers a global forward hook on sampled steps and writes statistics into the device buffer.
 
     Args:
         model: the watched module.
@@ -176,6 +181,8 @@ class ActivationMonitor:
     def __init__(self, model: nn.Module, hooks: HookManager) -> None:
         self.entries = find_activations(model)
         self._hooks = hooks
+        # module identity -> its entry: the global hook measures these modules only (not a deep copy's)
+        self._by_id: dict[int, tuple[ActivationInfo, nn.Module]] = {id(m): (info, m) for info, m in self.entries}
         self._target: Callable[[], Tensor] | None = None
         self._seen: set[int] = set()
         #: Set when a hook ran inside a ``torch.compile`` trace (the module was compiled after watching).
@@ -193,41 +200,44 @@ class ActivationMonitor:
 
     @property
     def armed(self) -> bool:
-        """True while hooks are registered (a sampled step is in progress)."""
+        """True while the hook is registered (a sampled step is in progress)."""
         return self._hooks.count(self.GROUP) > 0
 
     def arm(self, target: Callable[[], Tensor]) -> None:
-        """Register hooks; each writes its module's row of ``target()`` (``[n_act, 3]``)."""
+        """Register the hook; it writes each watched module's row of ``target()`` (``[n_act, 3]``)."""
         self.disarm()
         self._target = target
         self._seen = set()
-        for info, module in self.entries:
-            self._hooks.add(self.GROUP, module.register_forward_hook(self._make_hook(info)))
+        if self.entries:
+            # Weakly bound: the global hook registry never keeps the monitor (and its scope) alive.
+            hook = WeakCall(self, "_on_forward")
+            self._hooks.add(self.GROUP, torch.nn.modules.module.register_module_forward_hook(hook))
 
     def retarget(self, target: Callable[[], Tensor]) -> None:
         """Point the armed hooks at another buffer row (the row moved during a flush)."""
         self._target = target
 
     def disarm(self) -> None:
-        """Remove the hooks (end of a sampled step)."""
+        """Remove the hook (end of a sampled step)."""
         self._hooks.remove(self.GROUP)
         self._target = None
 
-    def _make_hook(self, info: ActivationInfo) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if torch.compiler.is_compiling():
-                # Under torch.compile this hook is traced into the graph, and a write into a buffer row
-                # would be frozen there (later steps would not land in their own rows). Measure nothing
-                # and tell the scope, which then stops arming hooks (no graph break, no recompiles).
-                self.compiled = True
-                return
-            if not module.training or info.index in self._seen or self._target is None:
-                return
-            if not isinstance(output, Tensor) or output.numel() == 0:
-                return
-            self._seen.add(info.index)
-            stats = activation_statistics(output, info.kind, module, info.channel_first_3d)
-            row = self._target()[info.index]
-            row.copy_(torch.stack(stats).to(device=row.device, dtype=row.dtype))
-
-        return hook
+    def _on_forward(self, module: nn.Module, args: tuple, output: object) -> None:
+        entry = self._by_id.get(id(module))
+        if entry is None or entry[1] is not module:
+            return  # another module (another model, a deep copy): not watched
+        info = entry[0]
+        if torch.compiler.is_compiling():
+            # Under torch.compile this hook is traced into the graph, and a write into a buffer row
+            # would be frozen there (later steps would not land in their own rows). Measure nothing
+            # and tell the scope, which then stops arming hooks (no graph break, no recompiles).
+            self.compiled = True
+            return
+        if not module.training or info.index in self._seen or self._target is None:
+            return
+        if not isinstance(output, Tensor) or output.numel() == 0:
+            return
+        self._seen.add(info.index)
+        stats = activation_statistics(output, info.kind, module, info.channel_first_3d)
+        row = self._target()[info.index]
+        row.copy_(torch.stack(stats).to(device=row.device, dtype=row.dtype))

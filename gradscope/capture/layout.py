@@ -3,18 +3,53 @@
 A *layer* is the path of the module that owns a parameter (``encoder.layers.3.mlp.fc1``; ``""`` for
 parameters registered directly on the root). A parameter shared by several modules (tied embeddings)
 is watched once; its layer names every owner, joined by ``+`` (``transformer.wte+lm_head``).
+
+Layer keys cannot collide with the separators and reserved names around them: in each path component
+``%``, ``+`` and ``/`` are written ``%25``, ``%2B`` and ``%2F``, and a component that is exactly ``*``
+(the whole-model and whole-layer aggregates) is written ``%2A`` (:func:`escape_name`, reversed by
+:func:`unescape_name`). Ordinary names are unchanged.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ["TIED_SEPARATOR", "ParamInfo", "ParamLayout", "unwrap_model"]
+__all__ = ["TIED_SEPARATOR", "ParamInfo", "ParamLayout", "escape_name", "unescape_name", "unwrap_model"]
 
 TIED_SEPARATOR = "+"
+_ESCAPES = (("%", "%25"), ("+", "%2B"), ("/", "%2F"))
+_UNESCAPE = {esc: raw for raw, esc in _ESCAPES}
+_ESCAPED = re.compile("%25|%2B|%2F")
+
+
+def escape_name(path: str) -> str:
+    """A module path (or parameter name) as it appears in a layer key: reserved characters escaped.
+
+    Example:
+        >>> escape_name("blocks.a+b.*")
+        'blocks.a%2Bb.%2A'
+    """
+    parts = []
+    for part in path.split("."):
+        for raw, esc in _ESCAPES:
+            part = part.replace(raw, esc)
+        parts.append("%2A" if part == "*" else part)
+    return ".".join(parts)
+
+
+def unescape_name(key: str) -> str:
+    """Inverse of :func:`escape_name`."""
+    if "%" not in key:
+        return key
+    parts = []
+    for part in key.split("."):
+        parts.append("*" if part == "%2A" else _ESCAPED.sub(lambda m: _UNESCAPE[m.group(0)], part))
+    return ".".join(parts)
+
 
 # Wrappers whose own name adds nothing: their parameters are the wrapped module's.
 _WRAPPER_ATTRS = (
@@ -50,8 +85,8 @@ class ParamInfo:
     Attributes:
         index: position in the layout (and in the statistics buffer).
         name: full name as ``named_parameters()`` gives it first (``fc1.weight``).
-        layer: owning module path; owners of a tied parameter joined by ``+``.
-        param: the parameter's own attribute name (``weight``).
+        layer: owning module path (escaped, :func:`escape_name`); owners of a tied parameter joined by ``+``.
+        param: the parameter's own attribute name (``weight``; escaped the same way).
         aliases: every full name the tensor is reachable under (more than one when tied).
         shape: the parameter's shape.
         numel: number of elements.
@@ -123,10 +158,11 @@ class ParamLayout:
             p = tensors[key]
             owners: list[str] = []
             for n in names:
-                owner, _ = _split(n)
+                owner = escape_name(_split(n)[0])
                 if owner not in owners:
                     owners.append(owner)
             layer, leaf = _split(names[0])
+            layer, leaf = escape_name(layer), escape_name(leaf)
             params.append(
                 ParamInfo(
                     index=len(params),
@@ -167,5 +203,5 @@ class ParamLayout:
         return members
 
     def owners(self, layer: str) -> list[str]:
-        """Module paths behind a layer key (several for a tied parameter)."""
-        return layer.split(TIED_SEPARATOR)
+        """Module paths (as ``named_modules()`` gives them) behind a layer key (several for a tied parameter)."""
+        return [unescape_name(owner) for owner in layer.split(TIED_SEPARATOR)]

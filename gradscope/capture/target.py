@@ -11,7 +11,17 @@ import torch.nn as nn
 from gradscope.capture.layout import ParamLayout
 from gradscope.errors import ConfigurationError
 
-__all__ = ["check_arguments", "is_compiled", "unwrap_optimizer", "watchable_layout"]
+__all__ = [
+    "MAX_BUFFER_BYTES",
+    "check_arguments",
+    "check_buffer_size",
+    "is_compiled",
+    "unwrap_optimizer",
+    "watchable_layout",
+]
+
+#: The largest device buffer a scope allocates (``flush_every`` rows of every tensor's moments).
+MAX_BUFFER_BYTES = 2**30
 
 
 def check_arguments(model: Any, optimizer: Any) -> None:
@@ -58,6 +68,18 @@ def watchable_layout(target: nn.Module) -> ParamLayout:
     Raises:
         ConfigurationError: ``target`` has no parameters, none trainable, or some on the 'meta' device.
     """
+    lazy = [
+        name
+        for name, t in [*target.named_parameters(remove_duplicate=False), *target.named_buffers()]
+        if nn.parameter.is_lazy(t)
+    ]
+    if lazy:
+        owners = sorted({name.rpartition(".")[0] or "(root)" for name in lazy})
+        raise ConfigurationError(
+            f"The {type(target).__name__} passed as `model` has uninitialised (lazy) parameters in "
+            f"{', '.join(owners[:5])}{' ...' if len(owners) > 5 else ''}: their shapes are known only after a forward "
+            "pass. Run one forward pass (model(example_batch)) before watch(model)."
+        )
     layout = ParamLayout.from_model(target)
     if not layout.params:
         raise ConfigurationError(
@@ -72,3 +94,26 @@ def watchable_layout(target: nn.Module) -> ParamLayout:
     if any(d.type == "meta" for d in devices):
         raise ConfigurationError("The model has parameters on the 'meta' device; materialise it before watching.")
     return layout
+
+
+def check_buffer_size(flush_every: int, n_tensors: int, n_cols: int, itemsize: int = 8) -> None:
+    """Refuse a device buffer over :data:`MAX_BUFFER_BYTES` before allocating it.
+
+    Args:
+        flush_every: rows buffered between flushes (the buffer has one more).
+        n_tensors: watched parameter tensors (one buffer line each per row).
+        n_cols: moment columns per tensor.
+        itemsize: bytes per value (float64).
+
+    Raises:
+        ConfigurationError: naming ``flush_every`` and a value that fits.
+    """
+    per_row = max(n_tensors * n_cols * itemsize, 1)
+    need = (flush_every + 1) * per_row
+    if need > MAX_BUFFER_BYTES:
+        fits = max(MAX_BUFFER_BYTES // per_row - 1, 1)
+        raise ConfigurationError(
+            f"`flush_every={flush_every}` would preallocate a {need / 2**30:.1f} GiB statistics buffer on the device "
+            f"({n_tensors} tensors x {n_cols} moments per recorded step). Pass flush_every={min(fits, 50)} (at most "
+            f"{fits} fits in {MAX_BUFFER_BYTES // 2**20} MiB)."
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 from typing import Any, Callable
 
 import torch
@@ -56,8 +57,14 @@ ON_UNSUPPORTED = ("error", "finite_difference")
 def _check_tolerance(name: str, value: float | None) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise ConfigurationError(f"Expected `{name}` to be a non-negative float, but got {value!r}.")
+    if not value <= sys.float_info.max:
+        # inf (or NaN, or an int too large for a float) would let every comparison pass silently
+        raise ConfigurationError(
+            f"Expected `{name}` to be a finite non-negative float, but got {value!r}: it would let every "
+            f"comparison pass. Pass a finite tolerance such as {name}=1e-6, or leave it out for the default."
+        )
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:

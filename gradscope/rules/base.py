@@ -107,7 +107,15 @@ class Rule(ABC):
                     raise ConfigurationError(
                         f"Expected threshold {key!r} of rule {self.name!r} to be a number like {default!r}, but got {value!r}."
                     )
-                value = type(default)(value) if isinstance(default, float) else value
+                if isinstance(default, float):
+                    value = float(value)
+                elif not float(value).is_integer():  # an int default is a count (steps, samples)
+                    raise ConfigurationError(
+                        f"Expected threshold {key!r} of rule {self.name!r} to be a whole number like {default!r} "
+                        f"(a count), but got {value!r}. Pass {key}={int(value)} or {int(value) + 1}."
+                    )
+                else:
+                    value = int(value)
             values[key] = value
         self.thresholds: dict[str, Any] = values
         self.validate()

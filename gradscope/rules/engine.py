@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
 from gradscope.errors import ConfigurationError, GradscopeWarning, RegistryError
-from gradscope.findings import Finding
+from gradscope.findings import SEVERITIES, Finding, jsonable
 from gradscope.rules.base import Rule, RuleContext
 from gradscope.rules.registry import RULES
 
@@ -35,11 +37,12 @@ class RuleSelection(list[Rule]):
         self.implicit: frozenset[str] = frozenset(implicit)
 
 
-def _rule_class(name: str) -> type[Rule]:
+def _rule_class(name: str, where: str = "rules") -> type[Rule]:
+    # `where` names the argument the name came from, so the error says which one to fix
     try:
         return RULES.get(name)
     except RegistryError as exc:
-        raise ConfigurationError(str(exc)) from None
+        raise ConfigurationError(f"`{where}`: {exc}") from None
 
 
 def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | None = None) -> RuleSelection:
@@ -48,7 +51,8 @@ def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | No
     Args:
         spec: ``"all"`` (every registered rule, the default), ``"none"``, or an iterable of rule names and
             :class:`Rule` instances. A name prefixed with ``-`` removes that rule, so
-            ``["all", "-overfitting"]`` runs every rule but one.
+            ``["all", "-overfitting"]`` runs every rule but one; a spec that starts with a removal
+            starts from ``"all"`` (``["-overfitting"]`` is the same).
         thresholds: ``{rule name: {threshold: value}}`` overrides.
 
     Returns:
@@ -65,9 +69,12 @@ def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | No
         raise ConfigurationError(
             f'Expected `rules` to be "all", "none" or a list of rule names / Rule instances, but got {spec!r}.'
         )
+    items = list(spec)
+    if items and isinstance(items[0], str) and items[0].startswith("-"):
+        items.insert(0, "all")  # removals from nothing would select nothing: they remove from "all"
     chosen: dict[str, Rule | None] = {}
     named: set[str] = set()  # rules asked for by name or instance (not only through "all")
-    for item in spec:
+    for item in items:
         if isinstance(item, Rule):
             chosen[item.name] = item
             named.add(item.name)
@@ -91,13 +98,14 @@ def build_rules(spec: RuleSpec, thresholds: Mapping[str, Mapping[str, Any]] | No
             raise ConfigurationError(
                 f"Expected each entry of `rules` to be a rule name or a Rule instance, but got {item!r}."
             )
-    thresholds = dict(thresholds or {})
-    if not isinstance(thresholds, Mapping):
+    if thresholds is not None and not isinstance(thresholds, Mapping):
         raise ConfigurationError(
-            f"Expected `thresholds` to be a dict {{rule name: {{threshold: value}}}}, but got {thresholds!r}."
+            f"Expected `thresholds` to be a dict {{rule name: {{threshold: value}}}}, but got {thresholds!r}; "
+            'for example thresholds={"vanishing_gradients": {"ratio": 1e-4}}.'
         )
+    thresholds = dict(thresholds or {})
     for name, values in thresholds.items():
-        _rule_class(name)
+        _rule_class(name, "thresholds")
         if name not in chosen:
             raise ConfigurationError(
                 f"`thresholds` sets values for rule {name!r}, which is not enabled in `rules`. Enable it or drop the entry."
@@ -127,7 +135,10 @@ class RuleEngine:
     A rule that reports a (kind, layer) it reported before is updating that finding's episode: the
     engine copies the new ``last_step`` and ``resolved_step`` onto the finding it keeps (see
     :meth:`Rule.check`); the first finding's step, message and evidence stay. A rule that raises is
-    reported as a warning and switched off: monitoring never crashes training.
+    reported as a warning and switched off: monitoring never crashes training. So is a rule whose
+    ``check()`` returns something other than a list of :class:`Finding` (None, a dict, a finding with a
+    step that is not an int...); the other rules go on. Evidence that is not JSON-able is written as
+    its ``repr`` (with a warning naming the rule), so the report can always be written.
 
     Args:
         rules: the rules to run; from :func:`build_rules`, a :class:`RuleSelection` that says which
@@ -142,6 +153,7 @@ class RuleEngine:
         self.inactive: list[str] = []  # rules from "all" left out: the scope does not collect what they read
         self._seen: set[tuple[str, str | None]] = set()
         self._broken: set[str] = set()
+        self._broken_evidence: set[str] = set()
         self.updated: list[Finding] = []  # kept findings whose episode the last run() changed
 
     def check_requirements(self, collected: Iterable[str], *, activations: bool) -> None:
@@ -184,12 +196,12 @@ class RuleEngine:
             if rule.name in self._broken:
                 continue
             try:
-                found = rule.check(ctx)
+                found = self._checked(rule, rule.check(ctx))
+            except _Malformed as exc:
+                self._switch_off(rule, str(exc))
+                continue
             except Exception as exc:  # a broken rule must not stop training
-                self._broken.add(rule.name)
-                msg = f"Rule {rule.name!r} raised {type(exc).__name__}: {exc}; it is switched off for this run."
-                self.errors.append(msg)
-                warnings.warn(msg, GradscopeWarning, stacklevel=2)
+                self._switch_off(rule, f"raised {type(exc).__name__}: {exc}")
                 continue
             for f in found:
                 key = (f.kind, f.layer)
@@ -209,3 +221,84 @@ class RuleEngine:
             self.findings[i] = dataclasses.replace(kept, last_step=update.last_step, resolved_step=update.resolved_step)
             self.updated.append(self.findings[i])
         return new
+
+    # -- isolation -------------------------------------------------------------------------------------
+    def _switch_off(self, rule: Rule, why: str) -> None:
+        self._broken.add(rule.name)
+        msg = f"Rule {rule.name!r} ({type(rule).__name__}) {why}; it is switched off for this run."
+        self.errors.append(msg)
+        warnings.warn(msg, GradscopeWarning, stacklevel=3)
+
+    def _checked(self, rule: Rule, found: Any) -> list[Finding]:
+        """``found`` as a list of well-formed findings, or ``_Malformed`` naming what is wrong."""
+        if isinstance(found, (str, bytes, Mapping, Finding)) or not isinstance(found, Iterable):
+            raise _Malformed(f"check() returned {type(found).__name__}, not a list of Finding")
+        out = list(found)
+        for f in out:
+            if not isinstance(f, Finding):
+                raise _Malformed(f"check() returned a {type(f).__name__} among its findings, not a Finding")
+            bad = _malformed_field(f)
+            if bad:
+                raise _Malformed(f"check() returned a Finding whose {bad}")
+        for i, f in enumerate(out):
+            safe = _json_safe(f.evidence)
+            if safe is not f.evidence:
+                key = f"{rule.name}-evidence"
+                if key not in self._broken_evidence:
+                    self._broken_evidence.add(key)
+                    msg = (
+                        f"Rule {rule.name!r} ({type(rule).__name__}) gave evidence that is not JSON-able; the values "
+                        "that are not are written as their repr()."
+                    )
+                    self.errors.append(msg)
+                    warnings.warn(msg, GradscopeWarning, stacklevel=3)
+                out[i] = dataclasses.replace(f, evidence=safe)
+        return out
+
+
+class _Malformed(Exception):
+    """A rule's ``check()`` returned something that is not a list of well-formed findings."""
+
+
+def _malformed_field(f: Finding) -> str | None:
+    if not isinstance(f.kind, str) or not f.kind:
+        return f"kind is {f.kind!r}, not a rule name"
+    if f.severity not in SEVERITIES:
+        return f"severity is {f.severity!r}, not one of {SEVERITIES}"
+    for name in ("step", "last_step", "resolved_step"):
+        value = getattr(f, name)
+        if (value is not None or name == "step") and (
+            isinstance(value, bool) or not isinstance(value, numbers.Integral)
+        ):
+            return f"{name} is {value!r}, not an int"
+    if f.layer is not None and not isinstance(f.layer, str):
+        return f"layer is {f.layer!r}, not a layer key or None"
+    if not isinstance(f.message, str) or not isinstance(f.suggestion, str):
+        return "message or suggestion is not a str"
+    if not isinstance(f.evidence, Mapping):
+        return f"evidence is a {type(f.evidence).__name__}, not a dict"
+    return None
+
+
+def _json_safe(evidence: Mapping[str, Any]) -> Any:
+    """``evidence`` itself when it is JSON-able; else a copy whose offending values are their ``repr``."""
+    try:
+        json.dumps(jsonable(evidence), allow_nan=False)
+        return evidence
+    except (TypeError, ValueError, RecursionError):
+        pass
+
+    def fix(x: Any, depth: int = 0) -> Any:
+        if depth > 32:
+            return repr(x)
+        if isinstance(x, Mapping):
+            return {str(k): fix(v, depth + 1) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [fix(v, depth + 1) for v in x]
+        try:
+            json.dumps(jsonable(x), allow_nan=False)
+            return x
+        except (TypeError, ValueError, RecursionError):
+            return repr(x)
+
+    return fix(evidence)

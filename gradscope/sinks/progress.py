@@ -10,6 +10,8 @@ import sys
 import time
 from typing import TextIO
 
+from gradscope._io import one_line
+
 __all__ = ["Progress"]
 
 
@@ -42,7 +44,7 @@ class Progress:
         width: int = 28,
     ) -> None:
         self.total = max(0, int(total))
-        self.label = label
+        self.label = one_line(label)  # a path from the command line may hold control characters
         self.stream = stream if stream is not None else sys.stderr
         if enabled is None:
             isatty = getattr(self.stream, "isatty", None)

@@ -2,7 +2,9 @@
 
 Event files are read with TensorBoard's own record reader
 (``tensorboard.backend.event_processing.event_file_loader``) and run discovery
-(``io_wrapper.GetLogdirSubdirectories``), so whatever TensorBoard can read, this can. What comes back:
+(``io_wrapper.GetLogdirSubdirectories``), so whatever TensorBoard can read, this can; those modules
+are the ones ``EventAccumulator`` is built on, not a public API, so when they are missing gradscope
+reads the TFRecord framing itself (:func:`tfrecords`). What comes back:
 
 * ``report.stats`` from the ``gradscope/<stat>/<layer>[/<param>]`` scalars (float32, as stored);
 * ``report.scalars`` from ``gradscope/scalar/<name>``;
@@ -10,6 +12,12 @@ Event files are read with TensorBoard's own record reader
   the TensorBoard sink: the final ``gradscope/_report`` at ``close()``, and ``gradscope/_findings``
   at each flush). A run that never closed (a killed process) still gives every finding flushed
   before it stopped, and says so in ``report.errors``.
+
+Damaged input never raises a raw error: an event that does not decode, a JSON record that is not
+JSON or not the shape gradscope writes, a scalar tensor that is not one number, or the unreadable
+tail of a file (bad checksum) is skipped and named in ``report.errors`` ("damaged <tag> record at
+step N skipped: ..."). Only a damaged *final* ``gradscope/_report`` record is a :class:`RunReadError`:
+it holds the run's verdict, which no other record can stand in for.
 """
 
 from __future__ import annotations
@@ -24,10 +32,11 @@ from typing import TYPE_CHECKING, Any, Union
 from gradscope.sinks import tags as T
 
 if TYPE_CHECKING:
+    from gradscope.findings import Finding
     from gradscope.report import Report
     from gradscope.sinks.progress import Progress
 
-__all__ = ["RunReadError", "event_files", "find_runs", "read_report", "read_run"]
+__all__ = ["RunReadError", "event_files", "find_runs", "read_report", "read_run", "tfrecords"]
 
 _EVENTS = "events.out.tfevents"
 
@@ -44,14 +53,45 @@ def event_files(run_dir: Union[str, os.PathLike[str]]) -> list[Path]:
 
 def find_runs(logdir: Union[str, os.PathLike[str]]) -> list[Path]:
     """Every run (a folder holding event files) at or below ``logdir``, as TensorBoard finds them."""
-    from tensorboard.backend.event_processing import io_wrapper
-
+    try:
+        from tensorboard.backend.event_processing import io_wrapper
+    except ImportError:  # a TensorBoard that moved its loader: walk the folders ourselves
+        return sorted({Path(d) for d, _, files in os.walk(logdir) if any(_EVENTS in f for f in files)})
     return sorted(Path(p) for p in io_wrapper.GetLogdirSubdirectories(str(logdir)))
 
 
-def _records(path: Path) -> Iterator[bytes]:
-    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+def tfrecords(path: Union[str, os.PathLike[str]]) -> Iterator[bytes]:
+    """The records of an event file, read by gradscope itself (TFRecord framing; checksums not verified).
 
+    Each record is ``uint64 length, uint32 masked CRC of the length, data, uint32 masked CRC of the
+    data``, little-endian. A truncated last record (a file still being written) ends the iteration.
+    The fallback of :func:`_records` when TensorBoard's loader module is not where it used to be.
+    """
+    import struct
+
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        while True:
+            header = fh.read(12)
+            if len(header) < 12:
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            if length > size - fh.tell():  # a damaged length: reading it would ask for up to 2**64 bytes
+                return
+            data = fh.read(length)
+            if len(data) < length or len(fh.read(4)) < 4:
+                return
+            yield data
+
+
+def _records(path: Path) -> Iterator[bytes]:
+    # TensorBoard's own loader (checksums verified, partial records handled as TensorBoard does); it
+    # is the module EventAccumulator is built on, not a public API, so a fallback reads the format.
+    try:
+        from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    except ImportError:
+        yield from tfrecords(path)
+        return
     yield from RawEventFileLoader(str(path)).Load()
 
 
@@ -59,15 +99,120 @@ def _plugin(value: Any) -> str:
     return value.metadata.plugin_data.plugin_name if value.HasField("metadata") else ""
 
 
+class _Damaged(Exception):
+    """A record that cannot be read; the reader skips it and says so in ``report.errors``."""
+
+
+#: At most this many damaged-record notes in ``report.errors``; the rest are counted.
+_MAX_NOTES = 20
+
+
+class _Notes:
+    """The reader's notes on damaged records: the first few in full, then a count."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+        self.more = 0
+
+    def add(self, note: str) -> None:
+        if len(self.notes) < _MAX_NOTES:
+            self.notes.append(note)
+        else:
+            self.more += 1
+
+    def all(self) -> list[str]:
+        return self.notes + ([f"... and {self.more} more damaged record(s) skipped."] if self.more else [])
+
+
 def _scalar_of(value: Any, plugin: str) -> float | None:
+    """The value of a scalar summary; None when it is not a scalar (a histogram...).
+
+    Raises:
+        _Damaged: a scalar whose tensor is not one number (a hand-made or damaged file).
+    """
     kind = value.WhichOneof("value")
     if kind == "simple_value":
         return float(value.simple_value)
     if kind == "tensor" and plugin == "scalars":  # "new style" scalars
         from tensorboard.util import tensor_util
 
-        return float(tensor_util.make_ndarray(value.tensor).reshape(()))
+        try:
+            array = tensor_util.make_ndarray(value.tensor)
+            if array.size != 1:
+                raise _Damaged(f"a scalar holding {array.size} values")
+            return float(array.reshape(()))
+        except (TypeError, ValueError, KeyError, IndexError) as exc:  # unknown dtype, bytes, wrong shape
+            raise _Damaged(f"an unreadable scalar tensor ({type(exc).__name__})") from None
     return None
+
+
+def _json_payload(value: Any) -> Any:
+    """The JSON a gradscope record carries (:func:`gradscope.sinks.protos.json_summary`), parsed.
+
+    Raises:
+        _Damaged: no payload, not UTF-8, not JSON, or nested beyond the parser's recursion limit.
+    """
+    try:
+        return json.loads(value.tensor.string_val[0].decode("utf-8"))
+    except IndexError:
+        raise _Damaged("no payload") from None
+    except UnicodeDecodeError:
+        raise _Damaged("not UTF-8 text") from None
+    except RecursionError:
+        raise _Damaged("JSON nested too deeply") from None
+    except ValueError as exc:
+        raise _Damaged(f"not JSON ({exc})") from None
+
+
+def _findings_of(payload: Any) -> list[Finding]:
+    """The findings of a ``gradscope/_findings`` record: a list of findings, or ``{"findings": [...]}``.
+
+    Raises:
+        _Damaged: another shape, or a finding that :meth:`Finding.from_dict` refuses.
+    """
+    from gradscope.findings import Finding
+
+    items = payload.get("findings") if isinstance(payload, dict) else payload
+    if not isinstance(items, list):
+        raise _Damaged(f"expected a list of findings, got {type(payload).__name__}")
+    try:
+        return [Finding.from_dict(d) for d in items]
+    except ValueError as exc:
+        raise _Damaged(str(exc)) from None
+
+
+def _meta_of(payload: Any) -> dict[str, Any]:
+    """The run facts of a ``gradscope/_meta`` record, the keys the report computes with checked.
+
+    Raises:
+        _Damaged: not a JSON object, or ``steps`` / ``layers_by_depth`` of the wrong type.
+    """
+    if not isinstance(payload, dict):
+        raise _Damaged(f"expected a JSON object, got {type(payload).__name__}")
+    steps = payload.get("steps", 0)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 0 <= steps < 2**63:
+        raise _Damaged("'steps' is not an int step")
+    depth = payload.get("layers_by_depth")
+    if depth is not None and not (isinstance(depth, list) and all(isinstance(x, str) for x in depth)):
+        raise _Damaged("'layers_by_depth' is not a list of strings")
+    return {k: v for k, v in payload.items() if k not in ("schema", "version")}
+
+
+def _final_of(payload: Any) -> Report:
+    """The final ``gradscope/_report`` record, checked as a JSON report is (findings, meta, steps...).
+
+    Raises:
+        _Damaged: the record is not a report's JSON object or a key holds the wrong type.
+    """
+    from gradscope.report import JSON_SCHEMA, Report, ReportFormatError, _report_from_data
+
+    if not isinstance(payload, dict):
+        raise _Damaged(f"expected a JSON object, got {type(payload).__name__}")
+    keys = ("version", "findings", "meta", "skipped_steps", "frozen", "errors")
+    try:
+        return _report_from_data(Report, {"schema": JSON_SCHEMA, **{k: payload[k] for k in keys if k in payload}})
+    except ReportFormatError as exc:
+        raise _Damaged(str(exc).replace("Malformed gradscope report: ", "").rstrip(".")) from None
 
 
 def read_run(
@@ -85,25 +230,39 @@ def read_run(
         A :class:`gradscope.Report` with stats, scalars, findings and meta.
 
     Raises:
-        RunReadError: no event files there, or no gradscope data in them.
+        RunReadError: no event files there, no gradscope data in them, or a damaged final record.
+            Other damaged records (undecodable events, JSON records that are not what gradscope
+            writes, scalars that are not one number) are skipped, each named in ``report.errors``.
     """
     import pandas as pd
+    from google.protobuf.message import DecodeError  # type: ignore[import-untyped]  # reason: protobuf ships no type stubs
     from tensorboard.compat.proto.event_pb2 import Event
 
-    from gradscope.report import Finding, Report
+    from gradscope.report import Report
 
+    if not Path(run_dir).is_dir():
+        raise RunReadError(f"{str(run_dir)!r} is not a folder: pass a run's folder (its log_dir).")
     files = event_files(run_dir)
     if not files:
         raise RunReadError(f"No TensorBoard event files in {str(run_dir)!r}.")
     stats: dict[tuple[int, str], tuple[int, str, str, str, float]] = {}
     scalars: dict[str, dict[int, float]] = {}
-    records: dict[str, list[tuple[int, Any]]] = {}
+    metas: list[dict[str, Any]] = []
+    flushed: list[tuple[int, list[Finding]]] = []
+    finals: list[tuple[int, Any]] = []  # (step, payload or _Damaged): only the last one is read
     plugins: dict[str, str] = {}  # TensorBoard may write a tag's metadata only once
+    notes = _Notes()
     for path in files:
+        read = 0
         for raw in _records(path):
+            read += len(raw) + 16  # + the record's length, and the two checksums
             if progress is not None:
-                progress.update(len(raw) + 16)  # + the record's length, and the two checksums
-            event = Event.FromString(raw)
+                progress.update(len(raw) + 16)
+            try:
+                event = Event.FromString(raw)
+            except DecodeError:
+                notes.add(f"damaged event record ({len(raw)} bytes) in {path.name} skipped: not a TensorBoard event")
+                continue
             if not event.HasField("summary"):
                 continue
             step = int(event.step)
@@ -113,14 +272,26 @@ def read_run(
                     continue
                 plugin = _plugin(value) or plugins.get(tag, "")
                 plugins.setdefault(tag, plugin)
-                if plugin == T.PLUGIN_NAME:
-                    text = value.tensor.string_val[0].decode("utf-8")
-                    records.setdefault(tag, []).append((step, json.loads(text)))
+                try:
+                    if plugin == T.PLUGIN_NAME:
+                        payload = _json_payload(value)
+                        if tag == T.REPORT_JSON_TAG:
+                            finals.append((step, payload))
+                        elif tag == T.META_JSON_TAG:
+                            metas.append(_meta_of(payload))
+                        elif tag == T.FINDINGS_JSON_TAG:
+                            flushed.append((step, _findings_of(payload)))
+                        continue
+                    parsed = T.parse_tag(tag)
+                    if parsed is None:
+                        continue
+                    v = _scalar_of(value, plugin)
+                except _Damaged as exc:
+                    if tag == T.REPORT_JSON_TAG:
+                        finals.append((step, exc))
+                    else:
+                        notes.add(f"damaged {tag} record at step {step} skipped: {exc}")
                     continue
-                parsed = T.parse_tag(tag)
-                if parsed is None:
-                    continue
-                v = _scalar_of(value, plugin)
                 if v is None:
                     continue
                 if parsed.kind == "scalar":
@@ -128,7 +299,11 @@ def read_run(
                 else:
                     # a step written twice (a resumed run) keeps its last value, as TensorBoard shows
                     stats[(step, tag)] = (step, parsed.layer, parsed.param, parsed.stat, v)
-    if not stats and not records and not scalars:
+        unread = path.stat().st_size - read
+        if unread > 0:
+            # TensorBoard's loader stops at a record it cannot read (a bad checksum, a cut-off write)
+            notes.add(f"the last {unread} bytes of {path.name} could not be read (a damaged or unfinished record)")
+    if not stats and not finals and not metas and not flushed and not scalars:
         raise RunReadError(
             f"No gradscope data in the event files of {str(run_dir)!r}: was it written by "
             "gradscope.watch(model, log_dir=...) or watch(model, writer=...)?"
@@ -145,23 +320,37 @@ def read_run(
     )
 
     meta: dict[str, Any] = {}
-    for _, m in records.get(T.META_JSON_TAG, []):
-        meta = {k: v for k, v in m.items() if k not in ("schema", "version")}
-    final = records.get(T.REPORT_JSON_TAG)
+    for m in metas:
+        meta = m
+    for step, payload in finals[:-1]:
+        if isinstance(payload, _Damaged):  # superseded by a later final record: noted, not needed
+            notes.add(f"damaged {T.REPORT_JSON_TAG} record at step {step} skipped: {payload}")
     errors: list[str] = []
-    if final:
-        rec = final[-1][1]
-        meta.update(rec.get("meta", {}))
-        findings = [Finding.from_dict(f) for f in rec.get("findings", [])]
-        skipped, frozen = rec.get("skipped_steps", []), rec.get("frozen", [])
-        errors = list(rec.get("errors", []))
+    if finals:
+        step, payload = finals[-1]
+        try:
+            if isinstance(payload, _Damaged):
+                raise payload
+            final = _final_of(payload)
+        except _Damaged as exc:
+            # The last final record holds the run's verdict: reading an older one, or the flushed
+            # findings, would give a verdict that may not be the run's. Say so instead.
+            raise RunReadError(
+                f"The final {T.REPORT_JSON_TAG} record (step {step}) in {str(run_dir)!r} is damaged: {exc}. "
+                "The run's verdict cannot be read from it."
+            ) from None
+        meta.update(final.meta)
+        findings = list(final.findings)
+        skipped, frozen = list(final.skipped_steps), list(final.frozen)
+        errors = list(final.errors)
     else:
-        seen: dict[tuple[str, str | None, int], Finding] = {}
-        for _, batch in records.get(T.FINDINGS_JSON_TAG, []):
-            for d in batch:
-                f = Finding.from_dict(d)
-                seen.setdefault((f.kind, f.layer, f.step), f)
-        findings = list(seen.values())
+        # Each record holds the findings known at its step in their latest state (older runs: the new
+        # ones only): the union, the latest state of each (kind, layer) winning.
+        seen: dict[tuple[str, str | None], Finding] = {}
+        for _, batch in sorted(flushed, key=lambda r: r[0]):
+            for f in batch:
+                seen[(f.kind, f.layer)] = f
+        findings = sorted(seen.values(), key=lambda f: f.step)
         skipped, frozen = [], []
         last = int(table["step"].max()) if len(table) else (all_steps[-1] if all_steps else 0)
         meta.setdefault("steps", last)
@@ -169,6 +358,7 @@ def read_run(
             f"The run did not close (no final record): this report covers what was flushed up to step {last}; "
             "later findings, if any, were lost with the process."
         )
+    errors += notes.all()
     meta["source"] = str(run_dir)
     return Report(
         findings=findings,

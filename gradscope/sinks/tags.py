@@ -14,8 +14,11 @@ layout (:mod:`gradscope.sinks.layout`) and the reader (:mod:`gradscope.sinks.rea
     gradscope/figures/gradient_flow       the gradient-flow figure
     gradscope/_findings, _meta, _report   machine-readable JSON (plugin ``gradscope``; not displayed)
 
-Module paths contain dots, never slashes, so the layer part of a tag is unambiguous. The root module
-(layer ``""``) is written ``_root``.
+Layer keys never contain a slash (the layout escapes ``/``, ``+``, ``%`` and a ``*`` component, see
+:func:`gradscope.capture.layout.escape_name`), so the layer part of a tag is unambiguous. The root
+module (layer ``""``) is written ``_root``; a module actually named ``_root`` or ``_model`` is
+written ``%5Froot`` / ``%5Fmodel`` (a layer key never holds ``%5F``), so every tag reads back as
+the layer it was written for.
 """
 
 from __future__ import annotations
@@ -56,18 +59,26 @@ REPORT_JSON_TAG = f"{PREFIX}/_report"
 _RESERVED = frozenset({"scalar", "grad_hist", "weight_hist", "findings", "verdict", "figures"})
 
 
+_RESERVED_LAYERS = (ROOT_TAG, MODEL_TAG)
+_UNDERSCORE = "%5F"
+
+
 def _layer_part(layer: str) -> str:
     if layer == "*":
         return MODEL_TAG
+    if layer in _RESERVED_LAYERS:
+        return _UNDERSCORE + layer[1:]  # a module named like a reserved part
     return layer or ROOT_TAG
 
 
 def layer_from_tag(part: str) -> str:
-    """Inverse of the layer part of a tag: ``_model`` -> ``"*"``, ``_root`` -> ``""``."""
+    """Inverse of the layer part of a tag: ``_model`` -> ``"*"``, ``_root`` -> ``""``, ``%5Froot`` -> ``"_root"``."""
     if part == MODEL_TAG:
         return "*"
     if part == ROOT_TAG:
         return ""
+    if part.startswith(_UNDERSCORE) and "_" + part[len(_UNDERSCORE) :] in _RESERVED_LAYERS:
+        return "_" + part[len(_UNDERSCORE) :]
     return part
 
 

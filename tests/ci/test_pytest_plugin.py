@@ -160,7 +160,7 @@ def test_module_marker(gradscope):
         ("gradscope(fail_on='info')", "expected `fail_on` to be one of ('warning', 'error'), but got 'info'."),
         ("gradscope(steps=0)", "expected `steps` to be a positive int, but got 0."),
         ("gradscope(tolerance=-1)", "expected `tolerance` to be a non-negative number (log10 units), but got -1."),
-        ("gradscope(rules=['no_such_rule'])", "Unknown rule 'no_such_rule'. Registered rules:"),
+        ("gradscope(rules=['no_such_rule'])", "`rules`: Unknown rule 'no_such_rule'. Registered rules:"),
     ],
 )
 def test_marker_arguments_are_validated(pytester, project, marker, message):

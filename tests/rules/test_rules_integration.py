@@ -130,7 +130,7 @@ def test_on_nonfinite_raise_stops_at_the_step_with_the_finding_as_message() -> N
                 opt.zero_grad()
     assert steps_done == 0  # raised inside scope.step() of step 1
     message = str(info.value)
-    assert "nonfinite_gradients in 'fc1' at step 1" in message and "loss was finite" in message
+    assert "nonfinite_gradients in 'fc1' at step 1" in message and "weights are intact" in message
     assert [f.kind for f in info.value.report.findings] == ["nonfinite_gradients"]
     assert scope.closed
 
@@ -230,12 +230,19 @@ def test_rules_from_all_that_cannot_run_are_left_out_but_named_rules_are_strict(
     model = _mlp([8])
     with gradscope.watch(model, activations=False) as scope:
         assert {r.name for r in scope.engine.rules}.isdisjoint({"dead_units", "saturated_activations"})
+        # no optimizer: the learning-rate rules have no update_ratio either
         assert scope.engine.inactive == [
             "dead_units (needs activation statistics)",
             "saturated_activations (needs activation statistics)",
+            "learning_rate_too_high (needs update_ratio)",
+            "learning_rate_too_low (needs update_ratio)",
         ]
     with gradscope.watch(model, stats=["l2_norm", "rms"]) as scope:
-        assert scope.engine.inactive == ["nonfinite_gradients (needs nonfinite_count)"]
+        assert scope.engine.inactive == [
+            "nonfinite_gradients (needs nonfinite_count)",
+            "learning_rate_too_high (needs update_ratio)",
+            "learning_rate_too_low (needs update_ratio)",
+        ]
     with pytest.raises(gradscope.ConfigurationError, match="needs activation statistics"):
         gradscope.watch(model, activations=False, rules=["all", "dead_units"])
     with pytest.raises(gradscope.ConfigurationError, match="nonfinite_count"):

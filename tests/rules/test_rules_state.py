@@ -95,9 +95,12 @@ def test_rules_from_all_are_implicit_and_left_out_quietly_named_ones_raise() -> 
         "nonfinite_gradients",
         "no_gradient",
         "loss_not_decreasing",
+        "loss_spike",
     }
     assert sorted(engine.inactive) == [
         "dead_units (needs activation statistics)",
+        "learning_rate_too_high (needs update_ratio)",
+        "learning_rate_too_low (needs update_ratio)",
         "saturated_activations (needs activation statistics)",
     ]
 
