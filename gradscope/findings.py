@@ -18,6 +18,7 @@ __all__ = [
     "EXIT_USAGE",
     "SEVERITIES",
     "Finding",
+    "FindingList",
     "at_or_above",
     "count_errors",
     "exit_code",
@@ -27,6 +28,14 @@ __all__ = [
     "verdict",
 ]
 
+_MISSING = object()
+
+
+def _clip(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 #: Finding severities, lowest first.
 SEVERITIES = ("warning", "error")
 
@@ -34,7 +43,7 @@ SEVERITIES = ("warning", "error")
 EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE = 0, 1, 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Finding:
     """One diagnosis.
 
@@ -75,18 +84,40 @@ class Finding:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Finding:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ValueError: a key is missing or holds the wrong type; the message names the key.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a finding must be a JSON object, got {type(d).__name__}")
+
+        def need(key: str, types: tuple[type, ...], what: str, *, default: Any = _MISSING) -> Any:
+            if key not in d:
+                if default is _MISSING:
+                    raise ValueError(f"key {key!r} is missing (expected {what})")
+                return default
+            value = d[key]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise ValueError(f"key {key!r} must be {what}, got {type(value).__name__} {_clip(value)}")
+            return value
+
+        severity = need("severity", (str,), "a string")
+        if severity not in SEVERITIES:
+            raise ValueError(f"key 'severity' must be one of {', '.join(SEVERITIES)}, got {_clip(severity)}")
+        last_step = need("last_step", (int, type(None)), "an int or null", default=None)
+        resolved_step = need("resolved_step", (int, type(None)), "an int or null", default=None)
         return cls(
-            kind=d["kind"],
-            severity=d["severity"],
-            step=int(d["step"]),
-            layer=d.get("layer"),
-            message=d["message"],
-            suggestion=d.get("suggestion", ""),
-            evidence=from_jsonable(d.get("evidence", {})),
-            provisional=bool(d.get("provisional", False)),
-            last_step=None if d.get("last_step") is None else int(d["last_step"]),
-            resolved_step=None if d.get("resolved_step") is None else int(d["resolved_step"]),
+            kind=need("kind", (str,), "a string"),
+            severity=severity,
+            step=need("step", (int,), "an int"),
+            layer=need("layer", (str, type(None)), "a string or null", default=None),
+            message=need("message", (str,), "a string"),
+            suggestion=need("suggestion", (str,), "a string", default=""),
+            evidence=from_jsonable(need("evidence", (dict,), "an object", default={})),
+            provisional=need("provisional", (bool,), "true or false", default=False),
+            last_step=last_step,
+            resolved_step=resolved_step,
         )
 
     def __str__(self) -> str:
@@ -96,6 +127,16 @@ class Finding:
             f"Try: {self.suggestion}"
         )
 
+    def __repr__(self) -> str:
+        # Short and rounded: a notebook showing `report.findings` should read like the text report.
+        where = "model" if self.layer is None else repr(self.layer)
+        numbers = _short_evidence(self.evidence)
+        extra = f", {numbers}" if numbers else ""
+        return f"Finding(step={self.step}, {self.severity}, {self.kind}, layer={where}{extra}{self.status_note()})"
+
+    def _repr_html_(self) -> str:
+        return _findings_html([self])
+
     def status_note(self) -> str:
         """``" (provisional)"``, ``" (resolved at step N)"`` or ``""``: how final the finding is."""
         notes = []
@@ -104,6 +145,82 @@ class Finding:
         if self.resolved_step is not None:
             notes.append(f"resolved at step {self.resolved_step}")
         return f" ({', '.join(notes)})" if notes else ""
+
+
+def _round(v: float) -> str:
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.3g}"
+
+
+_FIRST_EVIDENCE = ("stat", "value", "ratio", "threshold", "window")
+
+
+def _short_evidence(evidence: dict[str, Any], limit: int = 4) -> str:
+    """Up to ``limit`` plain items of ``evidence`` (the statistic, value, threshold, window first), numbers rounded."""
+    keys = [k for k in _FIRST_EVIDENCE if k in evidence] + [k for k in evidence if k not in _FIRST_EVIDENCE]
+    parts = []
+    for key in keys:
+        value = evidence[key]
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, float):
+            text = _round(value)
+        elif isinstance(value, int):
+            text = str(value)
+        elif isinstance(value, str) and key == "stat":
+            text = value
+        elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+            text = f"{value[0]}-{value[1]}"  # a window of steps
+        else:
+            continue
+        parts.append(f"{key}={text}")
+        if len(parts) == limit:
+            break
+    return ", ".join(parts)
+
+
+def _escape(x: Any) -> str:
+    import html
+
+    return html.escape(str(x), quote=True)
+
+
+def _findings_html(findings: Iterable[Finding]) -> str:
+    """A compact HTML table of ``findings`` (every value escaped), for notebooks."""
+    rows = []
+    for f in findings:
+        layer = "(model)" if f.layer is None else (f.layer or "(root)")
+        colour = "#cf222e" if f.severity == "error" else "#9a6700"
+        rows.append(
+            f"<tr><td style='text-align:right'>{f.step}</td>"
+            f"<td style='color:{colour};font-weight:600'>{_escape(f.severity)}</td>"
+            f"<td><code>{_escape(f.kind)}</code></td><td><code>{_escape(layer)}</code></td>"
+            f"<td style='text-align:left'>{_escape(f.message)}{_escape(f.status_note())}</td>"
+            f"<td style='text-align:left'>{_escape(f.suggestion)}</td></tr>"
+        )
+    if not rows:
+        return "<p>No findings.</p>"
+    head = "<tr><th>step</th><th>severity</th><th>kind</th><th>layer</th><th>what</th><th>try</th></tr>"
+    return f"<table class='gradscope-findings'>{head}{''.join(rows)}</table>"
+
+
+class FindingList(list[Finding]):
+    """A plain ``list`` of :class:`Finding` that reads well when displayed (one short line each; a table in notebooks).
+
+    Everything a list does works unchanged (indexing, ``len``, equality with a list, ``json`` of
+    ``[f.to_dict() for f in ...]``); only ``repr`` and the notebook display differ.
+    """
+
+    def __repr__(self) -> str:
+        if not self:
+            return "[]"
+        return "[\n" + "".join(f"  {f!r},\n" for f in self) + "]"
+
+    def _repr_html_(self) -> str:
+        return _findings_html(self)
 
 
 def selects(stop_on: frozenset[str] | None, finding: Finding) -> bool:

@@ -4,25 +4,40 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from gradscope._io import atomic_write_text
 from gradscope._version import __version__
-from gradscope.errors import GradientHealthError
-from gradscope.findings import SEVERITIES, Finding, at_or_above, count_errors, from_jsonable, jsonable, verdict
+from gradscope.errors import ConfigurationError, GradientHealthError, GradscopeError
+from gradscope.findings import (
+    SEVERITIES,
+    Finding,
+    FindingList,
+    at_or_above,
+    count_errors,
+    from_jsonable,
+    jsonable,
+    verdict,
+)
 
 if TYPE_CHECKING:
-    import os
-
     import pandas as pd
 
     from gradscope.stats.frame import StatsFrame
 
-__all__ = ["JSON_SCHEMA", "JSON_SCHEMA_VERSION", "SEVERITIES", "Finding", "Report"]
+__all__ = ["JSON_SCHEMA", "JSON_SCHEMA_VERSION", "SEVERITIES", "Finding", "FindingList", "Report", "ReportFormatError"]
 
 JSON_SCHEMA = "gradscope.report"
 JSON_SCHEMA_VERSION = 1
+
+
+class ReportFormatError(GradscopeError, ValueError):
+    """Raised by :meth:`Report.from_json` when the input is not a well-formed gradscope JSON report.
+
+    The message names the key that is missing or holds the wrong type (``stats[3].values``...).
+    """
 
 
 def _fmt(v: float) -> str:
@@ -41,7 +56,8 @@ class Report:
     """The findings and statistics of a watched run; valid while the run goes on and after it ends.
 
     Attributes:
-        findings: findings ordered by step.
+        findings: findings ordered by step (a :class:`~gradscope.findings.FindingList`: a plain list
+            that displays one short line per finding, and a table in notebooks).
         skipped_steps: steps whose optimizer step did not happen (GradScaler found inf); their gradients
             are not judged and their rows are left out of :attr:`stats`.
         frozen: parameters with ``requires_grad=False`` (listed, never flagged).
@@ -61,7 +77,7 @@ class Report:
         meta: dict[str, Any] | None = None,
         errors: list[str] | None = None,
     ) -> None:
-        self.findings = sorted(findings, key=lambda f: f.step)
+        self.findings: list[Finding] = FindingList(sorted(findings, key=lambda f: f.step))
         self._frame = frame
         self._stats = stats
         self._scalars = scalars
@@ -127,21 +143,25 @@ class Report:
         """The number of ``scope.step()`` calls seen."""
         return int(self.meta.get("steps", 0))
 
-    def _layer_table(self, limit: int = 12) -> list[list[str]]:
+    def _layer_table(self, limit: int = 12) -> tuple[list[list[str]], int]:
+        """The text report's layer table (header first) and how many layers there are in all."""
         df = self.stats
         if df.empty:
-            return []
+            return [], 0
         lay = df[(df["param"] == "*") & (df["layer"] != "*")]
         if lay.empty:
-            return []
+            return [], 0
         wanted = ["l2_norm", "abs_max", "zero_fraction", "nonfinite_count", "update_ratio"]
-        present = [s for s in wanted if s in set(lay["stat"])]
+        present = [s for s in wanted if s in set(lay["stat"].unique())]  # unique(): no Python loop over rows
         # the latest value of each statistic (sampled statistics are not taken at every step)
         latest = lay[lay["stat"].isin(present)].sort_values("step", kind="stable").groupby(["layer", "stat"]).tail(1)
         last = latest.pivot_table(index="layer", columns="stat", values="value", aggfunc="first")
         flagged = [f.layer for f in self.findings if f.layer]
         order = list(self.meta.get("layers_by_depth") or last.index)
         rows_layers = [layer for layer in order if layer in last.index]
+        placed = set(rows_layers)
+        rows_layers += [layer for layer in last.index if layer not in placed]
+        total = len(rows_layers)
         if len(rows_layers) > limit:
             keep = [layer for layer in rows_layers if layer in flagged]
             if "l2_norm" in last.columns:
@@ -159,7 +179,7 @@ class Report:
                     *[_fmt(last.at[layer, s]) if s in last.columns else "-" for s in present],
                 ]
             )
-        return table
+        return table, total
 
     def __str__(self) -> str:
         lines: list[str] = []
@@ -181,11 +201,19 @@ class Report:
                 lines.append(f"  step {f.step:>6}  {f.severity:<7}  {f.kind:<22}  {where}{f.status_note()}")
                 lines.append(f"      {f.message}")
                 lines.append(f"      try: {f.suggestion}")
-        table = self._layer_table()
+        table, total = self._layer_table()
         if table:
             step = int(self.stats["step"].max())
+            n_shown = len(table) - 1
             lines.append("")
-            lines.append(f"layers, latest values up to step {step} (! = named in a finding):")
+            if n_shown < total:
+                lines.append(
+                    f"layers, latest values up to step {step}: {n_shown} of {total} layers shown (those named in a "
+                    "finding and the smallest and largest gradient norms; report.layer_summary() has every layer; "
+                    "! = named in a finding):"
+                )
+            else:
+                lines.append(f"layers, latest values up to step {step} (! = named in a finding):")
             widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
             for r in table:
                 lines.append(
@@ -198,6 +226,12 @@ class Report:
     def __repr__(self) -> str:
         return f"Report(ok={self.ok}, findings={len(self.findings)}, steps={self.steps})"
 
+    def _repr_html_(self) -> str:
+        """Notebook display: the verdict, the findings table and the gradient-flow plot (an inline PNG)."""
+        from gradscope.views.html import render_notebook_html
+
+        return render_notebook_html(self)
+
     # -- figures and tables (gradscope.views.plots / gradscope.views.tables) ----------------------------
     def plot(self, kind: str = "flow", *, ax: Any = None, **kwargs: Any) -> Any:
         """Draw a figure of the run and return it (a ``matplotlib.figure.Figure``).
@@ -208,16 +242,30 @@ class Report:
                 ``"loss"``; more with ``@gradscope.views.plots.register_plot``.
             ax: matplotlib axes to draw into; default a new figure.
             **kwargs: options of the kind (``step=`` for ``"flow"``, ``stat=`` for ``"heatmap"``/``"norms"``).
+
+        Returns:
+            The figure. In a notebook it displays as a PNG even though gradscope never imports pyplot
+            (the figure carries its own ``_repr_png_``).
+
+        Raises:
+            RegistryError: ``kind`` is not a registered plot (the message lists them).
+            ConfigurationError: an option is unknown or names a statistic or step the run does not have.
         """
         from gradscope.views.plots import plot_report
 
         return plot_report(self, kind, ax=ax, **kwargs)
 
-    def save_plots(self, directory: str | os.PathLike[str], *, kinds: Any = None, fmt: str = "png") -> list[Path]:
-        """Save every plot (or ``kinds``) as ``<directory>/<kind>.<fmt>``; returns the paths."""
+    def save_plots(
+        self, directory: str | os.PathLike[str], *, kinds: Any = None, fmt: str = "png", dpi: int = 100
+    ) -> list[Path]:
+        """Save every plot (or ``kinds``, a list such as ``["flow", "loss"]``) as ``<directory>/<kind>.<fmt>``.
+
+        Returns:
+            The paths written, in the order of ``kinds``.
+        """
         from gradscope.views.plots import save_plots
 
-        return save_plots(self, directory, kinds=kinds, fmt=fmt)
+        return save_plots(self, directory, kinds=kinds, fmt=fmt, dpi=dpi)
 
     def layer_summary(self) -> pd.DataFrame:
         """One row per layer (depth order, then ``"*"``): last/min/max/median of each statistic."""
@@ -273,51 +321,201 @@ class Report:
     def to_json(self, path: str | os.PathLike[str] | None = None, *, indent: int | None = None) -> str:
         """Serialise the report; when ``path`` is given, also write it there atomically.
 
+        Args:
+            path: file to write, or None to only return the text.
+            indent: spaces of indentation (a non-negative int), or None for the most compact form.
+
         Returns:
             The JSON text.
         """
+        if indent is not None and (isinstance(indent, bool) or not isinstance(indent, int) or indent < 0):
+            raise ConfigurationError(
+                f"Expected `indent` of Report.to_json to be a non-negative int (spaces) or None (compact), "
+                f"but got {indent!r}."
+            )
         text = json.dumps(self.to_dict(), indent=indent, allow_nan=False)
         if path is not None:
             atomic_write_text(path, text)
         return text
 
     @classmethod
-    def from_json(cls, source: Union[str, os.PathLike[str], dict[str, Any]]) -> Report:
-        """Read a report written by :meth:`to_json` (a path, JSON text, or the parsed dict)."""
-        import pandas as pd
+    def from_json(
+        cls,
+        source: Union[str, os.PathLike[str], dict[str, Any], None] = None,
+        *,
+        text: Union[str, bytes, None] = None,
+    ) -> Report:
+        """Read a report written by :meth:`to_json`.
 
-        if isinstance(source, dict):
-            data = source
-        else:
-            text = str(source)
-            p = Path(text) if not text.lstrip().startswith("{") else None
-            data = json.loads(p.read_text(encoding="utf-8") if p is not None else text)
-        if data.get("schema") != JSON_SCHEMA:
-            raise ValueError(f"Not a gradscope report: expected schema {JSON_SCHEMA!r}, got {data.get('schema')!r}.")
-        if int(data.get("version", 0)) > JSON_SCHEMA_VERSION:
-            raise ValueError(
-                f"This report uses schema version {data['version']}; this gradscope ({__version__}) reads up to "
-                f"{JSON_SCHEMA_VERSION}. Upgrade gradscope."
+        What ``source`` is, without guessing from the file system:
+
+        * a ``dict``: the parsed JSON;
+        * a ``pathlib.Path`` (any ``os.PathLike``): a file to read;
+        * a ``str``: JSON text when its first non-blank character is ``{`` (a report is a JSON
+          object), otherwise a file path.
+
+        To be explicit, pass the text by keyword: ``Report.from_json(text=s)``.
+
+        Args:
+            source: a path, JSON text or the parsed dict (see above).
+            text: the JSON text (``str`` or UTF-8 ``bytes``); give either this or ``source``.
+
+        Raises:
+            ReportFormatError: the input is not valid JSON or not a gradscope report; the message names
+                the key that is missing or has the wrong type. A ``ValueError``.
+            FileNotFoundError: ``source`` names a file that does not exist.
+        """
+        if (source is None) == (text is None):
+            raise ConfigurationError(
+                "Report.from_json needs exactly one of `source` (a path, JSON text or dict) and `text=` "
+                f"(JSON text); got source={_short(source)} and text={_short(text)}."
             )
-        rows = []
-        for s in data.get("stats", []):
-            vals = from_jsonable(s["values"])
-            for step, v in zip(s["steps"], vals):
-                rows.append((int(step), s["layer"], s["param"], s["stat"], float(v) if v is not None else math.nan))
-        stats = pd.DataFrame(rows, columns=["step", "layer", "param", "stat", "value"])
-        stats["step"] = stats["step"].astype("int64")
-        stats = stats.sort_values("step", kind="stable").reset_index(drop=True)
-        sc = data.get("scalars", {"steps": [], "values": {}})
-        scalars = pd.DataFrame(
-            {k: [float(x) for x in from_jsonable(v)] for k, v in sc.get("values", {}).items()},
-            index=pd.Index(sc.get("steps", []), name="step"),
+        if text is not None:
+            if not isinstance(text, (str, bytes, bytearray)):
+                raise ConfigurationError(
+                    f"Expected `text` of Report.from_json to be str or bytes, but got {_short(text)}."
+                )
+            data = _parse_json(text, "the text")
+        elif isinstance(source, dict):
+            data = source
+        elif isinstance(source, str) and source.lstrip().startswith("{"):
+            data = _parse_json(source, "the text")
+        elif isinstance(source, (str, os.PathLike)):
+            path = Path(source)
+            data = _parse_json(path.read_bytes(), repr(str(path)))
+        else:
+            raise ConfigurationError(
+                "Expected `source` of Report.from_json to be a path, JSON text or a dict, "
+                f"but got {type(source).__name__}."
+            )
+        return _report_from_data(cls, data)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _parse_json(text: Union[str, bytes, bytearray], what: str) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ReportFormatError(f"{what} is not a gradscope report: its JSON is nested too deeply.") from None
+    except UnicodeDecodeError as exc:
+        raise ReportFormatError(f"{what} is not a gradscope report: not UTF-8 text ({exc.reason}).") from None
+    except ValueError as exc:
+        raise ReportFormatError(f"{what} is not valid JSON: {exc}.") from None
+
+
+_REQUIRED = object()
+
+
+def _bad(key: str, expected: str, value: Any) -> ReportFormatError:
+    return ReportFormatError(
+        f"Malformed gradscope report: {key!r} must be {expected}, got {type(value).__name__} {_short(value)}."
+    )
+
+
+def _field(
+    data: dict[str, Any], key: str, types: tuple[type, ...], expected: str, default: Any, where: str = ""
+) -> Any:
+    if key not in data and default is _REQUIRED:
+        raise ReportFormatError(f"Malformed gradscope report: {where + key!r} is missing.")
+    value = data.get(key, default)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise _bad(where + key, expected, value)
+    return value
+
+
+def _numbers(values: Any, key: str, n: int | None = None) -> list[float]:
+    """JSON numbers (or "nan"/"inf"/"-inf"/null) as floats, checked."""
+    if not isinstance(values, list):
+        raise _bad(key, "a list of numbers", values)
+    try:
+        out = [math.nan if v is None else float(v) for v in from_jsonable(values)]
+    except (TypeError, ValueError):
+        bad = next(v for v in values if not isinstance(v, (int, float, type(None))) and v not in ("nan", "inf", "-inf"))
+        raise _bad(f"{key}[{values.index(bad)}]", 'a number, "nan", "inf" or "-inf"', bad) from None
+    if n is not None and len(out) != n:
+        raise ReportFormatError(f"Malformed gradscope report: {key!r} has {len(out)} values for {n} steps.")
+    return out
+
+
+def _ints(values: Any, key: str) -> list[int]:
+    if not isinstance(values, list):
+        raise _bad(key, "a list of ints", values)
+    for i, v in enumerate(values):
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
+            raise _bad(f"{key}[{i}]", "an int step (0 <= step < 2**63)", v)
+    return values
+
+
+def _strings(values: Any, key: str) -> list[str]:
+    if not isinstance(values, list):
+        raise _bad(key, "a list of strings", values)
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise _bad(f"{key}[{i}]", "a string", v)
+    return values
+
+
+def _report_from_data(cls: type[Report], data: Any) -> Report:
+    """Build a report from parsed JSON, checking every key it reads (hostile input gets a clear error)."""
+    import pandas as pd
+
+    if not isinstance(data, dict):
+        raise ReportFormatError(f"Not a gradscope report: expected a JSON object, got {type(data).__name__}.")
+    if data.get("schema") != JSON_SCHEMA:
+        raise ReportFormatError(
+            f"Not a gradscope report: expected 'schema' {JSON_SCHEMA!r}, got {_short(data.get('schema'))}."
         )
-        return cls(
-            findings=[Finding.from_dict(f) for f in data.get("findings", [])],
-            stats=stats,
-            scalars=scalars,
-            skipped_steps=data.get("skipped_steps", []),
-            frozen=data.get("frozen", []),
-            meta=from_jsonable(data.get("meta", {})),
-            errors=data.get("errors", []),
+    version = _field(data, "version", (int,), "an int", 0)
+    if version > JSON_SCHEMA_VERSION:
+        raise ReportFormatError(
+            f"This report uses schema version {version}; this gradscope ({__version__}) reads up to "
+            f"{JSON_SCHEMA_VERSION}. Upgrade gradscope."
         )
+    rows: list[tuple[int, str, str, str, float]] = []
+    for i, s in enumerate(_field(data, "stats", (list,), "a list", [])):
+        key = f"stats[{i}]"
+        if not isinstance(s, dict):
+            raise _bad(key, "an object", s)
+        layer, param, stat = (
+            _field(s, name, (str,), "a string", _REQUIRED, f"{key}.") for name in ("layer", "param", "stat")
+        )
+        steps = _ints(s.get("steps"), f"{key}.steps")
+        vals = _numbers(s.get("values"), f"{key}.values", len(steps))
+        rows.extend((step, layer, param, stat, v) for step, v in zip(steps, vals))
+    stats = pd.DataFrame(rows, columns=["step", "layer", "param", "stat", "value"])
+    stats["step"] = stats["step"].astype("int64")
+    stats["value"] = stats["value"].astype("float64")
+    stats = stats.sort_values("step", kind="stable").reset_index(drop=True)
+    sc = _field(data, "scalars", (dict,), "an object", {"steps": [], "values": {}})
+    sc_steps = _ints(sc.get("steps", []), "scalars.steps")
+    sc_values = sc.get("values", {})
+    if not isinstance(sc_values, dict):
+        raise _bad("scalars.values", "an object", sc_values)
+    scalars = pd.DataFrame(
+        {str(k): _numbers(v, f"scalars.values.{k}", len(sc_steps)) for k, v in sc_values.items()},
+        index=pd.Index(sc_steps, name="step", dtype="int64"),
+    )
+    findings = []
+    for i, f in enumerate(_field(data, "findings", (list,), "a list", [])):
+        try:
+            findings.append(Finding.from_dict(f))
+        except ValueError as exc:
+            raise ReportFormatError(f"Malformed gradscope report: findings[{i}]: {exc}.") from None
+    meta = from_jsonable(_field(data, "meta", (dict,), "an object", {}))
+    # the keys of meta that the report and its views compute with (the rest are only shown)
+    _field(meta, "steps", (int,), "an int", 0, "meta.")
+    if meta.get("layers_by_depth") is not None:
+        _strings(meta["layers_by_depth"], "meta.layers_by_depth")
+    return cls(
+        findings=findings,
+        stats=stats,
+        scalars=scalars,
+        skipped_steps=_ints(data.get("skipped_steps", []), "skipped_steps"),
+        frozen=_strings(data.get("frozen", []), "frozen"),
+        meta=meta,
+        errors=_strings(data.get("errors", []), "errors"),
+    )

@@ -20,7 +20,9 @@ that the 16-bit GradScaler skips for inf/NaN is recorded as skipped.
 Where it writes, on global rank 0: into the run of the trainer's ``TensorBoardLogger`` through its
 ``SummaryWriter`` (scalars, histograms, findings, figures), and into every other logger
 (``CSVLogger``, ``MLFlowLogger``, ``WandbLogger``...) through its ``log_metrics``: the scalar records
-(:class:`gradscope.sinks.MetricsLoggerSink`).
+and the findings' counts, plus the findings as text where the logger takes text (``WandbLogger``: a
+table; ``MLFlowLogger``: an artifact); see :class:`gradscope.sinks.MetricsLoggerSink`. A trainer
+without any logger gradscope can write into gets a warning saying so.
 """
 
 from __future__ import annotations
@@ -72,11 +74,27 @@ def _logger_outputs(trainer: Any, *, own_run: bool) -> tuple[Any, list[MetricsLo
     sinks: list[MetricsLoggerSink] = []
     first_tensorboard = True
     for logger in trainer.loggers:
-        if not isinstance(logger, pl.loggers.TensorBoardLogger):
-            sinks.append(MetricsLoggerSink(logger))
-        elif first_tensorboard:
+        if isinstance(logger, pl.loggers.TensorBoardLogger) and first_tensorboard:
             first_tensorboard = False
             writer = None if own_run else logger.experiment
+            continue
+        if callable(getattr(logger, "log_metrics", None)):
+            sinks.append(MetricsLoggerSink(logger))
+        else:
+            warnings.warn(
+                f"GradscopeCallback: the trainer's {type(logger).__name__} has no log_metrics(metrics, step) method, "
+                "so gradscope writes nothing into it. Use a Lightning logger, or pass sinks=[...] to the callback.",
+                GradscopeWarning,
+                stacklevel=3,
+            )
+    if writer is None and not sinks and not own_run:
+        warnings.warn(
+            "GradscopeCallback: the trainer has no logger that gradscope can write into (logger=False?), so "
+            "statistics and findings reach no tracker: read them from callback.report, or pass log_dir=... "
+            "for a TensorBoard run of gradscope's own, or log_to_logger=False to silence this.",
+            GradscopeWarning,
+            stacklevel=3,
+        )
     return writer, sinks
 
 

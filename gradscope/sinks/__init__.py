@@ -5,10 +5,13 @@ from __future__ import annotations
 from gradscope.sinks.base import Record, ScopeInfo, Sink, SinkUpdate, StepRecords
 from gradscope.sinks.csv import CSVSink
 from gradscope.sinks.metrics import MetricsLoggerSink
+from gradscope.sinks.mlflow import MLflowSink
 from gradscope.sinks.tensorboard import TensorBoardSink
+from gradscope.sinks.wandb import WandbSink
 
 __all__ = [
     "CSVSink",
+    "MLflowSink",
     "MetricsLoggerSink",
     "Record",
     "ScopeInfo",
@@ -16,4 +19,5 @@ __all__ = [
     "SinkUpdate",
     "StepRecords",
     "TensorBoardSink",
+    "WandbSink",
 ]

@@ -57,6 +57,8 @@ class SinkUpdate:
         findings: findings first reported at this flush.
         layers_by_depth: layer keys in forward order (input side first).
         final: True at ``close()``.
+        updated: findings reported at an earlier flush whose episode changed since (a new
+            ``last_step`` or ``resolved_step``), in their new state.
     """
 
     frame: StatsFrame
@@ -64,6 +66,7 @@ class SinkUpdate:
     findings: list[Finding]
     layers_by_depth: list[str]
     final: bool = False
+    updated: list[Finding] = field(default_factory=list)
     _records: dict[tuple[tuple[str, ...] | None, bool], list[StepRecords]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )

@@ -7,8 +7,12 @@ to the host with everything else at the next flush.
 
 Buckets: ``bins`` equal-width buckets between the layer's own minimum and maximum, the convention of
 ``numpy.histogram(x, bins)``: bucket ``k`` holds ``edges[k] <= x < edges[k + 1]``, the last one also
-holds ``x == max``; a constant tensor gets the range ``[v - 0.5, v + 0.5]``. Every value is placed by
-comparison with the edges written, so the counts are exactly ``numpy.histogram(x, bins=edges)``.
+holds ``x == max``. A constant tensor (a gradient that is exactly zero everywhere...) follows
+TensorBoard's own convention for one distinct value (``tensorboard.plugins.histogram.summary_v2``):
+every edge equals the value and the last bucket holds every element, so TensorBoard draws a spike at
+the value (numpy's ``[v - 0.5, v + 0.5]`` range would be drawn as a flat band one unit wide). Every
+value is placed by comparison with the edges written, so the counts are exactly
+``numpy.histogram(x, bins=edges)``.
 
 * CPU tensors: ``torch.histogram(x, bins, range=(min, max))``, one pass per tensor; reading ``min``
   and ``max`` of a CPU tensor waits for nothing.
@@ -54,9 +58,7 @@ def _flat_chunks(t: Tensor) -> list[Tensor]:
 
 def _edges(lo: Tensor, hi: Tensor, bins: int) -> Tensor:
     """``bins + 1`` increasing edges from ``lo`` to ``hi`` (0-d device tensors), numpy's convention."""
-    flat = hi <= lo  # a constant tensor: numpy uses [v - 0.5, v + 0.5]
-    lo = torch.where(flat, lo - 0.5, lo)
-    hi = torch.where(flat, hi + 0.5, hi)
+    # A constant tensor (hi == lo) gets bins + 1 equal edges: bucketize places every value in the last bucket.
     steps = torch.arange(bins + 1, device=lo.device, dtype=lo.dtype) / bins
     edges = lo + (hi - lo) * steps
     # Rounding may push the computed end points past the range; clamping keeps the edges monotone
@@ -116,11 +118,17 @@ def _row_cpu(tensors: Sequence[Tensor], bins: int) -> Tensor:
         return torch.full((row_width(bins),), float("nan"), dtype=torch.float64)
     counts = torch.zeros(bins, dtype=torch.float64)
     total = torch.zeros(2, dtype=torch.float64)
+    if lo == hi:  # one distinct value: TensorBoard's convention, every edge at it, all in the last bucket
+        for t in tensors:
+            for chunk in _flat_chunks(t):
+                x = chunk.to(work)
+                total += torch.stack([x.sum(), torch.dot(x, x)]).to(torch.float64)
+        counts[-1] = float(sum(t.numel() for t in tensors))
+        return torch.cat([torch.full((bins + 1,), lo, dtype=torch.float64), counts, total])
     edges = None
     for t in tensors:
         for chunk in _flat_chunks(t):
             x = chunk.to(work)
-            # torch.histogram widens a zero range to [v - 0.5, v + 0.5], as numpy does.
             hist, edges = torch.histogram(x, bins=bins, range=(lo, hi))
             counts += hist.to(torch.float64)
             total += torch.stack([x.sum(), torch.dot(x, x)]).to(torch.float64)

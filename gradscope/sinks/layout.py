@@ -2,35 +2,35 @@
 
 TensorBoard's Scalars dashboard groups tags by their first component, so every gradscope chart
 lands in one "gradscope" section: hundreds of charts for a deep model. The layout written here gives
-the Custom Scalars dashboard one category per statistic and, inside it, one multi-line chart per
-*group* of layers:
+the Custom Scalars dashboard one category per statistic and, inside it, **one chart per layer**, in
+depth order (input side first), after the whole model's chart.
 
-* a transformer-style path (``blocks.3.attn.qkv``, ``encoder.layers.3.mlp.fc1``) belongs to its
-  block: the prefix up to the first numeric component that has more components after it
-  (``blocks.3``, ``encoder.layers.3``), so a 48-block model gives 48 small charts per statistic;
-* any other path belongs to its top-level module (``features.0`` -> ``features``); single-component
-  paths (``fc1``, the ``0`` of a ``Sequential``) share one "top level" chart;
-* a group with more than ``max_lines`` layers is split, in depth order, into several charts.
+Why one line per chart: a multi-line chart of the Custom Scalars dashboard colours its lines by
+*run* (its colour scale is TensorBoard's run colour scale, keyed by the run name it parses from the
+series name ``"<tag> (<run>)"``) and tells the series of one run apart only by a small marker symbol.
+Every layer of a gradscope run is in the same run, so a chart holding several layers draws them all
+in one colour: a reader cannot tell which line is which. With one layer per chart, the chart's
+title names the line; several runs still overlay in one chart, each in its run's colour, which is
+what comparing runs needs. Comparing the layers of one run is what the gradient-flow figure and the
+layer x step heat map (Images dashboard) are for.
 
-Each chart has one regular expression that matches exactly its layers' tags; each category starts
-with the whole model's chart. A first category, "gradscope overview", holds the loss and validation
-loss, the global gradient norm, update ratio and non-finite count, and the other scalars passed to
+A first category, "gradscope overview", holds the loss and the validation loss (a chart each), the
+global gradient norm, update ratio and non-finite count, and one chart per other scalar passed to
 ``scope.step``. Only the overview and ``l2_norm`` categories start open; the others are collapsed so
-that the dashboard stays quick for large models.
+that the dashboard stays quick for large models. Each chart has one regular expression that matches
+exactly its tag.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gradscope.sinks.tags import PREFIX, stat_tag
+from gradscope.sinks.tags import PREFIX, scalar_tag, stat_tag
 
-__all__ = ["DEFAULT_MAX_LINES", "Chart", "build_layout", "layer_groups", "layout_proto", "layout_summary"]
+__all__ = ["Chart", "build_layout", "layout_proto", "layout_summary"]
 
-DEFAULT_MAX_LINES = 12
-TOP_LEVEL = "top level"
 #: Categories that start open in the dashboard.
 _OPEN_STATS = ("l2_norm",)
 _LOSSES = ("loss", "val_loss")
@@ -42,51 +42,17 @@ _OVERVIEW = (
 )
 
 
-def _group_key(layer: str) -> str:
-    path = layer.split("+")[0]  # a tied parameter belongs where its first owner is
-    parts = path.split(".") if path else []
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return parts[0] if len(parts) > 1 else TOP_LEVEL
-
-
-def layer_groups(layers: Sequence[str], *, max_lines: int = DEFAULT_MAX_LINES) -> list[tuple[str, list[str]]]:
-    """Group layers for charts, in the order given (depth order: input side first).
-
-    Args:
-        layers: layer keys (module paths), input side first.
-        max_lines: the most layers in one chart; larger groups are split in order.
-
-    Returns:
-        ``(title, layers)`` pairs, ordered by their first layer.
-
-    Example:
-        >>> layer_groups(["wte", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "head"])
-        [('top level', ['wte', 'head']), ('blocks.0', ['blocks.0.attn', 'blocks.0.mlp']), ('blocks.1', ['blocks.1.attn'])]
-    """
-    groups: dict[str, list[str]] = {}
-    for layer in layers:
-        groups.setdefault(_group_key(layer), []).append(layer)
-    out: list[tuple[str, list[str]]] = []
-    for key, members in groups.items():
-        if len(members) <= max_lines:
-            out.append((key, members))
-            continue
-        n = -(-len(members) // max_lines)
-        size = -(-len(members) // n)  # even chunks
-        for i in range(n):
-            out.append((f"{key} ({i + 1}/{n})", members[i * size : (i + 1) * size]))
-    return out
-
-
 def _exact(tags: Sequence[str]) -> str:
     return "^(?:" + "|".join(re.escape(t) for t in tags) + ")$"
 
 
+def _layer_title(layer: str) -> str:
+    return layer or "(root)"
+
+
 @dataclass(frozen=True)
 class Chart:
-    """One multi-line chart: a title and the regular expression of its tags."""
+    """One chart: a title and the regular expression of its tag."""
 
     title: str
     regex: str
@@ -97,9 +63,8 @@ def build_layout(
     layers_by_depth: Sequence[str],
     *,
     act_stats: Sequence[str] = (),
-    act_modules: Sequence[str] = (),
+    act_modules: Sequence[str] | Mapping[str, Sequence[str]] = (),
     scalars: Sequence[str] | None = None,
-    max_lines: int = DEFAULT_MAX_LINES,
 ) -> list[tuple[str, bool, list[Chart]]]:
     """The layout as plain data: ``(category title, closed, charts)``.
 
@@ -107,35 +72,36 @@ def build_layout(
         stats: gradient statistics written per layer (``l2_norm``...).
         layers_by_depth: layer keys, input side first.
         act_stats: activation statistics written per activation module.
-        act_modules: activation module paths, in forward order.
+        act_modules: activation module paths, in forward order; or, per activation statistic, the
+            modules that have it (a ReLU has no saturated fraction, a sigmoid no zero fraction).
         scalars: names of the scalars passed to ``scope.step`` so far; charts for scalars not passed are
-            left out. None: charts for ``loss``/``val_loss`` and for any other scalar.
-        max_lines: the most lines in one chart.
+            left out. None: charts for ``loss``/``val_loss`` and one chart matching any other scalar
+            (the only chart that may hold several lines).
+
+    Example:
+        >>> [(t, [c.title for c in charts]) for t, _, charts in build_layout(["l2_norm"], ["fc1", "fc2"], scalars=[])]
+        [('gradscope overview', ['gradient norm (whole model)']), ('gradscope l2_norm by layer', ['l2_norm / whole model', 'l2_norm / fc1', 'l2_norm / fc2'])]
     """
-    losses = [n for n in _LOSSES if scalars is None or n in scalars]
-    overview = [Chart("loss", _exact([f"{PREFIX}/scalar/{n}" for n in losses]))] if losses else []
+    overview = [Chart(n, _exact([scalar_tag(n)])) for n in _LOSSES if scalars is None or n in scalars]
     for stat, title in _OVERVIEW:
         if stat in stats:
             overview.append(Chart(title, _exact([stat_tag(stat, "*")])))
-    if scalars is None or any(n not in _LOSSES for n in scalars):
+    if scalars is None:
         overview.append(
             Chart("other scalars passed to scope.step()", f"^{re.escape(PREFIX)}/scalar/(?!(?:loss|val_loss)$)")
         )
+    else:
+        overview += [Chart(n, _exact([scalar_tag(n)])) for n in scalars if n not in _LOSSES]
     categories: list[tuple[str, bool, list[Chart]]] = [(f"{PREFIX} overview", False, overview)]
-    groups = layer_groups(layers_by_depth, max_lines=max_lines)
     for stat in stats:
         charts = [Chart(f"{stat} / whole model", _exact([stat_tag(stat, "*")]))]
         charts += [
-            Chart(f"{stat} / {title}", _exact([stat_tag(stat, layer) for layer in members]))
-            for title, members in groups
+            Chart(f"{stat} / {_layer_title(layer)}", _exact([stat_tag(stat, layer)])) for layer in layers_by_depth
         ]
         categories.append((f"{PREFIX} {stat} by layer", stat not in _OPEN_STATS, charts))
-    act_groups = layer_groups(act_modules, max_lines=max_lines)
     for stat in act_stats:
-        charts = [
-            Chart(f"{stat} / {title}", _exact([stat_tag(stat, module) for module in members]))
-            for title, members in act_groups
-        ]
+        modules = act_modules.get(stat, ()) if isinstance(act_modules, Mapping) else act_modules
+        charts = [Chart(f"{stat} / {_layer_title(m)}", _exact([stat_tag(stat, m)])) for m in modules]
         if charts:
             categories.append((f"{PREFIX} {stat} by activation", True, charts))
     return categories

@@ -46,6 +46,7 @@ def build_sink(spec: Any) -> Sink:
         try:
             return cls()
         except TypeError as exc:
+            # sinks that need arguments are built from instances; a missing extra raises its own error
             raise ConfigurationError(
                 f"Sink {spec!r} needs arguments; pass an instance in `sinks` instead ({exc})."
             ) from None

@@ -39,6 +39,7 @@ from gradscope.errors import ConfigurationError
 from gradscope.findings import Finding, count_errors, jsonable, verdict
 from gradscope.sinks import tags as T
 from gradscope.sinks.base import ScopeInfo, Sink, SinkUpdate
+from gradscope.sinks.findings_text import FindingsLedger, finding_markdown, findings_table, update_markdown
 from gradscope.sinks.histograms import HistogramRows, histogram_rows
 from gradscope.sinks.records import check_stat_selection, stat_selection
 from gradscope.sinks.registry import register_sink
@@ -81,12 +82,10 @@ def check_writer(writer: Any) -> None:
         )
 
 
-def _finding_markdown(f: Finding) -> str:
-    where = f"`{f.layer or '(root)'}`" if f.layer is not None else "the model"
-    return (
-        f"**{f.severity}: {f.kind}** in {where} at step {f.step}{f.status_note()}\n\n{f.message}\n\n"
-        f"*Try:* {f.suggestion}"
-    )
+# the names the tests and older code use
+_finding_markdown = finding_markdown
+_update_markdown = update_markdown
+_findings_table = findings_table
 
 
 def verdict_markdown(report: Report) -> str:
@@ -100,11 +99,7 @@ def verdict_markdown(report: Report) -> str:
         "",
     ]
     if report.findings:
-        lines += ["| step | severity | kind | layer |", "|---:|---|---|---|"]
-        for f in report.findings:
-            layer = "(model)" if f.layer is None else (f.layer or "(root)")
-            lines.append(f"| {f.step}{f.status_note()} | {f.severity} | {f.kind} | `{layer}` |")
-        lines.append("")
+        lines += [*_findings_table(report.findings), ""]
     lines += ["```", str(report), "```"]
     return "\n".join(lines)
 
@@ -183,7 +178,9 @@ class TensorBoardSink(Sink):
         self._fig_step = -1
         self._last_frame: StatsFrame | None = None
         self._layers_by_depth: list[str] = []
-        self._layout_scalars: tuple[str, ...] | None = None
+        self._layout_key: tuple[Any, ...] | None = None  # what the last layout written was built from
+        self._ledger = FindingsLedger()  # findings written, in their last written state
+        self._findings_step = 0  # step of the last findings record (their steps must increase)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -270,7 +267,7 @@ class TensorBoardSink(Sink):
             self._write_meta(update)
         self._write_scalars(update)
         self._write_histograms(frame, final=update.final)
-        self._write_findings(update.findings, frame)
+        self._write_findings(update.findings, update.updated, int(frame.steps[-1]) if len(frame) else None)
         self._write_figures(frame, final=update.final)
         self.writer.flush()
         if len(frame):
@@ -303,19 +300,27 @@ class TensorBoardSink(Sink):
 
     def _write_layout(self, frame: StatsFrame, step: int) -> None:
         """The custom-scalars layout; rewritten when new scalars appeared (TensorBoard shows the last one)."""
-        if not self.layout or tuple(frame.scalar_names) == self._layout_scalars:
+        if not self.layout:
+            return
+        sch = frame.schema
+        act_stats = [s for s in ACTIVATION_STATISTICS if self.stats is None or s in self.stats]
+        # a chart per module only for the statistics it has (a ReLU has no saturated fraction: all NaN)
+        acts = {
+            s: tuple(m for j, m in enumerate(sch.act_modules) if not np.isnan(frame.act_values(s)[:, j]).all())
+            for s in (act_stats if sch.act_modules else ())
+        }
+        key = (tuple(frame.scalar_names), tuple(acts.items()))
+        if key == self._layout_key:
             return
         from gradscope.sinks.layout import build_layout, layout_summary
 
-        self._layout_scalars = tuple(frame.scalar_names)
-        sch = frame.schema
+        self._layout_key = key
         stats = [s for s in sch.stats if self.stats is None or s in self.stats]
-        act_stats = [s for s in ACTIVATION_STATISTICS if self.stats is None or s in self.stats]
         categories = build_layout(
             stats,
             self._layers_by_depth,
-            act_stats=act_stats if sch.act_modules else (),
-            act_modules=list(sch.act_modules),
+            act_stats=list(acts),
+            act_modules=acts,
             scalars=frame.scalar_names,
         )
         self._add(layout_summary(categories), step)
@@ -365,22 +370,39 @@ class TensorBoardSink(Sink):
                     walltime=self._walltime.get(step),
                 )
 
-    def _write_findings(self, findings: list[Finding], frame: StatsFrame) -> None:
-        if not findings:
+    def _write_findings(
+        self, new: Sequence[Finding], updated: Sequence[Finding], visible: int | None, *, final: bool = False
+    ) -> None:
+        """Findings first reported now, and episodes that changed, at the step they became visible.
+
+        TensorBoard's default loader (its data server) keeps a time series' events only while their
+        steps increase: an event at a step at or below the last one read replaces those after it. So
+        every text and JSON record goes at a step above the previous one (the last recorded step at
+        this flush), and the finding's own first step is stated in the text. The JSON record holds
+        every finding known so far in its latest state: the last record is the whole truth, also when
+        TensorBoard keeps only a sample of the records. Text says when an episode ends (or starts again);
+        with ``final``, any other change (a later ``last_step``) gets a last JSON record too.
+        """
+        fresh, changed, anything = self._ledger.take(new, updated, final=final)
+        for f in fresh:
+            if f.layer and f.layer not in self._flagged:
+                self._flagged.append(f.layer)
+        if not anything:
             return
         from gradscope.sinks.protos import json_summary, text_summary
 
-        by_step: dict[int, list[Finding]] = {}
-        for f in findings:
-            by_step.setdefault(f.step, []).append(f)
-            if f.layer and f.layer not in self._flagged:
-                self._flagged.append(f.layer)
-        for step, group in sorted(by_step.items()):
-            text = "\n\n---\n\n".join(_finding_markdown(f) for f in group)
-            self._add(text_summary(T.FINDINGS_TAG, text), step)
-        last = int(frame.steps[-1]) if len(frame) else max(by_step)
-        payload = json.dumps([f.to_dict() for f in findings], allow_nan=False)
-        self._add(json_summary(T.FINDINGS_JSON_TAG, T.PLUGIN_NAME, payload), last)
+        step = max(visible or 0, self._findings_step + 1)
+        self._findings_step = step
+        parts = [_finding_markdown(f, step) for f in sorted(fresh, key=lambda f: f.step)]
+        parts += [_update_markdown(f) for f in changed]
+        everything = self._ledger.everything()
+        if len(everything) > len(fresh):
+            # the latest entry lists every finding: TensorBoard keeps only a sample of older text entries
+            parts.append("\n".join([f"All findings so far ({len(everything)}):", "", *_findings_table(everything)]))
+        if fresh or changed:
+            self._add(text_summary(T.FINDINGS_TAG, "\n\n---\n\n".join(parts)), step)
+        payload = json.dumps([f.to_dict() for f in everything], allow_nan=False)
+        self._add(json_summary(T.FINDINGS_JSON_TAG, T.PLUGIN_NAME, payload), step)
 
     def _write_figures(self, frame: StatsFrame, *, final: bool) -> None:
         if not len(frame):
@@ -452,7 +474,17 @@ class TensorBoardSink(Sink):
         from gradscope.report import JSON_SCHEMA, JSON_SCHEMA_VERSION
         from gradscope.sinks.protos import json_summary, text_summary
 
-        step = max(report.steps, 1)
+        # Episodes that ended since the last write (and anything a flush did not pass on): recorded
+        # before the verdict, so that the last findings record agrees with the final report.
+        confirmed = [f for f in report.findings if not f.provisional]
+        known = self._ledger.known
+        self._write_findings(
+            [f for f in confirmed if (f.kind, f.layer) not in known],
+            [f for f in confirmed if (f.kind, f.layer) in known],
+            max(report.steps, 1),
+            final=True,
+        )
+        step = max(report.steps, 1, self._findings_step)
         if self._last_frame is not None and self._started:
             self._write_layout(self._last_frame, step)
         self._add(text_summary(T.VERDICT_TAG, verdict_markdown(report)), step)

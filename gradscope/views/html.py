@@ -21,13 +21,14 @@ import numpy as np
 from gradscope._io import atomic_write_text
 from gradscope._version import __version__
 from gradscope.findings import Finding, count_errors, verdict
+from gradscope.findings import _findings_html as _notebook_findings_html
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from gradscope.views.source import ReportData as Report
 
-__all__ = ["render_html", "worst_layers", "write_html"]
+__all__ = ["render_html", "render_notebook_html", "worst_layers", "write_html"]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1b1f24;background:#f6f8fa}
@@ -54,7 +55,7 @@ _CAPTIONS = {
     "heatmap": "log10 of each layer's gradient norm at every recorded step (input side on top). "
     "Bands that fade to the bottom or top of the scale are vanishing or exploding layers.",
     "norms": "Gradient norm of each layer over steps, coloured by depth; dashed: the whole model.",
-    "loss": "The scalars passed to scope.step().",
+    "loss": "The scalars passed to scope.step(): losses on the top axis, any other scalar (lr...) on its own axis below.",
 }
 
 
@@ -253,6 +254,52 @@ def render_html(report: Report, *, title: str | None = None, source: str | None 
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>{body}</body></html>\n"
     )
+
+
+_VERDICT_COLOURS = {"healthy": "#1a7f37", "warnings": "#9a6700", "unhealthy": "#cf222e"}
+
+
+def render_notebook_html(report: Report, *, max_findings: int = 50) -> str:
+    """A compact HTML fragment for notebooks (``Report._repr_html_``): verdict, findings, gradient flow.
+
+    Every value from the report is escaped; the plot is an inline PNG, so the fragment needs nothing
+    else (no scripts, no external files) and survives saving the notebook.
+
+    Args:
+        report: the report.
+        max_findings: rows of the findings table; the rest are counted.
+    """
+    word = verdict(report.findings)
+    n_err = count_errors(report.findings)
+    n_warn = len(report.findings) - n_err
+    model = report.meta.get("model", "model")
+    parts = [
+        f"<div class='gradscope-report' style='font-family:system-ui,sans-serif'>"
+        f"<div style='background:{_VERDICT_COLOURS[word]};color:#fff;padding:8px 12px;border-radius:6px'>"
+        f"<b>{_e(word.upper())}</b>: {_e(model)} &middot; {report.steps} steps &middot; "
+        f"{n_err} error(s) &middot; {n_warn} warning(s)</div>"
+    ]
+    if report.skipped_steps:
+        parts.append(f"<p>Skipped optimizer steps (not judged): {len(report.skipped_steps)}</p>")
+    shown = list(report.findings)[:max_findings]
+    parts.append(_notebook_findings_html(shown) if report.findings else "<p>No findings: every rule passed.</p>")
+    if len(report.findings) > len(shown):
+        parts.append(f"<p>... and {len(report.findings) - len(shown)} more (<code>report.findings</code>).</p>")
+    try:
+        has_grads = not report.stats.empty
+    except ValueError:
+        has_grads = False
+    data = _png(report, "flow") if has_grads else None
+    if data is not None:
+        parts.append(
+            f"<img alt='gradient flow plot' style='max-width:100%' src='data:image/png;base64,{data}'>"
+            f"<p style='font-size:12px;color:#57606a'>{_e(_CAPTIONS['flow'])} "
+            "More: <code>report.plot(kind)</code>, <code>print(report)</code>.</p>"
+        )
+    for e in report.errors:
+        parts.append(f"<p>Monitoring problem: {_e(e)}</p>")
+    parts.append("</div>")
+    return "".join(parts)
 
 
 def write_html(

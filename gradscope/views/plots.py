@@ -11,7 +11,12 @@ Two layers:
   use them.
 
 Figures are built with ``matplotlib.figure.Figure`` and rendered with the Agg canvas; pyplot is never
-imported, so no global backend is chosen and no figure is left open in pyplot's registry.
+imported, so no global backend is chosen and no figure is left open in pyplot's registry. A fresh
+Jupyter kernel only teaches IPython to draw figures once pyplot is imported (the inline backend
+registers its PNG formatter on import), so the figures made here carry their own ``_repr_png_``:
+``report.plot("flow")`` as the last line of a cell shows the picture either way, once.
+
+Labels are plain text: layer names are escaped for mathtext (a module named ``$x$`` shows as such).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 import numpy as np
 
 from gradscope._registry import Registry
-from gradscope.views.tables import layer_matrix, layer_order
+from gradscope.errors import ConfigurationError
+from gradscope.views.tables import gradient_layers, layer_matrix, layer_order, layer_statistics
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -65,14 +71,47 @@ def register_plot(kind: str, *, overwrite: bool = False) -> Callable[[PlotFn], P
 
 
 # -- figure plumbing ---------------------------------------------------------------------------------
+_FIGURE_CLASS: type | None = None
+
+
+def _figure_class() -> type:
+    """``matplotlib.figure.Figure`` plus ``_repr_png_``, built on first use (matplotlib loads lazily)."""
+    global _FIGURE_CLASS
+    if _FIGURE_CLASS is None:
+        try:
+            from matplotlib.figure import Figure
+        except ModuleNotFoundError as exc:  # pragma: no cover - matplotlib is a dependency
+            raise ModuleNotFoundError("gradscope's plots need matplotlib: pip install matplotlib") from exc
+
+        class ReportFigure(Figure):
+            """A matplotlib figure that displays itself in notebooks without pyplot."""
+
+            def _repr_png_(self) -> bytes:
+                return render_png(self)[0]
+
+        ReportFigure.__module__ = __name__
+        ReportFigure.__qualname__ = "ReportFigure"
+        _FIGURE_CLASS = ReportFigure
+    return _FIGURE_CLASS
+
+
+def __getattr__(name: str) -> Any:
+    # `ReportFigure` is built lazily (importing matplotlib costs time); this makes it importable and picklable.
+    if name == "ReportFigure":
+        return _figure_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def new_figure(figsize: tuple[float, float], **kwargs: Any) -> Figure:
+    """A new constrained-layout figure that displays in notebooks (``_repr_png_``) without pyplot."""
+    fig: Figure = _figure_class()(figsize=figsize, layout="constrained", **kwargs)
+    return fig
+
+
 def _axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
-    try:
-        from matplotlib.figure import Figure
-    except ModuleNotFoundError as exc:  # pragma: no cover - matplotlib is a dependency
-        raise ModuleNotFoundError("gradscope's plots need matplotlib: pip install matplotlib") from exc
     if ax is not None:
         return ax.figure, ax  # type: ignore[return-value]  # typed Figure | SubFigure; the caller draws on it alike
-    fig = Figure(figsize=figsize, layout="constrained")
+    fig = new_figure(figsize)
     return fig, fig.add_subplot()
 
 
@@ -87,8 +126,13 @@ def render_png(fig: Figure, *, dpi: int = 100) -> tuple[bytes, int, int]:
     return buf.getvalue(), h, w
 
 
+def plain(text: str) -> str:
+    """``text`` as matplotlib shows it literally: ``$`` escaped so that mathtext never parses a name."""
+    return text.replace("$", r"\$")
+
+
 def _label(layer: str) -> str:
-    return "(root)" if layer == "" else ("(model)" if layer == "*" else layer)
+    return "(root)" if layer == "" else ("(model)" if layer == "*" else plain(layer))
 
 
 def _tick_layers(ax: Axes, layers: Sequence[str], axis: str, flagged: set[str]) -> None:
@@ -105,6 +149,10 @@ def _tick_layers(ax: Axes, layers: Sequence[str], axis: str, flagged: set[str]) 
     for i, t in zip(pos, ticks):
         if layers[i] in flagged:
             t.set_color(_FLAG)
+
+
+#: Above this many layers the flow plot draws lines, not bars, and counts the unplottable layers.
+_MAX_BARS = 400
 
 
 def _thin(n: int, limit: int) -> np.ndarray:
@@ -152,11 +200,24 @@ def gradient_flow(
     n = len(layers)
     fig, ax = _axes(ax, (min(20.0, max(6.0, 0.28 * n + 2)), 4.2))
     x = np.arange(n)
-    if peak is not None:
-        ax.bar(x, _positive(peak), width=0.8, color="#9ecae1", label=peak_label)
-    ax.bar(x, _positive(typical), width=0.5, color="#08519c", label=typical_label)
+    typical = np.asarray(typical, dtype=np.float64).reshape(n)
+    if n <= _MAX_BARS:
+        if peak is not None:
+            ax.bar(x, _positive(peak), width=0.8, color="#9ecae1", label=peak_label)
+        ax.bar(x, _positive(typical), width=0.5, color="#08519c", label=typical_label)
+    else:  # thousands of layers: one line collection per series (a bar is one patch to lay out and draw)
+        series = [(_positive(typical), "#08519c", typical_label)]
+        if peak is not None:
+            series.insert(0, (_positive(peak), "#9ecae1", peak_label))
+        drawn = np.concatenate([v for v, _, _ in series])
+        floor = np.nanmin(drawn) / 2 if np.isfinite(drawn).any() else 1e-8
+        for v, colour, label in series:
+            ax.vlines(x, floor, v, color=colour, linewidth=max(0.3, 600.0 / n), label=label)
     ax.set_yscale("log")
+    if not np.isfinite(_positive(typical)).any() and (peak is None or not np.isfinite(_positive(peak)).any()):
+        ax.set_ylim(1e-8, 1.0)  # nothing positive to scale to: keep a sensible log axis for the labels below
     ax.set_xlim(-0.6, n - 0.4)
+    _mark_unplottable(ax, x, typical)
     flagged_set = set(flagged)
     _tick_layers(ax, layers, "x", flagged_set)
     ax.set_xlabel("layer (input side first)")
@@ -164,8 +225,45 @@ def gradient_flow(
     ax.set_title("Gradient flow" + (f" at step {step}" if step is not None else ""))
     ax.grid(axis="y", which="major", alpha=0.3)
     if n:
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(loc="best" if n <= _MAX_BARS else "upper right", fontsize=8)  # "best" scans every artist
     return fig
+
+
+def _mark_unplottable(ax: Axes, x: np.ndarray, typical: np.ndarray) -> None:
+    """Label the layers a log axis cannot draw: a zero gradient gets a stub bar and "0", non-finite "nan"/"inf".
+
+    A missing bar reads as "no data"; a layer whose gradient is exactly zero is the most important one
+    to see, so it gets a hatched stub at the bottom of the axis and its value written above it.
+    """
+    from matplotlib.patches import Rectangle
+    from matplotlib.transforms import blended_transform_factory
+
+    where = blended_transform_factory(ax.transData, ax.transAxes)  # x in data, y in axes fraction
+    odd = ~(np.isfinite(typical) & (typical != 0))
+    if odd.sum() > _MAX_BARS // 4:  # too many to label one by one: say how many, mark where
+        ax.vlines(x[odd], 0.0, 0.04, transform=where, color="#57606a", linewidth=0.5)
+        ax.text(
+            0.01,
+            0.05,
+            f"{int(odd.sum())} layers zero or non-finite (marked below)",
+            transform=ax.transAxes,
+            fontsize=8,
+            color=_FLAG,
+        )
+        return
+    for xi, v in zip(x, typical):
+        if v == 0:
+            text, colour = "0", _FLAG
+        elif np.isnan(v):
+            text, colour = "nan", "#57606a"
+        elif np.isinf(v):
+            text, colour = "inf" if v > 0 else "-inf", _FLAG
+        else:
+            continue
+        if v == 0:
+            stub = Rectangle((xi - 0.25, 0.0), 0.5, 0.04, transform=where, fill=False, edgecolor=_FLAG, hatch="///")
+            ax.add_patch(stub)
+        ax.text(xi, 0.05, text, transform=where, ha="center", va="bottom", fontsize=8, color=colour)
 
 
 def norm_heatmap(
@@ -248,8 +346,16 @@ def norm_curves(
     steps, values = np.asarray(steps)[keep], values[keep]
     model = None if model is None else np.asarray(model, dtype=np.float64)[keep]
     cmap = colormaps["viridis"]
-    for j, layer in enumerate(layers):
-        ax.plot(steps, _positive(values[:, j]), color=cmap(j / max(1, n - 1)), lw=1.0, label=_label(layer))
+    if n <= _MAX_BARS:
+        for j, layer in enumerate(layers):
+            ax.plot(steps, _positive(values[:, j]), color=cmap(j / max(1, n - 1)), lw=1.0, label=_label(layer))
+    else:  # thousands of layers: one collection (a Line2D each costs milliseconds to build and draw)
+        from matplotlib.collections import LineCollection
+
+        x = np.broadcast_to(np.asarray(steps, dtype=np.float64)[:, None], values.shape)
+        segments = np.stack([x, _positive(values)], axis=-1).transpose(1, 0, 2)  # [L, S, 2]
+        ax.add_collection(LineCollection(list(segments), colors=cmap(np.linspace(0, 1, n)), linewidths=1.0))
+        ax.autoscale_view()
     if model is not None:
         ax.plot(steps, _positive(model), color="black", lw=1.5, ls="--", label="whole model")
     ax.set_yscale("log")
@@ -265,8 +371,16 @@ def norm_curves(
     return fig
 
 
+def _is_loss(name: str) -> bool:
+    return "loss" in name.lower()
+
+
 def loss_curves(steps: np.ndarray, series: Mapping[str, np.ndarray], *, ax: Axes | None = None) -> Figure:
     """The scalars passed to ``scope.step`` (loss, val_loss, ...) over steps.
+
+    Losses (names containing ``loss``) share one axis; any other scalar (``lr``, an accuracy...) lives on
+    its own scale: a second panel below, or a right-hand axis when ``ax`` is given, so a learning rate
+    of 1e-3 is never drawn flat against a loss of 2.
 
     Args:
         steps: ``[S]`` step numbers.
@@ -276,19 +390,49 @@ def loss_curves(steps: np.ndarray, series: Mapping[str, np.ndarray], *, ax: Axes
     Returns:
         The figure.
     """
-    fig, ax = _axes(ax, (8.0, 3.8))
-    for name, vals in series.items():
+    losses = {k: v for k, v in series.items() if _is_loss(k)}
+    others = {k: v for k, v in series.items() if not _is_loss(k)}
+    if not losses:  # nothing to separate from
+        losses, others = dict(series), {}
+    panel = ax is None and bool(others)
+    if panel:
+        fig = new_figure((8.0, 5.2))
+        ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    else:
+        fig, ax = _axes(ax, (8.0, 3.8))
+        ax2 = ax.twinx() if others else None
+    steps = np.asarray(steps)
+    _draw_scalars(ax, steps, losses, 0)
+    ax.set_title("scalars passed to scope.step()")
+    ax.grid(alpha=0.3)
+    if ax2 is None:
+        ax.set_xlabel("step")
+        if series:
+            ax.legend(fontsize=8)
+        return fig
+    _draw_scalars(ax2, steps, others, len(losses))
+    ax.set_ylabel("loss")
+    ax2.set_ylabel(", ".join(plain(k) for k in others))
+    if panel:  # a panel below
+        ax2.set_xlabel("step")
+        ax2.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax2.legend(fontsize=8)
+    else:  # a right-hand axis on the caller's axes: one legend for both
+        ax.set_xlabel("step")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=8)
+    return fig
+
+
+def _draw_scalars(ax: Axes, steps: np.ndarray, series: Mapping[str, np.ndarray], colour0: int) -> None:
+    for i, (name, vals) in enumerate(series.items()):
         v = np.asarray(vals, dtype=np.float64)
         ok = np.nonzero(np.isfinite(v))[0]
         ok = ok[_thin(len(ok), _MAX_POINTS)]
         marker = "o" if len(ok) < 30 else None
-        ax.plot(np.asarray(steps)[ok], v[ok], lw=1.2, marker=marker, ms=3, label=name)
-    ax.set_xlabel("step")
-    ax.set_title("scalars passed to scope.step()")
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend(fontsize=8)
-    return fig
+        ax.plot(steps[ok], v[ok], lw=1.2, marker=marker, ms=3, label=plain(name), color=f"C{colour0 + i}")
 
 
 # -- report plots ------------------------------------------------------------------------------------
@@ -302,20 +446,38 @@ def _depth(report: Report) -> list[str]:
 
 def _grad_layers(report: Report) -> list[str]:
     """Layers with gradient statistics (activation modules have only ``act_*`` rows)."""
-    stats = report.stats
-    grad = stats[(stats["param"] == "*") & (stats["layer"] != "*") & ~stats["stat"].str.startswith("act_")]
-    present = set(grad["layer"])
-    return [layer for layer in _depth(report) if layer in present]
+    return gradient_layers(report.stats, report.meta.get("layers_by_depth"))
+
+
+def _layer_stats(report: Report) -> list[str]:
+    return layer_statistics(report.stats)
+
+
+def _check_stat(report: Report, stat: Any, kind: str) -> None:
+    known = _layer_stats(report)
+    if not isinstance(stat, str) or stat not in known:
+        raise ConfigurationError(
+            f"Expected `stat` of report.plot({kind!r}) to be a statistic this run recorded per layer "
+            f"({', '.join(known) or 'none recorded'}), but got {stat!r}."
+        )
 
 
 @register_plot("flow")
 def plot_flow(report: Report, *, ax: Axes | None = None, step: int | None = None) -> Figure:
     """Gradient flow at ``step`` (default: the last step where ``abs_max`` was taken, else the last)."""
     layers = _grad_layers(report)
-    typical_stat = "rms" if "rms" in set(report.stats["stat"]) else "l2_norm"
+    typical_stat = "rms" if "rms" in set(report.stats["stat"].unique()) else "l2_norm"
     s_typ, layers, typ = layer_matrix(report.stats, typical_stat, layers)
     s_peak, _, peak = layer_matrix(report.stats, "abs_max", layers)
-    if step is None:
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not (s_typ == step).any():
+            span = f"{int(s_typ[0])}..{int(s_typ[-1])}" if len(s_typ) else "none"
+            raise ConfigurationError(
+                f"Expected `step` of report.plot('flow') to be a step with {typical_stat} recorded (steps {span}), "
+                f"but got {step!r}. Leave it out for the last sampled step."
+            )
+        step = int(step)
+    else:
         step = int(s_peak[-1]) if len(s_peak) else (int(s_typ[-1]) if len(s_typ) else None)
     row_t = typ[s_typ == step][0] if step is not None and (s_typ == step).any() else np.full(len(layers), np.nan)
     row_p = peak[s_peak == step][0] if step is not None and (s_peak == step).any() else None
@@ -326,6 +488,7 @@ def plot_flow(report: Report, *, ax: Axes | None = None, step: int | None = None
 @register_plot("heatmap")
 def plot_heatmap(report: Report, *, ax: Axes | None = None, stat: str = "l2_norm") -> Figure:
     """Layer x step heat map of ``log10(stat)`` (default the gradient norm)."""
+    _check_stat(report, stat, "heatmap")
     steps, layers, values = layer_matrix(report.stats, stat, _depth(report))
     return norm_heatmap(layers, steps, values, stat=stat, flagged=_flagged(report), ax=ax)
 
@@ -333,6 +496,7 @@ def plot_heatmap(report: Report, *, ax: Axes | None = None, stat: str = "l2_norm
 @register_plot("norms")
 def plot_norms(report: Report, *, ax: Axes | None = None, stat: str = "l2_norm") -> Figure:
     """Per-layer curves of ``stat`` (default the gradient norm), with the whole model dashed."""
+    _check_stat(report, stat, "norms")
     steps, layers, values = layer_matrix(report.stats, stat, _depth(report))
     stats = report.stats
     whole = stats[(stats["layer"] == "*") & (stats["stat"] == stat)].set_index("step")["value"]
@@ -342,14 +506,31 @@ def plot_norms(report: Report, *, ax: Axes | None = None, stat: str = "l2_norm")
 
 @register_plot("loss")
 def plot_loss(report: Report, *, ax: Axes | None = None) -> Figure:
-    """The loss, validation loss and other scalars passed to ``scope.step``."""
+    """The loss, validation loss and other scalars passed to ``scope.step`` (non-loss scalars on their own axis)."""
     sc = report.scalars
     return loss_curves(sc.index.to_numpy(), {c: sc[c].to_numpy() for c in sc.columns}, ax=ax)
 
 
 def plot_report(report: Report, kind: str = "flow", *, ax: Axes | None = None, **kwargs: Any) -> Figure:
-    """Draw one registered plot of ``report``; see :data:`PLOTS` for the kinds."""
-    return PLOTS.get(kind)(report, ax=ax, **kwargs)
+    """Draw one registered plot of ``report``; see :data:`PLOTS` for the kinds.
+
+    Raises:
+        RegistryError: ``kind`` is not registered (the message lists the kinds).
+        ConfigurationError: ``kwargs`` holds an option the kind does not take, or a bad value for one.
+    """
+    import inspect
+
+    fn = PLOTS.get(kind)
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        options = [name for name, p in params.items() if p.kind is p.KEYWORD_ONLY and name != "ax"]
+        unknown = [k for k in kwargs if k not in options]
+        if unknown:
+            raise ConfigurationError(
+                f"report.plot({kind!r}) takes the options {', '.join(options) or '(none)'}, "
+                f"but got {', '.join(map(repr, unknown))}."
+            )
+    return fn(report, ax=ax, **kwargs)
 
 
 def save_plots(
@@ -365,22 +546,48 @@ def save_plots(
     Args:
         report: the report.
         directory: created when missing.
-        kinds: plot kinds (default every registered kind; ``"loss"`` only when scalars were passed).
+        kinds: a list of plot kinds such as ``["flow", "loss"]`` (default every registered kind;
+            ``"loss"`` only when scalars were passed).
         fmt: any format matplotlib writes (``png``, ``svg``, ``pdf``).
-        dpi: resolution of raster formats.
+        dpi: resolution of raster formats, a positive int.
 
     Returns:
         The paths written, in the order of ``kinds``.
+
+    Raises:
+        ConfigurationError: ``kinds``, ``fmt`` or ``dpi`` is invalid (checked before anything is written).
+        RegistryError: a kind is not registered.
     """
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     if kinds is None:
         kinds = [k for k in PLOTS.keys() if k != "loss" or len(report.scalars.columns)]
+    elif isinstance(kinds, (str, bytes)):
+        raise ConfigurationError(
+            f"Expected `kinds` of save_plots to be a list of plot kinds, but got the string {kinds!r}; "
+            f"pass kinds=[{kinds!r}]."
+        )
+    else:
+        try:
+            kinds = list(kinds)
+        except TypeError:
+            raise ConfigurationError(
+                f"Expected `kinds` of save_plots to be a list of plot kinds such as ['flow'], but got {kinds!r}."
+            ) from None
+    for kind in kinds:
+        PLOTS.get(kind)  # an unknown kind fails here, listing the kinds, before any file is written
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if not isinstance(fmt, str) or fmt.lower() not in formats:
+        raise ConfigurationError(
+            f"Expected `fmt` of save_plots to be one of {', '.join(sorted(formats))}, but got {fmt!r}."
+        )
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not dpi > 0:
+        raise ConfigurationError(f"Expected `dpi` of save_plots to be a positive number, but got {dpi!r}.")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
     paths = []
     for kind in kinds:
         fig = plot_report(report, kind)
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-
         FigureCanvasAgg(fig)
         path = out / f"{kind}.{fmt}"
         fig.savefig(path, dpi=dpi)

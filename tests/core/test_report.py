@@ -186,3 +186,82 @@ def test_text_and_json_say_which_findings_are_provisional_or_resolved():
         ("vanishing_gradients", False, 8, 9),
         ("dead_units", True, None, None),
     ]
+
+
+def test_finding_repr_is_short_and_rounded_and_findings_stay_a_list():
+    from gradscope.findings import FindingList
+
+    f = Finding(
+        kind="vanishing_gradients",
+        severity="error",
+        step=12,
+        layer="fc4",
+        message="A long sentence. " * 10,
+        suggestion="Use He init.",
+        evidence={"stat": "rms", "ratio_to_later_max": {"fc0": 1e-7}, "threshold": 0.001, "window": [12, 40]},
+        resolved_step=41,
+    )
+    assert repr(f) == (
+        "Finding(step=12, error, vanishing_gradients, layer='fc4', stat=rms, threshold=0.001, window=12-40 "
+        "(resolved at step 41))"
+    )
+    g = Finding(
+        kind="loss_not_decreasing",
+        severity="warning",
+        step=3,
+        layer=None,
+        message="m",
+        suggestion="s",
+        evidence={"value": 1.23456789, "threshold": float("nan")},
+    )
+    assert repr(g) == "Finding(step=3, warning, loss_not_decreasing, layer=model, value=1.23, threshold=nan)"
+    report = Report(findings=[f, g])
+    assert isinstance(report.findings, list) and isinstance(report.findings, FindingList)
+    assert report.findings == [g, f] and report.findings[0] is g and len(report.findings) == 2
+    assert repr(report.findings) == f"[\n  {g!r},\n  {f!r},\n]" and repr(FindingList()) == "[]"
+    assert json.loads(json.dumps([x.to_dict() for x in report.findings]))[1]["evidence"]["window"] == [12, 40]
+    table = report.findings._repr_html_()
+    assert table.count("<tr>") == 3 and "vanishing_gradients" in table and "(model)" in table
+
+
+def test_report_html_display_escapes_and_embeds_the_flow_plot():
+    import base64
+
+    report = _run(_BigLayerRule(), steps=4).report()
+    bad = Finding(
+        kind="<script>x</script>",
+        severity="warning",
+        step=2,
+        layer="<img src=x>",
+        message="a & b",
+        suggestion="<u>try</u>",
+        evidence={},
+    )
+    hostile = Report(findings=[*report.findings, bad], stats=report.stats, meta={**report.meta, "model": "<i>M</i>"})
+    page = hostile._repr_html_()
+    for raw in ("<script>x</script>", "<img src=x>", "<i>M</i>", "a & b", "<u>try</u>"):
+        assert raw not in page
+    assert "&lt;script&gt;x&lt;/script&gt;" in page and "&lt;img src=x&gt;" in page and "a &amp; b" in page
+    n_err = sum(f.severity == "error" for f in report.findings)
+    assert n_err and "UNHEALTHY" in page and f"{n_err} error(s)" in page and "1 warning(s)" in page
+    assert page.count("<tr>") == 1 + n_err + 1  # the header, then each finding
+    png = base64.b64decode(page.split("data:image/png;base64,", 1)[1].split("'", 1)[0])
+    assert png.startswith(b"\x89PNG")
+    assert "<img" not in Report(findings=[])._repr_html_()  # nothing recorded: no plot, no error
+
+
+def test_text_report_says_how_many_layers_its_table_leaves_out():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(16)])
+    with gradscope.watch(model, rules=[]) as scope:
+        for _ in range(2):
+            model(torch.randn(3, 4)).sum().backward()
+            scope.step()
+            model.zero_grad()
+    text = str(scope.report())
+    assert "6 of 16 layers shown" in text and "report.layer_summary()" in text
+    header = text.index("layer ", text.index("6 of 16 layers shown"))
+    rows = text[header:].splitlines()[1:]
+    assert len(rows) == 6 and all(r.split()[0] in {str(i) for i in range(16)} for r in rows)
+    small = Report(findings=[], stats=scope.report().stats[lambda s: s["layer"].isin(["0", "1", "*"])])
+    assert "layers shown" not in str(small) and "latest values up to step 2 (! = named" in str(small)

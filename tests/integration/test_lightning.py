@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -408,3 +409,64 @@ def test_a_diverging_fit_stops_at_the_first_error_and_the_report_on_disk_names_i
     saved = gradscope.Report.from_json(tmp_path / "report.json")
     assert saved.steps == trainer.global_step
     assert [(f.step, f.provisional) for f in saved.findings if f.kind == "nonfinite_gradients"] == [(3, False)]
+
+
+# -- any logger: findings as counts, as text where the logger takes text; a warning when none can --------
+
+
+class FlagsAt(gradscope.Rule):
+    """A test rule: reports ``net.0`` first seen at step ``at`` once the run got there."""
+
+    name = "exploding_gradients"
+    severity = "error"
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def check(self, ctx):
+        if not (ctx.steps >= self.at).any():
+            return []
+        return [
+            self.finding(
+                step=self.at, layer="net.0", message="made up by the test.", suggestion="nothing.", evidence={}
+            )
+        ]
+
+
+def test_findings_reach_a_csv_logger_as_counts(tmp_path):
+    callback = GradscopeCallback(rules=[FlagsAt(3)], flush_every=4)
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    fit(tmp_path, Tiny(), callback, logger=logger, max_epochs=1)
+    written = metrics_csv(Path(logger.log_dir) / "metrics.csv")
+    assert [(f.kind, f.step) for f in callback.report.findings] == [("exploding_gradients", 3)]
+    # counted at the flush that found it (steps 1-4), in the same row as that step's statistics
+    assert written["gradscope/findings/count"] == {4: 1.0}
+    assert written["gradscope/findings/errors"] == {4: 1.0} and written["gradscope/findings/warnings"] == {4: 0.0}
+
+
+def test_mlflow_logger_gets_the_metrics_and_the_findings_as_an_artifact(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store behind this switch
+    uri = f"file:{tmp_path / 'mlruns'}"
+    logger = pl.loggers.MLFlowLogger(experiment_name="gs", tracking_uri=uri)
+    callback = GradscopeCallback(rules=[FlagsAt(3)], flush_every=4)
+    fit(tmp_path, Tiny(), callback, logger=logger, max_epochs=1)
+    client = MlflowClient(uri)
+    history = {m.step: m.value for m in client.get_metric_history(logger.run_id, "gradscope/l2_norm/_model")}
+    assert history == gradscope_series(callback.report)["gradscope/l2_norm/_model"]
+    assert [m.step for m in client.get_metric_history(logger.run_id, "gradscope/findings/count")] == [4]
+    folder = Path(client.download_artifacts(logger.run_id, "gradscope", str(tmp_path / "art")))
+    assert "| 3 | error | exploding_gradients | `net.0` |" in (folder / "findings.md").read_text()
+
+
+def test_a_trainer_without_a_logger_says_that_nothing_reaches_a_tracker(tmp_path):
+    callback = GradscopeCallback()
+    with pytest.warns(gradscope.GradscopeWarning, match="no logger that gradscope can write into"):
+        fit(tmp_path, Tiny(), callback, logger=False, max_epochs=1)
+    assert callback.report.steps == N_BATCHES
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradscope.GradscopeWarning)
+        fit(tmp_path, Tiny(), GradscopeCallback(log_to_logger=False), logger=False, max_epochs=1)  # asked for: silent

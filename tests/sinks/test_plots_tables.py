@@ -152,3 +152,70 @@ def test_html_and_tensorboard_text_say_provisional_and_resolved(report):
     assert "| 4 (resolved at step 9) | error |" in table and "| 12 (provisional) | error |" in table
     plain = _finding_markdown(rep.findings[0].__class__.from_dict(first))
     assert "(resolved" not in plain and "(provisional)" not in plain
+
+
+def test_a_zero_gradient_layer_is_drawn_and_labelled_in_the_flow_plot():
+    def zero_layer_2(step, model):
+        model[2].weight.grad.zero_()
+        model[2].bias.grad.zero_()
+
+    rep = train(small_mlp(), 4, grad_hook=zero_layer_2).report
+    _, rms = _layer_series(rep, "2", "rms")
+    assert rms[-1] == 0.0  # the run really has a zero-gradient layer
+    ax = rep.plot("flow").axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["0", "2", "4"]
+    [zero] = [t for t in ax.texts if t.get_text() == "0"]
+    assert zero.get_position()[0] == labels.index("2")  # above layer 2's slot
+    stubs = [p for p in ax.patches if p.get_hatch()]
+    assert len(stubs) == 1 and stubs[0].get_x() + stubs[0].get_width() / 2 == pytest.approx(1.0)
+    # the other layers' bars are their RMS, unchanged
+    step = _layer_series(rep, "0", "abs_max")[0][-1]  # the flow plot shows the last sampled step
+    assert f"step {step}" in ax.get_title()
+    typical = [p.get_height() for p in ax.patches if not p.get_hatch()][3:]
+    for j, layer in ((0, "0"), (2, "4")):
+        steps, rms = _layer_series(rep, layer, "rms")
+        assert typical[j] == pytest.approx(rms[steps == step][0], rel=1e-12)
+
+
+def test_lr_gets_its_own_axis_in_the_loss_plot(report):
+    scalars = report.scalars.copy()
+    scalars["lr"] = np.linspace(1e-3, 1e-4, len(scalars))
+    rep = Report(findings=[], stats=report.stats, scalars=scalars)
+
+    def lines(ax):
+        return {ln.get_label(): ln for ln in ax.get_lines()}
+
+    fig = rep.plot("loss")  # its own figure: a panel below for the non-loss scalars
+    top, bottom = fig.axes
+    assert set(lines(top)) == {"loss", "val_loss"} and set(lines(bottom)) == {"lr"}
+    np.testing.assert_allclose(lines(bottom)["lr"].get_ydata(), scalars["lr"].to_numpy(), rtol=1e-12)
+    lo, hi = bottom.get_ylim()
+    assert lo < 1e-4 and hi < 2e-3  # scaled to the learning rate, not to the loss
+    fig = Figure()
+    ax = fig.subplots()
+    assert rep.plot("loss", ax=ax) is fig  # the caller's axes: a right-hand axis
+    twin = next(a for a in fig.axes if a is not ax)
+    assert set(lines(ax)) == {"loss", "val_loss"} and set(lines(twin)) == {"lr"}
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["loss", "val_loss", "lr"]
+
+
+def test_names_are_plain_text_in_plots_and_html():
+    import torch.nn as nn
+
+    from gradscope.views.html import render_html
+    from gradscope.views.plots import render_png
+
+    name = "$\\foo$"
+    model = nn.Sequential()
+    model.add_module("0", nn.Linear(6, 12))
+    model.add_module(name, nn.Linear(12, 3))
+    rep = train(model, 3, rules=[FiresAtStep(at=2, layer=name)]).report
+    for kind in ("flow", "heatmap", "norms", "loss"):
+        fig = rep.plot(kind)
+        assert render_png(fig)[0].startswith(b"\x89PNG")  # mathtext used to raise here
+    ticks = rep.plot("flow").axes[0].get_xticklabels()
+    shown = [t._preprocess_math(t.get_text()) for t in ticks]  # what matplotlib draws, and whether as math
+    assert shown == [("0", False), (name, False)]
+    page = render_html(rep)
+    assert page.count("data:image/png;base64,") == 4 and name in page

@@ -61,14 +61,51 @@ def test_no_weight_histograms_by_default_and_layer_with_nonfinite_gradient_is_sk
     assert [e.step for e in acc.Histograms("gradscope/grad_hist/0")] == [1, 2, 3]
 
 
-def test_constant_and_empty_tensors_follow_numpy():
+@pytest.mark.parametrize("row_fn", [_row_cpu, _row_device], ids=["cpu", "device-path"])
+def test_constant_tensor_is_a_spike_at_its_value_as_tensorboard_draws_it(row_fn):
+    """A constant (e.g. all-zero) gradient: every edge at the value, all counts in the last bucket.
+
+    That is the convention of TensorBoard's own histogram summary for one distinct value, and what its
+    reader turns our old-style histogram into is then one zero-width bucket at the value (a spike),
+    where numpy's ``[v - 0.5, v + 0.5]`` range became a bucket one unit wide (a flat band).
+    """
+    from tensorboard import data_compat
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+    from tensorboard.util import tensor_util
+
+    for x in (np.zeros(7), np.full(6, 2.5)):
+        edges, counts, total, squares = split_row(row_fn([torch.tensor(x, dtype=torch.float32)], 4).numpy(), 4)
+        np.testing.assert_array_equal(edges, np.full(5, x[0]))
+        np.testing.assert_array_equal(counts, [0, 0, 0, x.size])
+        np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])  # placed by comparison, as numpy
+        assert (total, squares) == (x.sum(), (x**2).sum())
+        histo = HistogramProto(
+            min=edges[0], max=edges[-1], num=x.size, bucket_limit=edges[1:].tolist(), bucket=counts.tolist()
+        )
+        value = data_compat.migrate_value(Summary.Value(tag="h", histo=histo))
+        buckets = tensor_util.make_ndarray(value.tensor)  # [k, 3]: left, right, count, as the dashboard gets them
+        np.testing.assert_array_equal(buckets, [[x[0], x[0], x.size]])
+
+
+def test_constant_and_empty_tensors_in_histogram_rows():
     rows = histogram_rows([[torch.zeros(7)], [torch.full((3, 2), 2.5)], [torch.zeros(0)]], 4).numpy()
     for row, x in zip(rows[:2], [np.zeros(7), np.full(6, 2.5)]):
         edges, counts, _, _ = split_row(row, 4)
-        ref_counts, ref_edges = np.histogram(x, bins=4)
-        np.testing.assert_array_equal(edges, ref_edges)  # [v - 0.5, v + 0.5]
-        np.testing.assert_array_equal(counts, ref_counts)
+        np.testing.assert_array_equal(edges, np.full(5, x[0]))
+        np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
     assert not np.isfinite(rows[2]).all()
+
+
+def test_all_zero_gradient_written_as_a_spike_at_zero(tmp_path):
+    def zero_first_layer(step, model):
+        model[0].weight.grad.zero_()
+        model[0].bias.grad.zero_()
+
+    train(small_mlp(), 2, log_dir=tmp_path, histogram_every=1, grad_hook=zero_first_layer)
+    for e in load_events(tmp_path).Histograms("gradscope/grad_hist/0"):
+        h = e.histogram_value
+        assert (h.min, h.max, h.num) == (0.0, 0.0, 12 * 6 + 12)
+        assert set(h.bucket_limit) == {0.0} and h.bucket[-1] == h.num and sum(h.bucket[:-1]) == 0
 
 
 arrays = st.lists(

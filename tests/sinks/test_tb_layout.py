@@ -1,15 +1,14 @@
-"""The custom-scalars layout: grouping by block, valid regexes, every written tag on exactly one chart."""
+"""The custom-scalars layout: one line per chart, valid regexes, every written tag on exactly one chart."""
 
 from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 import torch.nn as nn
 from sinkhelp import load_events, small_mlp, train
 
-from gradscope.sinks.layout import build_layout, layer_groups
+from gradscope.sinks.layout import build_layout
 
 GPT_BLOCK = ["ln1", "attn.qkv", "attn.proj", "ln2", "mlp.fc", "mlp.out"]
 
@@ -18,42 +17,7 @@ def gpt_layers(blocks: int) -> list[str]:
     return ["wte+head", "wpe"] + [f"blocks.{i}.{s}" for i in range(blocks) for s in GPT_BLOCK] + ["ln_f"]
 
 
-def test_transformer_layers_group_by_block():
-    groups = dict(layer_groups(gpt_layers(48)))
-    assert len(groups) == 49  # 48 blocks + the top-level modules
-    assert groups["top level"] == ["wte+head", "wpe", "ln_f"]
-    assert groups["blocks.7"] == [f"blocks.7.{s}" for s in GPT_BLOCK]
-    assert list(groups)[:3] == ["top level", "blocks.0", "blocks.1"]
-
-
-@pytest.mark.parametrize(
-    ("layers", "expected"),
-    [
-        (["0", "2", "4"], [("top level", ["0", "2", "4"])]),
-        (
-            ["features.0", "features.3", "classifier.1"],
-            [("features", ["features.0", "features.3"]), ("classifier", ["classifier.1"])],
-        ),
-        (
-            ["encoder.layers.3.mlp.fc1", "encoder.layers.3.attn"],
-            [("encoder.layers.3", ["encoder.layers.3.mlp.fc1", "encoder.layers.3.attn"])],
-        ),
-        (["", "fc"], [("top level", ["", "fc"])]),
-    ],
-)
-def test_group_keys(layers, expected):
-    assert layer_groups(layers) == expected
-
-
-def test_large_groups_are_split_evenly_in_order():
-    layers = [str(i) for i in range(30)]
-    groups = layer_groups(layers, max_lines=12)
-    assert [t for t, _ in groups] == ["top level (1/3)", "top level (2/3)", "top level (3/3)"]
-    assert [len(m) for _, m in groups] == [10, 10, 10]
-    assert [layer for _, members in groups for layer in members] == layers
-
-
-def test_every_layer_tag_on_exactly_one_chart_per_statistic():
+def test_every_layer_tag_on_exactly_one_chart_per_statistic_and_alone():
     layers = gpt_layers(4)
     categories = build_layout(["l2_norm", "abs_max"], layers)
     titles = [c[0] for c in categories]
@@ -61,11 +25,44 @@ def test_every_layer_tag_on_exactly_one_chart_per_statistic():
     assert [c[1] for c in categories] == [False, False, True]  # only l2_norm open among the statistics
     for _, _, charts in categories[1:]:
         stat = charts[0].title.split(" / ")[0]
-        for layer in layers:
-            tag = f"gradscope/{stat}/{layer}"
+        # the whole model first, then one chart per layer in depth order, titled by the layer
+        assert [c.title for c in charts] == [f"{stat} / whole model", *(f"{stat} / {layer}" for layer in layers)]
+        tags = [f"gradscope/{stat}/_model", *(f"gradscope/{stat}/{layer}" for layer in layers)]
+        for tag in tags:
             assert sum(bool(re.match(c.regex, tag)) for c in charts) == 1, tag
+        # one line per chart: the Custom Scalars dashboard colours lines by run, so a chart of several
+        # layers of one run would draw them all in one colour
+        for chart in charts:
+            assert sum(bool(re.match(chart.regex, t)) for t in tags) == 1, chart
         # a regex matches whole tags only: no prefix matches of a longer path
         assert not any(re.match(c.regex, f"gradscope/{stat}/blocks.1.attn.qkv.extra") for c in charts)
+
+
+def test_overview_has_one_chart_per_scalar():
+    categories = build_layout(["l2_norm"], ["fc"], scalars=["loss", "val_loss", "lr"])
+    overview = categories[0][2]
+    assert [c.title for c in overview] == ["loss", "val_loss", "gradient norm (whole model)", "lr"]
+    assert [bool(re.match(c.regex, "gradscope/scalar/lr")) for c in overview] == [False, False, False, True]
+
+
+def test_tensorboard_colours_custom_scalar_lines_by_run():
+    """The premise of the layout, checked in TensorBoard's own dashboard code.
+
+    The multi-line chart card builds its colour scale from the run colour scale and keys it by the
+    run parsed from the series name ``"<tag> (<run>)"``: two tags of one run get one colour.
+    """
+    import zipfile
+    from pathlib import Path
+
+    import tensorboard
+
+    bundle = Path(tensorboard.__file__).parent / "webfiles.zip"
+    with zipfile.ZipFile(bundle) as z:
+        js = z.read("index.js").decode("utf-8", "ignore")
+    card = js[js.index("_runToNextAvailableSymbolIndex") - 2000 : js.index("_runToNextAvailableSymbolIndex")]
+    # the data-series colour scale: scale(name) = runColourScale(parseRunName(name)), the run in "(...)$"
+    assert re.search(r"scale\((\w)\)\{return this\.runBasedColorScale\.scale\(this\.parseRunName\(\1\)\)\}", card)
+    assert "match(/\\((.*)\\)$/)" in card
 
 
 def test_layout_in_the_run_is_valid_and_covers_the_written_tags(tmp_path):
@@ -85,12 +82,14 @@ def test_layout_in_the_run_is_valid_and_covers_the_written_tags(tmp_path):
         assert any(r.match(tag) for r in regexes), f"{tag} is on no chart"
     for (cat, chart), tags in charts.items():
         assert any(re.match(tags[0], t) for t in scalar_tags), f"chart {cat} / {chart} matches no tag"
-    # groups of the nested model: "0.*" layers are top-level Sequential children, "1.*" another group
+    # one chart per layer of the nested model, in depth order
     by_layer = [c for c in charts if c[0] == "gradscope l2_norm by layer"]
-    assert [c[1] for c in by_layer] == ["l2_norm / whole model", "l2_norm / 0", "l2_norm / 1"]
-    # only the scalars passed get charts: loss and val_loss, no "other scalars"
+    layers = ["0.0", "0.2", "0.4", "1.0", "1.1"]
+    assert [c[1] for c in by_layer] == ["l2_norm / whole model", *(f"l2_norm / {layer}" for layer in layers)]
+    # only the scalars passed get charts: loss and val_loss, nothing else
     assert [c[1] for c in charts if c[0] == "gradscope overview"] == [
         "loss",
+        "val_loss",
         "gradient norm (whole model)",
         "update / weight ratio (whole model)",
         "non-finite gradient values (whole model)",
@@ -115,5 +114,5 @@ def test_layout_rewritten_at_close_when_a_scalar_appears_later(tmp_path):
         layout = layout_pb2.Layout()
         layout.ParseFromString(e.tensor_proto.string_val[0])
         charts.append([c.title for c in layout.category[0].chart])
-    assert "other scalars passed to scope.step()" not in charts[0]
-    assert "other scalars passed to scope.step()" in charts[1]
+    assert "lr" not in charts[0]
+    assert "lr" in charts[1]

@@ -87,20 +87,24 @@ def test_real_tensorboard_server_serves_tags_and_layout(tmp_path):
         titles = [c["title"] for c in layout["category"]]
         assert titles[:2] == ["gradscope overview", "gradscope l2_norm by layer"]
         l2 = layout["category"][1]
-        assert [c["title"] for c in l2["chart"]] == ["l2_norm / whole model", "l2_norm / top level"]
-        assert l2["chart"][1]["multiline"]["tag"] == [
-            "^(?:gradscope/l2_norm/0|gradscope/l2_norm/2|gradscope/l2_norm/4)$"
+        # one chart per layer: the dashboard colours a chart's lines by run, so layers never share one
+        assert [c["title"] for c in l2["chart"]] == [
+            "l2_norm / whole model",
+            "l2_norm / 0",
+            "l2_norm / 2",
+            "l2_norm / 4",
         ]
+        assert l2["chart"][1]["multiline"]["tag"] == ["^(?:gradscope/l2_norm/0)$"]
 
-        # the custom-scalars plugin resolves a chart's regex to the run's tags
-        query = urllib.parse.urlencode({"run": "exp1", "tag": l2["chart"][1]["multiline"]["tag"][0]})
-        resolved = _get(f"{base}/data/plugin/custom_scalars/scalars?{query}")
-        assert resolved["regex_valid"] is True
-        assert sorted(resolved["tag_to_events"]) == [
-            "gradscope/l2_norm/0",
-            "gradscope/l2_norm/2",
-            "gradscope/l2_norm/4",
-        ]
+        # the custom-scalars plugin resolves each chart's regex to exactly its layer's tag
+        for chart, layer in zip(l2["chart"][1:], ["0", "2", "4"]):
+            query = urllib.parse.urlencode({"run": "exp1", "tag": chart["multiline"]["tag"][0]})
+            resolved = _get(f"{base}/data/plugin/custom_scalars/scalars?{query}")
+            assert resolved["regex_valid"] is True
+            assert list(resolved["tag_to_events"]) == [f"gradscope/l2_norm/{layer}"]
+            assert [int(step) for _, step, _ in resolved["tag_to_events"][f"gradscope/l2_norm/{layer}"]] == list(
+                range(1, 13)
+            )
 
         hist_tags = _get(f"{base}/data/plugin/histograms/tags")["exp1"]
         assert sorted(hist_tags) == ["gradscope/grad_hist/0", "gradscope/grad_hist/2", "gradscope/grad_hist/4"]
