@@ -554,7 +554,7 @@ SCENARIOS: list[Scenario] = [
         "tanh MLP regression, SGD lr=2 (stable up to ~1.2): diverges to overflow",
         lr_far_too_high,
         {E: _at(1), N: _at(None)},
-        (L, S),
+        (L, S, "learning_rate_too_high", "loss_spike"),  # the learning rate is the fault; its loss spikes
     ),
     _fault(
         "large_init_no_norm",
@@ -578,7 +578,7 @@ SCENARIOS: list[Scenario] = [
         "healthy ReLU MLP until step 100, then SGD lr x1000",
         lr_jump_midrun,
         {E: _at(100)},
-        (N, L, D, V),
+        (N, L, D, V, "learning_rate_too_high", "loss_spike"),
     ),
     # non-finite
     _fault(
@@ -634,7 +634,7 @@ SCENARIOS: list[Scenario] = [
         "ReLU MLP, SGD lr=3: one loss spike, then act1 dies",
         lr_far_too_high_relu_dies,
         {D: _at(None, "act1")},
-        (E, V, L),
+        (E, V, L, "learning_rate_too_high", "loss_spike"),
     ),
     # saturated activations
     _fault(

@@ -131,7 +131,7 @@ MIDRUN: list[Scenario] = [
         f"ReLU MLP with a tanh stage, healthy until step {PIN}, when its inputs jump to +-8",
         tanh_pinned_late,
         {V: _at(PIN, "fc2"), S: _at(PIN, "squash")},
-        (L,),
+        (L, "loss_spike"),  # the inputs jump at one step: the loss jumps with them
     ),
     _late(
         "lr_jump_late",
@@ -139,7 +139,7 @@ MIDRUN: list[Scenario] = [
         f"healthy ReLU MLP until step {JUMP}, then SGD lr x1000",
         lr_jump_late,
         {E: _at(JUMP)},
-        (N, L, D, V),
+        (N, L, D, V, "learning_rate_too_high", "loss_spike"),
     ),
     _late(
         "nan_late", N, f"from step {NAN} a NaN enters the backward pass at act0", nan_late, {N: _at(NAN, "fc0")}, (L,)

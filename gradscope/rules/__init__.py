@@ -3,7 +3,8 @@
 One file per family: :mod:`~gradscope.rules.gradients` (vanishing, exploding, non-finite),
 :mod:`~gradscope.rules.activations` (dead units, saturated activations),
 :mod:`~gradscope.rules.coverage` (no gradient), :mod:`~gradscope.rules.loss` (loss not decreasing,
-overfitting). docs/rules.md states every definition and threshold.
+overfitting), :mod:`~gradscope.rules.learning_rate` (learning rate too high / too low),
+:mod:`~gradscope.rules.spike` (loss spikes). docs/rules.md states every definition and threshold.
 """
 
 from __future__ import annotations
@@ -11,17 +12,24 @@ from __future__ import annotations
 from gradscope.rules import activations as _activations  # noqa: F401  (registers the rules)
 from gradscope.rules import coverage as _coverage  # noqa: F401
 from gradscope.rules import gradients as _gradients  # noqa: F401
+from gradscope.rules import learning_rate as _learning_rate  # noqa: F401
 from gradscope.rules import loss as _loss  # noqa: F401
+from gradscope.rules import spike as _spike  # noqa: F401
 from gradscope.rules.activations import DeadUnits, SaturatedActivations
 from gradscope.rules.base import Rule, RuleContext
 from gradscope.rules.coverage import NoGradient
 from gradscope.rules.gradients import ExplodingGradients, NonfiniteGradients, VanishingGradients
+from gradscope.rules.learning_rate import LearningRateTooHigh, LearningRateTooLow
 from gradscope.rules.loss import LossNotDecreasing, Overfitting
+from gradscope.rules.spike import LossSpike
 
 __all__ = [
     "DeadUnits",
     "ExplodingGradients",
+    "LearningRateTooHigh",
+    "LearningRateTooLow",
     "LossNotDecreasing",
+    "LossSpike",
     "NoGradient",
     "NonfiniteGradients",
     "Overfitting",
