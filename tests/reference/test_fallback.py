@@ -104,8 +104,9 @@ def _verify(model, x, y, dtype=torch.float64, **kwargs):
     )
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
 @pytest.mark.parametrize("kind", ["input", "weight", "bias"])
-def test_a_one_entry_sign_flip_is_caught_at_every_seed(kind):
+def test_a_one_entry_sign_flip_is_caught_at_every_seed(kind, dtype):
     # 20 seeds: a different model, batch, flipped entry and set of directions each time. The input
     # ([16, 12]) and weight ([10, 12]) are checked along random directions, the bias entry by entry.
     caught = 0
@@ -113,7 +114,7 @@ def test_a_one_entry_sign_flip_is_caught_at_every_seed(kind):
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(6, 12), _planted(kind, seed), nn.Linear(10, 3))
         x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
-        report = _verify(model, x, y, seed=seed)
+        report = _verify(model, x, y, dtype=dtype, seed=seed)
         name = {"input": "1", "weight": "1.weight", "bias": "1.bias"}[kind]
         row = next(c for c in report.gradients if c.name == name)
         assert row.method == "finite_difference"
@@ -121,7 +122,8 @@ def test_a_one_entry_sign_flip_is_caught_at_every_seed(kind):
     assert caught == 20
 
 
-def test_a_one_entry_sign_flip_in_a_conv_kernel_is_caught_at_every_seed():
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+def test_a_one_entry_sign_flip_in_a_conv_kernel_is_caught_at_every_seed(dtype):
     class Flipped(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, weight, seed):
@@ -148,7 +150,7 @@ def test_a_one_entry_sign_flip_in_a_conv_kernel_is_caught_at_every_seed():
         conv = BuggyConv(2, 3)
         conv.seed = seed
         model = nn.Sequential(conv, nn.Flatten(), nn.Linear(3 * 5 * 5, 2))
-        report = _verify(model, torch.randn(4, 2, 5, 5), torch.randint(0, 2, (4,)), seed=seed)
+        report = _verify(model, torch.randn(4, 2, 5, 5), torch.randint(0, 2, (4,)), dtype=dtype, seed=seed)
         caught += next(c for c in report.gradients if c.name == "0.weight").status == "differs"
     assert caught == 20
 

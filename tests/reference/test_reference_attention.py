@@ -8,6 +8,7 @@ such a composite does, on a reference pass of the block alone, and compare every
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -24,20 +25,40 @@ from gradscope.reference import ReferenceLayer, manual_backward
 from gradscope.reference.attention import ScaledDotProductAttentionReference
 from gradscope.reference.backprop import Tape
 from gradscope.reference.registry import REFERENCES, register_reference
+from gradscope.reference.verify import DEFAULT_RTOL
 
 D = torch.float64
 RTOL = 1e-10
+# The dtype under test and verify's default rtol for it (gradscope.reference.verify.DEFAULT_RTOL); the float32
+# runs of the random-shape tests swap both through `in_dtype`.
+TOLERANCE = {torch.float64: (1e-10, 1e-13), torch.float32: (DEFAULT_RTOL[torch.float32], 0.0)}
 SETTINGS = settings(
     max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow], database=None
 )
 
 
+@contextlib.contextmanager
+def in_dtype(dtype: torch.dtype):
+    """Run the module's checks in ``dtype``: float64 at 1e-10, float32 at verify's rtol plus 256 ulp."""
+    global D, RTOL
+    saved = D, RTOL
+    D, RTOL = dtype, TOLERANCE[dtype][0]
+    try:
+        yield
+    finally:
+        D, RTOL = saved
+
+
 def _close(got: Tensor | None, want: Tensor, what: str) -> None:
     assert got is not None, f"{what}: no gradient from the reference"
     assert got.shape == want.shape, f"{what}: shape {list(got.shape)} != {list(want.shape)}"
+    assert got.dtype == want.dtype == D, f"{what}: dtypes {got.dtype}, {want.dtype}, expected {D}"
     scale = max(got.abs().max().item(), want.abs().max().item())
     err = (got - want).abs().max().item()
-    assert err <= RTOL * scale + 1e-13, f"{what}: max abs err {err:.3g}, scale {scale:.3g}"
+    # float32: verify's rule (rtol 1e-4) and a floor of 256 ulp of the tensor's scale for entries that are
+    # zero in exact arithmetic; float64: 1e-10 and an absolute 1e-13.
+    floor = TOLERANCE[D][1] if D == torch.float64 else 256 * torch.finfo(D).eps * scale
+    assert err <= RTOL * scale + floor, f"{what} ({D}): max abs err {err:.3g}, scale {scale:.3g}"
 
 
 def _autograd(module: nn.Module, inputs: list[Tensor], call, grad_out: Tensor | None = None):
@@ -109,7 +130,7 @@ def check_mha(
 ) -> None:
     keys = keys if cross else length
     extra = {"kdim": 3, "vdim": 5} if kvdim else {}
-    mha = nn.MultiheadAttention(embed, heads, bias=bias, batch_first=layout == "batch_first", **extra).double()
+    mha = nn.MultiheadAttention(embed, heads, bias=bias, batch_first=layout == "batch_first", **extra).to(D)
 
     def seq(count: int, width: int) -> Tensor:
         shape = {"unbatched": (count, width), "batch_first": (n, count, width), "seq_first": (count, n, width)}
@@ -196,9 +217,17 @@ def test_multihead_attention_matches_autograd(layout, cross, kvdim, mask, paddin
     mask=st.sampled_from([None, "bool", "float", "causal"]),
     padding=st.sampled_from([None, "bool"]),
 )
-def test_random_attention_shapes_match_autograd(seed, n, length, keys, head_dim, heads, layout, cross, mask, padding):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_random_attention_shapes_match_autograd(
+    dtype, seed, n, length, keys, head_dim, heads, layout, cross, mask, padding
+):
     torch.manual_seed(seed)
     kvdim = cross and seed % 2 == 1
+    with in_dtype(dtype):
+        _random_mha(seed, n, length, keys, head_dim, heads, layout, cross, kvdim, mask, padding)
+
+
+def _random_mha(seed, n, length, keys, head_dim, heads, layout, cross, kvdim, mask, padding):
     check_mha(
         layout=layout,
         cross=cross,
@@ -292,9 +321,11 @@ def test_scaled_dot_product_attention_matches_autograd(mask, gqa, scale, shape):
     gqa=st.booleans(),
     lead=st.sampled_from([(), (1,), (2,), (2, 3)]),
 )
-def test_random_sdpa_shapes_match_autograd(seed, length, keys, mask, gqa, lead):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_random_sdpa_shapes_match_autograd(dtype, seed, length, keys, mask, gqa, lead):
     torch.manual_seed(seed)
-    check_sdpa(mask, gqa, None, length, keys, lead)
+    with in_dtype(dtype):
+        check_sdpa(mask, gqa, None, length, keys, lead)
 
 
 def test_sdpa_dropout_is_refused():
@@ -342,13 +373,19 @@ DECODER_GRID = list(
 )
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("norm_first, batch_first, activation, masked, bias", DECODER_GRID)
-def test_decoder_layer_matches_autograd(norm_first, batch_first, activation, masked, bias):
+def test_decoder_layer_matches_autograd(norm_first, batch_first, activation, masked, bias, dtype):
     torch.manual_seed(DECODER_GRID.index((norm_first, batch_first, activation, masked, bias)))
+    with in_dtype(dtype):
+        _check_decoder_layer(norm_first, batch_first, activation, masked, bias)
+
+
+def _check_decoder_layer(norm_first, batch_first, activation, masked, bias):
     act = nn.GELU(approximate="tanh") if activation == "module" else activation
     layer = nn.TransformerDecoderLayer(
         8, 2, 12, dropout=0.1, activation=act, batch_first=batch_first, norm_first=norm_first, bias=bias
-    ).double()
+    ).to(D)
     layer.eval()  # dropout off: the functional attention dropout has no mask to record
     tgt, memory = _block_inputs(batch_first)
     masks = {}
