@@ -206,7 +206,7 @@ def _labels(names: np.ndarray, codes: np.ndarray) -> Any:
 
     expected = pd.Series(names[:1]).dtype
     if getattr(expected, "storage", None) == "pyarrow":
-        import pyarrow as pa  # type: ignore[import-untyped]  # reason: pyarrow ships no type stubs
+        import pyarrow as pa
 
         uniques, inverse = np.unique(names.astype(str), return_inverse=True)
         dictionary = pa.DictionaryArray.from_arrays(pa.array(inverse.astype(np.int32)[codes]), pa.array(uniques))
