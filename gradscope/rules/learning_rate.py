@@ -66,6 +66,14 @@ class _LearningRateRule(Rule):
         self._fired = False
         self._judged = 0  # last sampled step whose window was judged
 
+    def validate(self) -> None:
+        """Check threshold ranges: every threshold of both rules is a positive number."""
+        for name, value in self.thresholds.items():
+            if not value > 0:
+                raise ConfigurationError(
+                    f"Expected threshold {name!r} of rule {self.name!r} to be > 0, but got {value!r}."
+                )
+
     def _series(self, ctx: RuleContext) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """``(sampled rows, global update ratio at them, loss rows, loss values)``; None without a loss."""
         frame = ctx.frame
@@ -89,7 +97,8 @@ class LearningRateTooHigh(_LearningRateRule):
     Definition: at a sampled step, the largest update-to-weight ratio of the model over the last ``window``
     steps is at least ``high_ratio``, and the median loss of the last ``smooth`` steps is above the best
     level reached before them (the lowest running median of ``smooth`` losses) by more than ``rise`` of
-    that level and ``z`` noise units (per-step noise over the last ``window`` losses). A loss that diverges to NaN/Inf is ``nonfinite_gradients``; this rule
+    that level and ``z`` noise units (per-step noise over the last ``window`` losses), or by more than
+    3 x ``rise`` whatever the noise (a loss that oscillates wildly while it climbs is the symptom itself). A loss that diverges to NaN/Inf is ``nonfinite_gradients``; this rule
     names the cause while the loss is still finite (oscillating or climbing).
 
     A warm-up that overshoots is caught too (that is what this rule is for); a loss that is noisy but keeps
@@ -111,14 +120,6 @@ class LearningRateTooHigh(_LearningRateRule):
         super().reset()
         self._best = np.inf  # lowest running median of the loss so far
         self._best_through = 0  # the last step of the losses it covers
-
-    def validate(self) -> None:
-        """Check threshold ranges."""
-        for name, value in self.thresholds.items():
-            if not value > 0:
-                raise ConfigurationError(
-                    f"Expected threshold {name!r} of rule 'learning_rate_too_high' to be > 0, but got {value!r}."
-                )
 
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Windows ending at sampled steps not judged before."""
@@ -150,7 +151,10 @@ class LearningRateTooHigh(_LearningRateRule):
             best = self._best_level(before, loss_steps[loss_steps <= end - smooth], smooth)
             now = float(np.median(recent))
             noise = max(_noise(before[-int(th["window"]) :]), _noise(loss[loss_steps <= end][-int(th["window"]) :]))
-            if not (now > best + th["rise"] * abs(best) and now > best + th["z"] * noise):
+            # a rise of 3x `rise` stands whatever the noise: a loss that oscillates wildly while it climbs
+            # (the symptom itself) must not hide behind its own noise
+            big = now > best + 3 * th["rise"] * abs(best)
+            if not (now > best + th["rise"] * abs(best) and (now > best + th["z"] * noise or big)):
                 continue
             self._fired = True
             rows = sampled[in_window]
@@ -249,14 +253,6 @@ class LearningRateTooLow(_LearningRateRule):
         super().reset()
         self._largest = 0.0  # the largest update ratio seen so far
         self._scale: float | None = None  # median |loss| of the run's first 10 losses
-
-    def validate(self) -> None:
-        """Check threshold ranges."""
-        for name, value in self.thresholds.items():
-            if not value > 0:
-                raise ConfigurationError(
-                    f"Expected threshold {name!r} of rule 'learning_rate_too_low' to be > 0, but got {value!r}."
-                )
 
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Windows ending at sampled steps not judged before."""
