@@ -34,7 +34,15 @@ from torch import Tensor
 
 from gradscope.stats.moments import CORE_MOMENTS, GRAD_MOMENTS, MOMENT_INDEX, MomentPlan
 
-__all__ = ["KERNEL_ENV", "FusedMoments", "cpu_kernel", "cpu_kernel_state", "foreach_moments", "grad_moments"]
+__all__ = [
+    "KERNEL_ENV",
+    "FusedMoments",
+    "cpu_activation_kernel",
+    "cpu_kernel",
+    "cpu_kernel_state",
+    "foreach_moments",
+    "grad_moments",
+]
 
 #: Environment variable: ``auto`` (default: use the kernel when this machine has it built, never start
 #: a compiler implicitly), ``build`` (build it in a background thread on first use when it is not
@@ -135,10 +143,139 @@ void moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<
     for (int j = 0; j < 6; ++j) if (cols[j] >= 0) row[cols[j]] = m[j];
   }
 }
+
+// moments_into over the gradients of a fixed list of parameters (p.grad()) into rows 0..n-1, the
+// gradients read in C++: in Python, gathering `p.grad` and `p.requires_grad` of every parameter costs
+// a fraction of a microsecond per parameter, every step, and so does converting a list of tensors
+// at each call; a ParamSet converts its list once. `moments_into` writes only when every parameter
+// requires grad and has a gradient this kernel reads (a contiguous float32/float64 CPU tensor, not a
+// tensor subclass); otherwise it returns false having written nothing, and the caller gathers the
+// gradients itself.
+struct ParamSet {
+  std::vector<torch::Tensor> params;
+  std::vector<torch::Tensor> grads;
+  explicit ParamSet(std::vector<torch::Tensor> ps) : params(std::move(ps)) { grads.reserve(params.size()); }
+  bool moments_into(torch::Tensor out, std::vector<int64_t> cols, bool full) {
+    grads.clear();
+    for (const auto& p : params) {
+      if (!p.requires_grad() || p.key_set().has(c10::DispatchKey::Python)) return false;
+      const torch::Tensor& g = p.grad();
+      if (!g.defined() || !g.device().is_cpu() || g.layout() != torch::kStrided || !g.is_contiguous() ||
+          g.key_set().has(c10::DispatchKey::Python) ||
+          (g.scalar_type() != torch::kFloat32 && g.scalar_type() != torch::kFloat64))
+        return false;
+      grads.push_back(g);
+    }
+    if (out.dim() != 2 || out.size(0) < (int64_t)grads.size()) return false;
+    ::moments_into(grads, out, {}, cols, full);
+    grads.clear();  // no reference to a gradient outlives the call
+    return true;
+  }
+};
+
+// -- activation statistics (gradscope.capture.activations) ------------------------------------------
+namespace {
+// Whether an activation output counts as inactive (its local gradient is zero or nearly so); the
+// thresholds are cast to the output's type first, as torch compares a tensor with a Python number.
+template <typename T, int K>
+inline bool inactive(T v, T a, T b) {
+  if (K == 0) return v <= a;                  // relu family: v <= 0
+  if (K == 1) return std::abs(v) > a;         // tanh: |v| > a
+  if (K == 2) return v < a || v > b;          // sigmoid: v < a or v > b
+  return v <= a || v >= b;                    // hardtanh, hardsigmoid: at the clamp
+}
+
+template <typename T, int K>
+void act_counts(const T* __restrict x, int64_t outer, int64_t units, int64_t inner, T a, T b,
+                int64_t* __restrict cnt) {
+  if (inner == 1) {  // [rows, units]: count per column, vectorised across the units
+    std::vector<int32_t> part(units, 0);
+    int64_t rows_in_part = 0;
+    for (int64_t o = 0; o < outer; ++o) {
+      const T* row = x + o * units;
+#pragma omp simd
+      for (int64_t u = 0; u < units; ++u) part[u] += inactive<T, K>(row[u], a, b) ? 1 : 0;
+      if (++rows_in_part == (int64_t(1) << 30)) {  // 32-bit lanes: fold before they could overflow
+        for (int64_t u = 0; u < units; ++u) { cnt[u] += part[u]; part[u] = 0; }
+        rows_in_part = 0;
+      }
+    }
+    for (int64_t u = 0; u < units; ++u) cnt[u] += part[u];
+    return;
+  }
+  for (int64_t o = 0; o < outer; ++o) {  // [N, C, L]: count over each contiguous run of L
+    for (int64_t u = 0; u < units; ++u) {
+      const T* run = x + (o * units + u) * inner;
+      int64_t c = 0;
+      for (int64_t start = 0; start < inner; start += (int64_t(1) << 30)) {
+        const int64_t end = std::min<int64_t>(inner, start + (int64_t(1) << 30));
+        int32_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = start; i < end; ++i) s += inactive<T, K>(run[i], a, b) ? 1 : 0;
+        c += s;
+      }
+      cnt[u] += c;
+    }
+  }
+}
+
+template <typename T>
+void act_dispatch(const T* x, int64_t outer, int64_t units, int64_t inner, int64_t kind, double a, double b,
+                  int64_t* cnt) {
+  const T ta = static_cast<T>(a), tb = static_cast<T>(b);
+  switch (kind) {
+    case 0: act_counts<T, 0>(x, outer, units, inner, ta, tb, cnt); break;
+    case 1: act_counts<T, 1>(x, outer, units, inner, ta, tb, cnt); break;
+    case 2: act_counts<T, 2>(x, outer, units, inner, ta, tb, cnt); break;
+    default: act_counts<T, 3>(x, outer, units, inner, ta, tb, cnt); break;
+  }
+}
+}  // namespace
+
+// Activation statistics of one output y (contiguous float32/float64 CPU, read as [outer, units, inner])
+// into row `row` of out ([R, 3] float64, contiguous), in one pass: the fraction of inactive entries
+// (column 0 for the relu family, kind 0; column 2 otherwise) and, when `per_unit`, the fraction of
+// units inactive for every sample and position (column 1; NaN otherwise). Fractions are float32
+// divisions, as the eager path computes them. kind: 0 v <= a; 1 |v| > a; 2 v < a or v > b;
+// 3 v <= a or v >= b.
+void activation_into(torch::Tensor y, int64_t outer, int64_t units, int64_t inner, int64_t kind, double a,
+                     double b, bool per_unit, torch::Tensor out, int64_t row) {
+  TORCH_CHECK(y.device().is_cpu() && y.layout() == torch::kStrided && y.is_contiguous() &&
+                  (y.scalar_type() == torch::kFloat32 || y.scalar_type() == torch::kFloat64),
+              "activation_into: a contiguous float32/float64 CPU tensor only");
+  TORCH_CHECK(outer >= 0 && units > 0 && inner > 0 && outer * units * inner == y.numel(),
+              "activation_into: outer * units * inner must be the tensor's size");
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kFloat64 && out.is_contiguous() &&
+                  out.dim() == 2 && out.size(1) == 3,
+              "activation_into: out must be a contiguous [R, 3] float64 CPU tensor");
+  TORCH_CHECK(row >= 0 && row < out.size(0), "activation_into: row out of range");
+  std::vector<int64_t> cnt(units, 0);
+  if (y.scalar_type() == torch::kFloat32)
+    act_dispatch<float>(y.data_ptr<float>(), outer, units, inner, kind, a, b, cnt.data());
+  else
+    act_dispatch<double>(y.data_ptr<double>(), outer, units, inner, kind, a, b, cnt.data());
+  const int64_t samples = outer * inner;
+  int64_t total = 0, dead = 0;
+  for (int64_t u = 0; u < units; ++u) { total += cnt[u]; dead += cnt[u] == samples; }
+  const float frac = static_cast<float>(total) / static_cast<float>(std::max<int64_t>(y.numel(), 1));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  double* o = out.data_ptr<double>() + row * 3;
+  o[0] = kind == 0 ? (double)frac : nan;
+  o[1] = per_unit ? (double)(static_cast<float>(dead) / static_cast<float>(units)) : nan;
+  o[2] = kind == 0 ? nan : (double)frac;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("activation_into", &activation_into);
+  m.def("moments_into", &moments_into);
+  py::class_<ParamSet>(m, "ParamSet")
+      .def(py::init<std::vector<torch::Tensor>>())
+      .def("moments_into", &ParamSet::moments_into);
+}
 """
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"state": "unbuilt", "fn": None, "error": None}
+_state: dict[str, Any] = {"state": "unbuilt", "fn": None, "param_set": None, "act": None, "error": None}
 
 
 def _clear_stale_lock(name: str) -> None:
@@ -197,19 +334,28 @@ def _load_built() -> None:
 
         name = _name()
         module = _import_module_from_library(name, _get_build_directory(name, verbose=False), True)
-        _check_and_keep(module.moments_into)
+        _check_and_keep(module)
     except Exception as exc:
         _state.update(state="failed", error=f"{type(exc).__name__}: {exc}")
 
 
-def _check_and_keep(fn: Any) -> None:
+def _check_and_keep(module: Any) -> None:
+    fn = module.moments_into
     check = torch.zeros(1, 6, dtype=torch.float64)  # a wrong build must never be used
     fn([torch.tensor([1.0, -2.0, 0.0])], check, [], list(range(6)), True)
     # sync point: CPU tensors only; the self-check of a freshly loaded kernel, once per process.
     got = check.tolist()
     if got != [[-1.0, 5.0, -2.0, 1.0, 2.0, 0.0]]:
         raise RuntimeError(f"self-check gave {got}")
-    _state.update(state="ready", fn=fn)
+    act = module.activation_into
+    check = torch.zeros(1, 3, dtype=torch.float64)
+    # [2 samples, 2 units]: 2 of 4 entries <= 0, unit 0 inactive for both samples (dead)
+    act(torch.tensor([[0.0, 1.0], [-1.0, 2.0]]), 2, 2, 1, 0, 0.0, 0.0, True, check, 0)
+    # sync point: CPU tensors only; the self-check of a freshly loaded kernel, once per process.
+    got = check.tolist()
+    if got[0][:2] != [0.5, 0.5] or got[0][2] == got[0][2]:
+        raise RuntimeError(f"activation self-check gave {got}")
+    _state.update(state="ready", fn=fn, param_set=module.ParamSet, act=act)
 
 
 def _build() -> None:
@@ -222,11 +368,10 @@ def _build() -> None:
         module = load_inline(
             name,
             cpp_sources=[_SOURCE],
-            functions=["moments_into"],
             extra_cflags=["-O3", "-fopenmp-simd", "-march=native"],
             verbose=False,
         )
-        _check_and_keep(module.moments_into)
+        _check_and_keep(module)
     except Exception as exc:  # no compiler, no headers, a failed build: the eager path stays
         _state.update(state="failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -254,6 +399,24 @@ def cpu_kernel_state() -> str:
 
 
 _KernelFn = Callable[[list[Tensor], Tensor, list[int], list[int], bool], None]
+_ActivationFn = Callable[[Tensor, int, int, int, int, float, float, bool, Tensor, int], None]
+
+
+def cpu_activation_kernel() -> _ActivationFn | None:
+    """The compiled CPU kernel's activation statistics, or None while the kernel is not available (see :func:`cpu_kernel`).
+
+    Returns:
+        ``fn(y, outer, units, inner, kind, a, b, per_unit, out, row)``: the statistics of one activation
+        output ``y`` (a contiguous float32/float64 CPU tensor read as ``[outer, units, inner]``), read
+        once, into row ``row`` of ``out`` (a contiguous ``[R, 3]`` float64 CPU tensor: the buffer's
+        activation block): the fraction of inactive entries (column 0 for ``kind`` 0, the relu
+        family; column 2 otherwise), and with ``per_unit`` the fraction of units inactive for every
+        sample and position (column 1); NaN elsewhere. Inactive: ``kind`` 0 ``v <= a``, 1 ``|v| > a``,
+        2 ``v < a or v > b``, 3 ``v <= a or v >= b``, the thresholds in ``y``'s dtype (as torch
+        compares a tensor with a number); fractions are float32 divisions of exact counts. Anything
+        else raises before anything is written. Used by :mod:`gradscope.capture.activations`.
+    """
+    return _state["act"] if cpu_kernel() is not None else None
 
 
 def cpu_kernel(*, start: bool = True) -> _KernelFn | None:
@@ -384,6 +547,7 @@ class FusedMoments:
         self.last_path = ""
         self._tails: dict[tuple[int, torch.device], Tensor] = {}
         self._cols: dict[bool, list[int]] = {}
+        self._param_set: tuple[list[Tensor], Any] | None = None  # (the list, the kernel's copy of it)
 
     def __call__(self, grads: Sequence[Tensor], params: Sequence[Tensor], *, sampled: bool) -> Tensor:
         """Moments of ``grads`` (one device) as :meth:`MomentPlan.grad_moments` returns them."""
@@ -465,6 +629,44 @@ class FusedMoments:
                 dest.copy_(custom)
         self.last_path = "kernel"
         return True
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The kernel's copy of the parameter list is neither copied nor pickled: made again on use.
+        return {**self.__dict__, "_param_set": None}
+
+    def write_params(self, params: list[Tensor], view: Tensor, *, sampled: bool) -> bool:
+        """The compiled CPU kernel's path with the gradients read in C++: moments of ``p.grad`` into ``view``.
+
+        The common step (every parameter trainable, with a plain float32/float64 CPU gradient) costs one
+        call, however many parameters: no Python loop over them. ``params`` is handed to the kernel
+        once (a list of the same tensors, in the same order, at every call: the layout's). Custom
+        statistics need the gradients in Python, so they take :meth:`write`.
+
+        Returns:
+            False, having written nothing, when the path does not apply (a parameter frozen or without a
+            gradient, a gradient the kernel cannot read, the kernel not built): use :meth:`write`.
+        """
+        if self.plan.custom or self.path not in ("auto", "kernel") or view.device.type != "cpu":
+            return False
+        if cpu_kernel() is None:
+            return False
+        held = self._param_set
+        if held is None or held[0] is not params:
+            try:
+                held = self._param_set = (params, _state["param_set"](list(params)))
+            except (RuntimeError, TypeError, ValueError):
+                return False
+        wanted = self.plan.wanted(sampled)
+        cols = self._cols.get(sampled)
+        if cols is None:
+            cols = self._cols[sampled] = [MOMENT_INDEX[m] if m in wanted else -1 for m in GRAD_MOMENTS]
+        try:
+            done = bool(held[1].moments_into(view, cols, bool(wanted - CORE_MOMENTS)))
+        except (RuntimeError, TypeError, ValueError):  # checked before anything is written
+            return False
+        if done:
+            self.last_path = "kernel"
+        return done
 
     def write_sumsq(self, tensors: list[Tensor], view: Tensor, rows: list[int], col: int) -> bool:
         """Sums of squares of ``tensors`` into ``view[rows, col]`` with the CPU kernel; False if it does not apply."""

@@ -212,6 +212,7 @@ class StepRecorder:
         self._all_idx = list(range(n))
         self._all_true = np.ones(n, dtype=bool)
         self._all_true.flags.writeable = False
+        self._all_trainable = [True] * n
         self._one_device = len({t.device for t in layout.tensors}) <= 1
         #: Optimizer steps seen by the pre-hook since the last :meth:`finish` (``scope.step()``): 0 when
         #: ``scope.step()`` is called again without an optimizer step in between.
@@ -337,7 +338,9 @@ class StepRecorder:
                 skipped=skipped,
                 passed=[self._scalar_cols[k] for k in values if k in self._scalar_cols],
                 has_grad=has,
-                trainable=self._all_true if all(trainable) else np.array(trainable, dtype=bool),
+                trainable=self._all_true
+                if trainable is self._all_trainable or all(trainable)
+                else np.array(trainable, dtype=bool),
                 sampled=pending.sampled,
             )
         )
@@ -609,6 +612,17 @@ class StepRecorder:
 
     def _capture_grads(self, pending: PendingStep) -> None:
         """Moments of every present gradient and weight into the pending row (device work only)."""
+        if self._one_device and pending.grad_scale is None and not self._step_sinks and self.plan.needs_grads:
+            # The common CPU step: the kernel reads every p.grad itself (no Python loop over parameters).
+            view = self.buffer.moments(pending.slot)
+            if self.moments.write_params(self.layout.tensors, view, sampled=pending.sampled):
+                pending.grads_done = True
+                pending.present = self._all_idx
+                pending.trainable = self._all_trainable
+                if self._param_on and pending.sampled:
+                    self._write_param_sumsq(self.layout.tensors, view, [])
+                self._after_capture(pending, view, self._all_idx)
+                return
         idx, trainable, grads = self._present()
         pending.grads_done = True
         pending.present = idx
@@ -624,12 +638,7 @@ class StepRecorder:
             rows = [] if idx is self._all_idx else idx
             if self.moments.write(grads, params, view, rows, sampled=pending.sampled):
                 if self._param_on and pending.sampled:
-                    with torch.no_grad():
-                        local = [_local(p) for p in params]
-                        if not self.moments.write_sumsq(local, view, rows, _M["psumsq"]):
-                            col = view[:, _M["psumsq"]]
-                            dsq = self.moments.sumsq(local).to(col.dtype)
-                            col.copy_(dsq) if not rows else col.index_copy_(0, self._index_tensor(rows), dsq)
+                    self._write_param_sumsq(params, view, rows)
                 self._after_capture(pending, view, idx)
                 return
         if self._one_device:
@@ -661,6 +670,15 @@ class StepRecorder:
             else:
                 view.index_copy_(0, self._index_tensor(rows), block)
         self._after_capture(pending, view, idx)
+
+    def _write_param_sumsq(self, params: Sequence[Tensor], view: Tensor, rows: list[int]) -> None:
+        """The weights' sums of squares into column ``psumsq`` of ``view[rows]`` (all rows when empty)."""
+        with torch.no_grad():
+            local = [_local(p) for p in params]
+            if not self.moments.write_sumsq(local, view, rows, _M["psumsq"]):
+                col = view[:, _M["psumsq"]]
+                dsq = self.moments.sumsq(local).to(col.dtype)
+                col.copy_(dsq) if not rows else col.index_copy_(0, self._index_tensor(rows), dsq)
 
     def _after_capture(self, pending: PendingStep, view: Tensor, idx: list[int]) -> None:
         """Sinks that take the gradients, the failed custom statistics, the finite flag of on_nonfinite="raise"."""

@@ -13,10 +13,17 @@ import numpy as np
 
 from gradscope.errors import ConfigurationError
 from gradscope.findings import Finding
-from gradscope.rules._common import fmt, layer_label, nanmedian, steps_label
+from gradscope.rules._common import fmt, frame_rows, layer_label, nanmedian, steps_label
 from gradscope.rules.base import Rule, RuleContext
 from gradscope.rules.registry import register_rule
-from gradscope.rules.window import Episode, episode_min_rows, episode_windows, judged_rows, steps_to_rows
+from gradscope.rules.window import (
+    Episode,
+    episode_min_rows,
+    episode_windows,
+    follow_episodes,
+    judged_rows,
+    steps_to_rows,
+)
 
 __all__ = ["DeadUnits", "SaturatedActivations"]
 
@@ -56,8 +63,11 @@ class _ActivationRule(Rule):
         ``resolved_step`` (no longer above ``threshold`` for ``confirm`` steps) changed.
         """
         schema = ctx.frame.schema
-        skip = set(ctx.output_activations) if self.skip_output else set()
-        mods = [a for a, k in enumerate(schema.act_kinds) if k in self.kinds and a not in skip]
+        skip = tuple(ctx.output_activations) if self.skip_output else ()
+        mods = frame_rows(ctx.frame).const(
+            ("act_modules", self.kinds, skip),
+            lambda: [a for a, k in enumerate(schema.act_kinds) if k in self.kinds and a not in set(skip)],
+        )
         if not mods:
             return []
         th = self.thresholds
@@ -67,19 +77,30 @@ class _ActivationRule(Rule):
         if len(rows) == 0:
             return []
         vals = ctx.frame.act_values(self.stat)[rows][:, mods]
-        flags = np.nan_to_num(vals, nan=-1.0) >= th["threshold"]
+        flags = vals >= th["threshold"]  # NaN (not taken) compares False
         steps = ctx.frame.steps[rows]
         out: list[Finding] = []
         reported = self._reported
-        for j, a in enumerate(mods):
-            if a in reported:
-                kept, ep = reported[a]
-                if ep.follow(steps, flags[:, j], int(th["confirm"])):
-                    out.append(dataclasses.replace(kept, last_step=ep.last, resolved_step=ep.resolved))
-        fresh = [j for j, a in enumerate(mods) if a not in reported]
-        if not fresh:
-            return out
-        flags, vals = flags[:, fresh], vals[:, fresh]
+        if reported:
+            followed = [j for j, a in enumerate(mods) if a in reported]
+            kept = [reported[mods[j]] for j in followed]
+            if len(kept) > 4:  # one array pass for many; a few are cheaper one by one (same result)
+                changed = follow_episodes(
+                    [ep for _, ep in kept], steps, flags[:, followed], int(th["confirm"])
+                ).tolist()
+            else:
+                changed = [ep.follow(steps, flags[:, j], int(th["confirm"])) for j, (_, ep) in zip(followed, kept)]
+            for (reported_finding, ep), moved in zip(kept, changed):
+                if moved:
+                    out.append(dataclasses.replace(reported_finding, last_step=ep.last, resolved_step=ep.resolved))
+            fresh = [j for j, a in enumerate(mods) if a not in reported]
+            if not fresh:
+                return out
+            flags, vals = flags[:, fresh], vals[:, fresh]
+        else:
+            fresh = list(range(len(mods)))
+        if not flags.any():
+            return out  # an episode starts at a sampled row above the threshold: none in the window
         spans = {
             "window": win,
             "confirm": steps_to_rows(th["confirm"], sample_every, minimum=1),
@@ -98,10 +119,9 @@ class _ActivationRule(Rule):
             # ordinary flush: a mid-run onset confirmed by `confirm` live is confirmed at the end too
             min_rows = np.minimum(min_rows, episode_min_rows(steps, flags, final=True, **spans))
         pers, lengths = episode_windows(flags, win, th["min_fraction"], min_rows)
-        for j, a in enumerate(mods[i] for i in fresh):
+        for j in np.flatnonzero(pers.any(axis=0)).tolist():  # the modules with an episode, in order
+            a = mods[fresh[j]]
             hit = np.flatnonzero(pers[:, j])
-            if len(hit) == 0:
-                continue
             w = int(hit[0])
             length = int(lengths[w])
             span = slice(w, w + length)

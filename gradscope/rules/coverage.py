@@ -85,32 +85,61 @@ class NoGradient(Rule):
         self._empty_episode: tuple[Finding, Episode] | None = None
 
     def _update(self, frame: StatsFrame, rows: np.ndarray) -> None:
-        """Fold the rows ``rows`` into the per-parameter counts."""
+        """Fold the rows ``rows`` into the per-parameter counts, all rows at once.
+
+        Row by row, the state would follow (per parameter, over the rows where some parameter had a
+        gradient): ``gap`` counts the rows without a gradient since the last one (a row where the
+        parameter was frozen leaves it), ``max_gap`` keeps the longest gap closed by a gradient after
+        an earlier gradient, ``gap_since`` the step each gap began, ``first_grad``, ``ever``,
+        ``missing``, ``since`` and ``last`` what their names say. Each is written here in closed form
+        over the rows (cumulative counts and last-index scans), which gives the same values.
+        """
         st = self._state
         assert st is not None
         has = frame.has_grad[rows]
         trainable = frame.trainable[rows]
         steps = frame.steps[rows]
-        missing = trainable & ~has
         empty = _empty_rows(has, trainable)
-        for r in range(len(rows)):  # a flush's rows, vectorised over parameters
-            if empty[r]:  # no gradient anywhere: says nothing about any one layer (see the class docstring)
-                e = self._empty
-                e["count"] += 1
-                e["first"] = int(steps[r]) if e["first"] < 0 else e["first"]
-                e["last"] = int(steps[r])
-                continue
-            got = has[r] & trainable[r]
-            miss = missing[r]
-            ended = got & (st["gap"] > 0) & st["ever"]  # a gap between two gradients: how long they can be
+        if empty.any():  # no gradient anywhere: says nothing about any one layer (see the class docstring)
+            at = steps[empty]
+            e = self._empty
+            e["count"] += len(at)
+            e["first"] = int(at[0]) if e["first"] < 0 else e["first"]
+            e["last"] = int(at[-1])
+            keep = ~empty
+            has, trainable, steps = has[keep], trainable[keep], steps[keep]
+        n = len(steps)
+        if n == 0:
+            return
+        got = has & trainable
+        miss = trainable & ~has
+        any_got = got.any(axis=0)
+        first_got = np.argmax(got, axis=0)
+        if not miss.any():
+            # every trainable parameter had a gradient: a gap can only close at its first gradient
+            ended = any_got & (st["gap"] > 0) & st["ever"]
             st["max_gap"] = np.where(ended, np.maximum(st["max_gap"], st["gap"]), st["max_gap"])
-            st["gap_since"] = np.where(miss & (st["gap"] == 0), steps[r], st["gap_since"])
-            st["gap"] = np.where(miss, st["gap"] + 1, np.where(got, 0, st["gap"]))
-            st["first_grad"] = np.where(got & ~st["ever"], steps[r], st["first_grad"])
-            st["ever"] |= got
-            st["missing"] += miss
-            st["since"] = np.where((st["since"] < 0) & miss, steps[r], st["since"])
-            st["last"] = np.where(miss, steps[r], st["last"])
+            st["gap"] = np.where(any_got, 0, st["gap"])
+        else:
+            index = np.arange(n)[:, None]
+            last_got = np.maximum.accumulate(np.where(got, index, -1), axis=0)  # [R, P] the last gradient so far
+            misses = np.cumsum(miss, axis=0)
+            since_got = misses - np.take_along_axis(misses, np.maximum(last_got, 0), axis=0)
+            gap_after = np.where(last_got >= 0, since_got, st["gap"][None, :] + misses)  # gap after each row
+            gap_before = np.concatenate([st["gap"][None, :], gap_after[:-1]])
+            ever_before = st["ever"][None, :] | np.concatenate([np.zeros((1, got.shape[1]), bool), last_got[:-1] >= 0])
+            ended = got & (gap_before > 0) & ever_before
+            st["max_gap"] = np.maximum(st["max_gap"], np.where(ended, gap_before, 0).max(axis=0))
+            starts = miss & (gap_before == 0)
+            last_start = n - 1 - np.argmax(starts[::-1], axis=0)
+            st["gap_since"] = np.where(starts.any(axis=0), steps[last_start], st["gap_since"])
+            st["gap"] = gap_after[-1]
+            any_miss = miss.any(axis=0)
+            st["missing"] += miss.sum(axis=0)
+            st["since"] = np.where((st["since"] < 0) & any_miss, steps[np.argmax(miss, axis=0)], st["since"])
+            st["last"] = np.where(any_miss, steps[n - 1 - np.argmax(miss[::-1], axis=0)], st["last"])
+        st["first_grad"] = np.where(any_got & ~st["ever"], steps[first_got], st["first_grad"])
+        st["ever"] |= any_got
 
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Findings visible in the rows added since the last flush, and updates of the episodes reported."""
@@ -128,7 +157,8 @@ class NoGradient(Rule):
                 "first_grad": np.full(P, -1, dtype=np.int64),  # the step of the first gradient
             }
         st = self._state
-        rows = np.flatnonzero((frame.steps > self._last_step) & ~frame.skipped)
+        lo = int(np.searchsorted(frame.steps, self._last_step, side="right"))
+        rows = lo + np.flatnonzero(~frame.skipped[lo:])  # the rows not folded in yet
         if len(frame):
             self._last_step = max(self._last_step, int(frame.steps[-1]))
         if len(rows):
@@ -150,9 +180,16 @@ class NoGradient(Rule):
         # steps once a window of its history shows how long its gaps get (a full window before that)
         known = (st["gap_since"] - st["first_grad"]) >= int(th["window"])
         stopped = st["ever"] & (st["gap"] >= np.maximum(np.where(known, confirm, window), 2 * st["max_gap"] + 1))
-        if not (never | stopped).any():
+        flagged = never | stopped
+        if not flagged.any():
             return out
         schema = frame.schema
+        done = np.zeros(P, dtype=bool)  # reported, or in a layer whose episode is followed
+        done[list(self._reported)] = True
+        for layer in self._episodes:
+            done[schema.layer_members[schema.layers.index(layer)]] = True
+        if not (flagged & ~done).any():
+            return out  # nothing the loop below could report
         for li, members in enumerate(schema.layer_members):
             layer = schema.layers[li]
             if layer in self._episodes:

@@ -8,13 +8,22 @@ compared in depth (forward) order; "first in backward order" is the layer neares
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+import functools
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from gradscope.errors import ConfigurationError
 from gradscope.findings import Finding
-from gradscope.rules._common import fmt, later_max, layer_label, layer_rms_by_depth, nanmedian, steps_label
+from gradscope.rules._common import (
+    fmt,
+    frame_rows,
+    global_values_many,
+    later_max,
+    layer_label,
+    nanmedian,
+    steps_label,
+)
 from gradscope.rules.base import Rule, RuleContext
 from gradscope.rules.registry import register_rule
 from gradscope.rules.window import (
@@ -27,6 +36,9 @@ from gradscope.rules.window import (
     steps_to_rows,
     window_rows,
 )
+
+if TYPE_CHECKING:
+    from gradscope.stats.frame import StatsFrame
 
 __all__ = ["ExplodingGradients", "NonfiniteGradients", "VanishingGradients"]
 
@@ -127,20 +139,20 @@ class VanishingGradients(Rule):
         rows, _ = judged_rows(ctx, win - 1)
         if len(rows) == 0:
             return []
-        rms, nonfinite, names = _layer_rms(ctx, rows)
-        if rms.shape[1] < 2:
+        if len(ctx.forward_order) < 2:
             return []
-        tiny, _ = dtype_info(ctx.frame.schema)
-        tiny = tiny[list(ctx.forward_order)]
-        ok_row = (nonfinite.sum(axis=1) == 0) & np.isfinite(np.where(np.isnan(rms), 0.0, rms)).all(axis=1)
-        ref = later_max(rms)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = rms / ref
+        values = _depth_rows(ctx, rows)  # each row's values are computed once, at the first call that sees it
+        rms, ratio = values["rms"], values["ratio"]
+        tiny = _tiny_by_depth(ctx)
+        ok_row = ~values["bad"] & np.isfinite(np.where(np.isnan(rms), 0.0, rms)).all(axis=1)
         present = ~np.isnan(rms)
-        collapsed = present & ok_row[:, None] & (((ratio < th["ratio"]) & (ref > 0)) | (rms < tiny[None, :]))
+        collapsed = present & ok_row[:, None] & (((ratio < th["ratio"]) & values["ref_pos"]) | (rms < tiny[None, :]))
         steps = ctx.frame.steps[rows]
+        names = ctx.layers_by_depth()
         if self._first is not None:
             return self._follow(steps, collapsed, names)
+        if not collapsed.any():
+            return []  # an episode starts at a collapsed row: none in the window
         min_rows = episode_min_rows(
             steps,
             collapsed,
@@ -151,6 +163,8 @@ class VanishingGradients(Rule):
             init_steps=int(th["window"]),
         )
         persistent, lengths = episode_windows(collapsed, win, th["min_fraction"], min_rows)
+        if not persistent.any():
+            return []
         judged = episode_windows(present, win, 0.5, 1)[0] | persistent  # layers with a gradient in the window
         # Contiguous from the input: a layer not judged in a window is transparent.
         blocks = np.cumprod(persistent | ~judged, axis=1).astype(bool) & persistent
@@ -224,31 +238,18 @@ class VanishingGradients(Rule):
         return [self._with_episode(first)]
 
 
+@functools.lru_cache(maxsize=64)
+def _lookback_index(n: int, width: int) -> np.ndarray:
+    """``[n, width]`` indices: row ``k`` reads the ``width`` entries before entry ``k`` of an array padded with ``width`` in front."""
+    index = np.arange(n)[:, None] + np.arange(width)[None, :]
+    index.setflags(write=False)
+    return index
+
+
 def _pow10(x: float) -> float:
     """``10 ** x`` that saturates at inf instead of raising OverflowError."""
     with np.errstate(over="ignore"):
         return float(np.power(10.0, x))
-
-
-def _layer_rms(ctx: RuleContext, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """:func:`~gradscope.rules._common.layer_rms_by_depth`, where a layer without a gradient is never non-finite.
-
-    Without ``nonfinite_count`` collected (``stats=["l2_norm"]``), a layer's non-finite count is
-    inferred from its RMS, which is NaN both for a NaN gradient and for no gradient at all: a layer
-    that had no gradient at a row (an unused head, a branch skipped that step) counts 0 there, so it
-    neither hides its row from the vanishing/exploding rules nor reads as NaN.
-
-    Returns:
-        ``(rms [R, L], nonfinite [R, L], names [L])`` in forward order, as ``layer_rms_by_depth``.
-    """
-    rms, nonfinite, names = layer_rms_by_depth(ctx, rows)
-    frame = ctx.frame
-    if "nonfinite_count" in frame.schema.stats or not len(rows):
-        return rms, nonfinite, names
-    has = frame.has_grad[rows]
-    had = np.stack([has[:, list(m)].any(axis=1) for m in frame.schema.layer_members], axis=1)
-    had = had[:, list(ctx.forward_order)]
-    return rms, np.where(had, nonfinite, 0.0), names
 
 
 def _log_global(norm: np.ndarray, nonfinite: np.ndarray) -> np.ndarray:
@@ -257,6 +258,98 @@ def _log_global(norm: np.ndarray, nonfinite: np.ndarray) -> np.ndarray:
         out = np.log10(norm)
     out = np.where(np.isinf(out) & (out > 0), _LOG_OVERFLOW, out)
     return np.where(nonfinite.sum(axis=1) > 0, np.nan, out)
+
+
+def _grad_rows(ctx: RuleContext, rows: np.ndarray, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Per-row gradient values at ``rows``, computed once per row for all the gradient rules (cached per frame).
+
+    Args:
+        ctx: the rule context (its frame and forward order).
+        rows: frame rows ``[R]``.
+        names: the values wanted (all when None).
+
+    Returns:
+        ``rms [R, L]`` and ``nonfinite [R, L]`` in forward order (see :func:`_layer_rms_in_layer_order`); ``bad [R]``:
+        the row holds a non-finite gradient; ``lg [R]``: :func:`_log_global` of the global L2 norm
+        (NaN on bad rows); ``ratio [R, L]``: each layer's RMS over the largest RMS after it in forward
+        order, ``ref_pos [R, L]``: that largest RMS is > 0; with ``param_norm`` collected, ``relative
+        [R]`` (global gradient norm / global weight norm, NaN on rows not sampled) and
+        ``relative_finite [R]`` (no NaN/Inf counted).
+    """
+    frame = ctx.frame
+    order = list(ctx.forward_order)
+
+    def compute(at: np.ndarray) -> dict[str, np.ndarray]:
+        rms, nonfinite = _layer_rms_in_layer_order(frame, at)
+        rms, nonfinite = rms[:, order], nonfinite[:, order]
+        stats = frame.schema.stats
+        wanted = ["l2_norm", *(s for s in ("param_norm", "nonfinite_count") if s in stats)]
+        model = global_values_many(frame, wanted, at)
+        ref = later_max(rms)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = rms / ref
+        out: dict[str, np.ndarray] = {
+            "rms": rms,
+            "nonfinite": nonfinite,
+            "bad": np.asarray((nonfinite > 0).any(axis=1)),
+            "lg": _log_global(model["l2_norm"], nonfinite),
+            "ratio": ratio,
+            "ref_pos": np.asarray(ref > 0),
+        }
+        if "param_norm" in model:  # the "above the weights" test (sampled rows; NaN on the others)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out["relative"] = model["l2_norm"] / model["param_norm"]
+            finite = np.ones(len(at), dtype=bool)
+            if "nonfinite_count" in model:
+                count = model["nonfinite_count"]
+                finite = np.asarray((count == 0) | np.isnan(count))  # a NaN count is no count
+            out["relative_finite"] = finite
+        return out
+
+    # keyed by the forward order: it may still change while modules are first seen
+    return frame_rows(frame).get(frame, ("gradients", tuple(order)), compute, rows, names)
+
+
+def _layer_rms_in_layer_order(frame: StatsFrame, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Gradient RMS and non-finite count of every layer at ``rows``, in the frame's layer order, ``[R, L]`` each.
+
+    As :func:`~gradscope.rules._common.layer_rms_by_depth`, except that without ``nonfinite_count``
+    collected (``stats=["l2_norm"]``), where a layer's non-finite count is inferred from its RMS (NaN
+    both for a NaN gradient and for no gradient at all), a layer that had no gradient at a row (an
+    unused head, a branch skipped that step) counts 0 there, so it neither hides its row from the
+    vanishing/exploding rules nor reads as NaN.
+    """
+    if "nonfinite_count" in frame.schema.stats:
+        values = frame.layer_values_many(["rms", "nonfinite_count"], rows)
+        rms, nonfinite = values["rms"], values["nonfinite_count"]
+        return rms, np.where(np.isnan(nonfinite), 0.0, nonfinite)  # counts: never infinite
+    rms = frame.layer_values("rms", rows)
+    nonfinite = np.where(np.isfinite(rms), 0.0, 1.0)
+    if not len(rows):
+        return rms, nonfinite
+    had = frame.schema.layer_groups.any(frame.has_grad[rows])  # no gradient at all: not non-finite
+    return rms, np.where(had, nonfinite, 0.0)
+
+
+def _depth_rows(ctx: RuleContext, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """The :func:`_grad_rows` values the depth tests read."""
+    return _grad_rows(ctx, rows, ("rms", "nonfinite", "bad", "ratio", "ref_pos"))
+
+
+def _tiny_by_depth(ctx: RuleContext) -> np.ndarray:
+    """:func:`~gradscope.rules.window.dtype_info`'s smallest normal number per layer, in forward order."""
+    schema = ctx.frame.schema
+    tiny = frame_rows(ctx.frame).const("dtype_tiny", lambda: dtype_info(schema)[0])
+    return tiny[list(ctx.forward_order)]
+
+
+def _relative_rows(ctx: RuleContext, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Global gradient norm / global weight norm at ``rows`` (``ratio [R]``), and ``finite [R]``: no NaN/Inf counted.
+
+    Needs ``param_norm`` collected.
+    """
+    values = _grad_rows(ctx, rows, ("relative", "relative_finite"))
+    return {"ratio": values["relative"], "finite": values["relative_finite"]}
 
 
 @register_rule("exploding_gradients")
@@ -360,8 +453,9 @@ class ExplodingGradients(Rule):
         length = window_rows(len(rows), win, final=ctx.final, minimum=int(th["min_steps"]))
         if length == 0:
             return []
-        rms, nonfinite, names = _layer_rms(ctx, rows)
-        lg = _log_global(ctx.frame.global_values("l2_norm", rows), nonfinite)
+        # each row's values are computed once, at the first call that sees it
+        values = _grad_rows(ctx, rows, ("rms", "nonfinite", "bad", "lg", "ratio", "ref_pos"))
+        lg = values["lg"]
         pos = np.searchsorted(valid, rows)  # position of each judged row among all judged rows of the run
         # The warm-up level, measured once from full-resolution rows (a bounded frame thins old rows later).
         w0 = self._w0
@@ -374,22 +468,24 @@ class ExplodingGradients(Rule):
         min_rows = min(int(th["min_steps"]), win) if ctx.final else win
         found: list[tuple[int, int, str, dict[str, Any]]] = []  # (start row, end row, criterion, details)
         if w0 is not None:
-            above = np.nan_to_num(lg - w0, nan=-np.inf) >= np.log10(th["above"])
-            pers, lengths = episode_windows(above, win, th["min_fraction"], min_rows)
-            if pers.any():
-                i = int(np.argmax(pers))
-                found.append((i, i + int(lengths[i]) - 1, "warmup", {"reference": w0}))
+            above = lg - w0 >= np.log10(th["above"])  # NaN rows (non-finite) compare False
+            if above.any():  # a window starts at a row above the level: none, no episode
+                pers, lengths = episode_windows(above, win, th["min_fraction"], min_rows)
+                if pers.any():
+                    i = int(np.argmax(pers))
+                    found.append((i, i + int(lengths[i]) - 1, "warmup", {"reference": w0}))
         run = self._runaway(lg, pos, length, g, th["min_rising"], w0, warm_rows)
         if run is not None:
             found.append(run)
         rel = self._relative(ctx, rows, th)
         if rel is not None:
             found.append(rel)
-        depth = self._depth(rms, nonfinite, win, min_rows, th)
+        depth = self._depth(values, win, min_rows, th)
         if depth is not None:
             found.append(depth)
         if not found:
             return []
+        rms, nonfinite, names = values["rms"], values["nonfinite"], ctx.layers_by_depth()
         # the earliest episode; at the same step, the criterion that says most about the dynamics
         priority = {"runaway": 0, "warmup": 1, "depth": 2, "relative": 3}
         start, end, how, info = min(found, key=lambda f: (f[0], priority[f[2]]))
@@ -489,26 +585,21 @@ class ExplodingGradients(Rule):
             rows, _ = judged_rows(ctx, 0, sampled=True)
             if len(rows) == 0:
                 return []
-            frame = ctx.frame
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ratio = frame.global_values("l2_norm", rows) / frame.global_values("param_norm", rows)
-            flags = np.nan_to_num(ratio, nan=np.inf) >= level
+            flags = ~(_relative_rows(ctx, rows)["ratio"] < level)  # a NaN ratio counts as still exploded
         else:
             rows, _ = judged_rows(ctx, win - 1)
             if len(rows) == 0:
                 return []
-            rms, nonfinite, names = _layer_rms(ctx, rows)
-            bad = nonfinite.sum(axis=1) > 0
             if how == "depth":
+                names = ctx.layers_by_depth()
                 if layer not in names:
                     return []
-                i = names.index(layer)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    ratio = rms[:, i] / later_max(rms)[:, i]
-                flags = bad | (np.nan_to_num(ratio, nan=0.0) >= level)
+                values = _depth_rows(ctx, rows)
+                ratio = values["ratio"][:, names.index(layer)]
+                flags = values["bad"] | (ratio >= level)  # a NaN ratio (no gradient) is not above
             else:
-                lg = _log_global(ctx.frame.global_values("l2_norm", rows), nonfinite)
-                flags = bad | (np.nan_to_num(lg, nan=-np.inf) >= level)
+                values = _grad_rows(ctx, rows, ("bad", "lg"))
+                flags = values["bad"] | (values["lg"] >= level)
         if not ep.follow(ctx.frame.steps[rows], flags, int(th["window"])):
             return []
         return [dataclasses.replace(first, last_step=ep.last, resolved_step=ep.resolved)]
@@ -524,8 +615,7 @@ class ExplodingGradients(Rule):
         head = valid[:span]
         if len(head) == 0:
             return None, False
-        _, nonfinite, _ = _layer_rms(ctx, head)
-        lg = _log_global(ctx.frame.global_values("l2_norm", head), nonfinite)
+        lg = _grad_rows(ctx, head, ("lg",))["lg"]
         ok = np.flatnonzero(np.isfinite(lg))[:n_rows]
         complete = len(ok) >= n_rows or len(head) >= span
         return (float(np.median(lg[ok])) if len(ok) else None), complete
@@ -540,16 +630,18 @@ class ExplodingGradients(Rule):
         before the peak, so the finding's step is where the growth began, not an earlier dip of noise.
         """
         fin = np.isfinite(lg)
-        for k in range(1, len(lg)):
-            if not fin[k]:
-                continue
+        if length < 2 or len(lg) < 2:
+            return None
+        # The lowest finite level of the `length - 1` rows before each row, in one pass; only the rows
+        # that far above it can start an episode, and the test below is the same for them.
+        padded = np.concatenate([np.full(length - 1, np.inf), np.where(fin, lg, np.inf)])
+        lows = padded[_lookback_index(len(lg), length - 1)].min(axis=1)
+        with np.errstate(invalid="ignore"):
+            candidates = np.flatnonzero(fin & (lg - lows >= g))
+        for k in candidates[candidates >= 1].tolist():
             lo = max(0, k - length + 1)
             seg = np.where(fin[lo:k], lg[lo:k], np.inf)
-            if not np.isfinite(seg).any():
-                continue
             low = float(seg.min())
-            if lg[k] - low < g:
-                continue
             i = lo + int(np.flatnonzero(seg <= low + np.log10(2.0))[-1])
             ref = w0 if (w0 is not None and pos[i] >= warm_rows) else float(lg[i])
             if lg[k] - ref < g:
@@ -575,13 +667,13 @@ class ExplodingGradients(Rule):
         srows, _ = judged_rows(ctx, n - 1, sampled=True)  # its own look-back: n - 1 earlier sampled rows
         if len(srows) < n:
             return None
-        frame = ctx.frame
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = frame.global_values("l2_norm", srows) / frame.global_values("param_norm", srows)
-        ok = np.isfinite(ratio)
-        if "nonfinite_count" in frame.schema.stats:
-            ok &= np.nan_to_num(frame.global_values("nonfinite_count", srows), nan=0.0) == 0
-        runs = persistent_windows(ok & (ratio >= th["relative"]), n, 1.0)
+        values = _relative_rows(ctx, srows)
+        ratio = values["ratio"]
+        ok = np.isfinite(ratio) & values["finite"]
+        above = ok & (ratio >= th["relative"])
+        if not above.any():
+            return None
+        runs = persistent_windows(above, n, 1.0)
         if not runs.any():
             return None
         j = int(np.argmax(runs))
@@ -593,17 +685,22 @@ class ExplodingGradients(Rule):
 
     @staticmethod
     def _depth(
-        rms: np.ndarray, nonfinite: np.ndarray, window: int, min_rows: int, th: dict[str, Any]
+        values: dict[str, np.ndarray], window: int, min_rows: int, th: dict[str, Any]
     ) -> tuple[int, int, str, dict[str, Any]] | None:
+        """A block of layers from the input ``ratio`` x above the layers after them, persistently.
+
+        ``values`` are those of :func:`_depth_rows` at the judged rows.
+        """
+        rms, ratio = values["rms"], values["ratio"]
         if rms.shape[1] < 2:
             return None
-        ok_row = nonfinite.sum(axis=1) == 0
-        ref = later_max(rms)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ratio = rms / ref
         present = ~np.isnan(rms)
-        big = present & ok_row[:, None] & (ref > 0) & (np.nan_to_num(ratio, nan=0.0) >= th["ratio"])
+        big = present & ~values["bad"][:, None] & values["ref_pos"] & (ratio >= th["ratio"])  # NaN: False
+        if not big.any():
+            return None  # an episode starts at a row where a layer is above: none in the window
         persistent, lengths = episode_windows(big, window, th["min_fraction"], min_rows)
+        if not persistent.any():
+            return None
         judged = episode_windows(present, window, 0.5, 1)[0] | persistent
         blocks = np.cumprod(persistent | ~judged, axis=1).astype(bool) & persistent
         hit = np.flatnonzero(blocks.any(axis=1))
@@ -675,10 +772,11 @@ class NonfiniteGradients(Rule):
         rows, _ = judged_rows(ctx, 0)
         if len(rows) == 0:
             return []
-        _, nonfinite, names = _layer_rms(ctx, rows)
-        bad_rows = np.flatnonzero((nonfinite > 0).any(axis=1))
+        values = _grad_rows(ctx, rows, ("bad", "nonfinite"))  # each row's values are computed once
+        bad_rows = np.flatnonzero(values["bad"])
         if len(bad_rows) == 0:
             return []
+        nonfinite, names = values["nonfinite"], ctx.layers_by_depth()
         r = int(bad_rows[0])
         bad = np.flatnonzero(nonfinite[r] > 0)
         origin = int(bad[-1])  # forward order: the last one is the first in backward order

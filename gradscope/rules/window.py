@@ -18,6 +18,7 @@ Everything here is NumPy on the host.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ __all__ = [
     "dtype_info",
     "episode_min_rows",
     "episode_windows",
+    "follow_episodes",
     "judged_rows",
     "persistent_windows",
     "rolling_count",
@@ -61,12 +63,22 @@ def judged_rows(ctx: RuleContext, lookback: int, *, sampled: bool = False) -> tu
         the first row added by this flush.
     """
     frame = ctx.frame
-    keep = ~frame.skipped
-    if sampled:
-        keep = keep & frame.sampled
-    valid = np.flatnonzero(keep)
-    pos = int(np.searchsorted(valid, ctx.new_from))
-    lo = max(0, pos - max(0, int(lookback)))
+    lookback = max(0, int(lookback))
+    new_from = int(ctx.new_from)
+    # Only the tail of the frame is read: from `lookback` rows before the first new one, further back
+    # only when rows there are left out (skipped, not sampled), so a call costs what its window holds,
+    # not what the run has recorded.
+    start = max(0, new_from - lookback)
+    while True:
+        keep = ~frame.skipped[start:]
+        if sampled:
+            keep &= frame.sampled[start:]
+        valid = np.flatnonzero(keep) + start
+        pos = int(np.searchsorted(valid, new_from))
+        if pos >= lookback or start == 0:
+            break
+        start = max(0, start - 2 * max(lookback, new_from - start))
+    lo = max(0, pos - lookback)
     return valid[lo:], pos - lo
 
 
@@ -192,17 +204,31 @@ def episode_windows(
     """
     f = np.asarray(flags, dtype=bool)
     r = f.shape[0]
-    length = np.minimum(int(window), r - np.arange(r)).astype(np.int64)
-    cs = np.concatenate([np.zeros((1, *f.shape[1:]), dtype=np.int64), np.cumsum(f, axis=0, dtype=np.int64)])
-    counts = cs[np.arange(r) + length] - cs[:r]
-    need = np.maximum(1, np.ceil(min_fraction * length - 1e-9)).astype(np.int64)
     extra = (1,) * (f.ndim - 1)
+    length, need, ends = _window_shape(r, int(window), float(min_fraction))
+    cs = np.zeros((r + 1, *f.shape[1:]), dtype=np.int64)
+    np.cumsum(f, axis=0, dtype=np.int64, out=cs[1:])
+    counts = cs[ends] - cs[:r]
     min_rows = np.asarray(min_rows, dtype=np.int64)
     if min_rows.ndim == 1:
         min_rows = min_rows.reshape(-1, *extra)
-    enough = length.reshape(-1, *extra) >= min_rows
-    held = f & (counts >= need.reshape(-1, *extra)) & enough
-    return held, length
+    held = f & (counts >= need.reshape(-1, *extra)) & (length.reshape(-1, *extra) >= min_rows)
+    return held, length.copy()
+
+
+@functools.lru_cache(maxsize=256)
+def _window_shape(r: int, window: int, min_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For windows starting at each of ``r`` rows: ``length [r]``, rows needed ``need [r]``, ``end [r]`` (exclusive).
+
+    Depends on the sizes alone, and rules ask for the same few sizes at every evaluation (read-only
+    arrays, shared).
+    """
+    length = np.minimum(window, r - np.arange(r)).astype(np.int64)
+    need = np.maximum(1, np.ceil(min_fraction * length - 1e-9)).astype(np.int64)
+    ends = np.arange(r) + length
+    for arr in (length, need, ends):
+        arr.setflags(write=False)
+    return length, need, ends
 
 
 @dataclass
@@ -241,3 +267,47 @@ class Episode:
             if self.resolved is None and int(later[-1]) - self.last >= clear_steps:
                 self.resolved = self.after
         return (self.last, self.resolved) != before
+
+
+def follow_episodes(episodes: list[Episode], steps: np.ndarray, flags: np.ndarray, clear_steps: int) -> np.ndarray:
+    """:meth:`Episode.follow` of many episodes at once (one per column of ``flags``), in a fixed number of array operations.
+
+    Args:
+        episodes: the episodes, updated in place.
+        steps: step numbers of the judged rows ``[R]``, increasing.
+        flags: ``[R, E]`` the condition of each episode per row.
+        clear_steps: as in :meth:`Episode.follow`.
+
+    Returns:
+        ``changed [E]`` bool: whether each episode's ``(last, resolved)`` changed.
+    """
+    n = len(episodes)
+    if n == 0 or len(steps) == 0:
+        return np.zeros(n, dtype=bool)
+    steps = np.asarray(steps, dtype=np.int64)
+    last = np.fromiter((e.last for e in episodes), dtype=np.int64, count=n)
+    has_res = np.fromiter((e.resolved is not None for e in episodes), dtype=bool, count=n)
+    res = np.fromiter((e.resolved if e.resolved is not None else 0 for e in episodes), dtype=np.int64, count=n)
+    has_after = np.fromiter((e.after is not None for e in episodes), dtype=bool, count=n)
+    after = np.fromiter((e.after if e.after is not None else 0 for e in episodes), dtype=np.int64, count=n)
+    col = steps[:, None]
+    held = np.asarray(flags, dtype=bool) & (col > last)
+    any_held = held.any(axis=0)
+    r = len(steps)
+    new_last = np.where(any_held, steps[r - 1 - np.argmax(held[::-1], axis=0)], last)  # the last held row
+    new_has_res = has_res & ~any_held
+    has_after = has_after & ~any_held
+    later = col > new_last
+    any_later = later.any(axis=0)
+    first_later = steps[np.argmax(later, axis=0)]
+    after = np.where(any_later, np.where(has_after, np.minimum(after, first_later), first_later), after)
+    has_after |= any_later
+    resolve = any_later & ~new_has_res & (steps[-1] - new_last >= clear_steps)
+    new_res = np.where(resolve, after, res)
+    new_has_res |= resolve
+    changed = (new_last != last) | (new_has_res != has_res) | (new_has_res & (new_res != res))
+    for i, e in enumerate(episodes):
+        e.last = int(new_last[i])
+        e.resolved = int(new_res[i]) if new_has_res[i] else None
+        e.after = int(after[i]) if has_after[i] else None
+    return changed

@@ -14,8 +14,10 @@ the value (numpy's ``[v - 0.5, v + 0.5]`` range would be drawn as a flat band on
 value is placed by comparison with the edges written, so the counts are exactly
 ``numpy.histogram(x, bins=edges)``.
 
-* CPU tensors: ``torch.histogram(x, bins, range=(min, max))``, one pass per tensor; reading ``min``
-  and ``max`` of a CPU tensor waits for nothing.
+* CPU tensors: ``torch.histogram(x, bins, range=(min, max))``, one pass per layer (per chunk of a
+  large tensor); reading ``min`` and ``max`` of a CPU tensor waits for nothing, so every layer's are
+  read at once, and the rows of all layers are assembled together (:func:`_rows_cpu`: the values of
+  the per-layer :func:`_row_cpu`, with a few operations per tensor instead of some twenty per layer).
 * Accelerators: ``min`` and ``max`` stay device tensors (``torch.histc`` with data-dependent bounds
   would read them on the host: a sync), the edges are computed on the device, values are placed
   with ``torch.bucketize`` and counted with ``torch.histc`` over the integer bucket indices, whose
@@ -82,13 +84,15 @@ def histogram_rows(groups: Sequence[Sequence[Tensor]], bins: int) -> Tensor:
         holding NaN or Inf, or no element at all, gives a row that is not all finite.
     """
     device = next((t.device for g in groups for t in g), torch.device("cpu"))
+    kept = [[t.detach() for t in tensors if t.numel() > 0] for tensors in groups]
+    on_cpu = [i for i, tensors in enumerate(kept) if tensors and tensors[0].device.type == "cpu"]
+    cpu_rows = dict(zip(on_cpu, _rows_cpu([kept[i] for i in on_cpu], bins).unbind())) if on_cpu else {}
     rows = []
-    for tensors in groups:
-        tensors = [t.detach() for t in tensors if t.numel() > 0]
+    for i, tensors in enumerate(kept):
         if not tensors:  # made where the others live: a host-to-device copy could wait for the device
             rows.append(torch.full((row_width(bins),), float("nan"), dtype=torch.float64, device=device))
-        elif tensors[0].device.type == "cpu":
-            rows.append(_row_cpu(tensors, bins))
+        elif i in cpu_rows:
+            rows.append(cpu_rows[i])
         else:
             rows.append(_row_device(tensors, bins))
     # A model spread over devices: gather on the first one (device to device, no host sync).
@@ -134,6 +138,87 @@ def _row_cpu(tensors: Sequence[Tensor], bins: int) -> Tensor:
             total += torch.stack([x.sum(), torch.dot(x, x)]).to(torch.float64)
     assert edges is not None
     return torch.cat([edges.to(torch.float64), counts, total])
+
+
+def _rows_cpu(groups: Sequence[Sequence[Tensor]], bins: int) -> Tensor:
+    """:func:`_row_cpu` of every group, with the same values, in a few operations per tensor.
+
+    A model of many small layers spends its histogram time in per-operation overhead, not in
+    binning; here every minimum and maximum is read in one host copy, the counts of all chunks are
+    added in one ``index_add_`` (exact: they are integers), the sums in Python floats in the order
+    :func:`_row_cpu` adds them, and the rows are assembled as one tensor, so that row ``g`` equals
+    ``_row_cpu(groups[g], bins)``.
+
+    Args:
+        groups: ``G`` non-empty groups of non-empty CPU tensors.
+        bins: number of equal-width buckets.
+
+    Returns:
+        ``[G, 2 * bins + 3]`` float64.
+    """
+    flat = [t for tensors in groups for t in tensors]
+    # Each tensor's min and max (torch.stack promotes mixed dtypes to one that holds every value
+    # exactly), as float64: the group's min/max equal those _row_cpu takes in its working dtype.
+    # sync point: CPU tensors only; the values are in host memory already, there is no device to wait for.
+    pairs = torch.stack([v for t in flat for v in torch.aminmax(t)]).to(torch.float64).tolist()
+    out = torch.full((len(groups), row_width(bins)), float("nan"), dtype=torch.float64)
+    hists: list[Tensor] = []  # counts of each binned chunk, and the group it belongs to
+    hist_group: list[int] = []
+    edges: list[Tensor] = []  # edges of each binned group, and which
+    edges_group: list[int] = []
+    chunk_sums: list[Tensor] = []  # per chunk, in the working dtype
+    chunk_squares: list[Tensor] = []
+    finite: list[tuple[int, int]] = []  # (group, number of chunks) of the groups with a row
+    constant: list[tuple[int, float, int]] = []  # (group, value, numel) of the one-value groups
+    k = 0
+    for g, tensors in enumerate(groups):
+        ext = pairs[2 * k : 2 * (k + len(tensors))]
+        k += len(tensors)
+        if not all(math.isfinite(v) for v in ext):
+            continue  # NaN or Inf: the row stays NaN
+        lo, hi = min(ext[0::2]), max(ext[1::2])
+        work = _group_dtype(tensors)
+        chunks = [c if c.dtype == work else c.to(work) for t in tensors for c in _flat_chunks(t)]
+        for x in chunks:
+            chunk_sums.append(x.sum())
+            chunk_squares.append(torch.dot(x, x))
+        finite.append((g, len(chunks)))
+        if lo == hi:  # one distinct value: TensorBoard's convention, every edge at it, all in the last bucket
+            constant.append((g, lo, sum(t.numel() for t in tensors)))
+            continue
+        # Placement depends on each element and the range alone, so small tensors of a layer are
+        # binned together: one call instead of one per tensor, the same counts.
+        binned = [torch.cat(chunks)] if 1 < len(chunks) and sum(x.numel() for x in chunks) <= CHUNK else chunks
+        for x in binned:
+            hist, group_edges = torch.histogram(x, bins=bins, range=(lo, hi))
+            hists.append(hist)
+            hist_group.append(g)
+        edges.append(group_edges)
+        edges_group.append(g)
+    if not finite:
+        return out
+    counts = torch.zeros(len(groups), bins, dtype=torch.float64)
+    if hists:
+        counts.index_add_(0, torch.tensor(hist_group), torch.stack(hists).to(torch.float64))
+        out[edges_group, : bins + 1] = torch.stack(edges).to(torch.float64)
+    for g, value, numel in constant:
+        out[g, : bins + 1] = value
+        counts[g, -1] = float(numel)
+    # sync point: CPU tensors only, as above; one read of every chunk's sum and sum of squares.
+    sums, squares = torch.stack([torch.stack(chunk_sums), torch.stack(chunk_squares)]).to(torch.float64).tolist()
+    totals: list[list[float]] = []
+    m = 0
+    for _, n_chunks in finite:
+        total, square = 0.0, 0.0
+        for i in range(m, m + n_chunks):  # float64 additions in _row_cpu's order
+            total += sums[i]
+            square += squares[i]
+        m += n_chunks
+        totals.append([total, square])
+    rows = [g for g, _ in finite]
+    out[rows, bins + 1 : 2 * bins + 1] = counts[rows]
+    out[rows, 2 * bins + 1 :] = torch.tensor(totals, dtype=torch.float64)
+    return out
 
 
 def _row_device(tensors: Sequence[Tensor], bins: int) -> Tensor:

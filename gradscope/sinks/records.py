@@ -22,6 +22,7 @@ left has no group.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -33,7 +34,7 @@ from gradscope.sinks import tags as T
 from gradscope.stats.frame import ACTIVATION_STATISTICS
 
 if TYPE_CHECKING:
-    from gradscope.stats.frame import StatsFrame
+    from gradscope.stats.frame import FrameSchema, StatsFrame
 
 __all__ = ["Record", "StepRecords", "check_stat_selection", "scalar_records", "stat_selection"]
 
@@ -108,13 +109,45 @@ def check_stat_selection(owner: str, stats: tuple[str, ...] | None, collected: S
         )
 
 
+#: Tag lists per (schema, selection), so a flush builds no tag string: ``id(schema)`` -> (weak
+#: reference to the schema, {key: tags}). A schema lives as long as its scope; the weak reference
+#: tells a reused ``id`` from the same schema.
+_TAG_CACHE: dict[int, tuple[weakref.ref[FrameSchema], dict[tuple[object, ...], list[str]]]] = {}
+
+
+def _column_tags(
+    sch: FrameSchema, chosen: tuple[str, ...], acts: tuple[str, ...], scalars: tuple[str, ...], per_param: bool
+) -> list[str]:
+    """The tags of the columns :func:`scalar_records` concatenates, in its order; built once per selection."""
+    entry = _TAG_CACHE.get(id(sch))
+    if entry is None or entry[0]() is not sch:
+        for dead in [k for k, (ref, _) in _TAG_CACHE.items() if ref() is None]:  # drop dead schemas
+            del _TAG_CACHE[dead]
+        entry = _TAG_CACHE[id(sch)] = (weakref.ref(sch), {})
+    key = (chosen, acts, scalars, per_param)
+    tags = entry[1].get(key)
+    if tags is None:
+        tags = []
+        for stat in chosen:
+            tags.extend(T.stat_tag(stat, layer) for layer in sch.layers)
+            tags.append(T.stat_tag(stat, "*"))
+            if per_param:
+                tags.extend(T.stat_tag(stat, layer, leaf) for layer, leaf in zip(sch.param_layers, sch.param_leaves))
+        for stat in acts:
+            tags.extend(T.stat_tag(stat, m) for m in sch.act_modules)
+        tags.extend(T.scalar_tag(name) for name in scalars)
+        entry[1][key] = tags
+    return tags
+
+
 def scalar_records(
     frame: StatsFrame, start: int, *, stats: Sequence[str] | None = None, per_param: bool = False
 ) -> list[StepRecords]:
     """The scalar records of rows ``frame.steps[start:]``, one :class:`StepRecords` per step that has any.
 
     Every block of values (a statistic over the layers, over the parameters...) is masked with NumPy
-    as a whole; Python touches each step once, not each value.
+    as a whole, the tags are built once per scope and selection, and Python touches each step once,
+    not each value.
 
     Args:
         frame: the scope's frame.
@@ -131,52 +164,66 @@ def scalar_records(
     rows = slice(start, None)
     sch = frame.schema
     keep = ~frame.skipped[rows][:, None]  # [n, 1]: the optimizer stepped
-    sampled = frame.sampled[rows][:, None]
+    keep_sampled = keep & frame.sampled[rows][:, None]
     has = frame.has_grad[rows]
-    everywhere = np.ones((n, 1), dtype=bool)
-    values: list[np.ndarray] = []  # blocks [n, K]
+    values: list[np.ndarray] = []  # blocks [n, K], in the order of _column_tags
     masks: list[np.ndarray] = []
-    tags: list[str] = []
 
-    def add(block: np.ndarray, mask: np.ndarray, block_tags: list[str]) -> None:
+    def add(block: np.ndarray, mask: np.ndarray) -> None:
         values.append(block)
-        masks.append(np.broadcast_to(mask, block.shape))
-        tags.extend(block_tags)
+        masks.append(mask)  # [n, K], [n, 1] or [1, 1]: broadcast when copied into the whole mask
 
-    chosen = [s for s in sch.stats if stats is None or s in stats]
+    chosen = tuple(s for s in sch.stats if stats is None or s in stats)
     if chosen:
-        members = sch.layer_members
-        layer_any = (
-            np.stack([has[:, m].any(axis=1) for m in members], axis=1) if members else np.zeros((n, 0), dtype=bool)
-        )
+        layer_any = sch.layer_groups.any(has)  # [n, L]: a layer had a gradient
         model_any = has.any(axis=1, keepdims=True)
         per_layer = frame.layer_values_many(chosen, rows)
-        param_tags = list(zip(sch.param_layers, sch.param_leaves))
+        per_model = frame.global_values_many(chosen, rows)
+        masked: dict[bool, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # sampled? -> the three masks
         for stat in chosen:
-            when = keep & (sampled if stat in sch.sampled_stats else everywhere)
-            add(per_layer[stat], layer_any & when, [T.stat_tag(stat, layer) for layer in sch.layers])
-            add(frame.global_values(stat, rows)[:, None], model_any & when, [T.stat_tag(stat, "*")])
+            sampled_only = stat in sch.sampled_stats
+            if sampled_only not in masked:
+                when = keep_sampled if sampled_only else keep
+                masked[sampled_only] = (layer_any & when, model_any & when, has & when if per_param else has)
+            layer_mask, model_mask, param_mask = masked[sampled_only]
+            add(per_layer[stat], layer_mask)
+            add(per_model[stat][:, None], model_mask)
             if per_param:
-                add(
-                    frame.param_values(stat, rows),
-                    has & when,
-                    [T.stat_tag(stat, layer, leaf) for layer, leaf in param_tags],
-                )
+                add(frame.param_values(stat, rows), param_mask)
+    acts: tuple[str, ...] = ()
     if sch.act_modules:
-        for stat in ACTIVATION_STATISTICS:
-            if stats is None or stat in stats:
-                add(frame.act_values(stat)[rows], keep & sampled, [T.stat_tag(stat, m) for m in sch.act_modules])
-    for name in frame.scalar_names:
-        add(frame.scalar(name)[rows][:, None], everywhere, [T.scalar_tag(name)])  # kept on skipped steps too
+        acts = tuple(s for s in ACTIVATION_STATISTICS if stats is None or s in stats)
+        for stat in acts:
+            add(frame.act_values(stat)[rows], keep_sampled)
+    scalars = tuple(frame.scalar_names)
+    for name in scalars:
+        add(frame.scalar(name)[rows][:, None], np.ones((1, 1), dtype=bool))  # kept on skipped steps too
     if not values:
         return []
+    tags = _column_tags(sch, chosen, acts, scalars, per_param)
     block = np.concatenate(values, axis=1).astype(np.float64, copy=False)
+    mask = np.empty(block.shape, dtype=bool)
+    col = 0
+    for part, part_mask in zip(values, masks):
+        mask[:, col : col + part.shape[1]] = part_mask
+        col += part.shape[1]
     # NaN values are left out: TensorBoard cannot chart them, and trackers reject or mangle them.
-    mask: np.ndarray = np.concatenate(masks, axis=1) & ~np.isnan(block)
-    tag_array = np.asarray(tags, dtype=object)
+    mask &= ~np.isnan(block)
+    # Rows share a few patterns of kept columns (sampled or not, every layer with a gradient or not):
+    # each pattern's tags are picked once, and its rows' values converted as one block.
+    packed = np.packbits(mask, axis=1)
+    width = packed.shape[1]
+    raw = packed.tobytes()
+    patterns: dict[bytes, list[int]] = {}
+    for r in range(n):
+        patterns.setdefault(raw[r * width : (r + 1) * width], []).append(r)
     steps = frame.steps[rows].tolist()
-    out: list[StepRecords] = []
-    for r in np.flatnonzero(mask.any(axis=1)).tolist():
-        m = mask[r]
-        out.append(StepRecords(int(steps[r]), dict(zip(tag_array[m].tolist(), block[r, m].tolist()))))
-    return out
+    by_row: list[StepRecords | None] = [None] * n
+    for members in patterns.values():
+        cols = np.flatnonzero(mask[members[0]])
+        if not len(cols):
+            continue
+        kept = tags if len(cols) == len(tags) else [tags[c] for c in cols.tolist()]
+        for r, row in zip(members, block[np.ix_(np.asarray(members), cols)].tolist()):
+            by_row[r] = StepRecords(int(steps[r]), dict(zip(kept, row)))
+    return [g for g in by_row if g is not None]

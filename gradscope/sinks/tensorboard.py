@@ -9,19 +9,24 @@ What lands in the run (tags in :mod:`gradscope.sinks.tags`):
   values are those of ``report.stats`` (stored as float32, TensorBoard's scalar type) but for NaN
   values, which are not written; skipped optimizer steps are left out, as in ``report.stats``.
   Per-parameter tags (``gradscope/<stat>/<layer>/<param>``) with ``per_param=True``. All the values
-  of a step go into one event (see :mod:`gradscope.sinks.protos`); never ``add_scalars``.
+  of a step go into one event (see :mod:`gradscope.sinks.tensorboard_events`); never ``add_scalars``.
 * a **custom-scalars layout** (:mod:`gradscope.sinks.layout`), written at the first flush.
 * **histograms** of each layer's gradients (and weights with ``histogram_weights=True``) on the
   first recorded step of every ``histogram_every`` steps (1, 101, 201... by default), computed on
-  the device (:mod:`gradscope.sinks.histograms`) and written with ``add_histogram_raw`` at the next
-  flush; a layer holding NaN or Inf is not written at that step, nor are sharded (FSDP2 / DTensor)
-  parameters.
+  the device (:mod:`gradscope.sinks.histograms`) and written at the next flush, one event per
+  histogram as ``add_histogram_raw`` writes it; a layer holding NaN or Inf is not written at that
+  step, nor are sharded (FSDP2 / DTensor) parameters.
 * **findings** as markdown text (``gradscope/findings``) at the step each was first seen, and the
   final verdict (``gradscope/verdict``) at ``close()``.
 * the **gradient-flow figure** (``gradscope/figures/gradient_flow``) at the first flush after
   every ``figure_every`` steps and at ``close()``, plus the layer x step heat map at ``close()``.
 * machine-readable JSON records (plugin ``gradscope``, not displayed) from which
   ``gradscope report LOGDIR`` rebuilds the findings and the run's facts.
+
+Where it goes: with ``log_dir``, an event file gradscope writes itself
+(:class:`~gradscope.sinks.tensorboard_events.EventFile`: scalar events encoded in bulk, checksums in
+one pass, one ``write`` per flush); with ``writer``, your ``SummaryWriter``'s own file, through its
+``file_writer``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from gradscope.sinks.findings_text import FindingsLedger, finding_markdown, find
 from gradscope.sinks.histograms import HistogramRows, histogram_rows
 from gradscope.sinks.records import check_stat_selection, stat_selection
 from gradscope.sinks.registry import register_sink
+from gradscope.sinks.tensorboard_events import EventFile, ScalarEvents, summary_event
 from gradscope.stats.frame import ACTIVATION_STATISTICS
 
 if TYPE_CHECKING:
@@ -59,16 +65,6 @@ layer_tag = T.layer_tag
 #: Schema of the ``gradscope/_meta`` and ``gradscope/_report`` records.
 RUN_SCHEMA = "gradscope.run"
 RUN_SCHEMA_VERSION = 1
-
-
-def _summary_writer(log_dir: str | os.PathLike[str]) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ModuleNotFoundError as exc:  # pragma: no cover - tensorboard is a dependency
-        raise ModuleNotFoundError(
-            "gradscope's TensorBoard output needs the `tensorboard` package: pip install tensorboard"
-        ) from exc
-    return SummaryWriter(log_dir=str(log_dir))
 
 
 def check_writer(writer: Any) -> None:
@@ -112,10 +108,10 @@ class TensorBoardSink(Sink):
     pass it in ``watch(sinks=[...])``) for the options ``watch`` does not expose.
 
     Args:
-        log_dir: folder of the run; or
+        log_dir: folder of the run: gradscope writes one event file there itself, the fast way; or
         writer: your own ``torch.utils.tensorboard.SummaryWriter``: gradscope writes into its run and
-            flushes it, but never closes it. Closed before ``scope.close()``, it is replaced by a
-            writer of gradscope's own on the same folder (a second event file of the same run).
+            flushes it, but never closes it. Closed before ``scope.close()``, it is replaced by an
+            event file of gradscope's own on the same folder (a second event file of the same run).
         histogram_every: histograms of gradients on the first recorded step of every this many steps;
             None: no histograms.
         histogram_weights: also histograms of the weights, on the same steps.
@@ -125,8 +121,9 @@ class TensorBoardSink(Sink):
         per_param: also one scalar tag per parameter (``gradscope/<stat>/<layer>/<param>``); layer
             aggregates only by default, since each tag costs writing time at every step.
         stats: the statistics written as scalars (gradient and activation statistics); None: every one
-            the scope collects. Each value written costs about 5 microseconds (TensorBoard's writer
-            checksums every byte in Python), so a deep model with a short step may want fewer.
+            the scope collects. Each value written costs about half a microsecond with ``log_dir``
+            (gradscope's own event file), about 5 with your ``writer`` (TensorBoard's writer checksums
+            every byte in Python), so a deep model with a short step may want fewer.
         layout: write the custom-scalars layout. TensorBoard shows the last layout written to a run:
             pass False if you write your own into the same writer.
 
@@ -181,6 +178,7 @@ class TensorBoardSink(Sink):
         self._layout_key: tuple[Any, ...] | None = None  # what the last layout written was built from
         self._ledger = FindingsLedger()  # findings written, in their last written state
         self._findings_step = 0  # step of the last findings record (their steps must increase)
+        self._scalar_events = ScalarEvents()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -195,33 +193,50 @@ class TensorBoardSink(Sink):
         check_stat_selection("TensorBoardSink", self.stats, info.stats)
         if self.writer is None:
             assert self._log_dir is not None  # __init__ takes exactly one of log_dir and writer
-            self.writer = _summary_writer(self._log_dir)
+            self.writer = EventFile(self._log_dir)
         self._info = info
 
     def _file_writer(self) -> Any:
-        """The writer's own event file writer (the one file of the run).
+        """Your writer's own event file writer, or None when gradscope writes its own event file.
 
-        ``SummaryWriter`` has no method that takes a ``Summary``; its ``file_writer`` attribute (a
-        ``torch.utils.tensorboard.writer.FileWriter``, created with the writer, None once it is closed)
-        has ``add_summary``, which every ``add_*`` method of the writer ends in.
+        ``SummaryWriter`` has no method that takes a ``Summary`` or an ``Event``; its ``file_writer``
+        attribute (a ``torch.utils.tensorboard.writer.FileWriter``, created with the writer, None once it
+        is closed) has ``add_summary`` and ``add_event``, which every ``add_*`` method of the writer ends in.
         """
-        file_writer = getattr(self.writer, "file_writer", None)
-        if file_writer is None and not self._own:
-            # Your writer was closed before gradscope's last write (the Hugging Face Trainer closes its own
-            # when training ends): go on in a writer of gradscope's own on the same folder, a second event
-            # file of the same run, closed at close().
-            self.writer = _summary_writer(self.writer.get_logdir())
-            self._own = True
-            file_writer = getattr(self.writer, "file_writer", None)
-        if file_writer is None:
+        if isinstance(self.writer, EventFile):
+            return None
+        if not hasattr(self.writer, "file_writer"):
             raise RuntimeError(
                 "torch.utils.tensorboard.SummaryWriter has no `file_writer` in this version of torch; gradscope "
                 "writes each step's values as one event through it. Please report this with your torch version."
             )
+        file_writer = self.writer.file_writer
+        if file_writer is None:
+            # Your writer was closed before gradscope's last write (the Hugging Face Trainer closes its own
+            # when training ends): go on in an event file of gradscope's own on the same folder, a second
+            # event file of the same run, closed at close().
+            self.writer = EventFile(self.writer.get_logdir())
+            self._own = True
         return file_writer
 
     def _add(self, summary: Any, step: int, walltime: float | None = None) -> None:
-        self._file_writer().add_summary(summary, step, walltime)
+        file_writer = self._file_writer()
+        if file_writer is None:
+            self.writer.add(summary_event(summary, step, walltime))
+        else:
+            file_writer.add_summary(summary, step, walltime)
+
+    def _add_events(self, events: list[bytes]) -> None:
+        """Serialized events: straight into gradscope's own file, or through your writer's ``add_event``."""
+        file_writer = self._file_writer()
+        if file_writer is None:
+            self.writer.extend(events)
+            return
+        from tensorboard.compat.proto.event_pb2 import Event
+
+        for data in events:
+            event = Event.FromString(data)  # parsed in C: cheap next to the writer's own checksum of it
+            file_writer.add_event(event, event.step, event.wall_time)
 
     # -- hot path ----------------------------------------------------------------------------------
     def on_step(self, step: int, grads: list[tuple[ParamInfo, Tensor]]) -> None:
@@ -326,12 +341,12 @@ class TensorBoardSink(Sink):
         self._add(layout_summary(categories), step)
 
     def _write_scalars(self, update: SinkUpdate) -> None:
-        from gradscope.sinks.protos import scalars_summary
-
         # All the values of a step in one event: the same tags and steps for every reader, a fraction
-        # of the cost of one add_scalar event per value (see gradscope.sinks.protos).
-        for group in update.records_by_step(stats=self.stats, per_param=self.per_param):
-            self._add(scalars_summary(group.values.items()), group.step, self._walltime.get(group.step))
+        # of the cost of one add_scalar event per value; encoded in bulk (gradscope.sinks.tensorboard_events).
+        groups = update.records_by_step(stats=self.stats, per_param=self.per_param)
+        if groups:
+            walltimes = [self._walltime.get(g.step) for g in groups]
+            self._add_events(self._scalar_events.encode(groups, walltimes))
 
     def _write_histograms(self, frame: StatsFrame, *, final: bool) -> None:
         if not self._pending_hist:
@@ -342,6 +357,7 @@ class TensorBoardSink(Sink):
         if not ready:
             return
         import torch
+        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
         skipped = set(frame.steps[frame.skipped].tolist())
         # sync point: one device-to-host copy per flush of every histogram taken since the last one.
@@ -353,22 +369,22 @@ class TensorBoardSink(Sink):
             offset += len(layer_idx)
             if step in skipped:
                 continue
+            wall = self._walltime.get(step)
             for j, li in enumerate(layer_idx):
                 if not block.finite[j]:
                     continue
                 edges, counts = block.edges[j], block.counts[j]
-                self.writer.add_histogram_raw(
-                    T.hist_tag(kind, layers[li]),
+                # what SummaryWriter.add_histogram_raw writes: one event per histogram
+                histo = HistogramProto(
                     min=float(edges[0]),
                     max=float(edges[-1]),
                     num=float(counts.sum()),
                     sum=float(block.sums[j]),
                     sum_squares=float(block.sum_squares[j]),
-                    bucket_limits=edges[1:].tolist(),
-                    bucket_counts=counts.tolist(),
-                    global_step=step,
-                    walltime=self._walltime.get(step),
+                    bucket_limit=edges[1:].tolist(),
+                    bucket=counts.tolist(),
                 )
+                self._add(Summary(value=[Summary.Value(tag=T.hist_tag(kind, layers[li]), histo=histo)]), step, wall)
 
     def _write_findings(
         self, new: Sequence[Finding], updated: Sequence[Finding], visible: int | None, *, final: bool = False

@@ -50,6 +50,7 @@ class StatsBuffer:
         self.used = 0
         self._pinned: Tensor | None = None  # host side of copy_async, made on first use
         self._views: dict[int, Tensor] = {}
+        self._act_views: dict[int, Tensor] = {}
         # A CPU buffer is host memory: NumPy writes into it cost a fraction of a torch call (the
         # per-step host work: clearing a row, writing the scalars).
         # sync point: CPU tensors only; a view of host memory, made once, nothing to wait for.
@@ -74,8 +75,11 @@ class StatsBuffer:
         return self._host[slot, : self._a].reshape(self.shape_moments)
 
     def activations(self, slot: int) -> Tensor:
-        """View ``[n_act, n_act_cols]`` of a row."""
-        return self.storage[slot, self._a : self._b].view(self.shape_act)
+        """View ``[n_act, n_act_cols]`` of a row (made once per row: sampled steps resolve it in a forward hook)."""
+        view = self._act_views.get(slot)
+        if view is None:
+            view = self._act_views[slot] = self.storage[slot, self._a : self._b].view(self.shape_act)
+        return view
 
     def scalars(self, slot: int) -> Tensor:
         """View ``[n_scalars]`` of a row."""

@@ -482,6 +482,10 @@ class StatsFrame:
         """``stat`` over every parameter of the model together, ``[S]``; ``rows`` as in :meth:`param_values`."""
         return self._group_values([stat], rows, self.schema.model_group)[stat][:, 0]
 
+    def global_values_many(self, stats: Iterable[str], rows: Rows = None) -> dict[str, np.ndarray]:
+        """Several statistics over every parameter of the model together, ``{stat: [S]}``, aggregating each moment once."""
+        return {s: v[:, 0] for s, v in self._group_values(list(stats), rows, self.schema.model_group).items()}
+
     def _group_values(self, stats: list[str], rows: Rows, groups: _Groups) -> dict[str, np.ndarray]:
         for stat in stats:
             self._check_stat(stat)

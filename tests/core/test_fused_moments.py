@@ -165,6 +165,36 @@ def test_a_watched_run_on_the_compiled_kernel_equals_the_eager_run(cpu_kernel):
     np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow
+def test_the_kernel_reads_the_gradients_of_the_parameters_itself_or_declines_without_writing(cpu_kernel):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.Linear(3, 2))
+    model(torch.randn(8, 5)).square().mean().backward()
+    params = list(model.parameters())
+    fused = FusedMoments(MomentPlan(MOMENTS), path="kernel")
+    for sampled in (True, False):
+        view = torch.full((len(params), len(MOMENT_INDEX)), float("nan"), dtype=torch.float64)
+        assert fused.write_params(params, view, sampled=sampled)
+        grads = [p.grad for p in params]
+        moments = GRAD_MOMENTS if sampled else ("sumsq", "nonfinite")
+        _check(view, grads, rtol=1e-5, moments=moments)
+    # a parameter without a gradient, a frozen one, a non-contiguous gradient: nothing written, False
+    for spoil in ("none", "frozen", "strided"):
+        model.zero_grad(set_to_none=False)
+        model(torch.randn(8, 5)).square().mean().backward()
+        last = params[-2]
+        if spoil == "none":
+            last.grad = None
+        elif spoil == "frozen":
+            last.requires_grad_(False)
+        else:
+            last.grad = torch.randn(last.shape[::-1]).t()
+        view = torch.full((len(params), len(MOMENT_INDEX)), float("nan"), dtype=torch.float64)
+        assert not fused.write_params(params, view, sampled=True), spoil
+        assert torch.isnan(view).all(), spoil
+        last.requires_grad_(True)
+
+
 # -- what the usual path cannot measure --------------------------------------------------------------
 def test_a_sparse_gradient_is_measured_over_its_values_and_the_other_layers_stay_exact():
     torch.manual_seed(0)
