@@ -6,6 +6,8 @@ The benchmark reports both sets together and each apart.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -316,7 +318,14 @@ HELDOUT: list[Scenario] = [
         h_cnn_nobn_adam,
         {L: _at(1)},
     ),
-    _healthy("ho_rnn_tanh_radius18", f_rnn_tanh_large, "tanh RNN with recurrent spectral radius 1.8: trains fine"),
+    dataclasses.replace(
+        _healthy("ho_rnn_tanh_radius18", f_rnn_tanh_large, "tanh RNN with recurrent spectral radius 1.8: trains fine"),
+        # It ends healthy, but crosses an exploding-gradient cliff on the way: at steps 99-112 the gradient
+        # norm jumps from 0.1 to 5-9 and the loss from 0.04 to 0.27-0.65 (the weights of step 97 score 0.02
+        # on the same batches, so the model got worse, not the batches harder), undoing 43% of its progress.
+        # A loss_spike there is objectively present: neither required nor a false alarm.
+        allowed=frozenset({"loss_spike"}),
+    ),
     _healthy("ho_gpt_long_warmup", h_gpt_long_warmup, "3-block GPT, AdamW, warm-up over 200 of 300 steps", 300),
     _healthy("ho_lstm_long_sgd", h_lstm_long_sgd, "2-layer LSTM over 40 steps, SGD momentum"),
     _healthy("ho_softmax_regression", h_softmax_regression, "linear classifier (underfits), val every 20 steps"),
@@ -334,7 +343,7 @@ HELDOUT: list[Scenario] = [
         "regression on raw features of scale 1 to 30, SGD lr 0.01: unstable along the large ones",
         f_unnormalized_regression,
         {E: _at(1)},
-        (N, L),
+        (N, L, "learning_rate_too_high"),  # true by the counterfactual: at lr / 10 it ends at 4.46, not NaN
     ),
     _fault(
         "ho_div_by_std_midrun",
@@ -346,7 +355,14 @@ HELDOUT: list[Scenario] = [
         (L,),
     ),
     _fault("ho_dead_first_conv", D, "first conv bias -30, Adam", f_dead_first_conv, {D: _at(1, "c1.1")}, (L, V)),
-    _fault("ho_sigmoid_large_init", S, "sigmoid MLP, weights N(0, 4)", f_sigmoid_large_init, {S: _at(1)}, (V, L)),
+    _fault(
+        "ho_sigmoid_large_init",
+        S,
+        "sigmoid MLP, weights N(0, 4)",
+        f_sigmoid_large_init,
+        {S: _at(1)},
+        (V, L, "learning_rate_too_low"),  # true by the counterfactual: at lr x 10 it ends at 3.29, not 9.39
+    ),
     _fault(
         "ho_unused_pos_embedding",
         G,

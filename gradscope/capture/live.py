@@ -12,15 +12,23 @@ hands each new **confirmed** finding on (sinks at the next flush, ``on_finding``
   live evaluation: its rows become global only through the collective reduction of a flush, and a
   cadence measured per rank would not line up across ranks;
 * **screened**: a full evaluation costs milliseconds, far more than 1% of a short step, so between
-  them :class:`LiveScreen` looks at the few numbers of each new row that the rules' conditions start
+  them :class:`LiveScreen` looks at the few numbers of the new rows that the rules' conditions start
   from (non-finite moments, a jump of a parameter's gradient RMS, a parameter that stops getting a
-  gradient, an activation module crossing its rule's threshold). It costs tens of microseconds and
-  runs every ``k_s`` steps, ``k_s`` from the other half of the budget (every step or few for a step
-  of 20 ms or more). When it sees something new, the rules run at once and then at every recorded
-  step for :data:`HOT_STEPS` steps, so that a rule's ``confirm`` span is judged as it completes. A
-  healthy run rarely triggers it; a broken one pays a few milliseconds per step for a while. On a
-  CPU, the newest row's non-finite counts are checked at every recorded step whatever ``k_s`` (host
-  memory: a few microseconds), so a NaN is confirmed at the step that produced it;
+  gradient, an activation module crossing its rule's threshold), a block of rows at a time with a
+  fixed number of NumPy calls. On a CPU it reads the rows in place, in the buffer's host memory:
+  nothing is copied into the frame unless the rules are about to run. It runs every ``k_s`` steps,
+  ``k_s`` from the other half of the budget (a 1 ms step gets a screen every few steps, a 20 ms one
+  every step or two), and at once on a sampled row (activation statistics), on the step a gradient
+  goes missing and while its rows without one are counted. When it sees something new, the rules run
+  at once and then at every recorded step for :data:`HOT_STEPS` steps, so that a rule's ``confirm``
+  span is judged as it completes. A healthy run rarely triggers it; a broken one pays a few
+  milliseconds per step for a while. On a CPU, the newest row's non-finite counts are checked at
+  every recorded step whatever ``k_s`` (a comparison of bytes of host memory), so a NaN is
+  confirmed at the step that produced it. The ordinary step, with nothing due, compares a few
+  counters and makes that one comparison;
+* **the origin of the first NaN**: when the first ``nonfinite_gradients`` finding is confirmed,
+  :attr:`Diagnosis.first_nonfinite` is called (:func:`gradscope.capture.nonfinite.auto_locate` arms
+  the checks of the next forward there; nothing is installed before);
 * for ``report()``, once more on a throw-away copy of the engine in final mode
   (:meth:`Diagnosis.provisional`): what ``close()`` would add if the run ended now, shown as
   **provisional** findings and never written anywhere. The real engine's state is untouched.
@@ -38,16 +46,18 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from gradscope.findings import Finding, selects
 from gradscope.rules.base import RuleContext
 from gradscope.sinks.base import Sink, SinkUpdate
+from gradscope.stats.frame import ACTIVATION_STATISTICS
 from gradscope.stats.moments import MOMENT_INDEX
 
 if TYPE_CHECKING:
     from gradscope.capture.distributed import DistributedContext
     from gradscope.capture.order import ForwardOrder
-    from gradscope.capture.step import StepRecorder
+    from gradscope.capture.step import RecordedRow, StepRecorder
     from gradscope.options import WatchOptions
     from gradscope.rules.engine import RuleEngine
     from gradscope.stats.frame import StatsFrame
@@ -67,6 +77,8 @@ HOT_STEPS = 25
 _SATURATING = ("tanh", "sigmoid", "hardtanh", "hardsigmoid")
 
 _SUMSQ, _NONFINITE = MOMENT_INDEX["sumsq"], MOMENT_INDEX["nonfinite"]
+_ACT_DEAD = ACTIVATION_STATISTICS.index("act_dead_fraction")
+_ACT_SATURATED = ACTIVATION_STATISTICS.index("act_saturated_fraction")
 
 #: The logger that announces each new finding as it becomes visible (``logging.getLogger("gradscope")``).
 logger = logging.getLogger("gradscope")
@@ -118,6 +130,16 @@ class LiveCadence:
         self.screens = 0
         self.triggered = 0
         self._ended: float | None = None
+        #: ``every`` and ``screen_every`` as last computed (refreshed every few steps and after each
+        #: evaluation or screen): ``live()`` compares counters with them, nothing more, on an ordinary step.
+        self.k_eval = self.flush_every
+        self.k_screen = self.flush_every
+        self._started = 0
+
+    def refresh(self) -> None:
+        """Recompute the cached ``k`` and ``k_s`` from the smoothed times."""
+        self.k_eval = self.every
+        self.k_screen = self.screen_every
 
     def step_started(self) -> None:
         """At the start of ``scope.step()``: the training's time since the previous call ended."""
@@ -125,6 +147,9 @@ class LiveCadence:
         if self._ended is not None:
             dt = max(0.0, now - self._ended)
             self.step_time = dt if self.step_time is None else 0.8 * self.step_time + 0.2 * dt
+            self._started += 1
+            if self._started < 3 or not self._started % 16:
+                self.refresh()
 
     def step_ended(self) -> None:
         """At the end of ``scope.step()``."""
@@ -150,7 +175,7 @@ class LiveCadence:
 
     def screen_due(self) -> bool:
         """Whether the screen should look at the new rows now."""
-        k = self.screen_every
+        k = self.k_screen = self.screen_every
         return k < self.flush_every and self.screen_waiting >= k
 
     def screened(self, seconds: float) -> None:
@@ -158,10 +183,11 @@ class LiveCadence:
         self.screen_waiting = 0
         self.screens += 1
         self.screen_time = seconds if self.screen_time is None else 0.8 * self.screen_time + 0.2 * seconds
+        self.k_screen = self.screen_every
 
     def due(self) -> bool:
         """Whether a live evaluation should run now (``k`` recorded steps waited, fewer than a flush)."""
-        k = self.every
+        k = self.k_eval = self.every
         return k < self.flush_every and self.waiting >= k
 
     def evaluated(self, seconds: float | None = None) -> None:
@@ -170,13 +196,15 @@ class LiveCadence:
         if seconds is not None:
             self.evaluations += 1
             self.eval_time = seconds if self.eval_time is None else 0.5 * self.eval_time + 0.5 * seconds
+        self.k_eval = self.every
 
 
 class LiveScreen:
     """A cheap look at the newest rows: has a condition that a rule judges just started?
 
     The rules' conditions start from a few numbers per row, which the screen compares with what it saw
-    before (NumPy over ``[P]`` or ``[A]`` arrays, tens of microseconds per row). It flags:
+    before, over a block of rows at once (a fixed number of NumPy calls per block, whatever the number
+    of rows or parameters). It flags:
 
     * ``nonfinite``: a gradient with a NaN/Inf entry (the ``nonfinite`` moment, or a non-finite sum of
       squares);
@@ -191,6 +219,12 @@ class LiveScreen:
     Only what is *new* counts (a parameter or module flagged that was not at the previous row), so a
     condition that persists does not keep the rules running. The screen decides nothing: it only
     makes the rules run now; a false alarm of the screen costs time, never a finding.
+
+    The rows of a block are compared with the level as it stood before the block (one row per block
+    is the exact moving average; a block of ``n`` rows moves the level by the same weights at once).
+    The common block, every gradient present, finite and within the band around its level, costs
+    seven NumPy calls (the ratio to the level, its extremes, the level's update); anything else takes
+    the full path.
 
     Args:
         decades: the RMS jump that counts as a shift.
@@ -216,16 +250,51 @@ class LiveScreen:
         self.saturated_threshold = float(saturated_threshold)
         #: Last step screened.
         self.screened_step = 0
+        # The level is kept in log10 of the sum of squares: log10 RMS = (that - log10 numel) / 2, so a
+        # shift of `decades` in RMS is one of 2 * decades here, and the numel cancels.
+        self._band = 10.0 ** (2.0 * self.decades)
         self._rows = 0
-        self._level: np.ndarray | None = None  # [P] running log10 RMS
-        self._shifted: np.ndarray | None = None  # [P] flagged at the previous row
-        self._gap: np.ndarray | None = None  # [P] rows without a gradient, since the last one
-        self._ever: np.ndarray | None = None  # [P] had a gradient once
-        self._act: np.ndarray | None = None  # [A] flagged at the previous sampled row
-        self._none = False  # the previous row had no gradient at all
-        self._numels = np.ones(0)
-        self._bad = np.zeros(0, dtype=bool)  # [P] non-finite at the previous row
+        self._P = -1
+        self._level = np.zeros(0)  # [P] running log10 sum of squares (NaN: none seen yet)
+        self._inv = np.zeros(0)  # [P] 10 ** -level: the ratio of a row to the level is one multiplication
+        self._watch: np.ndarray | None = None  # indices of the parameters with a level (None: all of them)
+        self._inv_w = self._inv  # _inv of those
+        self._shifted = np.zeros(0, dtype=bool)  # [P] flagged at the previous row
         self._held = np.zeros(0, dtype=bool)  # [P] shifted at the previous two rows
+        self._bad = np.zeros(0, dtype=bool)  # [P] non-finite at the previous row
+        self._gap = np.zeros(0, dtype=np.int64)  # [P] rows without a gradient, since the last one
+        self._ever = np.zeros(0, dtype=bool)  # [P] had a gradient once
+        self._quiet = True  # nothing shifted or non-finite at the previous row: the fast path may run
+        self._gaps_clean = True  # no gap counted, and the previous row had gradients
+        self._none = False  # the previous row had no gradient at all
+        #: A parameter that had gradients has gone 1 to ``gap_rows - 1`` rows without one: the live
+        #: diagnosis screens every row until the count reaches ``gap_rows`` (or the gradient is back).
+        self.counting = False
+        self._act: np.ndarray | None = None  # [A] flagged at the previous sampled row
+        self._act_masks: tuple[Any, np.ndarray, np.ndarray] | None = None
+        # EMA weights of the rows of a block, newest last: 0.2 * 0.8 ** (n - 1 - r)
+        self._weights = 0.2 * 0.8 ** np.arange(64, dtype=np.float64)[::-1]
+
+    def _ensure(self, P: int) -> None:
+        if self._P == P:
+            return
+        self._P = P
+        self._level = np.full(P, np.nan)
+        self._inv = np.full(P, np.nan)
+        self._watch = np.zeros(0, dtype=np.int64)
+        self._inv_w = self._inv[:0]
+        self._shifted = np.zeros(P, dtype=bool)
+        self._held = np.zeros(P, dtype=bool)
+        self._bad = np.zeros(P, dtype=bool)
+        self._gap = np.zeros(P, dtype=np.int64)
+        self._ever = np.zeros(P, dtype=bool)
+        self._quiet = False
+        self._gaps_clean = False
+
+    def _w(self, n: int) -> np.ndarray:
+        if n > len(self._weights):
+            self._weights = 0.2 * 0.8 ** np.arange(2 * n, dtype=np.float64)[::-1]
+        return self._weights[len(self._weights) - n :]
 
     def __call__(self, frame: StatsFrame, skip_activations: Sequence[int] = ()) -> list[str]:
         """Look at the frame's rows after :attr:`screened_step`; the reasons to run the rules now (often none).
@@ -234,8 +303,7 @@ class LiveScreen:
             frame: the host frame.
             skip_activations: activation modules not judged (output activations, saturated by design).
         """
-        arrays = {name: getattr(frame, name) for name in ("steps", "skipped", "has_grad", "trainable", "moments")}
-        steps = arrays["steps"]
+        steps = frame.steps
         n = len(steps)
         if not n or steps[-1] <= self.screened_step:
             return []
@@ -244,94 +312,208 @@ class LiveScreen:
             if n < 2 or steps[-2] <= self.screened_step
             else int(np.searchsorted(steps, self.screened_step, "right"))
         )
-        self.screened_step = int(steps[-1])
-        has = arrays["has_grad"][start:]
-        trainable = arrays["trainable"][start:]
-        moments = arrays["moments"][start:]
-        P = has.shape[1]
-        if self._level is None or len(self._level) != P:
-            self._level = np.full(P, np.nan)
-            self._shifted = np.zeros(P, dtype=bool)
-            self._gap = np.zeros(P, dtype=np.int64)
-            self._ever = np.zeros(P, dtype=bool)
-            self._bad = np.zeros(P, dtype=bool)
-            self._held = np.zeros(P, dtype=bool)
-            self._numels = np.asarray(frame.schema.numels, dtype=np.float64)
-        reasons: set[str] = set()
-        # Comparisons with NaN are False, so parameters without a gradient (NaN moments) drop out
-        # without masks: the fewer NumPy calls, the cheaper the screen (its cost is their count).
-        sumsq = moments[:, :, _SUMSQ]
-        skipped = arrays["skipped"][start:]
-        bad = (moments[:, :, _NONFINITE] > 0) | np.isinf(sumsq) | (np.isnan(sumsq) & has)
-        bad[skipped] = False  # a step GradScaler skipped for its inf is not judged (nor is its NaN news)
-        if bad.any():
-            # new only: once NaN is in the weights every later row holds it (the rule reports once)
-            if (bad > self._bad).any():
-                reasons.add("nonfinite")
-            self._bad = bad[-1]
-        elif self._bad.any():
-            self._bad = np.zeros(P, dtype=bool)
-        log_ms = np.full(sumsq.shape, np.nan)
-        np.log10(sumsq / self._numels, out=log_ms, where=sumsq > 0)
-        for r in range(len(skipped)):
-            self._gaps(has[r], trainable[r], reasons)
-            if skipped[r]:
-                continue
-            x = 0.5 * log_ms[r]  # log10 RMS; NaN without a gradient, or a zero one
-            level = self._level
-            shifted = np.abs(x - level) > self.decades
-            # two rows in a row: a one-step spike of a noisy parameter (a bias, an embedding row) is
-            # not the start of a collapse or a blow-up, which last
-            held = shifted & self._shifted
-            if self._rows >= self.warm_rows and (held > self._held).any():
-                reasons.add("shift")
-            self._shifted, self._held = shifted, held
-            self._level = np.where(np.isnan(x), level, np.where(np.isnan(level), x, 0.8 * level + 0.2 * x))
-            self._rows += 1
-        if len(frame.schema.act_kinds):
+        moments = frame.moments[start:]
+        has, trainable, skipped = frame.has_grad[start:], frame.trainable[start:], frame.skipped[start:]
+        act = None
+        kinds = frame.schema.act_kinds
+        if len(kinds):
             sampled = frame.sampled[start:]
             if sampled.any():
-                reasons |= self._activations(frame, start, sampled, skip_activations)
-        return sorted(reasons)
+                act = (
+                    frame.act_values("act_dead_fraction")[start:][sampled],
+                    frame.act_values("act_saturated_fraction")[start:][sampled],
+                )
+        return sorted(
+            self.block(
+                int(steps[-1]),
+                moments[:, :, _SUMSQ],
+                moments[:, :, _NONFINITE],
+                has,
+                trainable,
+                skipped if skipped.any() else None,
+                act,
+                kinds,
+                skip_activations,
+            )
+        )
 
-    def _gaps(self, has: np.ndarray, trainable: np.ndarray, reasons: set[str]) -> None:
+    def block(
+        self,
+        last_step: int,
+        sumsq: np.ndarray,
+        nonfinite: np.ndarray,
+        has: np.ndarray | None,
+        trainable: np.ndarray | None,
+        skipped: np.ndarray | None,
+        act: tuple[np.ndarray, np.ndarray] | None = None,
+        act_kinds: Sequence[str] = (),
+        skip_activations: Sequence[int] = (),
+        *,
+        suspect: bool = False,
+    ) -> set[str]:
+        """Screen ``n`` new rows at once; the reasons to run the rules now (often none).
+
+        Args:
+            last_step: the step of the newest row (becomes :attr:`screened_step`).
+            sumsq: ``[n, P]`` the ``sumsq`` moment of every parameter (NaN without a gradient).
+            nonfinite: ``[n, P]`` the ``nonfinite`` moment.
+            has: ``[n, P]`` a gradient was captured; None: every parameter had one and is trainable.
+            trainable: ``[n, P]`` ``requires_grad`` (None with ``has``).
+            skipped: ``[n]`` steps the optimizer skipped (GradScaler), or None when none was.
+            act: ``(dead, saturated)``, each ``[S, A]``: the activation modules' dead and saturated
+                fractions at the sampled rows among them, or None.
+            act_kinds: the kind of each activation module (``"relu"``, ``"tanh"``...).
+            skip_activations: activation modules not judged (output activations).
+            suspect: a row is known to hold a non-finite count (the full path, which reads every parameter).
+        """
+        self.screened_step = last_step
+        self._ensure(sumsq.shape[1])
+        reasons: set[str] = set()
+        if has is not None:
+            self._gaps_block(has, trainable, reasons)
+        elif not self._gaps_clean:
+            # every parameter had its gradient
+            self._none = False
+            self._gap[:] = 0
+            self._ever[:] = True
+            self._gaps_clean = True
+            self.counting = False
+        if skipped is not None:
+            keep = ~skipped
+            sumsq, nonfinite = sumsq[keep], nonfinite[keep]
+            has = has[keep] if has is not None else None
+        fast = self._quiet and not suspect and self._rows >= self.warm_rows
+        if len(sumsq) and not (fast and self._fast(sumsq, nonfinite, has)):
+            self._full(sumsq, nonfinite, has, reasons)
+        if act is not None and len(act[0]) and len(act_kinds):
+            if self._activations(act, act_kinds, skip_activations):
+                reasons.add("activation")
+        return reasons
+
+    # -- the fast path: every gradient finite and inside the band around its level -----------------------
+    def _fast(self, sumsq: np.ndarray, nonfinite: np.ndarray, has: np.ndarray | None) -> bool:
+        watch = self._watch  # parameters with a level (None: all); one whose gradient is always 0 has none
+        if watch is not None:
+            if not len(watch):
+                return False
+            sumsq = sumsq[:, watch]
+            has = None if has is None else has[:, watch]
+        ratio = sumsq * self._inv_w
+        pos = None
+        if has is None:
+            # NaN (a non-finite gradient) propagates to the extremes: the full path
+            lo, hi = np.minimum.reduce(ratio, axis=None), np.maximum.reduce(ratio, axis=None)
+        else:
+            # parameters without a gradient are NaN: ignored, so the non-finite counts are read instead
+            if np.fmax.reduce(nonfinite, axis=None) > 0:
+                return False
+            lo, hi = 0.0, np.fmax.reduce(ratio, axis=None)
+        if lo == 0.0:  # gradients that are exactly 0 (a unit silent for the whole batch) are left out, as below
+            pos = ratio > 0
+            lo = np.minimum.reduce(ratio, axis=None, where=pos, initial=np.inf)
+        band = self._band
+        if not (lo * band >= 1.0 and hi <= band):
+            return False
+        # the level moves by the weighted log-ratios, L += sum_r w_r (y_r - L), the moving average's update
+        if pos is None:
+            step = np.log10(ratio)
+        else:
+            step = np.zeros(ratio.shape)
+            np.log10(ratio, out=step, where=pos)  # no gradient, or a zero one: the level stays
+        move = self._w(len(ratio)) @ step
+        if watch is None:
+            self._level += move
+            np.power(0.1, self._level, out=self._inv)
+        else:
+            level = self._level[watch] + move
+            self._level[watch] = level
+            self._inv_w = np.power(0.1, level)
+            self._inv[watch] = self._inv_w
+        self._rows += len(ratio)
+        return True
+
+    # -- the full path -----------------------------------------------------------------------------------
+    def _full(self, sumsq: np.ndarray, nonfinite: np.ndarray, has: np.ndarray | None, reasons: set[str]) -> None:
+        # Comparisons with NaN are False, so parameters without a gradient (NaN moments) drop out.
+        nan = np.isnan(sumsq)
+        bad = (nonfinite > 0) | np.isinf(sumsq) | (nan if has is None else nan & has)
+        if bad.any():
+            # new only: once NaN is in the weights every later row holds it (the rule reports once)
+            if (bad > np.vstack([self._bad[None], bad[:-1]])).any():
+                reasons.add("nonfinite")
+            self._bad = bad[-1].copy()
+        elif self._bad.any():
+            self._bad = np.zeros(self._P, dtype=bool)
+        y = np.full(sumsq.shape, np.nan)
+        np.log10(sumsq, out=y, where=(sumsq > 0) & (sumsq < np.inf))
+        level = self._level
+        shifted = np.abs(y - level) > 2.0 * self.decades
+        # two rows in a row: a one-step spike of a noisy parameter (a bias, an embedding row) is not the
+        # start of a collapse or a blow-up, which last
+        held = shifted & np.vstack([self._shifted[None], shifted[:-1]])
+        new = held > np.vstack([self._held[None], held[:-1]])
+        m = len(y)
+        late = max(0, self.warm_rows - self._rows)  # rows of this block still in the warm-up
+        if late < m and new[late:].any():
+            reasons.add("shift")
+        self._shifted, self._held = shifted[-1].copy(), held[-1].copy()
+        self._rows += m
+        valid = ~np.isnan(y)
+        w = self._w(m)
+        sw = w @ valid
+        sy = w @ np.where(valid, y, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self._level = np.where(np.isnan(level), np.where(sw > 0, sy / sw, np.nan), level * (1.0 - sw) + sy)
+        self._inv = np.power(0.1, self._level)
+        known = ~np.isnan(self._level)
+        self._watch = None if known.all() else np.flatnonzero(known)
+        self._inv_w = self._inv if self._watch is None else self._inv[self._watch]
+        self._quiet = not (bad[-1].any() or shifted[-1].any())
+
+    # -- gaps ----------------------------------------------------------------------------------------------
+    def _gaps_block(self, has: np.ndarray, trainable: np.ndarray | None, reasons: set[str]) -> None:
         """Per parameter, the rows since its last gradient: a stop, or a step with no gradient at all."""
+        if trainable is None:
+            trainable = np.ones_like(has)
         missing = trainable > has
         if not missing.any():  # the common case: every trainable parameter has its gradient
-            self._none = False
-            if self._gap is not None and self._gap.any():
+            if not self._gaps_clean:
+                self._none = False
                 self._gap[:] = 0
-            if self._ever is not None and not self._ever.all():
-                self._ever |= has
+                self._gaps_clean = True
+                self.counting = False
+            self._ever |= has.any(axis=0)
             return
-        assert self._gap is not None and self._ever is not None
-        got = has & trainable
-        none = not got.any()
-        if none and not self._none:
-            reasons.add("no_gradient")
-        self._none = none
-        self._gap = np.where(got, 0, self._gap + missing)
-        if (self._ever & (self._gap == self.gap_rows)).any():
-            reasons.add("no_gradient")
-        self._ever |= got
+        self._gaps_clean = False
+        for r in range(len(has)):
+            got = has[r] & trainable[r]
+            none = not got.any()
+            if none and not self._none:
+                reasons.add("no_gradient")
+            self._none = none
+            self._gap = np.where(got, 0, self._gap + missing[r])
+            if (self._ever & (self._gap == self.gap_rows)).any():
+                reasons.add("no_gradient")
+            self._ever |= got
+        # a parameter that had gradients is on its way to `gap_rows` rows without one: screen every row
+        self.counting = bool((self._ever & (self._gap > 0) & (self._gap < self.gap_rows)).any())
 
-    def _activations(self, frame: StatsFrame, start: int, sampled: np.ndarray, skip: Sequence[int]) -> set[str]:
-        kinds = frame.schema.act_kinds
-        relu = np.array([k == "relu" for k in kinds])
-        saturating = np.array([k in _SATURATING for k in kinds])
-        saturating[list(skip)] = False
-        dead = frame.act_values("act_dead_fraction")[start:][sampled]
-        sat = frame.act_values("act_saturated_fraction")[start:][sampled]
-        flags = (relu & (np.nan_to_num(dead, nan=0.0) >= self.dead_threshold)) | (
-            saturating & (np.nan_to_num(sat, nan=0.0) >= self.saturated_threshold)
-        )
+    # -- activations ---------------------------------------------------------------------------------------
+    def _activations(self, act: tuple[np.ndarray, np.ndarray], kinds: Sequence[str], skip: Sequence[int]) -> bool:
+        key = (tuple(kinds), tuple(skip))
+        if self._act_masks is None or self._act_masks[0] != key:
+            relu = np.array([k == "relu" for k in kinds])
+            saturating = np.array([k in _SATURATING for k in kinds])
+            saturating[list(skip)] = False
+            self._act_masks = (key, relu, saturating)
+        _, relu, saturating = self._act_masks
+        dead, sat = act
+        # NaN (a module that did not run) compares False
+        flags = (relu & (dead >= self.dead_threshold)) | (saturating & (sat >= self.saturated_threshold))
         prev = self._act if self._act is not None and len(self._act) == len(kinds) else np.zeros(len(kinds), bool)
-        new = False
-        for row in flags:
-            new = new or bool((row & ~prev).any())
-            prev = row
-        self._act = prev
-        return {"activation"} if new else set()
+        new = bool((flags > np.vstack([prev[None], flags[:-1]])).any())
+        self._act = flags[-1].copy()
+        return new
 
 
 class Diagnosis:
@@ -386,7 +568,33 @@ class Diagnosis:
         )
         self._hot_until = 0  # the rules run at every recorded step up to this step (after a screen flag)
         self._nan_seen = False  # the screen saw a non-finite gradient (the per-step check has done its job)
-        self._host: tuple[Any, np.ndarray] | None = None  # (the CPU buffer's storage, its NumPy view)
+        buffer = recorder.buffer
+        # A CPU buffer is host memory: the screen reads its rows in place (no copy, no frame) and the
+        # newest row's non-finite counts are one NumPy reduction. None on an accelerator.
+        self._host: np.ndarray | None = None
+        self._nf_rows: list[np.ndarray] = []
+        self._nf_all = self._sumsq_all = np.zeros((0, 0))
+        self._flat: memoryview[Any] = memoryview(b"")
+        self._row_size = self._n_cols = self._nf_span = 0
+        self._zeros = b""
+        if buffer.device.type == "cpu" and buffer.storage.dtype == torch.float64:
+            # sync point: CPU tensors only; a view of the buffer's host memory, made once, nothing to wait for.
+            self._host = buffer.storage.numpy()
+            n_params, n_cols = buffer.shape_moments
+            # per row, the `nonfinite` moment of every parameter: a strided view, made once per row
+            self._nf_all = self._host[:, _NONFINITE : n_params * n_cols : n_cols]  # [capacity, P]
+            self._sumsq_all = self._host[:, _SUMSQ : n_params * n_cols : n_cols]
+            self._nf_rows = list(self._nf_all)
+            # the same memory as a flat memoryview: slicing and comparing its bytes are plain C calls
+            self._flat = self._host.data.cast("B").cast("d")
+            self._row_size, self._n_cols = buffer.row_size, n_cols
+            self._nf_span = n_params * n_cols - _NONFINITE
+            self._zeros = bytes(8 * n_params)
+        #: Called once, with the finding, when the first ``nonfinite_gradients`` finding is confirmed
+        #: (:func:`gradscope.capture.nonfinite.auto_locate` arms the checks of the next forward).
+        self.first_nonfinite: Callable[[Finding], None] | None = None
+        self._first_nonfinite_done = False
+        self._was_full = True  # the previous row had every gradient (the shared all-true mask)
         #: Why the screen last made the rules run, and at which step (for report.meta["live"]).
         self.last_trigger: tuple[int, list[str]] | None = None
 
@@ -431,64 +639,145 @@ class Diagnosis:
         The rules run when the cadence says an evaluation is due, when the screen flags something
         new (then at every recorded step for :data:`HOT_STEPS` steps). Never in an active distributed run, nor
         without rules (nothing to judge: rows stay in the buffer until the flush).
+
+        On a CPU the screen reads the new rows where they are, in the buffer's host memory: only
+        rows the rules are about to judge are moved into the frame (``StepRecorder.stream``), so an
+        ordinary step costs one reduction (the newest row's non-finite counts) and the screen, every
+        ``k_s`` steps, a fixed number of NumPy calls. A sampled row (activation statistics) is screened
+        at once.
         """
         if self._dist.active or not self.engine.rules:
             return
         cadence = self.cadence
+        host = self._host
+        if host is not None:
+            rows = self.recorder.rows
+            if not rows:
+                return
+            last = rows[-1]
+            full = last.has_grad is last.trainable  # the shared all-true mask: every gradient present
+            was_full, self._was_full = self._was_full, full
+            # the newest row's non-finite counts, at every recorded step (NaN is judged at its own step)
+            suspect = not (self._nan_seen or last.skipped or self._row_finite(len(rows) - 1, last))
+            if (
+                not suspect
+                and step_count > self._hot_until
+                and cadence.screen_waiting < cadence.k_screen
+                and cadence.waiting < cadence.k_eval
+                and not (last.sampled and self._acts)
+                # a gradient just went missing, or rows without one are being counted: screen now
+                and (full or not (was_full or self.screen.counting))
+            ):
+                return  # the ordinary step: counters compared, one row's non-finite counts read
+        else:
+            suspect = False
         hot = step_count <= self._hot_until and cadence.waiting > 0
-        screen = cadence.screen_due() or hot or self._nonfinite_now()
+        if host is not None:
+            screen = True
+        else:
+            screen = cadence.screen_due() or hot
         evaluate = hot or cadence.due()
         if not (screen or evaluate):
             return
         clock = cadence.clock
         t0 = clock()
         try:
-            self.recorder.stream()
+            if host is None:
+                self.recorder.stream()
+                reasons = self.screen(self.recorder.frame, self._order.output_activations()) if screen else []
+            else:
+                reasons = self._screen_host(suspect=suspect)  # before the rows move to the frame
+                screen = True
             if screen:
-                reasons = self.screen(self.recorder.frame, self._order.output_activations())
                 t1 = clock()
                 cadence.screened(t1 - t0)
                 t0 = t1
-                self._nan_seen = self._nan_seen or "nonfinite" in reasons
                 if reasons:
-                    self._hot_until = step_count + HOT_STEPS
-                    self.last_trigger = (step_count, reasons)
-                    cadence.triggered += 1
+                    self._triggered(reasons, step_count)
                     evaluate = True
             if evaluate:
+                if host is not None:
+                    self.recorder.stream()
                 self._judge(final=False, step_count=step_count)
         except Exception as exc:  # monitoring must never stop training
             self._problem("live", f"live evaluation at step {step_count} failed: {type(exc).__name__}: {exc}")
         if evaluate:
             cadence.evaluated(clock() - t0)
 
-    def _nonfinite_now(self) -> bool:
-        """On a CPU buffer, whether the newest finished row holds a non-finite gradient.
+    def _triggered(self, reasons: list[str], step_count: int) -> None:
+        self._nan_seen = self._nan_seen or "nonfinite" in reasons
+        self._hot_until = step_count + HOT_STEPS
+        self.last_trigger = (step_count, reasons)
+        self.cadence.triggered += 1
 
-        The row is host memory there, so this is one comparison of its ``nonfinite`` moments (a
-        strided NumPy view, a few microseconds), at every recorded step: a NaN or Inf entry is judged
-        (and announced) at the step that produced it. A norm that overflows with finite entries is
-        left to the screen. On an accelerator the row would have to
-        be copied, so the screen sees it when the streamed copy is consumed (the next due screen).
+    @property
+    def _acts(self) -> bool:
+        return self.recorder.buffer.shape_act[0] > 0
+
+    def _row_finite(self, slot: int, row: RecordedRow) -> bool:
+        """On a CPU buffer, whether row ``slot`` holds only finite gradients (host memory, read in place).
+
+        A NaN or Inf entry is then judged (and announced) at the step that produced it. With every
+        gradient present the row's ``nonfinite`` counts are all exactly 0.0, i.e. zero bytes: one
+        comparison of bytes, no NumPy call. Otherwise one reduction (NaN, no gradient, is ignored by
+        ``fmax``). A norm that overflows with finite entries is left to the screen.
         """
+        if row.has_grad is row.trainable:  # the shared all-true mask: every gradient present
+            start = slot * self._row_size + _NONFINITE
+            return self._flat[start : start + self._nf_span : self._n_cols].tobytes() == self._zeros
+        return not np.fmax.reduce(self._nf_rows[slot]) > 0
+
+    def _screen_host(self, *, suspect: bool = False) -> list[str]:
+        """Screen the rows waiting in a CPU buffer that the screen has not seen (in place, no copy)."""
+        host = self._host
         recorder = self.recorder
+        rows = recorder.rows
+        screen = self.screen
+        n = len(rows)
+        first = n
+        while first and rows[first - 1].step > screen.screened_step:
+            first -= 1
+        if first == n or host is None or recorder.buffer.used < n:
+            return []
+        new = rows[first:] if first else rows
+        if all(r.has_grad is r.trainable for r in new):  # the shared all-true mask: every gradient present
+            has = trainable = None
+        else:
+            has = np.stack([r.has_grad for r in new])
+            trainable = np.stack([r.trainable for r in new])
+        skipped = np.array([r.skipped for r in new]) if any(r.skipped for r in new) else None
+        act = None
         buffer = recorder.buffer
-        used = buffer.used
-        if self._nan_seen or not used or not recorder.rows or buffer.device.type != "cpu":
-            return False
-        if recorder.rows[-1].skipped:
-            return False  # GradScaler skipped it for its inf: not judged  # after the first NaN the weights usually hold it: nonfinite_gradients reports once
-        storage = buffer.storage
-        if self._host is None or self._host[0] is not storage:
-            # sync point: CPU tensors only; a view of the buffer's host memory, made once, nothing to wait for.
-            self._host = (storage, storage.numpy())
-        n_params, n_cols = buffer.shape_moments
-        # the newest row's `nonfinite` moment of every parameter (NaN, so False, where none had a gradient)
-        counts = self._host[1][used - 1, _NONFINITE : n_params * n_cols : n_cols]
-        return bool((counts > 0).any())
+        n_act, n_act_cols = buffer.shape_act
+        if n_act:
+            sampled = [first + i for i, r in enumerate(new) if r.sampled]
+            if sampled:
+                a = buffer.shape_moments[0] * buffer.shape_moments[1]
+                stats = host[sampled, a : a + n_act * n_act_cols].reshape(len(sampled), n_act, n_act_cols)
+                act = (stats[:, :, _ACT_DEAD], stats[:, :, _ACT_SATURATED])
+        found = screen.block(
+            new[-1].step,
+            self._sumsq_all[first:n],
+            self._nf_all[first:n],
+            has,
+            trainable,
+            skipped,
+            act,
+            recorder.schema.act_kinds,
+            self._order.output_activations() if act is not None else (),
+            suspect=suspect,
+        )
+        return sorted(found)
 
     def flush(self, *, final: bool, collective: bool, step_count: int) -> list[Finding]:
         """Commit the rows waiting, run the rules, write the sinks; the findings confirmed by this flush."""
+        if self._host is not None and not self._dist.active and self.engine.rules and self.recorder.rows:
+            try:  # the rows about to leave the buffer: the screen keeps its levels and counts continuous
+                reasons = self._screen_host()
+                if reasons:
+                    self._triggered(reasons, step_count)
+            except Exception as exc:  # monitoring must never stop training
+                self._problem("live", f"screening at step {step_count} failed: {type(exc).__name__}: {exc}")
         self.recorder.commit(collective=collective)
         self.unflushed = 0
         self.cadence.evaluated()
@@ -531,6 +820,47 @@ class Diagnosis:
                     )
             if selects(stop_on, f):  # type: ignore[arg-type]  # WatchOptions normalised stop_on to a frozenset
                 self._stop.append(f)
+            if f.kind == "nonfinite_gradients" and not self._first_nonfinite_done and self.first_nonfinite is not None:
+                self._first_nonfinite_done = True
+                try:
+                    self.first_nonfinite(f)
+                except Exception as exc:  # monitoring must never stop training
+                    self._problem(
+                        "nonfinite-origin", f"arming the NaN origin checks failed: {type(exc).__name__}: {exc}"
+                    )
+
+    def amend(self, old: Finding, new: Finding) -> None:
+        """Replace the kept finding ``old`` by ``new`` (more evidence): in the report, and for the sinks.
+
+        The sinks get ``new`` with the next write, as the finding itself when ``old`` was not written
+        yet, else as an update (a new record: what was written stays as it was).
+        """
+        findings = self.engine.findings
+        for i, f in enumerate(findings):
+            if f is old:
+                findings[i] = new
+        pending = [i for i, f in enumerate(self._unsent) if f is old]
+        for i in pending:
+            self._unsent[i] = new
+        if not pending:
+            self._unsent_updates[(new.kind, new.layer)] = new
+
+    def pending_finite(self) -> bool:
+        """On a CPU buffer, in the optimizer's pre-hook: the gradients just captured are all finite.
+
+        False only when the row of the step in progress holds a non-finite count (the update about
+        to run would write NaN/Inf into the weights). True when it cannot be known here (no row, an
+        accelerator: reading it would be a device sync).
+        """
+        pending = self.recorder.pending
+        if pending is None or not pending.grads_done or self._host is None:
+            return True
+        slot = pending.slot
+        if len(pending.present) == len(self._zeros) // 8:  # every gradient present: all counts are 0.0
+            start = slot * self._row_size + _NONFINITE
+            if self._flat[start : start + self._nf_span : self._n_cols].tobytes() == self._zeros:
+                return True
+        return not np.fmax.reduce(self._nf_rows[slot]) > 0
 
     def take_stop(self) -> list[Finding]:
         """The confirmed findings ``stop_on`` selected since the last call (``scope.step()`` raises on them)."""

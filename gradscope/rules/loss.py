@@ -8,16 +8,19 @@ mini-batch loss that goes up on some steps never fires by itself.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from gradscope.errors import ConfigurationError
 from gradscope.findings import Finding
-from gradscope.rules._common import fmt, steps_label
+from gradscope.rules._common import fmt, frame_rows, steps_label
 from gradscope.rules.base import Rule, RuleContext
 from gradscope.rules.registry import register_rule
 from gradscope.rules.window import Episode, steps_to_rows, window_rows
+
+if TYPE_CHECKING:
+    from gradscope.stats.frame import StatsFrame
 
 __all__ = ["LossNotDecreasing", "Overfitting"]
 
@@ -35,7 +38,82 @@ def _noise(values: np.ndarray) -> float:
     d = np.diff(values, n=2)
     if len(d) == 0:
         return 0.0
-    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(6.0))
+    return float(1.4826 * _median(np.abs(d - _median(d))) / np.sqrt(6.0))
+
+
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-D array, the same float, without its overhead (these arrays are short)."""
+    s = np.sort(values)
+    n = len(s)
+    if n == 0 or np.isnan(s[-1]):
+        return float("nan")
+    return float((s[(n - 1) // 2] + s[n // 2]) / 2)
+
+
+def _row_medians(rows: np.ndarray, counts: np.ndarray | None = None, *, is_sorted: bool = False) -> np.ndarray:
+    """Median of each row of ``rows`` ``[R, W]`` (of its first ``counts[r]`` values when given, NaN after them).
+
+    The mean of the two middle values of the sorted row, as ``np.median`` computes it, so a window
+    judged here gives the float a loop of ``np.median`` calls gives; NaN for a row with no value.
+    """
+    r, width = rows.shape
+    if width == 0:
+        return np.full(r, np.nan)
+    s = rows if is_sorted else np.sort(rows, axis=1)
+    if counts is None:  # full rows (the common case): two columns
+        return (s[:, (width - 1) // 2] + s[:, width // 2]) / 2
+    n = np.asarray(counts)
+    idx = np.arange(r)
+    lo, hi = np.maximum(n - 1, 0) // 2, np.minimum(np.maximum(n, 1) // 2, width - 1)
+    return np.where(n > 0, (s[idx, lo] + s[idx, hi]) / 2, np.nan)
+
+
+def _row_noise(rows: np.ndarray) -> np.ndarray:
+    """:func:`_noise` of each row of ``rows`` ``[R, W]``, all at once."""
+    d = np.diff(rows, n=2, axis=1)
+    if d.shape[1] == 0:
+        return np.zeros(len(rows))
+    mad = _row_medians(np.abs(d - _row_medians(d)[:, None]))
+    return 1.4826 * mad / np.sqrt(6.0)
+
+
+def _first_flat_prefix(post: np.ndarray, lo: int, z: float, dec: float) -> int | None:
+    """The shortest prefix of ``post`` (``lo`` losses or more) in which a decrease is not established.
+
+    For each prefix of ``p`` losses: ``a`` and ``b`` the medians of its first and last ``p // 2``, ``s``
+    its noise (:func:`_noise`); a decrease is established when ``(a - b) - z * se > dec * |a|`` with
+    ``se = 1.2533 * s * sqrt(2 / (p // 2))``. All prefixes at once (rows of one sorted array); ``p``,
+    or None when every prefix from ``lo`` on is still falling (or there is none).
+    """
+    n = len(post)
+    if lo > n:
+        return None
+    p = np.arange(lo, n + 1)
+    h = p // 2
+    col = np.arange(n)[None, :]
+    in_h = col < h[:, None]
+    a = _row_medians(np.sort(np.where(in_h, post[None, :], np.nan), axis=1), h, is_sorted=True)
+    last = post[np.minimum((p - h)[:, None] + col, n - 1)]
+    b = _row_medians(np.sort(np.where(in_h, last, np.nan), axis=1), h, is_sorted=True)
+    d = np.diff(post, n=2)
+    nd = np.maximum(p - 2, 0)
+    in_d = np.arange(len(d))[None, :] < nd[:, None]
+    md = _row_medians(np.sort(np.where(in_d, d[None, :], np.nan), axis=1), nd, is_sorted=True)
+    dev = np.where(in_d, np.abs(d[None, :] - md[:, None]), np.nan)
+    mad = _row_medians(np.sort(dev, axis=1), nd, is_sorted=True)
+    sigma = np.where(nd > 0, 1.4826 * mad / np.sqrt(6.0), 0.0)
+    falling = (a - b) - z * (_MEDIAN_SE * sigma * np.sqrt(2.0 / np.maximum(h, 1))) > dec * np.abs(a)
+    flat = np.flatnonzero(~falling)
+    return int(p[flat[0]]) if len(flat) else None
+
+
+def _update_ratio(frame: StatsFrame, rows: np.ndarray) -> np.ndarray:
+    """The model's update-to-weight ratio at ``rows`` ``[R]``, computed once per row (the frame's row cache)."""
+    if not len(rows):
+        return np.zeros(0)
+    return frame_rows(frame).get(
+        frame, ("loss", "global", "update_ratio"), lambda r: {"v": frame.global_values("update_ratio", r)}, rows
+    )["v"]
 
 
 @register_rule("loss_not_decreasing")
@@ -51,6 +129,11 @@ class LossNotDecreasing(Rule):
     run's first half-window), and the optimizer's steps are not still growing (with an optimizer, the
     update-to-weight ratio at the end of the window is below ``warmup_growth`` times its start: a
     learning-rate warm-up is not a stall).
+
+    The claim is withdrawn when the loss is leaving a plateau: the median of the window's last
+    quarter ``q`` is established below ``a`` by more than ``decrease`` (``(a - q) - z s_q > decrease
+    |a|``, ``s_q = 1.2533 sigma sqrt(1/half + 1/quarter)``), which the halves' medians miss while only
+    the last few losses have fallen.
 
     This is an equivalence test: it claims "not decreasing" only when a decrease of ``decrease`` (2%)
     per window is statistically excluded, so a noisy loss that goes up on some steps, a slow but real
@@ -68,10 +151,14 @@ class LossNotDecreasing(Rule):
     convergence; it is reported when the optimizer shows why: the update-to-weight ratio collapsed
     (below ``collapse`` of its level over the window before) at the step the loss stopped falling,
     after a window of statistically established progress (see :meth:`_stall_after_progress`). That
-    finding follows its episode and is resolved when the updates come back. Without an optimizer (no
-    update ratio) such a stall is not detected; nor, within one window, are stalls from the start
-    whose per-step noise exceeds about 4% of the loss (raise ``window`` for those: the bound tightens
-    as 1/sqrt(window)).
+    finding describes the evidence at the first step the stall is established (the same live, at
+    each flush or judged once at the end), follows its episode and is resolved when the updates come
+    back. Without an optimizer (no update ratio) such a stall is not detected; nor, within one window,
+    are stalls from the start whose per-step noise exceeds about 4% of the loss (raise ``window`` for
+    those: the bound tightens as 1/sqrt(window)).
+
+    Incremental: the windows ending at new rows are judged together (sorted arrays, no loop over
+    rows), and only the frame's tail is read once the run's start is measured.
 
     Thresholds:
         window: 100 steps; decrease: 2% of the loss per window; z: 2 (one-sided 98%); warmup_growth:
@@ -119,6 +206,8 @@ class LossNotDecreasing(Rule):
         self._start: tuple[int, float, float] | None = None
         # a stall after progress, once reported: the finding, its episode, the update-ratio level before it
         self._stall: tuple[Finding, Episode, float] | None = None
+        # a candidate stall after progress being judged: (its step, the losses since it already judged)
+        self._scanned: tuple[int, int] | None = None
 
     def check(self, ctx: RuleContext) -> list[Finding]:
         """Findings visible in the rows added since the last flush (and their look-back window)."""
@@ -132,13 +221,18 @@ class LossNotDecreasing(Rule):
         return self._stall_after_progress(ctx)
 
     def _from_start(self, ctx: RuleContext) -> list[Finding]:
-        """The equivalence test: a stall within the window and since the start of the run."""
+        """The equivalence test: a stall within the window and since the start of the run.
+
+        Every window ending at a new row is judged at once (medians of sorted windows, no loop over
+        rows); once the run's start is measured only the frame's tail is read, so a call costs what
+        its new rows and one window hold, not what the run has recorded.
+        """
         frame = ctx.frame
         th = self.thresholds
-        loss = frame.scalar("loss")
-        valid = np.flatnonzero(~frame.skipped & np.isfinite(loss))
         every = ctx.every
         win = steps_to_rows(th["window"], every, minimum=8)
+        valid = self._valid_tail(frame, ctx.new_from, win if self._start is not None else None)
+        loss = frame.scalar("loss")
         length = window_rows(len(valid), win, final=ctx.final, minimum=int(th["min_steps"]))
         if length == 0:
             return []
@@ -148,7 +242,7 @@ class LossNotDecreasing(Rule):
         # frame thins old rows later); a short run judged at its end uses what it has.
         run_start = self._start
         if run_start is None or run_start[0] != length:
-            run_start = (length, float(np.median(vals[:half])), _noise(vals[:length]))
+            run_start = (length, _median(vals[:half]), _noise(vals[:length]))
             if len(vals) >= win:
                 self._start = run_start
         _, base, base_noise = run_start
@@ -162,54 +256,95 @@ class LossNotDecreasing(Rule):
         begin = max(0, new_pos - length + 1)
         if ctx.final:
             begin = min(begin, len(vals) - length)
-        for i in range(begin, len(vals) - length + 1):
-            w = vals[i : i + length]
-            a, b = float(np.median(w[:half])), float(np.median(w[-half:]))
-            sigma = _noise(w)
-            se = _MEDIAN_SE * sigma * np.sqrt(2.0 / half)
-            se0 = _MEDIAN_SE * max(sigma, base_noise) * np.sqrt(2.0 / half)
-            if (a - b) + z * se >= dec * abs(a) or (base - b) + z * se0 >= dec * abs(base):
-                continue  # a decrease of `decrease` is not excluded: maybe learning
-            if self._ramping(ctx, valid[i : i + length], th["warmup_growth"]):
-                continue  # the updates are still growing: a learning-rate warm-up, not a stall
-            self._fired = True
-            # The episode starts where the smoothed loss last came back above the starting level minus
-            # `decrease` (the window's start when it never left it: stalled from the start).
-            level = base - dec * abs(base)
-            k = max(1, min(half, 10))  # a short running median: locates the step without blurring it
-            smooth = np.array([np.median(w[j : j + k]) for j in range(length - k + 1)])
-            below = np.flatnonzero(smooth < level)
-            end = i + length - 1
-            # smooth[j] is centred on row j + k // 2
-            start = min(end, i + (int(below[-1]) + k // 2 + 1 if len(below) else 0))
-            first, last = int(steps[start]), int(steps[end])
-            return [
-                self.finding(
-                    step=first,
-                    layer=None,
-                    message=(
-                        f"The training loss is not decreasing: over {steps_label(first, last)} its median was {fmt(a)} in "
-                        f"the first half and {fmt(b)} in the second{' (it rose)' if b - a > z * se else ''}, against "
-                        f"{fmt(base)} at the start of the run; with a noise of {fmt(sigma)} per step, a drop of "
-                        f"{fmt(100 * dec)}% is excluded at {fmt(z)} standard errors."
-                    ),
-                    suggestion=(
-                        "Check that the optimizer holds the model's parameters and the learning rate is not 0 or "
-                        "tiny (try 10-100x higher), that labels match inputs, that the loss uses the model's output, "
-                        "and look for vanishing gradients or dead units in this report."
-                    ),
-                    evidence={
-                        "stat": "loss",
-                        "window": [first, last],
-                        "median_first_half": a,
-                        "median_second_half": b,
-                        "run_start": base,
-                        "noise": sigma,
-                        "threshold_decrease": float(dec),
-                    },
-                )
-            ]
-        return []
+        if begin > len(vals) - length:
+            return []
+        starts = np.arange(begin, len(vals) - length + 1)
+        # the second half's median first: a window whose loss is below the run's start by `decrease` is
+        # learning whatever its noise (the bound below only adds to the drop), so the rest of the test
+        # (two more medians, the noise) is computed for the few windows left: none, in a run that learns
+        b = _row_medians(vals[(starts + length - half)[:, None] + np.arange(half)[None, :]])
+        left = np.flatnonzero((base - b) < dec * abs(base))
+        if not len(left):
+            return []
+        starts, b = starts[left], b[left]
+        w = vals[starts[:, None] + np.arange(length)[None, :]]  # [m, length]
+        a = _row_medians(w[:, :half])
+        sigma = _row_noise(w)
+        se = _MEDIAN_SE * sigma * np.sqrt(2.0 / half)
+        se0 = _MEDIAN_SE * np.maximum(sigma, base_noise) * np.sqrt(2.0 / half)
+        # a decrease of `decrease` excluded, in the window and since the start ...
+        flat = ((a - b) + z * se < dec * np.abs(a)) & ((base - b) + z * se0 < dec * abs(base))
+        # ... and not under way at the window's end: the last quarter's median established below the
+        # window's start by more than `decrease` (a loss leaving a plateau: its halves' medians still
+        # read the plateau while its latest losses have clearly left it)
+        q = max(1, half // 2)
+        tail = _row_medians(w[:, -q:])
+        se_q = _MEDIAN_SE * sigma * np.sqrt(1.0 / half + 1.0 / q)
+        flat &= ~((a - tail) - z * se_q > dec * np.abs(a))
+        candidates = np.flatnonzero(flat)
+        if not len(candidates):
+            return []
+        ramping = self._ramping(ctx, valid, starts[candidates], length, th["warmup_growth"])
+        if ramping.all():
+            return []
+        c = int(candidates[int(np.argmin(ramping))])  # the first window neither learning nor warming up
+        self._fired = True
+        i = int(starts[c])
+        a0, b0, sigma0 = float(a[c]), float(b[c]), float(sigma[c])
+        # The episode starts where the smoothed loss last came back above the starting level minus
+        # `decrease` (the window's start when it never left it: stalled from the start).
+        level = base - dec * abs(base)
+        k = max(1, min(half, 10))  # a short running median: locates the step without blurring it
+        smooth = _row_medians(w[c][np.arange(length - k + 1)[:, None] + np.arange(k)[None, :]])
+        below = np.flatnonzero(smooth < level)
+        end = i + length - 1
+        # smooth[j] is centred on row j + k // 2
+        start = min(end, i + (int(below[-1]) + k // 2 + 1 if len(below) else 0))
+        first, last = int(steps[start]), int(steps[end])
+        rose = b0 - a0 > z * float(se[c])
+        return [
+            self.finding(
+                step=first,
+                layer=None,
+                message=(
+                    f"The training loss is not decreasing: over {steps_label(first, last)} its median was {fmt(a0)} in "
+                    f"the first half and {fmt(b0)} in the second{' (it rose)' if rose else ''}, against "
+                    f"{fmt(base)} at the start of the run; with a noise of {fmt(sigma0)} per step, a drop of "
+                    f"{fmt(100 * dec)}% is excluded at {fmt(z)} standard errors."
+                ),
+                suggestion=(
+                    "Check that the optimizer holds the model's parameters and the learning rate is not 0 or "
+                    "tiny (try 10-100x higher), that labels match inputs, that the loss uses the model's output, "
+                    "and look for vanishing gradients or dead units in this report."
+                ),
+                evidence={
+                    "stat": "loss",
+                    "window": [first, last],
+                    "median_first_half": a0,
+                    "median_second_half": b0,
+                    "run_start": base,
+                    "noise": sigma0,
+                    "threshold_decrease": float(dec),
+                },
+            )
+        ]
+
+    @staticmethod
+    def _valid_tail(frame: StatsFrame, new_from: int, win: int | None) -> np.ndarray:
+        """Rows with a finite training loss whose optimizer stepped: all of them (``win`` None), or a tail.
+
+        The tail holds at least ``win`` such rows before ``new_from`` (and ``win`` in all), so every
+        window ending at a new row, and the last window, are in it; earlier rows are not read.
+        """
+        loss, skipped, n = frame.scalar("loss"), frame.skipped, len(frame)
+        if win is None:
+            return np.flatnonzero(~skipped & np.isfinite(loss))
+        start = max(0, min(new_from, n) - win - 8)
+        while True:
+            valid = start + np.flatnonzero(~skipped[start:] & np.isfinite(loss[start:]))
+            if start == 0 or (int(np.searchsorted(valid, new_from)) >= win and len(valid) >= win):
+                return valid
+            start = max(0, start - 2 * (n - start))
 
     def _stall_after_progress(self, ctx: RuleContext) -> list[Finding]:
         """A loss that stopped falling after real progress because the optimizer stopped moving the weights.
@@ -219,24 +354,31 @@ class LossNotDecreasing(Rule):
         them apart is the optimizer: at a sampled step ``s`` the update-to-weight ratio fell below
         ``collapse`` times its median over the ``window`` steps before ``s`` and stayed there; before
         ``s`` the loss had fallen below the run's start by more than ``decrease`` at ``z`` standard
-        errors (real progress);
-        since ``s`` (at least ``min_steps`` recorded losses) a decrease of ``decrease`` is not
-        established (the lower bound of the drop between its halves' medians is below it). The finding's step is ``s``; it is resolved when the
-        update ratio comes back above the collapse level.
+        errors (real progress); and in the losses since ``s`` (at least ``min_steps``) a decrease of
+        ``decrease`` is not established (the lower bound of the drop between their halves' medians is
+        below it). The finding's step is ``s``, its evidence that of the first step the stall was
+        established (the shortest such run of losses since ``s``); it is resolved when the update
+        ratio comes back above the collapse level.
         """
         frame = ctx.frame
         if "update_ratio" not in frame.schema.stats:
             return []
         th = self.thresholds
         win = steps_to_rows(th["window"], ctx.every, minimum=8)
-        keep = np.flatnonzero(~frame.skipped)
-        if len(keep) < win + int(th["min_steps"]):
+        # the recent rows (full resolution): a stall is judged as it happens; only the frame's tail is read
+        need, n, skipped = win + int(th["min_steps"]), len(frame), frame.skipped
+        start = max(0, n - max(3 * win, need) - 8)
+        keep = start + np.flatnonzero(~skipped[start:])
+        while start > 0 and len(keep) < max(3 * win, need):
+            start = max(0, start - 2 * (n - start))
+            keep = start + np.flatnonzero(~skipped[start:])
+        if len(keep) < need:
             return []
-        rows = keep[-3 * win :]  # the recent rows (full resolution): a stall is judged as it happens
+        rows = keep[-3 * win :]
         srows = rows[frame.sampled[rows]]
         if len(srows) < 4:
             return []
-        ratio = frame.global_values("update_ratio", srows)
+        ratio = _update_ratio(frame, srows)
         ssteps = frame.steps[srows]
         collapse = float(th["collapse"])
         if not ratio[-1] < collapse * float(np.nanmax(ratio[:-1], initial=0.0)):
@@ -274,13 +416,20 @@ class LossNotDecreasing(Rule):
         se0 = _MEDIAN_SE * max(_noise(pre), self._start[2]) * np.sqrt(2.0 / half)
         if (a0 - b0) - z * se0 <= dec * abs(a0):
             return None  # no real progress since the start: not this test's case
-        h = len(post) // 2
-        a, b = float(np.median(post[:h])), float(np.median(post[-h:]))
-        se = _MEDIAN_SE * _noise(post) * np.sqrt(2.0 / h)
-        if (a - b) - z * se > dec * abs(a):
+        # The stall is established at the first step since `s` (at least `min_steps` losses) where a
+        # decrease is not established: the finding describes the evidence as of that step, so it is the
+        # same whenever, and however often, the rule looks (live at every step, or once at the end).
+        done = self._scanned[1] if self._scanned is not None and self._scanned[0] == s else 0
+        p = _first_flat_prefix(post, max(int(th["min_steps"]), done + 1), z, dec)
+        self._scanned = (s, len(post))
+        if p is None:
             return None  # still falling, established: the optimizer's steps got small, not useless
-        after = self._ratio_after(ctx, rows, s)
-        first, last = s, int(steps[-1])
+        post_steps = steps[ok & (steps >= s)]
+        established = int(post_steps[p - 1])
+        h = p // 2
+        a, b = _median(post[:h]), _median(post[p - h : p])
+        after = self._ratio_after(ctx, rows, s, established)
+        first, last = s, established
         finding = self.finding(
             step=first,
             layer=None,
@@ -306,16 +455,18 @@ class LossNotDecreasing(Rule):
             },
         )
         self._fired = True
-        ep = Episode(last=last)
-        self._stall = (finding, ep, ref)
-        return dataclasses.replace(finding, last_step=last)
+        self._stall = (finding, Episode(last=established), ref)
+        # the episode since: the rows recorded after the step it was established at (none, live)
+        followed = self._follow_stall(ctx)
+        return followed[0] if followed else dataclasses.replace(finding, last_step=established)
 
     @staticmethod
-    def _ratio_after(ctx: RuleContext, rows: np.ndarray, s: int) -> float:
+    def _ratio_after(ctx: RuleContext, rows: np.ndarray, s: int, until: int) -> float:
         frame = ctx.frame
-        srows = rows[frame.sampled[rows] & (frame.steps[rows] >= s)]
-        ratio = frame.global_values("update_ratio", srows) if len(srows) else np.zeros(0)
-        return float(np.median(ratio)) if len(ratio) else float("nan")
+        steps = frame.steps[rows]
+        srows = rows[frame.sampled[rows] & (steps >= s) & (steps <= until)]
+        ratio = _update_ratio(frame, srows)
+        return _median(ratio) if len(ratio) else float("nan")
 
     def _follow_stall(self, ctx: RuleContext) -> list[Finding]:
         """The episode of a stall after progress: it lasts while the update ratio stays collapsed."""
@@ -323,31 +474,42 @@ class LossNotDecreasing(Rule):
             return []
         finding, ep, ref = self._stall
         frame = ctx.frame
-        rows = np.flatnonzero(~frame.skipped & frame.sampled & (frame.steps > ep.last))
+        start = int(np.searchsorted(frame.steps, ep.last, side="right"))  # the rows after the episode's last step
+        rows = start + np.flatnonzero(~frame.skipped[start:] & frame.sampled[start:])
         if not len(rows):
             return []
-        ratio = frame.global_values("update_ratio", rows)
+        ratio = _update_ratio(frame, rows)
         held = ~(np.nan_to_num(ratio, nan=0.0) >= float(self.thresholds["collapse"]) * ref)
         if ep.follow(frame.steps[rows], held, 1):
             return [dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved)]
         return []
 
     @staticmethod
-    def _ramping(ctx: RuleContext, rows: np.ndarray, growth: float) -> bool:
-        """Whether the optimizer's update size grew ``growth``-fold across the window (needs update_ratio)."""
+    def _ramping(ctx: RuleContext, valid: np.ndarray, starts: np.ndarray, length: int, growth: float) -> np.ndarray:
+        """Whether the optimizer's update size grew ``growth``-fold across each window (needs update_ratio).
+
+        Window ``j`` is the rows ``valid[starts[j] : starts[j] + length]``; its update ratios are those
+        of its sampled rows, in order (non-finite ones left out), and it is ramping when the median of
+        the last quarter of them is above ``growth`` times the median of the first quarter (at least
+        two ratios). Returns ``[len(starts)]`` bool.
+        """
         frame = ctx.frame
         if "update_ratio" not in frame.schema.stats:
-            return False
-        sampled = rows[frame.sampled[rows]]
-        if len(sampled) < 2:
-            return False
-        ratio = frame.global_values("update_ratio", sampled)
-        ratio = ratio[np.isfinite(ratio)]
-        if len(ratio) < 2:
-            return False
-        k = max(1, len(ratio) // 4)
-        first, last = float(np.median(ratio[:k])), float(np.median(ratio[-k:]))
-        return last > growth * first
+            return np.zeros(len(starts), dtype=bool)
+        span = valid[int(starts.min()) : int(starts.max()) + length]
+        ratio = np.full(len(span), np.nan)
+        sampled = frame.sampled[span]
+        ratio[sampled] = _update_ratio(frame, span[sampled])
+        ratio[~np.isfinite(ratio)] = np.nan
+        r = ratio[(starts - starts.min())[:, None] + np.arange(length)[None, :]]  # [W, length]
+        r = np.take_along_axis(r, np.argsort(np.isnan(r), axis=1, kind="stable"), axis=1)  # finite first, in order
+        n = np.sum(~np.isnan(r), axis=1)
+        k = np.maximum(1, n // 4)
+        col = np.arange(length)[None, :]
+        first = _row_medians(np.sort(np.where(col < k[:, None], r, np.nan), axis=1), k, is_sorted=True)
+        last_k = (col >= (n - k)[:, None]) & (col < n[:, None])
+        last = _row_medians(np.sort(np.where(last_k, r, np.nan), axis=1), k, is_sorted=True)
+        return (n >= 2) & (last > growth * first)
 
 
 @register_rule("overfitting")
@@ -406,21 +568,25 @@ class Overfitting(Rule):
         if self._fired or "val_loss" not in frame.scalar_names or "loss" not in frame.scalar_names:
             return []
         th = self.thresholds
-        keep = ~frame.skipped
-        steps = frame.steps
-        val_all, train_all = frame.scalar("val_loss"), frame.scalar("loss")
-        new_vrows = np.flatnonzero(keep & np.isfinite(val_all) & (steps > self._last_vstep))
+        # only the rows after the last validation read: a call costs what was added since, not the run
+        start = int(np.searchsorted(frame.steps, self._last_vstep, side="right"))
+        keep = ~frame.skipped[start:]
+        steps = frame.steps[start:]
+        val_all, train_all = frame.scalar("val_loss")[start:], frame.scalar("loss")[start:]
+        new_vrows = np.flatnonzero(keep & np.isfinite(val_all))
         if len(new_vrows) == 0:
             return []
         start_k = len(self._v)
         train_ok = keep & np.isfinite(train_all)
-        for r in new_vrows:
+        prev = 0
+        for r in new_vrows:  # one pass per validation, over the rows since the one before
             # training losses since the previous validation (recent rows: always at full resolution)
-            seg = train_all[train_ok & (steps > self._last_vstep) & (steps <= steps[r])]
-            self._t.append(float(np.median(seg)) if len(seg) else np.nan)
+            seg = train_all[prev : r + 1][train_ok[prev : r + 1]]
+            self._t.append(_median(seg) if len(seg) else np.nan)
             self._v.append(float(val_all[r]))
             self._vsteps.append(int(steps[r]))
             self._last_vstep = int(steps[r])
+            prev = r + 1
         v, t = np.asarray(self._v), np.asarray(self._t)
         noise = _noise(v)
         patience = int(th["patience"])
@@ -429,7 +595,7 @@ class Overfitting(Rule):
             # reference); evaluation k-1's median needs v[k], so it competes with its raw value.
             if k >= 2:
                 j = k - 2
-                m = float(np.median(v[max(0, j - 1) : j + 2]))
+                m = _median(v[max(0, j - 1) : j + 2])
                 if m < self._best[0]:
                     self._best = (m, j)
             best, j = self._best

@@ -30,21 +30,54 @@ PHASE_SCALAR = "phase"
 _MAD_TO_SIGMA = 1.4826
 
 
-def _held(values: np.ndarray) -> np.ndarray:
-    """``values`` with each NaN replaced by the last value before it: a phase holds until the next one."""
-    idx = np.where(np.isfinite(values), np.arange(len(values)), 0)
+def _held(values: np.ndarray, carry: float = np.nan) -> np.ndarray:
+    """``values`` with each NaN replaced by the last value before it (``carry`` before the first): a phase holds."""
+    ext = np.concatenate(([carry], values))
+    idx = np.where(np.isfinite(ext), np.arange(len(ext)), 0)
     np.maximum.accumulate(idx, out=idx)
-    held = values[idx]
-    held[: int(np.argmax(np.isfinite(values))) if np.isfinite(values).any() else len(values)] = np.nan
-    return held
+    return ext[idx][1:]  # leading NaNs (no phase declared yet) stay NaN: ext[0] is NaN then
 
 
-def _step_noise(values: np.ndarray) -> float:
-    """Per-step noise of a curve from its first differences (robust to a trend and to outliers)."""
-    d = np.diff(values)
-    if len(d) < 2:
-        return 0.0
-    return float(_MAD_TO_SIGMA * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+def _medians(sorted_rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Median of each row's first ``counts`` entries, the rows sorted ascending (NaN after them).
+
+    The mean of the two middle entries, as ``np.median`` computes it (the same float, so a window judged
+    in one call or another gives the same trend and noise); NaN for an empty row.
+    """
+    if sorted_rows.shape[1] and (counts == sorted_rows.shape[1]).all():  # full rows (the common case)
+        w = sorted_rows.shape[1]
+        return (sorted_rows[:, (w - 1) // 2] + sorted_rows[:, w // 2]) / 2
+    rows = np.arange(len(counts))
+    lo = np.maximum(counts - 1, 0) // 2
+    hi = np.maximum(counts, 1) // 2
+    hi = np.minimum(hi, max(sorted_rows.shape[1] - 1, 0))
+    if sorted_rows.shape[1] == 0:
+        return np.full(len(counts), np.nan)
+    out = (sorted_rows[rows, lo] + sorted_rows[rows, hi]) / 2
+    return np.where(counts > 0, out, np.nan)
+
+
+def _window_stats(windows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trend (median) and per-step noise (``_MAD_TO_SIGMA`` x MAD of first differences / sqrt(2)) per row.
+
+    Args:
+        windows: ``[R, W]`` losses, each row's ``counts[r]`` values first, in step order, NaN after them.
+        counts: ``[R]`` values per row.
+
+    Returns:
+        ``(trend [R], noise [R])``; the noise is 0 for a row with fewer than 3 values (fewer than two
+        differences), as for a single curve.
+    """
+    return _medians(np.sort(windows, axis=1), counts), _noise_rows(windows, counts)
+
+
+def _noise_rows(windows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The per-step noise of each row of ``windows`` (as :func:`_window_stats`), ``[R]``."""
+    d = windows[:, 1:] - windows[:, :-1]  # NaN past each row's values: the sort puts them last
+    nd = np.maximum(counts - 1, 0)
+    md = _medians(np.sort(d, axis=1), nd)
+    mad = _medians(np.sort(np.abs(d - md[:, None]), axis=1), nd)
+    return np.where(nd >= 2, _MAD_TO_SIGMA * mad / np.sqrt(2.0), 0.0)
 
 
 @register_rule("loss_spike")
@@ -69,6 +102,10 @@ class LossSpike(Rule):
 
     Recovery: the spike's episode ends at the first step whose loss is back within ``z`` noise units or
     ``rise / 2`` of the trend (``resolved_step``); until then the message says it has not recovered.
+
+    Incremental: the state holds the trend's history (the last ``window`` judged losses), so a call
+    reads only the rows recorded since the last one and costs what they hold, not the run; judged
+    live at every step or once at the end, the findings are the same.
 
     Thresholds:
         window: 50 steps of trend; min_history: 20; z: 10 noise units; rise: 0.1 (10 % above the
@@ -108,82 +145,182 @@ class LossSpike(Rule):
 
     def reset(self) -> None:
         """Forget what was seen and reported (a new run)."""
-        self._judged_step = 0  # the last step whose loss was judged
-        self._spike_steps: set[int] = set()  # steps found as spikes (left out of later trends)
+        self._seen_step = 0  # the last step of the frame already read (every row, judged or not)
+        self._phase = np.nan  # the phase held at that step (NaN: none declared yet)
+        # The trend's history: the last `window` judged losses (finite, optimizer stepped, spikes left
+        # out), with their steps and phases; kept here, so that each call reads only the new rows.
+        self._hist = np.zeros((3, 0))  # rows: loss, step, phase
+        self._first: list[float] = []  # the run's first `min_history` losses (its scale)
         self._open: list[tuple[Finding, float, float]] = []  # spikes not recovered yet: (finding, trend, noise)
         self._run_scale: float | None = None  # median |loss| of the run's first losses
+        self._phased = False  # a phase was declared (then windows are filtered by phase)
 
     def check(self, ctx: RuleContext) -> list[Finding]:
-        """Spikes among the losses recorded since the last judgement, and the recovery of open ones."""
+        """Spikes among the losses recorded since the last judgement, and the recovery of open ones.
+
+        Incremental: only the rows after the last step read are new; the trend's history is kept in the
+        rule's state. The new losses are judged together (their trends and noises from one sorted
+        array of windows), and again from the row after each spike found, which leaves the later
+        trends (rare). Episode updates of open spikes are returned at the steps where something
+        happens (a recovery, a new spike) and at the last new step: the engine keeps the last of each.
+        """
         frame = ctx.frame
-        if "loss" not in frame.scalar_names:
+        names = frame.scalar_names
+        if "loss" not in names:
             return []
-        th = self.thresholds
-        loss = frame.scalar("loss")
         steps = frame.steps
-        ok = ~frame.skipped & np.isfinite(loss)
-        phase = _held(frame.scalar(PHASE_SCALAR)) if PHASE_SCALAR in frame.scalar_names else None
+        start = int(np.searchsorted(steps, self._seen_step, side="right"))
+        if start >= len(steps):
+            return []
+        loss = frame.scalar("loss")[start:]
+        ok = ~frame.skipped[start:] & np.isfinite(loss)
+        phases = _held(frame.scalar(PHASE_SCALAR)[start:], self._phase) if PHASE_SCALAR in names else None
+        self._seen_step = int(steps[-1])
+        rows = start + np.flatnonzero(ok)
+        new = np.empty((3, len(rows)))
+        new[0], new[1] = loss[ok], steps[rows]
+        if phases is None:
+            new[2] = np.nan
+        else:
+            self._phase = float(phases[-1])
+            new[2] = phases[ok]
+            self._phased = self._phased or not np.isnan(new[2]).all()
+        if not len(rows):
+            return []
+        need = int(self.thresholds["min_history"])
+        if len(self._first) < need:
+            self._first.extend(new[0, : need - len(self._first)].tolist())
         out: list[Finding] = []
-        rows = np.flatnonzero(ok & (steps > self._judged_step))
-        window, need = int(th["window"]), int(th["min_history"])
-        valid = np.flatnonzero(ok)
-        for r in rows:
-            step = int(steps[r])
-            self._judged_step = step
-            out.extend(self._recoveries(step, float(loss[r])))
-            pos = int(np.searchsorted(valid, r))
-            history = valid[max(0, pos - window - len(self._spike_steps)) : pos]
-            history = history[[int(steps[h]) not in self._spike_steps for h in history]][-window:]
-            if phase is not None:
-                # a declared phase change starts a new trend: only the history of the current phase counts
-                same = (phase[history] == phase[r]) | (np.isnan(phase[history]) & np.isnan(phase[r]))
-                history = history[same]
-            if len(history) < need:
-                continue
-            past = loss[history]
-            trend = float(np.median(past))
-            noise = _step_noise(past)
-            value = float(loss[r])
-            # ... and a material jump on the scale of the run: it undoes a part of the progress made since the
-            # start (a converged loss of 0.009 that reads 0.15 on one batch, out of 1.3 at the start, is not a
-            # spike worth a finding, however many of its own tiny noise units that is)
-            scale = self._scale(loss, valid)
-            if not (
-                value > trend + th["z"] * noise
-                and value > trend + th["rise"] * abs(trend)
-                and value - trend > th["undo"] * max(scale - trend, 0.0)
-            ):
-                continue
-            self._spike_steps.add(step)
-            if any(f.step == step for f, _, _ in self._open):
-                continue
-            finding = self._finding(ctx, int(r), history, value, trend, noise)
-            self._open.append((finding, trend, noise))
+        pos = 0
+        while pos < new.shape[1]:
+            spike = self._judge(new[:, pos:])
+            end = new.shape[1] if spike is None else pos + spike  # rows pos..end-1 are not spikes
+            upto = end + (spike is not None)  # the spike's own row: open spikes recover (or not) before it is judged
+            out.extend(self._recoveries(new[:, pos:upto], last=upto == new.shape[1]))
+            self._remember(new[:, pos:end])
+            if spike is None:
+                break
+            r = pos + spike
+            finding = self._spike(ctx, int(rows[r]), new[:, r])
             out.append(finding)
+            pos = r + 1
         return out
 
-    def _scale(self, loss: np.ndarray, valid: np.ndarray) -> float:
+    def _judge(self, new: np.ndarray) -> int | None:
+        """Index of the first spike among ``new`` (``[3, K]``: loss, step, phase), judged against the history.
+
+        Each loss's history is the last ``window`` losses before it (the kept history, then the new
+        ones before it: no spike among them, or this is the first) of its phase.
+        """
+        th = self.thresholds
+        window, need = int(th["window"]), int(th["min_history"])
+        k = new.shape[1]
+        hist = self._hist
+        # every value that can be in a window, left-padded to `window` entries before the first new one:
+        # row j of the windows is the `window` entries before new loss j
+        pad = window - hist.shape[1]
+        parts = [hist, new[:, :-1]] if pad == 0 else [np.full((3, pad), np.nan), hist, new[:, :-1]]
+        series = np.concatenate(parts, axis=1)
+        take = np.arange(k)[:, None] + np.arange(window)[None, :]
+        values = series[0][take]  # [K, window]
+        phased = self._phased
+        if pad == 0 and not phased:
+            # the common case: a full history, no phases declared: every loss is judged on `window` losses
+            judged, counts, value = None, np.full(k, window), new[0]
+        else:
+            keep = take >= pad
+            if phased:
+                wp, ph = series[2][take], new[2][:, None]
+                keep &= (wp == ph) | (np.isnan(wp) & np.isnan(ph))
+            counts = keep.sum(axis=1)
+            if not keep[counts >= need].all():
+                # compact each row's kept values to its front, in step order, NaN after them
+                order = np.argsort(~keep, axis=1, kind="stable")
+                values = np.take_along_axis(values, order, axis=1)
+                values = np.where(np.arange(window)[None, :] < counts[:, None], values, np.nan)
+            judged = np.flatnonzero(counts >= need)
+            if not len(judged):
+                return None
+            values, counts, value = values[judged], counts[judged], new[0][judged]
+        # the trend first: the conditions that need only it rule out almost every loss, and the noise
+        # (two more sorts) is measured for the few left. A spike is far outside the noise, a real change
+        # of the loss, and material on the scale of the run: it undoes a part of the progress made since
+        # the start (a converged loss of 0.009 that reads 0.15 on one batch, out of 1.3 at the start, is
+        # not a spike worth a finding, however many of its own tiny noise units that is)
+        trend = _medians(np.sort(values, axis=1), counts)
+        scale = self._scale()
+        maybe = np.flatnonzero(
+            (value > trend + th["rise"] * np.abs(trend)) & (value - trend > th["undo"] * np.maximum(scale - trend, 0.0))
+        )
+        if not len(maybe):
+            return None
+        noise = _noise_rows(values[maybe], counts[maybe])
+        spike = value[maybe] > trend[maybe] + th["z"] * noise
+        if not spike.any():
+            return None
+        first = int(maybe[int(np.argmax(spike))])
+        return first if judged is None else int(judged[first])
+
+    def _remember(self, new: np.ndarray) -> None:
+        """Add judged losses that were not spikes to the history (the last ``window`` kept)."""
+        if new.shape[1]:
+            window = int(self.thresholds["window"])
+            self._hist = np.concatenate([self._hist, new], axis=1)[:, -window:]
+
+    def _history(self, phase: float) -> np.ndarray:
+        """The history of a loss of ``phase`` (``[3, n]``): the kept losses of that phase."""
+        hp = self._hist[2]
+        same = (hp == phase) | (np.isnan(hp) & np.isnan(phase))
+        return self._hist[:, same]
+
+    def _spike(self, ctx: RuleContext, row: int, value: np.ndarray) -> Finding:
+        """The finding for the spike at frame row ``row`` (``value``: loss, step, phase), opened for recovery."""
+        hist = self._history(float(value[2]))
+        trend, noise = _window_stats(hist[0][None, :], np.array([hist.shape[1]]))
+        history = np.searchsorted(ctx.frame.steps, hist[1].astype(ctx.frame.steps.dtype))
+        finding = self._finding(ctx, row, history, float(value[0]), float(trend[0]), float(noise[0]))
+        self._open.append((finding, float(trend[0]), float(noise[0])))
+        return finding
+
+    def _scale(self) -> float:
         """The loss's scale: the median magnitude of the run's first ``min_history`` losses (measured once)."""
         if self._run_scale is None:
-            self._run_scale = float(np.median(np.abs(loss[valid[: int(self.thresholds["min_history"])]])))
+            self._run_scale = float(np.median(np.abs(self._first)))
         return self._run_scale
 
-    def _recoveries(self, step: int, value: float) -> list[Finding]:
-        """Episode updates: open spikes whose loss is back near its trend at ``step``, or still high."""
+    def _recoveries(self, new: np.ndarray, *, last: bool) -> list[Finding]:
+        """Episode updates of the open spikes over the losses ``new`` (``[3, K]``), in step order.
+
+        A spike recovers at the first later step whose loss is back near its trend. The updates are
+        those at the steps where one recovers, and (``last``) at the last step read, where the others
+        still stand: the engine keeps the last update of each finding, and these are the same as one
+        update per step would leave.
+        """
+        if not self._open or not new.shape[1]:
+            return []
         th = self.thresholds
-        updates: list[Finding] = []
-        still: list[tuple[Finding, float, float]] = []
+        value, steps = new[0], new[1]
+        k = new.shape[1]
+        # each open spike with the index of the first of these losses back near its trend (k: none is)
+        entries = []
         for finding, trend, noise in self._open:
-            if step <= finding.step:
-                still.append((finding, trend, noise))
-                continue
-            back = value <= trend + max(th["z"] * noise, 0.5 * th["rise"] * abs(trend))
-            if back:
-                updates.append(_with_episode(finding, last=step - 1, resolved=step))
-            else:
-                still.append((finding, trend, noise))
-                updates.append(_with_episode(finding, last=step, resolved=None))
-        self._open = still
+            back = (value <= trend + max(th["z"] * noise, 0.5 * th["rise"] * abs(trend))) & (steps > finding.step)
+            entries.append((finding, trend, noise, int(np.argmax(back)) if back.any() else k))
+        events = sorted({at for *_, at in entries if at < k} | ({k - 1} if last else set()))
+        updates: list[Finding] = []
+        for i in events:
+            step = int(steps[i])
+            still = []
+            for finding, trend, noise, at in entries:
+                if step <= finding.step:
+                    still.append((finding, trend, noise, at))
+                elif at == i:
+                    updates.append(_with_episode(finding, last=step - 1, resolved=step))
+                else:
+                    still.append((finding, trend, noise, at))
+                    updates.append(_with_episode(finding, last=step, resolved=None))
+            entries = still
+        self._open = [(finding, trend, noise) for finding, trend, noise, _ in entries]
         return updates
 
     def _finding(

@@ -1,0 +1,116 @@
+"""The live path's cheap screen (issue 13 cost, issue 12 latency): what it computes, not how fast.
+
+The screen looks at blocks of new rows with a fixed number of NumPy calls; on a CPU it reads them
+in place in the buffer's host memory, so an ordinary step moves nothing into the frame. These
+tests check its arithmetic against a hand-written reference (the moving average of log10 RMS, one
+row at a time), that a block judges like the same rows one at a time, and that short steps get
+their findings between flushes. Timing is printed by benchmarks, never asserted here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import gradscope
+from gradscope.capture.live import LiveScreen
+
+
+def _rows(n: int, P: int, seed: int, scale=1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (np.exp(rng.normal(0.0, 0.3, size=(n, P))) * np.asarray(scale)) ** 2  # sums of squares
+
+
+def test_the_level_is_the_moving_average_of_log10_rms_in_blocks_as_row_by_row():
+    P, numel = 5, np.array([4.0, 9.0, 16.0, 25.0, 100.0])
+    sumsq = _rows(40, P, 0, scale=np.sqrt(numel) * 1e-2)
+    nonfinite = np.zeros_like(sumsq)
+    # the reference: the exponential moving average (weight 0.2) of log10 RMS, one row at a time
+    level = 0.5 * np.log10(sumsq[0] / numel)
+    for row in sumsq[1:]:
+        level = 0.8 * level + 0.2 * 0.5 * np.log10(row / numel)
+    for sizes in ([1] * 40, [1, 3, 7, 9, 20], [12, 28]):
+        screen = LiveScreen()
+        at, step = 0, 0
+        for n in sizes:
+            step += n
+            assert screen.block(step, sumsq[at : at + n], nonfinite[at : at + n], None, None, None) == set()
+            at += n
+        # the screen keeps log10 of the sum of squares: RMS level = (that - log10 numel) / 2
+        got = 0.5 * (screen._level - np.log10(numel))
+        if sizes[0] == 1:
+            np.testing.assert_allclose(got, level, rtol=0, atol=1e-12)
+        else:  # a first block of n rows starts from their weighted mean instead of the first row
+            np.testing.assert_allclose(got, level, rtol=0, atol=0.05)
+
+
+def test_a_block_flags_what_the_same_rows_flag_one_at_a_time():
+    P, n = 4, 60
+    sumsq = _rows(n, P, 1, scale=1e-2)
+    nonfinite = np.zeros((n, P))
+    has = np.ones((n, P), dtype=bool)
+    trainable = np.ones((n, P), dtype=bool)
+    sumsq[30:, 1] *= 1e-6  # parameter 1's RMS falls 3 decades from row 30 on and stays there
+    nonfinite[44, 2], sumsq[44, 2] = 3.0, np.nan  # a NaN at row 44
+    has[50:, 3], sumsq[50:, 3] = False, np.nan  # parameter 3 gets no gradient from row 50 on
+
+    def run(size: int) -> dict[str, int]:
+        screen, first = LiveScreen(), {}
+        for at in range(0, n, size):
+            sl = slice(at, min(n, at + size))
+            for reason in screen.block(sl.stop, sumsq[sl], nonfinite[sl], has[sl], trainable[sl], None):
+                first.setdefault(reason, sl.stop)
+        return first
+
+    one = run(1)
+    # row by row: the shift at its second row (31), the NaN at 45, the 5th row without a gradient at 55
+    assert one == {"shift": 32, "nonfinite": 45, "no_gradient": 55}
+    for size in (4, 7, 10):
+        blocks = run(size)
+        assert set(blocks) == set(one)
+        for reason, row in one.items():  # seen in the block that holds the row
+            assert row <= blocks[reason] < row + size
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+def test_short_steps_get_a_no_gradient_finding_between_flushes_and_move_no_row_before():
+    # Real clock, steps of well under a millisecond: full evaluations mostly at flushes (50 steps). The
+    # bias of the output layer stops getting a gradient at step 63: the step it goes missing, and each
+    # step while its rows are counted, is screened, so the finding comes long before the flush at 100
+    # (no_gradient confirms a stop after 10 steps once the parameter has a window of history, 50 steps).
+    seen: list[tuple[int, str, str | None]] = []
+    now = {"step": 0}
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scope = gradscope.watch(model, optimizer=opt, on_finding=lambda f: seen.append((now["step"], f.kind, f.layer)))
+    cadence = scope._diagnosis.cadence
+    g = torch.Generator().manual_seed(1)
+    state = []
+    for step in range(1, 86):
+        now["step"] = step
+        x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step >= 63:
+            model[4].bias.grad = None
+        opt.step()
+        scope.step()
+        opt.zero_grad()
+        state.append((len(scope._recorder.frame), cadence.evaluations))
+    report = scope.close()
+    assert "no_gradient" in {k for _, k, _ in seen}, seen
+    (step, _, layer) = next(s for s in seen if s[1] == "no_gradient")
+    assert layer == "4" and 67 <= step <= 75  # 5 rows without it (63-67), then the rule's own 10 steps
+    (f,) = [f for f in report.findings if f.kind == "no_gradient"]
+    assert (f.step, f.layer) == (63, "4")
+    # between the flush at step 50 and the stop, the screen read the rows in place: the frame grew only
+    # when the cadence ran a full evaluation (it may, to measure one)
+    rows50, evals50 = state[49]
+    assert rows50 == 50  # the flush
+    for rows, evals in state[50:62]:
+        if evals == evals50:  # no full evaluation since the flush: nothing moved
+            assert rows == 50
