@@ -233,7 +233,7 @@ class GradScope:
         finiteness checks on a copy of the model, and return the origin (None: all finite). Without: arm the
         checks for the next forward (non-finite weights); a new ``nonfinite_gradients`` finding carries it.
         """
-        from gradscope.capture.nonfinite import locate_nonfinite  # imported on use: nothing is armed until then
+        from gradscope.capture.nonfinite import locate_nonfinite  # (function-local: scope.py stays light to import)
 
         return locate_nonfinite(self, batch, loss_fn)
 

@@ -19,6 +19,7 @@ from gradscope.capture.distributed import DistributedContext
 from gradscope.capture.follow import model_change
 from gradscope.capture.guard import NonFiniteGuard
 from gradscope.capture.live import Diagnosis, stop_message
+from gradscope.capture.nonfinite import auto_locate
 from gradscope.capture.order import ForwardOrder
 from gradscope.capture.step import StepRecorder
 from gradscope.capture.target import check_buffer_size, unwrap_optimizer, watchable_layout
@@ -49,7 +50,9 @@ def build_parts(scope: Any, *, first: bool) -> None:
     acts = ActivationMonitor(target, scope._hooks) if scope._want_acts else None
     if first:
         scope._dist = DistributedContext.detect(layout.tensors, options.distributed)
-        scope.engine.check_requirements(scope.stat_names, activations=bool(acts and acts.paths) or scope._want_acts)
+        # "noise_scale": the estimator's scalars, which the batch-size rules read (watch(noise_scale=...))
+        collected = [*scope.stat_names, *(["noise_scale"] if options.noise_scale is not False else [])]
+        scope.engine.check_requirements(collected, activations=bool(acts and acts.paths) or scope._want_acts)
     scope._order = ForwardOrder(layout, scope._hooks)
     scope.device = next(t.device for t in layout.tensors if t.requires_grad)
     scope._recorder = StepRecorder(
@@ -68,6 +71,9 @@ def attach_parts(scope: Any) -> None:
     """Register the recorder's hooks and the forward-order hook; open the sinks on the layout."""
     acts = scope._recorder.acts
     scope._recorder.attach(type(scope.module).__name__, scope._sinks)
+    # The origin of the first NaN, found without being asked: no module hook until then (on a CPU, an
+    # optimizer pre-hook after the recorder's own copies the weights before an update that writes NaN).
+    auto_locate(scope)
     if not scope.compiled:
         # Learn the depth order of layers from the first forward pass (removed after it).
         scope._order.attach(scope.module, acts.entries if acts else [])
@@ -169,6 +175,7 @@ def attach_optimizer(scope: Any, optimizer: Any) -> None:
     if optimizer is None or optimizer is scope._recorder.optimizer:
         return
     scope._recorder.attach_optimizer(optimizer)
+    auto_locate(scope)  # its pre-hook follows the recorder's to the new optimizer
     if scope._guard is not None:
         scope._guard.attach(optimizer)
     scope.optimizer = optimizer

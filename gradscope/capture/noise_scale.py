@@ -505,9 +505,22 @@ class NoiseScale:
             mode=self.mode,
         )
 
-    def scalars(self) -> dict[str, Tensor]:
-        """``{"noise_scale": self.value()}``: what a scope adds to the scalars of each step (no sync)."""
-        return {"noise_scale": self.value()}
+    def scalars(self) -> dict[str, Tensor | float]:
+        """What a scope adds to the scalars of each step (no sync).
+
+        ``noise_scale``: :meth:`value`. Without ``decay``, also the running sums of the per-step estimates
+        of ``tr(Sigma)`` and ``|G|^2`` (``noise_scale_trace_sum``, ``noise_scale_grad_sq_sum``) and the
+        batch of the last step (``noise_scale_batch``, ``b_big``): the rules ``batch_size_too_small`` and
+        ``batch_size_too_large`` difference the sums between recorded steps to judge a recent window,
+        whatever ``every`` is (an exponential moving average cannot be differenced, so ``decay`` leaves
+        them out).
+        """
+        out: dict[str, Tensor | float] = {"noise_scale": self.value()}
+        if self.decay is None:
+            out["noise_scale_trace_sum"] = self._sum_tr
+            out["noise_scale_grad_sq_sum"] = self._sum_g2
+            out["noise_scale_batch"] = self._last[1]
+        return out
 
     def __repr__(self) -> str:
         return f"NoiseScale(mode={self.mode!r}, batch_size={self.batch_size}, steps={self._steps})"

@@ -23,6 +23,21 @@ both through :meth:`gradscope.GradScope.locate_nonfinite`:
   on that forward only), then removes every hook and mode it installed. Call it again afterwards
   to get the origin.
 
+* **Automatic** (the default, :func:`auto_locate`): when the first ``nonfinite_gradients`` finding is
+  confirmed (on a CPU at the step that produced it), the forward checks are armed for the model's
+  next forward, with no call from the user, and the origin is added to that finding (its message
+  and ``evidence["origin"]``, so the report, the JSON and the TensorBoard text show it) and logged.
+  Nothing is installed before: a run without NaN never gets a module hook, a mode or a read. By
+  then the optimizer has usually written NaN into every weight the NaN gradient reached, so the
+  next forward would blame the first of them. On a CPU with an optimizer, the row of the step is
+  host memory in the optimizer's pre-hook (one comparison of bytes per step, the check the live
+  diagnosis makes anyway): at the first non-finite gradient the weights and buffers are copied
+  *before* the update (one copy of the model's parameters and buffers, held until the next
+  forward), and the next forward's inputs are run once more through the model with that copy
+  (``torch.func.functional_call``) under the checks, then the copy is freed. Otherwise (an
+  accelerator, no optimizer) the next forward itself is checked, and an origin that reads a
+  non-finite parameter says that the update may have written it.
+
 A non-finite value found in the forward pass is reported first (it came first, even when a later
 ``tanh`` or ``softmax`` absorbed it); the backward is searched when the forward was finite.
 Values that are non-finite on purpose are not origins: an operation given a non-finite Python
@@ -34,6 +49,7 @@ creates a NaN (a fully masked row's softmax).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import weakref
@@ -49,7 +65,7 @@ from torch.overrides import TorchFunctionMode
 from gradscope.capture.weakcall import WeakCall
 from gradscope.findings import Finding
 
-__all__ = ["LOSS", "NonfiniteLocator", "NonfiniteOrigin", "locate_nonfinite", "tensor_stats"]
+__all__ = ["LOSS", "NonfiniteLocator", "NonfiniteOrigin", "auto_locate", "locate_nonfinite", "tensor_stats"]
 
 #: The "module" of operations that ran outside the model (in ``loss_fn``).
 LOSS = "(loss function)"
@@ -478,7 +494,7 @@ def _replay(model: nn.Module, batch: Any, loss_fn: Callable[[Any, Any], Tensor],
 
 
 class NonfiniteLocator:
-    """Finds where a NaN came from for one scope; installs nothing until asked.
+    """Finds where a NaN came from for one scope; installs nothing until asked (or until the first NaN).
 
     Args:
         scope: the :class:`gradscope.GradScope` (held weakly).
@@ -490,6 +506,11 @@ class NonfiniteLocator:
         self._scope = weakref.ref(scope)
         self.origin: NonfiniteOrigin | None = None
         self._armed: _Checks | None = None
+        self._finding: Finding | None = None  # the finding an automatic arming amends
+        self._before: dict[str, Tensor] | None = None  # parameters and buffers before the update that wrote NaN
+        self._before_step: int | None = None
+        self._replaying = False
+        self._auto_handle: Any = None  # auto_locate's optimizer pre-hook
 
     @property
     def armed(self) -> bool:
@@ -503,7 +524,8 @@ class NonfiniteLocator:
             return None
         origin = _replay(scope.module, batch, loss_fn, max(scope.step_count, 1))
         if origin is not None:
-            self._deliver(scope, origin)
+            self.disarm()  # an arming still waiting for the next forward has nothing left to find
+            self._deliver(scope, origin, asked=True)
         return origin
 
     def arm(self) -> None:
@@ -514,7 +536,7 @@ class NonfiniteLocator:
         checks = _Checks(scope.module)
         hooks = scope._hooks
         # Order matters: the gate's pre-hook runs before the checks' own, its post-hook after theirs.
-        hooks.add(self.GROUP, scope.module.register_forward_pre_hook(WeakCall(self, "_gate_pre")))
+        hooks.add(self.GROUP, scope.module.register_forward_pre_hook(WeakCall(self, "_gate_pre"), with_kwargs=True))
         checks.install()
         for handle in checks.handles:  # the scope's manager owns them too: close() removes an unused arming
             hooks.add(self.GROUP, handle)
@@ -530,29 +552,102 @@ class NonfiniteLocator:
         if scope is not None:
             scope._hooks.remove(self.GROUP)
 
-    def _gate_pre(self, module: nn.Module, args: Any) -> None:
-        if self._armed is not None:
-            self._armed.mode.__enter__()
+    # -- automatic ---------------------------------------------------------------------------------------
+    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """The optimizer's pre-hook (after the scope's capture): copy the weights before a NaN update."""
+        scope = self._scope()
+        if scope is None or self._before is not None or self._finding is not None or self.origin is not None:
+            return
+        if optimizer is not scope._recorder.optimizer or scope._diagnosis.pending_finite():
+            return
+        module = scope.module
+        with torch.no_grad():
+            # tied parameters are listed once, under their first name: functional_call ties them again
+            before = {name: p.detach().clone() for name, p in module.named_parameters()}
+            before.update({name: b.detach().clone() for name, b in module.named_buffers()})
+        # (the hook stays until close(): removing it here would change the optimizer's hooks while it runs them)
+        self._before, self._before_step = before, scope._recorder.pending.step
+
+    def _auto_arm(self, finding: Finding) -> None:
+        """The first ``nonfinite_gradients`` finding is confirmed: check the next forward, amend the finding."""
+        scope = self._scope()
+        if scope is None or self.origin is not None or scope.closed:
+            return
+        self._finding = finding
+        self.arm()
+
+    # -- the armed forward ---------------------------------------------------------------------------------
+    def _gate_pre(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        checks = self._armed
+        if checks is None or self._replaying:
+            return
+        if self._before is None:
+            checks.mode.__enter__()
+            return
+        # The weights as they were before the update that wrote NaN, with this forward's inputs: the
+        # forward is run once more, on the side, under the checks; the user's forward runs unchecked.
+        self._replaying = True
+        before, self._before = self._before, None
+        devices = sorted({p.device.index or 0 for p in before.values() if p.device.type == "cuda"})
+        names = set(checks.param_names.values())
+        for name, t in before.items():  # the copies stand for the parameters and buffers they copy
+            if name in names:
+                checks.param_names[id(t)] = name
+            else:
+                checks.buffer_ids.add(id(t))
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), checks.mode:
+                torch.func.functional_call(module, before, args, kwargs, strict=False)
+        except Exception as exc:  # a forward that fails on the side: the checks have what they found
+            _LOG.info("gradscope: the forward replayed to locate the NaN raised %s: %s", type(exc).__name__, exc)
+        finally:
+            self._replaying = False
+            del before
+            self._finish(checks)
 
     def _gate_post(self, module: nn.Module, args: Any, output: Any) -> None:
         checks = self._armed
-        if checks is None:
+        if checks is None or self._replaying:
             return
         checks.mode.__exit__(None, None, None)
+        self._finish(checks)
+
+    def _finish(self, checks: _Checks) -> None:
         self.disarm()
         scope = self._scope()
         if scope is None:
             return
+        step = self._before_step if self._before_step is not None else scope.step_count + 1
         if checks.forward is None:
             _LOG.info("gradscope: the forward checked for NaN/Inf was finite (a transient NaN: replay its batch).")
             return
-        self._deliver(scope, _origin(checks, checks.forward, "forward", scope.step_count + 1))
+        origin = _origin(checks, checks.forward, "forward", step)
+        if self._finding is not None and self._before_step is None and origin.cause == "parameter":
+            origin = dataclasses.replace(
+                origin,
+                message=origin.message
+                + " The optimizer's update with the non-finite gradient may have written that parameter: the "
+                "first layer in backward order holding NaN/Inf is the better lead.",
+            )
+        self._deliver(scope, origin, asked=self._finding is None)
 
-    def _deliver(self, scope: Any, origin: NonfiniteOrigin) -> None:
-        """A ``nonfinite_gradients`` finding carrying it, unless one exists; else a log line."""
+    def _deliver(self, scope: Any, origin: NonfiniteOrigin, *, asked: bool) -> None:
+        """Add the origin to the ``nonfinite_gradients`` finding; a finding of its own when there is none."""
         self.origin = origin
-        if any(f.kind == "nonfinite_gradients" for f in scope.engine.findings):
-            _LOG.warning("gradscope: %s", origin.message)
+        existing = next((f for f in scope.engine.findings if f.kind == "nonfinite_gradients"), None)
+        if existing is not None and "origin" in existing.evidence:
+            return
+        # Asked for (a replay, an arming by hand): a warning. Found on its own: the finding it amends was
+        # announced already (at its own level), so the origin is logged at INFO.
+        _LOG.log(logging.WARNING if asked else logging.INFO, "gradscope: %s", origin.message)
+        if existing is not None:
+            amended = dataclasses.replace(
+                existing,
+                message=f"{existing.message} Origin: {origin.message}",
+                evidence={**existing.evidence, "origin": origin.to_dict()},
+            )
+            scope._diagnosis.amend(existing, amended)
+            self._finding = amended
             return
         layer = origin.module if origin.module not in ("", LOSS) else None
         scope.engine.findings.append(
@@ -575,13 +670,43 @@ class NonfiniteLocator:
 _LOCATORS: weakref.WeakKeyDictionary[Any, NonfiniteLocator] = weakref.WeakKeyDictionary()
 
 
+def _locator(scope: Any) -> NonfiniteLocator:
+    locator = _LOCATORS.get(scope)
+    if locator is None:
+        locator = _LOCATORS[scope] = NonfiniteLocator(scope)
+    return locator
+
+
+def auto_locate(scope: Any) -> None:
+    """Locate the origin of the first NaN automatically (see the module docstring); call after the hooks attach.
+
+    Sets the scope's ``Diagnosis.first_nonfinite`` (arm the next forward when the first
+    ``nonfinite_gradients`` finding is confirmed) and, on a CPU buffer with an optimizer, registers an
+    optimizer step pre-hook after the scope's own (which captures the gradients): it copies the
+    weights before an update that would write NaN into them. No module hook is installed until then.
+
+    Args:
+        scope: the :class:`gradscope.GradScope`, its parts built and attached (again after a re-layout).
+    """
+    locator = _locator(scope)
+    diagnosis = scope._diagnosis
+    diagnosis.first_nonfinite = WeakCall(locator, "_auto_arm")
+    if locator._auto_handle is not None:
+        locator._auto_handle.remove()
+        locator._auto_handle = None
+    optimizer = scope._recorder.optimizer
+    if optimizer is not None and scope._recorder.buffer.device.type == "cpu":
+        handle = optimizer.register_step_pre_hook(WeakCall(locator, "_pre_step"))
+        # In the recorder's group: removed with its hooks (another optimizer, a re-layout, close()).
+        scope._hooks.add("optimizer", handle)
+        locator._auto_handle = handle
+
+
 def locate_nonfinite(
     scope: Any, batch: Any = None, loss_fn: Callable[[Any, Any], Tensor] | None = None
 ) -> NonfiniteOrigin | None:
     """``GradScope.locate_nonfinite``: replay ``batch``, or arm the next forward (see the module docstring)."""
-    locator = _LOCATORS.get(scope)
-    if locator is None:
-        locator = _LOCATORS[scope] = NonfiniteLocator(scope)
+    locator = _locator(scope)
     if batch is not None:
         if loss_fn is None:
             from gradscope.errors import ConfigurationError

@@ -172,6 +172,12 @@ class RuleEngine:
                 self.inactive.append(f"{rule.name} (needs {need})")
                 continue
             kept.append(rule)
+            if missing == ["noise_scale"]:
+                raise ConfigurationError(
+                    f"Rule {rule.name!r} needs the gradient noise scale, which this scope does not estimate. Watch "
+                    "with noise_scale=<micro-batch size> (per rank under DDP; or True), or leave the rule out with "
+                    f"rules=['all', '-{rule.name}']."
+                )
             if missing:
                 raise ConfigurationError(
                     f"Rule {rule.name!r} needs statistic(s) {', '.join(map(repr, missing))}, which this scope does "

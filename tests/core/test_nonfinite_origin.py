@@ -247,7 +247,10 @@ def test_existing_finding_is_not_duplicated_and_origin_is_logged(caplog):
         _unchanged(model, snap)
         assert (origin.module, origin.operation) == ("bad", "sqrt")
         found = [f for f in scope.report().findings if f.kind == "nonfinite_gradients"]
-        assert len(found) == 1 and "origin" not in found[0].evidence
+        # one NaN, one finding: the origin is added to the finding the rule confirmed (issue 17: the
+        # report and the JSON show it), and logged
+        assert len(found) == 1 and found[0].evidence["origin"] == origin.to_dict()
+        assert found[0].message.endswith(origin.message) and found[0].step == 1
         assert any("sqrt" in r.getMessage() for r in caplog.records)
 
 

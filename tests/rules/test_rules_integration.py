@@ -236,12 +236,16 @@ def test_rules_from_all_that_cannot_run_are_left_out_but_named_rules_are_strict(
             "saturated_activations (needs activation statistics)",
             "learning_rate_too_high (needs update_ratio)",
             "learning_rate_too_low (needs update_ratio)",
+            "batch_size_too_small (needs noise_scale)",
+            "batch_size_too_large (needs noise_scale)",
         ]
     with gradscope.watch(model, stats=["l2_norm", "rms"]) as scope:
         assert scope.engine.inactive == [
             "nonfinite_gradients (needs nonfinite_count)",
             "learning_rate_too_high (needs update_ratio)",
             "learning_rate_too_low (needs update_ratio)",
+            "batch_size_too_small (needs noise_scale)",
+            "batch_size_too_large (needs noise_scale)",
         ]
     with pytest.raises(gradscope.ConfigurationError, match="needs activation statistics"):
         gradscope.watch(model, activations=False, rules=["all", "dead_units"])

@@ -98,6 +98,8 @@ def test_rules_from_all_are_implicit_and_left_out_quietly_named_ones_raise() -> 
         "loss_spike",
     }
     assert sorted(engine.inactive) == [
+        "batch_size_too_large (needs noise_scale)",
+        "batch_size_too_small (needs noise_scale)",
         "dead_units (needs activation statistics)",
         "learning_rate_too_high (needs update_ratio)",
         "learning_rate_too_low (needs update_ratio)",
