@@ -77,8 +77,13 @@ def _row_noise(rows: np.ndarray) -> np.ndarray:
     return 1.4826 * mad / np.sqrt(6.0)
 
 
-def _first_flat_prefix(post: np.ndarray, lo: int, z: float, dec: float) -> int | None:
-    """The shortest prefix of ``post`` (``lo`` losses or more) in which a decrease is not established.
+def _first_flat_prefix(post: np.ndarray, lo: int, z: float, dec: float, persist: int = 1) -> int | None:
+    """The shortest prefix of ``post`` (``lo`` losses or more) from which a decrease stays not established.
+
+    ``persist``: that prefix and the ``persist - 1`` longer ones must all be flat, and the returned
+    ``p`` is the longest of them (the step at which the stall is established): one short prefix whose
+    decrease is not yet established is not a stall when more losses establish it (a converging loss,
+    falling slowly and noisily, looks flat over its first few dozen steps).
 
     For each prefix of ``p`` losses: ``a`` and ``b`` the medians of its first and last ``p // 2``, ``s``
     its noise (:func:`_noise`); a decrease is established when ``(a - b) - z * se > dec * |a|`` with
@@ -103,8 +108,13 @@ def _first_flat_prefix(post: np.ndarray, lo: int, z: float, dec: float) -> int |
     mad = _row_medians(np.sort(dev, axis=1), nd, is_sorted=True)
     sigma = np.where(nd > 0, 1.4826 * mad / np.sqrt(6.0), 0.0)
     falling = (a - b) - z * (_MEDIAN_SE * sigma * np.sqrt(2.0 / np.maximum(h, 1))) > dec * np.abs(a)
-    flat = np.flatnonzero(~falling)
-    return int(p[flat[0]]) if len(flat) else None
+    if persist <= 1:
+        flat = np.flatnonzero(~falling)
+        return int(p[flat[0]]) if len(flat) else None
+    # runs of `persist` flat prefixes in a row: the first one that completes
+    run = np.convolve((~falling).astype(np.int64), np.ones(persist, dtype=np.int64), mode="valid")
+    done = np.flatnonzero(run == persist)
+    return int(p[done[0] + persist - 1]) if len(done) else None
 
 
 def _update_ratio(frame: StatsFrame, rows: np.ndarray) -> np.ndarray:
@@ -420,7 +430,10 @@ class LossNotDecreasing(Rule):
         # decrease is not established: the finding describes the evidence as of that step, so it is the
         # same whenever, and however often, the rule looks (live at every step, or once at the end).
         done = self._scanned[1] if self._scanned is not None and self._scanned[0] == s else 0
-        p = _first_flat_prefix(post, max(int(th["min_steps"]), done + 1), z, dec)
+        m = int(th["min_steps"])
+        # established once `min_steps // 2` more losses keep a decrease unestablished (rescanning the last
+        # prefixes, so a run that spans two calls is found: the result does not depend on the cadence)
+        p = _first_flat_prefix(post, max(m, done - m + 2), z, dec, persist=m // 2)
         self._scanned = (s, len(post))
         if p is None:
             return None  # still falling, established: the optimizer's steps got small, not useless
