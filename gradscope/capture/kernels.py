@@ -612,12 +612,9 @@ class FusedMoments:
         fn = cpu_kernel()
         if fn is None:
             return False
-        wanted = self.plan.wanted(sampled)
-        cols = self._cols.get(sampled)
-        if cols is None:
-            cols = self._cols[sampled] = [MOMENT_INDEX[m] if m in wanted else -1 for m in GRAD_MOMENTS]
+        cols, full = self._columns(sampled)
         try:
-            fn(grads, view, rows, cols, bool(wanted - CORE_MOMENTS))
+            fn(grads, view, rows, cols, full)
         except (RuntimeError, TypeError, ValueError):  # checked before anything is written
             return False
         if self.plan.custom:
@@ -629,6 +626,14 @@ class FusedMoments:
                 dest.copy_(custom)
         self.last_path = "kernel"
         return True
+
+    def _columns(self, sampled: bool) -> tuple[list[int], bool]:
+        """The kernel's column of each moment (-1: not taken) for a step, and whether it takes all six."""
+        wanted = self.plan.wanted(sampled)
+        cols = self._cols.get(sampled)
+        if cols is None:
+            cols = self._cols[sampled] = [MOMENT_INDEX[m] if m in wanted else -1 for m in GRAD_MOMENTS]
+        return cols, bool(wanted - CORE_MOMENTS)
 
     def __getstate__(self) -> dict[str, Any]:
         # The kernel's copy of the parameter list is neither copied nor pickled: made again on use.
@@ -656,12 +661,9 @@ class FusedMoments:
                 held = self._param_set = (params, _state["param_set"](list(params)))
             except (RuntimeError, TypeError, ValueError):
                 return False
-        wanted = self.plan.wanted(sampled)
-        cols = self._cols.get(sampled)
-        if cols is None:
-            cols = self._cols[sampled] = [MOMENT_INDEX[m] if m in wanted else -1 for m in GRAD_MOMENTS]
+        cols, full = self._columns(sampled)
         try:
-            done = bool(held[1].moments_into(view, cols, bool(wanted - CORE_MOMENTS)))
+            done = bool(held[1].moments_into(view, cols, full))
         except (RuntimeError, TypeError, ValueError):  # checked before anything is written
             return False
         if done:
