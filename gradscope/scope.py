@@ -24,7 +24,7 @@ from gradscope.capture.hooks import HookManager
 from gradscope.capture.layout import unwrap_model
 from gradscope.capture.meta import report_meta
 from gradscope.capture.noise_scale import NoiseScaleEstimate, noise_scale_from_option, scope_estimate
-from gradscope.capture.step import scalar_value
+from gradscope.capture.step import step_values
 from gradscope.capture.target import check_arguments, is_compiled, unwrap_optimizer
 from gradscope.capture.weakcall import WeakCall
 from gradscope.errors import ConfigurationError, GradscopeWarning, NonFiniteGradientError
@@ -187,8 +187,7 @@ class GradScope:
             raise ConfigurationError(
                 "This gradscope scope is closed; scope.step() can no longer be called. Watch again."
             )
-        named = {"loss": loss, "val_loss": val_loss, **scalars, **(self._noise.scalars() if self._noise else {})}
-        values = {k: scalar_value(k, v) for k, v in named.items() if v is not None}
+        values = step_values(loss, val_loss, scalars, self._noise)
         diagnosis = self._diagnosis
         diagnosis.cadence.step_started()
         self._step += 1

@@ -156,9 +156,9 @@ class RepeatDetector:
     def repeated(self, recorder: StepRecorder, layout: ParamLayout) -> bool:
         """Whether the step ending now repeats the previous one (call before ``recorder.finish``)."""
         pending = recorder.pending
-        marker = _grad_marker(layout)
         if pending is None or recorder.optimizer is None or pending.opt_stepped or pending.grads_done:
             return False
+        marker = _grad_marker(layout)
         if marker is None:
             return True
         return self._marker is not None and self._marker[0]() is marker[0]() and self._marker[1] == marker[1]

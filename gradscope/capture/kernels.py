@@ -546,7 +546,7 @@ class FusedMoments:
         #: The path the last call took (``kernel``, ``foreach`` or ``eager``): for tests and benchmarks.
         self.last_path = ""
         self._tails: dict[tuple[int, torch.device], Tensor] = {}
-        self._cols: dict[bool, list[int]] = {}
+        self._cols: dict[bool, tuple[list[int], bool]] = {}
         self._param_set: tuple[list[Tensor], Any] | None = None  # (the list, the kernel's copy of it)
 
     def __call__(self, grads: Sequence[Tensor], params: Sequence[Tensor], *, sampled: bool) -> Tensor:
@@ -629,11 +629,14 @@ class FusedMoments:
 
     def _columns(self, sampled: bool) -> tuple[list[int], bool]:
         """The kernel's column of each moment (-1: not taken) for a step, and whether it takes all six."""
-        wanted = self.plan.wanted(sampled)
-        cols = self._cols.get(sampled)
-        if cols is None:
-            cols = self._cols[sampled] = [MOMENT_INDEX[m] if m in wanted else -1 for m in GRAD_MOMENTS]
-        return cols, bool(wanted - CORE_MOMENTS)
+        got = self._cols.get(sampled)
+        if got is None:
+            wanted = self.plan.wanted(sampled)
+            got = self._cols[sampled] = (
+                [MOMENT_INDEX[m] if m in wanted else -1 for m in GRAD_MOMENTS],
+                bool(wanted - CORE_MOMENTS),
+            )
+        return got
 
     def __getstate__(self) -> dict[str, Any]:
         # The kernel's copy of the parameter list is neither copied nor pickled: made again on use.
@@ -651,12 +654,13 @@ class FusedMoments:
             False, having written nothing, when the path does not apply (a parameter frozen or without a
             gradient, a gradient the kernel cannot read, the kernel not built): use :meth:`write`.
         """
-        if self.plan.custom or self.path not in ("auto", "kernel") or view.device.type != "cpu":
-            return False
-        if cpu_kernel() is None:
+        if self.plan.custom or self.path not in ("auto", "kernel"):
             return False
         held = self._param_set
         if held is None or held[0] is not params:
+            # (checked once per parameter list: the buffer's device does not change, nor does the kernel)
+            if view.device.type != "cpu" or cpu_kernel() is None:
+                return False
             try:
                 held = self._param_set = (params, _state["param_set"](list(params)))
             except (RuntimeError, TypeError, ValueError):

@@ -21,7 +21,8 @@ hands each new **confirmed** finding on (sinks at the next flush, ``on_finding``
   every step or two), and at once on a sampled row (activation statistics), on the step a gradient
   goes missing and while its rows without one are counted. When it sees something new, the rules run
   at once and then at every recorded step for :data:`HOT_STEPS` steps, so that a rule's ``confirm``
-  span is judged as it completes. A healthy run rarely triggers it; a broken one pays a few
+  span is judged as it completes (when only activation modules crossed a threshold, at the sampled
+  steps of the next ``3 * sample_every`` instead: their evidence arrives there alone). A healthy run rarely triggers it; a broken one pays a few
   milliseconds per step for a while. On a CPU, the newest row's non-finite counts are checked at
   every recorded step whatever ``k_s`` (a comparison of bytes of host memory), so a NaN is
   confirmed at the step that produced it. The ordinary step, with nothing due, compares a few
@@ -567,6 +568,7 @@ class Diagnosis:
             saturated_threshold=float(th.get("saturated_activations", {}).get("threshold", 0.5)),
         )
         self._hot_until = 0  # the rules run at every recorded step up to this step (after a screen flag)
+        self._hot_acts = False  # ... at its sampled steps only (the flag was about activations alone)
         self._nan_seen = False  # the screen saw a non-finite gradient (the per-step check has done its job)
         buffer = recorder.buffer
         # A CPU buffer is host memory: the screen reads its rows in place (no copy, no frame) and the
@@ -661,7 +663,7 @@ class Diagnosis:
             suspect = not (self._nan_seen or last.skipped or self._row_finite(len(rows) - 1, last))
             if (
                 not suspect
-                and step_count > self._hot_until
+                and not self._is_hot(step_count, last)
                 and cadence.screen_waiting < cadence.k_screen
                 and cadence.waiting < cadence.k_eval
                 and not (last.sampled and self._acts)
@@ -671,7 +673,8 @@ class Diagnosis:
                 return  # the ordinary step: counters compared, one row's non-finite counts read
         else:
             suspect = False
-        hot = step_count <= self._hot_until and cadence.waiting > 0
+        rows = self.recorder.rows
+        hot = self._is_hot(step_count, rows[-1] if rows else None) and cadence.waiting > 0
         if host is not None:
             screen = True
         else:
@@ -704,9 +707,21 @@ class Diagnosis:
         if evaluate:
             cadence.evaluated(clock() - t0)
 
+    def _is_hot(self, step_count: int, last: RecordedRow | None) -> bool:
+        """Whether the rules run at this step after a trigger (at sampled rows only, for activations alone)."""
+        if step_count > self._hot_until:
+            return False
+        return not self._hot_acts or (last is not None and last.sampled)
+
     def _triggered(self, reasons: list[str], step_count: int) -> None:
         self._nan_seen = self._nan_seen or "nonfinite" in reasons
-        self._hot_until = step_count + HOT_STEPS
+        acts_only = all(r == "activation" for r in reasons)
+        if acts_only and not self._hot_acts and step_count <= self._hot_until:
+            acts_only = False  # already running at every step for gradient evidence: keep that
+        self._hot_acts = acts_only
+        # Activation statistics arrive at sampled steps only: rules that confirm over 3 of them need 3 x sample_every.
+        span = max(HOT_STEPS, 3 * self._options.sample_every) if acts_only else HOT_STEPS
+        self._hot_until = max(self._hot_until, step_count + span)
         self.last_trigger = (step_count, reasons)
         self.cadence.triggered += 1
 

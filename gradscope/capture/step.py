@@ -42,7 +42,16 @@ from gradscope.stats.moments import MOMENT_INDEX, MomentPlan, _local
 if TYPE_CHECKING:
     from gradscope.options import WatchOptions
 
-__all__ = ["MAX_SCALARS", "SKIP_COL", "PendingStep", "RecordedRow", "StepRecorder", "frame_schema", "scalar_value"]
+__all__ = [
+    "MAX_SCALARS",
+    "SKIP_COL",
+    "PendingStep",
+    "RecordedRow",
+    "StepRecorder",
+    "frame_schema",
+    "scalar_value",
+    "step_values",
+]
 
 _M = MOMENT_INDEX
 #: Most named scalars a scope records (loss, val_loss and the user's); later names are dropped.
@@ -58,7 +67,7 @@ _Warn = Callable[[str, str], None]
 _NOT_NONE = functools.partial(operator.is_not, None)
 
 
-@dataclass
+@dataclass(slots=True)
 class PendingStep:
     """The recorded step in progress, between :meth:`StepRecorder.begin` and :meth:`StepRecorder.finish`.
 
@@ -93,7 +102,7 @@ class PendingStep:
     updated: list[int] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class RecordedRow:
     """Host metadata of one finished step whose statistics wait in the device buffer for a flush.
 
@@ -193,6 +202,7 @@ class StepRecorder:
         # The live copy in flight (accelerators): its rows, the pinned host tensor, the event after it.
         self._streaming: tuple[list[RecordedRow], Tensor, Any] | None = None
         self._scalar_cols: dict[str, int] = {}
+        self._passed_cache: dict[tuple[str, ...], list[int]] = {}
         self._dropped_scalars: set[str] = set()
         self._opt_seen = False
         self._trust_optimizer = optimizer is not None
@@ -311,7 +321,7 @@ class StepRecorder:
                 skipped = False
         if not pending.grads_done:
             self._capture_grads(pending)
-        elif pending.marked and pending.grad_marker != self._grad_marker() and self._grad_marker() is not None:
+        elif pending.marked and pending.grad_marker != (marker := self._grad_marker()) and marker is not None:
             self._warn(
                 "order",
                 "A backward pass ran between optimizer.step() and scope.step(): call scope.step() right after "
@@ -336,7 +346,7 @@ class StepRecorder:
             RecordedRow(
                 step=step,
                 skipped=skipped,
-                passed=[self._scalar_cols[k] for k in values if k in self._scalar_cols],
+                passed=self._passed(values),
                 has_grad=has,
                 trainable=self._all_true
                 if trainable is self._all_trainable or all(trainable)
@@ -788,6 +798,16 @@ class StepRecorder:
             "one your loop steps? Statistics are now taken at scope.step() and no step is treated as skipped.",
         )
 
+    def _passed(self, values: dict[str, Union[float, Tensor]]) -> list[int]:
+        """The scalar columns of ``values`` (cached per set of names: the same few at every step)."""
+        key = tuple(values)
+        cols = self._passed_cache.get(key)
+        if cols is None:
+            cols = [self._scalar_cols[k] for k in values if k in self._scalar_cols]
+            if len(self._passed_cache) < 64:
+                self._passed_cache[key] = cols
+        return cols
+
     def _write_scalars(self, slot: int, values: dict[str, Union[float, Tensor]]) -> None:
         view: Tensor | None = None
         for name, v in values.items():
@@ -801,6 +821,7 @@ class StepRecorder:
                         )
                     continue
                 col = self._scalar_cols[name] = len(self._scalar_cols)
+                self._passed_cache.clear()
             if isinstance(v, Tensor):
                 view = self.buffer.scalars(slot) if view is None else view
                 view[col].copy_(v.to(device=view.device, dtype=view.dtype, non_blocking=True))
@@ -821,6 +842,7 @@ class StepRecorder:
         if agreed != names:
             # Another rank logged other scalars: columns now follow the list every rank shares.
             self._scalar_cols = {name: i for i, name in enumerate(agreed)}
+            self._passed_cache.clear()
 
     def _snapshot(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The first ``n`` rows on the host; the row of the step in progress moves to the front."""
@@ -881,6 +903,19 @@ def _unscale_moments(block: Tensor, scale: Tensor) -> Tensor:
     return block
 
 
+def step_values(
+    loss: Any, val_loss: Any, scalars: dict[str, Any], noise: Any = None
+) -> dict[str, Union[float, Tensor]]:
+    """The scalars of one ``scope.step()`` call, validated (:func:`scalar_value`); None values left out.
+
+    ``noise``: the scope's noise-scale estimator, whose per-step scalars join them (None: off).
+    """
+    if not scalars and val_loss is None and not noise:  # the common call: the loss alone
+        return {} if loss is None else {"loss": scalar_value("loss", loss)}
+    named = {"loss": loss, "val_loss": val_loss, **scalars, **(noise.scalars() if noise else {})}
+    return {k: scalar_value(k, v) for k, v in named.items() if v is not None}
+
+
 def scalar_value(name: str, value: Any) -> Union[float, Tensor]:
     """Validate a scalar passed to ``scope.step``; tensors stay on their device.
 
@@ -893,12 +928,13 @@ def scalar_value(name: str, value: Any) -> Union[float, Tensor]:
                 f"Expected `{name}` passed to scope.step() to be a scalar, but got a tensor of shape "
                 f"{list(value.shape)}. Pass {name}=tensor.mean() (or the reduction your loss uses)."
             )
-        if value.is_complex():
+        if value.dtype.is_complex:
             raise ConfigurationError(f"Expected `{name}` passed to scope.step() to be real, but got a complex tensor.")
-        v = value.detach().reshape(())
-        if v.device.type == "cpu":
+        if value.is_cpu:
             # sync point: CPU tensors only; the value is in host memory already, there is no device to wait for.
-            return float(v)
+            # (item() reads it without the detach and reshape a device tensor needs: a fraction of a microsecond)
+            return float(value.item())
+        v = value.detach().reshape(())
         return v if v.is_floating_point() else v.float()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ConfigurationError(
