@@ -154,6 +154,17 @@ class _LearningRateRule(Rule):
         """Steps of history the buffers keep."""
         return 2 * int(self.thresholds["window"]) + int(self.thresholds.get("smooth", 10))
 
+    def check(self, ctx: RuleContext) -> list[Finding]:
+        """Take in the rows recorded since the last check and judge them (nothing once the rule has fired)."""
+        if self._fired:
+            return []
+        new = self._take(ctx)
+        return [] if new is None else self._judge_new(ctx, new)
+
+    def _judge_new(self, ctx: RuleContext, new: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[Finding]:
+        """The verdict on the new rows ``(loss steps, losses, sampled steps)`` from :meth:`_take`."""
+        raise NotImplementedError
+
     def _take(self, ctx: RuleContext) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Append the rows recorded since the last call; return the new ``(loss steps, losses, sampled steps)``.
 
@@ -248,13 +259,8 @@ class LearningRateTooHigh(_LearningRateRule):
         self._blown = False  # a non-finite loss was judged
         self._stuck_judged = 0  # the last step judged for large steps without progress
 
-    def check(self, ctx: RuleContext) -> list[Finding]:
+    def _judge_new(self, ctx: RuleContext, new: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[Finding]:
         """Judge the sampled steps recorded since the last check."""
-        if self._fired:
-            return []
-        new = self._take(ctx)
-        if new is None:
-            return []
         ls, _, ss = new
         th = self.thresholds
         smooth, window = int(th["smooth"]), int(th["window"])
@@ -499,13 +505,8 @@ class LearningRateTooLow(_LearningRateRule):
             )
         return work[np.isfinite(work)]
 
-    def check(self, ctx: RuleContext) -> list[Finding]:
+    def _judge_new(self, ctx: RuleContext, new: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[Finding]:
         """Judge the windows ending at the first new sampled step of each ``window / 2`` stretch (one or two a check)."""
-        if self._fired:
-            return []
-        new = self._take(ctx)
-        if new is None:
-            return []
         _, _, ss = new
         th = self.thresholds
         found: list[Finding] = []

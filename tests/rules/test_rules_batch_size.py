@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +228,53 @@ def test_window_estimate_interval_is_fieller_and_the_judgement_is_incremental():
     assert len(first) == 1 and first[0].kind == "batch_size_too_small"
     assert (first[0].step, first[0].evidence) == (fresh_first[0].step, fresh_first[0].evidence)
     assert first[0].evidence["estimates"] == 100  # rows of two steps: 200 steps' estimates
+
+
+# -- DDP, 2 gloo processes: the local gradient against the all-reduced one ------------------------------
+DDP_B, DDP_STEPS = 16, 300
+
+
+def _ddp_rank(rank: int, world: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    try:
+        model, x, y = problem(d=64, out=64, delta=3.0, noise=1.0)  # the same weights and data on every rank
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.0)
+        gen = torch.Generator().manual_seed(100 + rank)  # each rank its own samples
+        with gradscope.watch(ddp, optimizer=opt, noise_scale=DDP_B, rules=RULES) as scope:
+            for _ in range(DDP_STEPS):
+                idx = torch.randint(0, N, (DDP_B,), generator=gen)
+                loss_fn(ddp(x[idx]), y[idx]).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                scope.step()
+        found = [(f.kind, f.step, f.evidence) for f in scope.report().findings if f.kind.startswith("batch_size")]
+        Path(out, f"rank{rank}.json").write_text(json.dumps(found, default=float))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_a_batch_far_below_the_noise_scale_is_found_on_every_rank_with_the_global_batch():
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    with tempfile.TemporaryDirectory(prefix="gradscope-bs-ddp-") as out:
+        mp.spawn(_ddp_rank, args=(2, out), nprocs=2, join=True)
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
+    model, x, y = problem(d=64, out=64, delta=3.0, noise=1.0)
+    ref = exact_b_simple(model, x, y)
+    for found in ranks:
+        assert [k for k, _, _ in found] == ["batch_size_too_small"], found
+    (_, step0, e0), (_, step1, e1) = ranks[0][0], ranks[1][0]
+    # the ranks agree: the rules judged the same all-reduced rows, at the same step
+    assert step0 == step1 and e0["b_simple"] == e1["b_simple"]
+    # the batch is the global one (2 ranks x 16), and the estimate is of the same B_simple as in one process
+    assert e0["batch"] == 2 * DDP_B
+    assert abs(e0["b_simple"] / ref - 1) < 0.2, (e0, ref)
+    assert e0["b_simple_low"] <= ref <= e0["b_simple_high"], (e0, ref)
