@@ -265,9 +265,97 @@ void activation_into(torch::Tensor y, int64_t outer, int64_t units, int64_t inne
   o[2] = kind == 0 ? nan : (double)frac;
 }
 
+// The weights' side of the update ratio on a sampled step, two passes instead of five. Before the
+// optimizer step: copy each weight src[k] into dst[k] and write its sum of squares (one read, one
+// write, where a copy and a separate sum of squares read the weights twice). After it: the sum of
+// squares of before - after without writing the difference (two reads, where a subtraction in place
+// and a sum of squares read three times and write once). Sums as in core_one (blocks in the input
+// type, float64 across blocks), the difference in the input type as torch's subtraction rounds it.
+// Every tensor is checked before anything is written.
+namespace {
+void check_pairs(const std::vector<torch::Tensor>& as, const std::vector<torch::Tensor>& bs, const torch::Tensor& out,
+                 const std::vector<int64_t>& rows, int64_t col, const char* what) {
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kFloat64 && out.is_contiguous() && out.dim() == 2,
+              what, ": out must be a contiguous [R, C] float64 CPU tensor");
+  TORCH_CHECK(as.size() == bs.size(), what, ": two lists of the same length");
+  TORCH_CHECK(rows.empty() || rows.size() == as.size(), what, ": one row per tensor");
+  TORCH_CHECK(col >= 0 && col < out.size(1), what, ": column out of range");
+  for (size_t k = 0; k < as.size(); ++k) {
+    const auto& a = as[k];
+    const auto& b = bs[k];
+    for (const auto* t : {&a, &b})
+      TORCH_CHECK(t->device().is_cpu() && t->layout() == torch::kStrided && t->is_contiguous() &&
+                      !t->key_set().has(c10::DispatchKey::Python) &&
+                      (t->scalar_type() == torch::kFloat32 || t->scalar_type() == torch::kFloat64),
+                  what, ": contiguous float32/float64 CPU tensors only");
+    TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.numel() == b.numel(), what, ": pairs of one dtype and size");
+    const int64_t r = rows.empty() ? (int64_t)k : rows[k];
+    TORCH_CHECK(r >= 0 && r < out.size(0), what, ": row out of range");
+  }
+}
+
+template <typename T>
+double copy_sumsq_one(const T* __restrict x, T* __restrict y, int64_t n) {
+  double sumsq = 0.0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min<int64_t>(n, start + kBlock);
+    T ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = start; i < end; ++i) { const T v = x[i]; y[i] = v; ss += v * v; }
+    sumsq += ss;
+  }
+  return sumsq;
+}
+
+template <typename T>
+double diff_sumsq_one(const T* __restrict a, const T* __restrict b, int64_t n) {
+  double sumsq = 0.0;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t end = std::min<int64_t>(n, start + kBlock);
+    T ss = 0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = start; i < end; ++i) { const T d = a[i] - b[i]; ss += d * d; }
+    sumsq += ss;
+  }
+  return sumsq;
+}
+}  // namespace
+
+void copy_sumsq_into(std::vector<torch::Tensor> srcs, std::vector<torch::Tensor> dsts, torch::Tensor out,
+                     std::vector<int64_t> rows, int64_t col) {
+  check_pairs(srcs, dsts, out, rows, col, "copy_sumsq_into");
+  double* o = out.data_ptr<double>();
+  const int64_t C = out.size(1);
+  for (size_t k = 0; k < srcs.size(); ++k) {
+    const int64_t r = rows.empty() ? (int64_t)k : rows[k];
+    const auto& x = srcs[k];
+    auto& y = dsts[k];
+    o[r * C + col] = x.scalar_type() == torch::kFloat32
+                         ? copy_sumsq_one<float>(x.data_ptr<float>(), y.data_ptr<float>(), x.numel())
+                         : copy_sumsq_one<double>(x.data_ptr<double>(), y.data_ptr<double>(), x.numel());
+  }
+}
+
+void diff_sumsq_into(std::vector<torch::Tensor> as, std::vector<torch::Tensor> bs, torch::Tensor out,
+                     std::vector<int64_t> rows, int64_t col) {
+  check_pairs(as, bs, out, rows, col, "diff_sumsq_into");
+  double* o = out.data_ptr<double>();
+  const int64_t C = out.size(1);
+  for (size_t k = 0; k < as.size(); ++k) {
+    const int64_t r = rows.empty() ? (int64_t)k : rows[k];
+    const auto& a = as[k];
+    const auto& b = bs[k];
+    o[r * C + col] = a.scalar_type() == torch::kFloat32
+                         ? diff_sumsq_one<float>(a.data_ptr<float>(), b.data_ptr<float>(), a.numel())
+                         : diff_sumsq_one<double>(a.data_ptr<double>(), b.data_ptr<double>(), a.numel());
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("activation_into", &activation_into);
   m.def("moments_into", &moments_into);
+  m.def("copy_sumsq_into", &copy_sumsq_into);
+  m.def("diff_sumsq_into", &diff_sumsq_into);
   py::class_<ParamSet>(m, "ParamSet")
       .def(py::init<std::vector<torch::Tensor>>())
       .def("moments_into", &ParamSet::moments_into);
@@ -275,7 +363,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 """
 
 _lock = threading.Lock()
-_state: dict[str, Any] = {"state": "unbuilt", "fn": None, "param_set": None, "act": None, "error": None}
+_state: dict[str, Any] = {
+    "state": "unbuilt",
+    "fn": None,
+    "param_set": None,
+    "act": None,
+    "copy_sumsq": None,
+    "diff_sumsq": None,
+    "error": None,
+}
 
 
 def _clear_stale_lock(name: str) -> None:
@@ -355,7 +451,22 @@ def _check_and_keep(module: Any) -> None:
     got = check.tolist()
     if got[0][:2] != [0.5, 0.5] or got[0][2] == got[0][2]:
         raise RuntimeError(f"activation self-check gave {got}")
-    _state.update(state="ready", fn=fn, param_set=module.ParamSet, act=act)
+    pair = torch.zeros(1, 2, dtype=torch.float64)
+    src, dst = torch.tensor([3.0, -4.0]), torch.zeros(2)
+    module.copy_sumsq_into([src], [dst], pair, [], 0)
+    module.diff_sumsq_into([src], [torch.tensor([1.0, -1.0])], pair, [], 1)
+    # sync point: CPU tensors only; the self-check of a freshly loaded kernel, once per process.
+    got = pair.tolist() + dst.tolist()
+    if got != [[25.0, 13.0], 3.0, -4.0]:
+        raise RuntimeError(f"update self-check gave {got}")
+    _state.update(
+        state="ready",
+        fn=fn,
+        param_set=module.ParamSet,
+        act=act,
+        copy_sumsq=module.copy_sumsq_into,
+        diff_sumsq=module.diff_sumsq_into,
+    )
 
 
 def _build() -> None:
@@ -673,6 +784,30 @@ class FusedMoments:
         if done:
             self.last_path = "kernel"
         return done
+
+    def copy_sumsq(self, src: list[Tensor], dst: list[Tensor], view: Tensor, col: int) -> bool:
+        """``dst[k] <- src[k]`` and ``sum(src[k]**2)`` into ``view[k, col]``, one read of each weight; False if it does not apply.
+
+        The weight snapshot of the update ratio and the weights' sum of squares (``psumsq``) of a sampled
+        step in one pass (the compiled CPU kernel). Nothing is written when it returns False.
+        """
+        if self.path not in ("auto", "kernel") or view.device.type != "cpu" or cpu_kernel() is None:
+            return False
+        try:
+            _state["copy_sumsq"](src, dst, view, [], col)
+        except (RuntimeError, TypeError, ValueError):  # checked before anything is written
+            return False
+        return True
+
+    def diff_sumsq(self, before: list[Tensor], after: list[Tensor], view: Tensor, rows: list[int], col: int) -> bool:
+        """``sum((before[k] - after[k])**2)`` into ``view[rows[k], col]``, nothing else written; False if it does not apply."""
+        if self.path not in ("auto", "kernel") or view.device.type != "cpu" or cpu_kernel() is None:
+            return False
+        try:
+            _state["diff_sumsq"](before, after, view, rows, col)
+        except (RuntimeError, TypeError, ValueError):  # checked before anything is written
+            return False
+        return True
 
     def write_sumsq(self, tensors: list[Tensor], view: Tensor, rows: list[int], col: int) -> bool:
         """Sums of squares of ``tensors`` into ``view[rows, col]`` with the CPU kernel; False if it does not apply."""

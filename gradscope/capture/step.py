@@ -85,6 +85,7 @@ class PendingStep:
         found_inf: the device flag of a fused step skipped by GradScaler.
         finite: with ``on_nonfinite="raise"``, a 0-d device bool: every captured gradient is finite.
         updated: indices of the tensors whose weights were snapshot for the update ratio.
+        psumsq_due: the weights' sums of squares are left to the weight snapshot (one read of the weights).
     """
 
     slot: int
@@ -100,6 +101,7 @@ class PendingStep:
     found_inf: Tensor | None = None
     finite: Tensor | None = None
     updated: list[int] = field(default_factory=list)
+    psumsq_due: bool = False
 
 
 @dataclass(slots=True)
@@ -565,7 +567,7 @@ class StepRecorder:
         try:
             pending.opt_stepped = True
             self._read_loss_scale(optimizer, pending)
-            self._capture_grads(pending)
+            self._capture_grads(pending, snapshot=self._update_on and pending.sampled)
             pending.grad_marker, pending.marked = self._grad_marker(), True
             if self._update_on and pending.sampled:
                 self._snapshot_weights(pending)
@@ -581,12 +583,17 @@ class StepRecorder:
         try:
             upd = pending.updated
             prev = [self._prev[i] for i in upd]
-            # prev <- before - after; its sum of squares is ||update||^2 (prev is refilled next step)
             tensors = self.layout.tensors
-            with torch.no_grad():  # (no per-tensor detach(): a fixed number of operator calls)
-                torch._foreach_sub_(prev, [_local(tensors[i]) for i in upd])
+            after = [_local(tensors[i]) for i in upd]
             view = self.buffer.moments(pending.slot)
-            if self.moments.write_sumsq(prev, view, [] if len(upd) == view.shape[0] else upd, _M["dsumsq"]):
+            rows = [] if len(upd) == view.shape[0] else upd
+            # ||before - after||^2 without writing the difference (the compiled CPU kernel: two reads)
+            if self.moments.diff_sumsq(prev, after, view, rows, _M["dsumsq"]):
+                return
+            # prev <- before - after; its sum of squares is ||update||^2 (prev is refilled next step)
+            with torch.no_grad():  # (no per-tensor detach(): a fixed number of operator calls)
+                torch._foreach_sub_(prev, after)
+            if self.moments.write_sumsq(prev, view, rows, _M["dsumsq"]):
                 return
             dsq = self.moments.sumsq(prev)
             col = view[:, _M["dsumsq"]]
@@ -620,7 +627,7 @@ class StepRecorder:
             self._index_cache[key] = t
         return t
 
-    def _capture_grads(self, pending: PendingStep) -> None:
+    def _capture_grads(self, pending: PendingStep, *, snapshot: bool = False) -> None:
         """Moments of every present gradient and weight into the pending row (device work only)."""
         if self._one_device and pending.grad_scale is None and not self._step_sinks and self.plan.needs_grads:
             # The common CPU step: the kernel reads every p.grad itself (no Python loop over parameters).
@@ -630,7 +637,10 @@ class StepRecorder:
                 pending.present = self._all_idx
                 pending.trainable = self._all_trainable
                 if self._param_on and pending.sampled:
-                    self._write_param_sumsq(self.layout.tensors, view, [])
+                    if snapshot:
+                        pending.psumsq_due = True  # the weight snapshot reads the weights: it writes them
+                    else:
+                        self._write_param_sumsq(self.layout.tensors, view, [])
                 self._after_capture(pending, view, self._all_idx)
                 return
         idx, trainable, grads = self._present()
@@ -751,6 +761,8 @@ class StepRecorder:
         upd = self._in_optimizer(pending.present)
         pending.updated = upd
         if not upd:
+            if pending.psumsq_due:
+                self._write_param_sumsq(self.layout.tensors, self.buffer.moments(pending.slot), [])
             return
         # DTensor (FSDP2): copy the local shard; the update's moments are reduced with the others.
         tensors = self.layout.tensors
@@ -767,6 +779,12 @@ class StepRecorder:
                     self._prev[i] = buf
                 dst.append(buf)
             self._prev_list = (upd, dst)
+        if pending.psumsq_due:
+            view = self.buffer.moments(pending.slot)
+            # every tensor present and updated: the copy and the weights' sums of squares in one read
+            if len(upd) == view.shape[0] and self.moments.copy_sumsq(src, dst, view, _M["psumsq"]):
+                return
+            self._write_param_sumsq(self.layout.tensors, view, [])
         with torch.no_grad():
             torch._foreach_copy_(dst, src)
 

@@ -195,6 +195,34 @@ def test_the_kernel_reads_the_gradients_of_the_parameters_itself_or_declines_wit
         last.requires_grad_(True)
 
 
+@pytest.mark.slow
+def test_the_weight_snapshot_and_the_update_norm_take_one_pass_each_and_match_float64(cpu_kernel):
+    g = torch.Generator().manual_seed(0)
+    fused = FusedMoments(MomentPlan(MOMENTS), path="kernel")
+    for dtype, rtol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+        src = [torch.randn(shape, generator=g).to(dtype) for shape in ((7, 5), (5,), (3000,))]
+        dst = [torch.zeros_like(t) for t in src]
+        view = torch.full((3, 4), float("nan"), dtype=torch.float64)
+        assert fused.copy_sumsq(src, dst, view, 2)
+        assert all(torch.equal(a, b) for a, b in zip(src, dst))  # an exact copy
+        ref = [float((t.double() ** 2).sum()) for t in src]
+        np.testing.assert_allclose(view[:, 2].numpy(), ref, rtol=rtol)
+        assert torch.isnan(view[:, [0, 1, 3]]).all()  # nothing else written
+        after = [t + 0.01 * torch.randn(t.shape, generator=g).to(dtype) for t in src]
+        assert fused.diff_sumsq(dst, after, view, [2, 0, 1], 3)  # rows in another order
+        # the reference: the difference rounded in the tensors' dtype (as torch subtracts), summed in float64
+        ref = [float(((b - a).double() ** 2).sum()) for b, a in zip(dst, after)]
+        np.testing.assert_allclose(view[[2, 0, 1], 3].numpy(), ref, rtol=rtol)
+        assert all(torch.equal(a, b) for a, b in zip(src, dst))  # the snapshot is left as it was
+    # what it cannot read (a transposed view, mismatched pairs, half precision): False, nothing written
+    view = torch.full((1, 2), float("nan"), dtype=torch.float64)
+    t = torch.randn(4, 3)
+    for a, b in ((t.t(), torch.zeros(3, 4)), (t, torch.zeros(5)), (t.half(), torch.zeros(4, 3).half())):
+        assert not fused.copy_sumsq([a], [b], view, 0)
+        assert not fused.diff_sumsq([a], [b], view, [], 1)
+    assert torch.isnan(view).all()
+
+
 # -- what the usual path cannot measure --------------------------------------------------------------
 def test_a_sparse_gradient_is_measured_over_its_values_and_the_other_layers_stay_exact():
     torch.manual_seed(0)
