@@ -118,6 +118,11 @@ class TensorBoardSink(Sink):
         histogram_bins: equal-width buckets per histogram, between the layer's min and max.
         figure_every: the gradient-flow figure at the first flush after every this many steps (and
             always at ``close()``); None: only at ``close()``.
+        figure_budget: the most of the run's wall time the regular figures may take (default 0.02:
+            2 %): drawing one takes 0.2-0.8 s of matplotlib, so a due figure is
+            skipped while the previous one took more than this share of the time since it was drawn
+            (a 1 ms toy step gets one every few thousand steps; a 100 ms step one every
+            ``figure_every``). None: every due figure. The figure at ``close()`` is always drawn.
         per_param: also one scalar tag per parameter (``gradscope/<stat>/<layer>/<param>``); layer
             aggregates only by default, since each tag costs writing time at every step.
         stats: the statistics written as scalars (gradient and activation statistics); None: every one
@@ -140,6 +145,7 @@ class TensorBoardSink(Sink):
         histogram_weights: bool = False,
         histogram_bins: int = 64,
         figure_every: int | None = 1000,
+        figure_budget: float | None = 0.02,
         per_param: bool = False,
         stats: Sequence[str] | None = None,
         layout: bool = True,
@@ -157,6 +163,14 @@ class TensorBoardSink(Sink):
             )
         self.histogram_bins = bins
         self.figure_every = optional_positive_int("figure_every", figure_every)
+        if figure_budget is not None and not (
+            isinstance(figure_budget, (int, float)) and not isinstance(figure_budget, bool) and 0 < figure_budget <= 1
+        ):
+            raise ConfigurationError(
+                f"Expected `figure_budget` to be a share of the run's time in (0, 1] or None (every figure), "
+                f"but got {figure_budget!r}."
+            )
+        self.figure_budget = None if figure_budget is None else float(figure_budget)
         self.per_param = boolean("per_param", per_param)
         self.stats = stat_selection("TensorBoardSink", stats)
         self.layout = boolean("layout", layout)
@@ -173,6 +187,10 @@ class TensorBoardSink(Sink):
         self._flagged: list[str] = []
         self._fig_window = 0
         self._fig_step = -1
+        self._fig_cost = 0.0  # wall seconds the last regular figure took to draw
+        self._fig_done: float | None = None  # clock() when it was drawn
+        #: Wall-clock seconds (monotonic) for the figure budget; tests may replace it.
+        self.clock = time.perf_counter
         self._last_frame: StatsFrame | None = None
         self._layers_by_depth: list[str] = []
         self._layout_key: tuple[Any, ...] | None = None  # what the last layout written was built from
@@ -427,14 +445,23 @@ class TensorBoardSink(Sink):
         due = final
         if self.figure_every is not None and last // self.figure_every > self._fig_window:
             self._fig_window = last // self.figure_every
-            due = True
+            due = self._within_budget()
         if not due:
             return
         if last != self._fig_step:  # the last regular flush may have drawn this very step
             self._fig_step = last
+            t0 = self.clock()
             self._add_figure(T.FIGURE_TAG, self._flow_figure(frame), last)
+            self._fig_done = self.clock()
+            self._fig_cost = self._fig_done - t0
         if final:
             self._add_figure(T.HEATMAP_TAG, self._heatmap_figure(frame), last)
+
+    def _within_budget(self) -> bool:
+        """Whether a due regular figure may be drawn: the last one took at most ``figure_budget`` of the time since."""
+        if self._fig_done is None or self.figure_budget is None:
+            return True
+        return self._fig_cost <= self.figure_budget * (self.clock() - self._fig_done)
 
     def _add_figure(self, tag: str, fig: Any, step: int) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import struct
 
+import pytest
 from sinkhelp import FiresAtStep, load_events, small_mlp, tensor_text, train
 
+from gradscope.errors import ConfigurationError
 from gradscope.sinks import tags as T
+from gradscope.sinks.tensorboard import TensorBoardSink
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -65,7 +68,8 @@ def test_machine_readable_records(tmp_path):
 
 
 def test_gradient_flow_figure_at_intervals_and_at_close(tmp_path):
-    train(small_mlp(), 23, log_dir=tmp_path, flush_every=5, figure_every=10)
+    sink = TensorBoardSink(tmp_path, figure_every=10, figure_budget=None)  # every due figure
+    train(small_mlp(), 23, sinks=[sink], flush_every=5)
     acc = load_events(tmp_path)
     flows = acc.Images(T.FIGURE_TAG)
     # first flush after steps 10 and 20 (flushes at 5, 10, 15, 20), then close at 23
@@ -73,6 +77,23 @@ def test_gradient_flow_figure_at_intervals_and_at_close(tmp_path):
     for e in flows:
         assert _png_size(e.encoded_image_string) == (e.width, e.height)
     assert [e.step for e in acc.Images(T.HEATMAP_TAG)] == [23]
+
+
+def test_a_regular_figure_is_skipped_while_the_last_one_took_more_than_its_share_of_the_run(tmp_path):
+    # steps of a few milliseconds, figures of a few hundred: at 2 % of the run's time, the figure due after
+    # step 20 comes too soon after the one drawn after step 10 (the first is always drawn), step 30's too
+    # drawn from 0 to 0.3 s; due at 0.35 s (skipped); due at 20 s, drawn from 20.1 to 20.4; at close from 30
+    clock = iter([0.0, 0.3, 0.35, 20.0, 20.1, 20.4, 30.0, 30.3])
+    sink = TensorBoardSink(tmp_path, figure_every=10)
+    assert sink.figure_budget == 0.02
+    sink.clock = lambda: next(clock)
+    train(small_mlp(), 33, sinks=[sink], flush_every=5)
+    steps = [e.step for e in load_events(tmp_path).Images(T.FIGURE_TAG)]
+    # drawn after step 10 (the first), skipped at 20 (0.3 s of drawing against 0.05 s since: 600 %),
+    # drawn at 30 (0.3 s against 19.7 s: 1.5 %), and at close (always)
+    assert steps == [10, 30, 33]
+    with pytest.raises(ConfigurationError, match="figure_budget"):
+        TensorBoardSink(tmp_path, figure_budget=0)
 
 
 def test_figures_only_at_close_when_figure_every_is_none(tmp_path):
