@@ -629,7 +629,7 @@ class StepRecorder:
 
     def _capture_grads(self, pending: PendingStep, *, snapshot: bool = False) -> None:
         """Moments of every present gradient and weight into the pending row (device work only)."""
-        if self._one_device and pending.grad_scale is None and not self._step_sinks and self.plan.needs_grads:
+        if self._one_device and pending.grad_scale is None and self.plan.needs_grads:
             # The common CPU step: the kernel reads every p.grad itself (no Python loop over parameters).
             view = self.buffer.moments(pending.slot)
             if self.moments.write_params(self.layout.tensors, view, sampled=pending.sampled):
