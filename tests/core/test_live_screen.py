@@ -243,3 +243,40 @@ def test_live_screen_on_rows():
     assert flags == [[], [], [], [], ["no_gradient"], []]  # the 5th row without one
     assert add(33, has=(False, False)) == ["no_gradient"]  # no gradient anywhere
     assert HOT_STEPS >= 10  # a rule's `confirm` span fits in the hot period
+
+
+def test_after_a_flag_about_activations_alone_the_rules_run_at_sampled_steps_only():
+    # Most units of the first ReLU dead from step 1 (bias -3 on unit inputs of about +-1): the screen
+    # flags the activation module on the first sampled row. Activation statistics arrive on sampled
+    # steps (1, 11, 21, ...) alone, so the hot period evaluates there, over 3 x sample_every steps,
+    # not at every step in between; dead_units (3 sampled steps) is confirmed at step 21 all the same.
+    model = _mlp()
+    with torch.no_grad():
+        model[0].bias.fill_(-3.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    evaluated: list[int] = []
+    confirmed: dict[str, int] = {}
+    step_now = {"n": 0}
+    scope = gradscope.watch(model, optimizer=opt, on_finding=lambda f: confirmed.setdefault(f.kind, step_now["n"]))
+    diagnosis = scope._diagnosis
+    ticks = iter(range(10**6))
+    # every reading of the clock one second later: a step, a screen and an evaluation all "take" about one
+    # tick, so the cadence alone would evaluate every flush_every steps (and screen as rarely), whatever
+    # this machine's speed: every evaluation before the flush at 50 comes from the flag
+    diagnosis.cadence.clock = lambda: float(next(ticks))
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 46):
+        step_now["n"] = step
+        before = diagnosis.cadence.evaluations
+        x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        scope.step()
+        opt.zero_grad()
+        if diagnosis.cadence.evaluations > before:
+            evaluated.append(step)
+    scope.close()
+    assert diagnosis.last_trigger == (1, ["activation"])
+    assert confirmed.get("dead_units") == 21
+    # the live evaluations: the flag's own step, then the sampled steps of the hot period (ends at 1 + 30)
+    assert evaluated == [1, 11, 21, 31], evaluated
