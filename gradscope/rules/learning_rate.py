@@ -12,7 +12,9 @@ Adam's normalisation, weight decay and any scheduler. That makes one threshold h
 The ratio alone is not a verdict (a ratio of 1e-2 is right for a short fine-tune and wrong for a long
 pre-training), so each rule also asks the loss: too high when the steps are (or were) large *and* the loss
 rose from its best level (the loss before the first update included), or when the steps stay very large
-and the loss is no lower than where the run started; too low when the steps are small *and* the loss is
+and the loss is no lower than where the run started, or when the loss jumped well above its level before
+any update right after the first updates (an overshoot: Adam's first step moves every entry by about ``lr``);
+too low when the steps are small *and* the loss is
 still falling at a steady rate (its progress does not slow down, so the run is far from where a larger step
 would overshoot), or when it falls at a steady rate and realises most of what a first-order model of the
 loss predicts for steps of that size (the *efficiency* ``-dL/step / (||g|| ||dw||)``: near 1 the step is in
@@ -230,7 +232,17 @@ class LearningRateTooHigh(_LearningRateRule):
     * **no progress under large steps**: the median ratio over the last ``window`` steps is at least
       ``high_ratio`` (steps of 5 % of the weights, sustained), and the median loss over those steps is
       not ``rise`` below the run's starting level (the loss at step 1, or the median of its first ``smooth``
-      losses): the weights move a lot and the loss has gained nothing.
+      losses): the weights move a lot and the loss has gained nothing; or
+    * **overshoot at the start**: within the ``smooth`` steps after the first update, a median of 3
+      consecutive losses is above the loss at step 1 (computed before any update) by more than ``rise`` of it
+      and ``z`` noise units (per-step noise over the first ``window`` losses), and a step up to then reached
+      ``high_ratio``. The first steps are the largest relative steps of a run at a constant learning rate
+      (Adam's first step moves every entry by about ``lr``, whatever the gradient: a ratio of ``lr / rms(w)``),
+      and the loss before them is the initialisation's, with no trend to confuse: steps that make the model
+      clearly worse than its random initialisation overshot, even when the loss recovers and later falls
+      (the run then trains from a damaged start, or sits at chance level). The median of 3 leaves out one
+      bad batch; judged once, at the first check after step ``window`` (or the last of a run shorter than that),
+      from the losses of steps ``1..window`` (the same whatever the check cadence).
 
     A loss that diverges to NaN/Inf is ``nonfinite_gradients``; this rule names the cause while the loss is
     still finite (oscillating or climbing), and also when the steps have shrunk since (a model that blew up
@@ -258,6 +270,7 @@ class LearningRateTooHigh(_LearningRateRule):
         self._folded = 0  # the last step whose running median was folded into `_best`
         self._blown = False  # a non-finite loss was judged
         self._stuck_judged = 0  # the last step judged for large steps without progress
+        self._early_judged = False  # the overshoot at the start was judged
 
     def _judge_new(self, ctx: RuleContext, new: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[Finding]:
         """Judge the sampled steps recorded since the last check."""
@@ -271,6 +284,11 @@ class LearningRateTooHigh(_LearningRateRule):
         if self._nonfinite is not None and not self._blown:
             self._blown = True
             found = self._blew_up(ctx, level0)
+            if found:
+                return found
+        if not self._early_judged and (self._seen >= window or (ctx.final and self._seen > smooth)):
+            self._early_judged = True
+            found = self._overshoot(ctx)
             if found:
                 return found
         if len(ls) == 0 or len(steps) < smooth:
@@ -346,6 +364,29 @@ class LearningRateTooHigh(_LearningRateRule):
         self._fired = True
         return [self._report(ctx, t, now, best, level0, noise, sustained, how)]
 
+    def _overshoot(self, ctx: RuleContext) -> list[Finding]:
+        """Did the loss jump well above its pre-update level right after the first updates (judged once)?"""
+        th = self.thresholds
+        smooth, window = int(th["smooth"]), int(th["window"])
+        steps, loss = self._loss_steps, self._loss
+        if self._start is None or not len(steps) or steps[0] > 2:
+            return []  # no loss before the first update, or the first losses already left the buffers
+        early = (steps >= 2) & (steps <= smooth + 1)
+        if early.sum() < 3:
+            return []
+        med3 = _running_median(loss[early], 3)  # one bad batch does not make a median of 3
+        i = int(np.argmax(med3))
+        now, start = float(med3[i]), self._start
+        end = int(steps[early][i + 2])
+        ratio = self._ratio[self._ratio_steps <= end]
+        peak = float(ratio.max()) if len(ratio) else 0.0
+        noise = _noise(loss[steps <= window])
+        if not (peak >= th["high_ratio"] and now > start + th["rise"] * abs(start) and now > start + th["z"] * noise):
+            return []
+        self._fired = True
+        self._peak = peak
+        return [self._report(ctx, end, now, start, start, noise, 0.0, "overshoot")]
+
     def _blew_up(self, ctx: RuleContext, level0: float | None) -> list[Finding]:
         """The loss became non-finite: was it climbing under large steps first (fewer than ``smooth`` losses do)?"""
         th = self.thresholds
@@ -380,13 +421,26 @@ class LearningRateTooHigh(_LearningRateRule):
     ) -> Finding:
         th = self.thresholds
         window = int(th["window"])
-        start = max(1, end - window + 1) if how == "stuck" else max(1, min(self._best_step, end - window + 1))
+        if how == "stuck":
+            start = max(1, end - window + 1)
+        elif how == "overshoot":
+            start = 1
+        else:
+            start = max(1, min(self._best_step, end - window + 1))
         layers = {k: v for k, v in _layer_ratios(ctx, start, end).items() if v >= th["high_ratio"]}
         worst = sorted(layers.items(), key=lambda kv: -kv[1])[:5]
         peak = max(self._peak, sustained)
         factor = _factor(peak / 0.01)
         named = ", ".join(f"{layer_label(n)} {fmt(v)}" for n, v in worst)
-        if how == "diverged":
+        if how == "overshoot":
+            what = (
+                f"the first updates moved the weights by up to {fmt(self._peak)} of their norm in one step "
+                f"(threshold {fmt(th['high_ratio'])}) and the loss jumped from {fmt(best)} before any update to "
+                f"{fmt(now)} (median of 3 consecutive losses, {fmt(100 * (now / best - 1)) if best else 'inf'}% "
+                f"higher; noise {fmt(noise)} per step): the first steps overshot, leaving the model worse than "
+                "its initialisation."
+            )
+        elif how == "diverged":
             what = (
                 f"the optimizer moved the weights by up to {fmt(self._peak)} of their norm in one step (threshold "
                 f"{fmt(th['high_ratio'])}) and the loss rose from its best level {fmt(best)} to {fmt(now)} "

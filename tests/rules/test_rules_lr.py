@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -105,3 +106,31 @@ def test_large_steps_that_gain_nothing_are_too_high():
     ev = found["learning_rate_too_high"].evidence
     assert max(ev["max_update_ratio"], ev["median_update_ratio"]) >= 0.05
     assert ev["loss"] > ev["best_loss"]
+
+
+def test_a_loss_that_jumps_after_the_first_updates_is_an_overshoot():
+    # AdamW at lr 0.3 on this task: its first step moves every entry by about lr (update ratio 2.2), the loss
+    # goes 1.46 -> 5.83, 4.28, 1.34 at steps 2-4, then recovers: a median of 3 of 4.28, 2.9x the loss before
+    # any update, far above its noise. At lr 0.03 the loss falls from the first step on: silent.
+    scope, _ = _run("adamw", 0.3, 60, rules=["learning_rate_too_high", "learning_rate_too_low"])
+    frame = scope.frame
+    loss = frame.scalar("loss")
+    (f,) = scope.report().findings
+    ev = f.evidence
+    assert f.kind == "learning_rate_too_high" and ev["signal"] == "overshoot" and f.step == 1
+    # the peak median of 3 over steps 2..11 (the `smooth` steps after the first update), by numpy
+    med3 = np.median(np.lib.stride_tricks.sliding_window_view(loss[1:11], 3), axis=1)
+    i = int(np.argmax(med3))
+    assert ev["window"] == [1, i + 4] and ev["loss"] == med3[i] and ev["best_loss"] == ev["start_loss"] == loss[0]
+    assert ev["noise"] == _noise(loss[:50])
+    assert ev["loss"] > 1.1 * loss[0] and ev["loss"] > loss[0] + 4 * ev["noise"]  # rise and z
+    # the largest model update ratio among the sampled steps up to the peak, from the frame's own aggregate
+    rows = np.flatnonzero(frame.sampled & (frame.steps <= i + 4))
+    assert ev["max_update_ratio"] == pytest.approx(float(np.max(frame.global_values("update_ratio", rows))), rel=1e-12)
+    assert ev["max_update_ratio"] >= 0.05
+
+    calm, _ = _run("adamw", 0.03, 60, rules=["learning_rate_too_high"])
+    calm_loss = calm.frame.scalar("loss")
+    calm_med3 = np.median(np.lib.stride_tricks.sliding_window_view(calm_loss[1:11], 3), axis=1)
+    assert calm_med3.max() < calm_loss[0]  # the loss never rose above where it started: nothing to report
+    assert not calm.report().findings
