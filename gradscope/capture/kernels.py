@@ -321,34 +321,42 @@ double diff_sumsq_one(const T* __restrict a, const T* __restrict b, int64_t n) {
 }
 }  // namespace
 
-void copy_sumsq_into(std::vector<torch::Tensor> srcs, std::vector<torch::Tensor> dsts, torch::Tensor out,
-                     std::vector<int64_t> rows, int64_t col) {
-  check_pairs(srcs, dsts, out, rows, col, "copy_sumsq_into");
-  double* o = out.data_ptr<double>();
-  const int64_t C = out.size(1);
-  for (size_t k = 0; k < srcs.size(); ++k) {
-    const int64_t r = rows.empty() ? (int64_t)k : rows[k];
-    const auto& x = srcs[k];
-    auto& y = dsts[k];
-    o[r * C + col] = x.scalar_type() == torch::kFloat32
-                         ? copy_sumsq_one<float>(x.data_ptr<float>(), y.data_ptr<float>(), x.numel())
-                         : copy_sumsq_one<double>(x.data_ptr<double>(), y.data_ptr<double>(), x.numel());
-  }
-}
-
-void diff_sumsq_into(std::vector<torch::Tensor> as, std::vector<torch::Tensor> bs, torch::Tensor out,
-                     std::vector<int64_t> rows, int64_t col) {
-  check_pairs(as, bs, out, rows, col, "diff_sumsq_into");
+// One pass per pair of tensors: `one(a, b, n)` returns the pair's sum into out[rows[k], col].
+template <typename One>
+void pairs_into(std::vector<torch::Tensor>& as, std::vector<torch::Tensor>& bs, torch::Tensor& out,
+                const std::vector<int64_t>& rows, int64_t col, const char* what, One one) {
+  check_pairs(as, bs, out, rows, col, what);
   double* o = out.data_ptr<double>();
   const int64_t C = out.size(1);
   for (size_t k = 0; k < as.size(); ++k) {
     const int64_t r = rows.empty() ? (int64_t)k : rows[k];
-    const auto& a = as[k];
-    const auto& b = bs[k];
-    o[r * C + col] = a.scalar_type() == torch::kFloat32
-                         ? diff_sumsq_one<float>(a.data_ptr<float>(), b.data_ptr<float>(), a.numel())
-                         : diff_sumsq_one<double>(a.data_ptr<double>(), b.data_ptr<double>(), a.numel());
+    o[r * C + col] = as[k].scalar_type() == torch::kFloat32 ? one.template operator()<float>(as[k], bs[k])
+                                                             : one.template operator()<double>(as[k], bs[k]);
   }
+}
+
+struct CopySumsq {  // dst <- src, and the sum of squares of src
+  template <typename T>
+  double operator()(torch::Tensor& x, torch::Tensor& y) const {
+    return copy_sumsq_one<T>(x.data_ptr<T>(), y.data_ptr<T>(), x.numel());
+  }
+};
+
+struct DiffSumsq {  // the sum of squares of a - b
+  template <typename T>
+  double operator()(torch::Tensor& a, torch::Tensor& b) const {
+    return diff_sumsq_one<T>(a.data_ptr<T>(), b.data_ptr<T>(), a.numel());
+  }
+};
+
+void copy_sumsq_into(std::vector<torch::Tensor> srcs, std::vector<torch::Tensor> dsts, torch::Tensor out,
+                     std::vector<int64_t> rows, int64_t col) {
+  pairs_into(srcs, dsts, out, rows, col, "copy_sumsq_into", CopySumsq{});
+}
+
+void diff_sumsq_into(std::vector<torch::Tensor> as, std::vector<torch::Tensor> bs, torch::Tensor out,
+                     std::vector<int64_t> rows, int64_t col) {
+  pairs_into(as, bs, out, rows, col, "diff_sumsq_into", DiffSumsq{});
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -78,10 +78,13 @@ def exact_b_simple(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return ((flat - mean).pow(2).sum(1).mean() / mean.pow(2).sum()).item()
 
 
-def train(model, x, y, *, b: int, k: int, steps: int, report_at: int | None = None, **watch):
-    """``steps`` optimizer steps of ``k`` micro-batches of ``b`` samples, learning rate 0, watched."""
+def train(model, x, y, *, b: int, k: int, steps: int, report_at: int | None = None, seed: int = 1, **watch):
+    """``steps`` optimizer steps of ``k`` micro-batches of ``b`` samples, learning rate 0, watched.
+
+    ``model`` may be a ``DistributedDataParallel`` wrapper; ``seed`` draws the samples (one per rank).
+    """
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     provisional = None
     with gradscope.watch(model, optimizer=opt, noise_scale=b, **watch) as scope:
         for step in range(1, steps + 1):
@@ -242,17 +245,9 @@ def _ddp_rank(rank: int, world: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     try:
         model, x, y = problem(d=64, out=64, delta=3.0, noise=1.0)  # the same weights and data on every rank
-        ddp = DDP(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.0)
-        gen = torch.Generator().manual_seed(100 + rank)  # each rank its own samples
-        with gradscope.watch(ddp, optimizer=opt, noise_scale=DDP_B, rules=RULES) as scope:
-            for _ in range(DDP_STEPS):
-                idx = torch.randint(0, N, (DDP_B,), generator=gen)
-                loss_fn(ddp(x[idx]), y[idx]).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                scope.step()
-        found = [(f.kind, f.step, f.evidence) for f in scope.report().findings if f.kind.startswith("batch_size")]
+        # each rank its own samples (seed); one micro-batch per step: DDP's all-reduce is the big batch
+        _, report, _ = train(DDP(model), x, y, b=DDP_B, k=1, steps=DDP_STEPS, seed=100 + rank, rules=RULES)
+        found = [(f.kind, f.step, f.evidence) for f in report.findings if f.kind.startswith("batch_size")]
         Path(out, f"rank{rank}.json").write_text(json.dumps(found, default=float))
     finally:
         dist.destroy_process_group()
