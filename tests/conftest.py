@@ -20,6 +20,17 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny tensors gain nothing from a second thread, and on a shared
+    CI machine the threads contend for busy cores (up to 10x slower). Modules that run many tiny ops use
+    it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Two threads: what CI has; more only oversubscribes the machine.
     torch.set_num_threads(min(2, torch.get_num_threads()))

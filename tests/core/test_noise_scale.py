@@ -29,13 +29,7 @@ from gradscope.errors import ConfigurationError
 N, D, OUT = 4096, 32, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: a second thread only adds synchronisation, and spins badly on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread (tests/conftest.py)
 
 
 def problem(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 _HERE = Path(__file__).parent
 
@@ -19,10 +17,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These tests run thousands of tiny float64 ops. On a shared CI machine, intra-op threads contend
-    # for busy cores and made the suite up to 10x slower; one thread is also the fastest for such sizes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """One thread for every reference test (the shared fixture of tests/conftest.py, automatic here).
+
+    These tests run thousands of tiny float64 ops. On a shared CI machine, intra-op threads contend for
+    busy cores and made the suite up to 10x slower; one thread is also the fastest for such sizes.
+    """

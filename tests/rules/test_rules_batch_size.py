@@ -35,13 +35,7 @@ N = 4096
 RULES = ["batch_size_too_small", "batch_size_too_large"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: a second thread only adds synchronisation, and spins badly on a shared CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices: one thread (tests/conftest.py)
 
 
 def problem(*, d: int, out: int, delta: float, noise: float, offset: float = 0.0):
