@@ -145,17 +145,19 @@ class Report:
 
     def _layer_table(self, limit: int = 12) -> tuple[list[list[str]], int]:
         """The text report's layer table (header first) and how many layers there are in all."""
-        df = self.stats
-        if df.empty:
-            return [], 0
-        lay = df[(df["param"] == "*") & (df["layer"] != "*")]
-        if lay.empty:
+        from gradscope.views.tables import aggregates
+
+        rows = aggregates(self)
+        if rows.empty:
             return [], 0
         wanted = ["l2_norm", "abs_max", "zero_fraction", "nonfinite_count", "update_ratio"]
-        present = [s for s in wanted if s in set(lay["stat"].unique())]  # unique(): no Python loop over rows
-        # the latest value of each statistic (sampled statistics are not taken at every step)
-        latest = lay[lay["stat"].isin(present)].sort_values("step", kind="stable").groupby(["layer", "stat"]).tail(1)
-        last = latest.pivot_table(index="layer", columns="stat", values="value", aggfunc="first")
+        known = set(rows.statistics())
+        present = [s for s in wanted if s in known]
+        # the latest value of each statistic (sampled statistics are not taken at every step); layers and
+        # statistics without one are left out, layers sorted by name (then put in depth order below)
+        last = rows.latest(present).dropna(how="all").dropna(axis=1, how="all").sort_index()
+        if last.empty:
+            return [], 0
         flagged = [f.layer for f in self.findings if f.layer]
         order = list(self.meta.get("layers_by_depth") or last.index)
         rows_layers = [layer for layer in order if layer in last.index]
@@ -203,7 +205,9 @@ class Report:
                 lines.append(f"      try: {f.suggestion}")
         table, total = self._layer_table()
         if table:
-            step = int(self.stats["step"].max())
+            from gradscope.views.tables import aggregates
+
+            step = aggregates(self).last_step()
             n_shown = len(table) - 1
             lines.append("")
             if n_shown < total:

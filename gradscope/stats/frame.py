@@ -588,27 +588,79 @@ class StatsFrame:
     def _long_block(self, rows: np.ndarray, stats: list[str], act_stats: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Values and presence of the long table's columns (see :meth:`to_dataframe`) at ``rows``, ``[R, n_cols]``."""
         sch = self.schema
-        sampled = self.sampled[rows]
         per_layer = self._group_values(stats, rows, sch.layer_groups)
         per_model = self._group_values(stats, rows, sch.model_group)
-        has_every = self.has_grad[rows]
-        has_sampled = has_every & sampled[:, None]
-        layer_any_every = sch.layer_groups.any(has_every)
-        layer_any_sampled = sch.layer_groups.any(has_sampled) if sch.sampled_stats else layer_any_every
+        masks_of = self._presence(rows)
         values: list[np.ndarray] = []
         masks: list[np.ndarray] = []
         for stat in stats:
-            on_sampled = stat in sch.sampled_stats
-            has = has_sampled if on_sampled else has_every
+            has, layer_any, model_any = masks_of[stat in sch.sampled_stats]
             values += [self.param_values(stat, rows), per_layer[stat], per_model[stat]]
-            masks += [has, layer_any_sampled if on_sampled else layer_any_every, np.any(has, axis=1, keepdims=True)]
+            masks += [has, layer_any, model_any]
         if act_stats:
             act = self._arrays()["act"][rows]
+            sampled = self.sampled[rows]
             for k in range(len(act_stats)):
                 vals = act[:, :, k]
                 values.append(vals)
                 masks.append(sampled[:, None] & ~np.isnan(vals))
         return np.concatenate(values, axis=1), np.concatenate(masks, axis=1)
+
+    def _presence(self, rows: np.ndarray) -> dict[bool, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Which entries of the long table exist at ``rows``: ``{sampled statistic?: (params, layers, model)}``.
+
+        A parameter's entry exists where it had a gradient (and, for a statistic of
+        ``schema.sampled_stats``, the row was sampled); a layer's where any of its parameters' does; the
+        model's where any parameter's does. ``[R, P]``, ``[R, L]``, ``[R, 1]`` bool.
+        """
+        sch = self.schema
+        has_every = self.has_grad[rows]
+        every = (has_every, sch.layer_groups.any(has_every), np.any(has_every, axis=1, keepdims=True))
+        if not sch.sampled_stats:
+            return {False: every, True: every}
+        has_sampled = has_every & self.sampled[rows][:, None]
+        sampled = (has_sampled, sch.layer_groups.any(has_sampled), np.any(has_sampled, axis=1, keepdims=True))
+        return {False: every, True: sampled}
+
+    def aggregate_block(
+        self, stat: str, *, values: bool = True
+    ) -> tuple[np.ndarray, list[str], np.ndarray | None, np.ndarray]:
+        """The ``param == "*"`` entries of :meth:`to_dataframe` for one statistic, as matrices.
+
+        Every row that is not skipped, whether or not ``stat`` has an entry there: ``(steps [R], names
+        [E], values [R, E], present [R, E])``, where the names are the layers then ``"*"`` (the model)
+        for a gradient statistic, the activation modules for an activation statistic, and ``present``
+        says which entries the long table holds (their values may be NaN: a non-finite gradient). The
+        same values as the table, without building it: the views of a live report read these.
+        ``values=False`` skips the aggregation (``values`` is None): which entries exist is cheap.
+        """
+        sch = self.schema
+        rows = np.flatnonzero(~self.skipped)
+        steps = self.steps[rows]
+        if stat in ACTIVATION_STATISTICS:
+            if not sch.act_modules:
+                return steps, [], np.zeros((len(rows), 0)), np.zeros((len(rows), 0), dtype=bool)
+            vals = self._arrays()["act"][rows][:, :, ACTIVATION_STATISTICS.index(stat)]
+            return steps, list(sch.act_modules), vals, self.sampled[rows][:, None] & ~np.isnan(vals)
+        self._check_stat(stat)
+        _, layer_any, model_any = self._presence(rows)[stat in sch.sampled_stats]
+        present = np.concatenate([layer_any, model_any], axis=1)
+        if not values:
+            return steps, [*sch.layers, GLOBAL], None, present
+        return steps, [*sch.layers, GLOBAL], self.aggregate_values(stat, rows), present
+
+    def aggregate_values(self, stat: str, rows: np.ndarray) -> np.ndarray:
+        """The values of :meth:`aggregate_block` at frame rows ``rows`` only, ``[len(rows), E]``."""
+        if stat in ACTIVATION_STATISTICS:
+            return self._arrays()["act"][rows][:, :, ACTIVATION_STATISTICS.index(stat)]
+        sch = self.schema
+        return np.concatenate(
+            [
+                self._group_values([stat], rows, sch.layer_groups)[stat],
+                self._group_values([stat], rows, sch.model_group)[stat],
+            ],
+            axis=1,
+        )
 
     def scalars_dataframe(self) -> pd.DataFrame:
         """Wide table of the scalars passed to ``scope.step``: index ``step``, one column per name."""

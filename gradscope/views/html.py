@@ -22,6 +22,7 @@ from gradscope._io import atomic_write_text
 from gradscope._version import __version__
 from gradscope.findings import Finding, count_errors, verdict
 from gradscope.findings import _findings_html as _notebook_findings_html
+from gradscope.views.tables import aggregates
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -213,7 +214,7 @@ def render_html(report: Report, *, title: str | None = None, source: str | None 
     model = report.meta.get("model", "model")
     title = title or f"gradscope report: {model}"
     try:
-        has_stats = not report.stats.empty
+        has_stats = not aggregates(report).empty
     except ValueError:
         has_stats = False
     figures = []
@@ -286,7 +287,7 @@ def render_notebook_html(report: Report, *, max_findings: int = 50) -> str:
     if len(report.findings) > len(shown):
         parts.append(f"<p>... and {len(report.findings) - len(shown)} more (<code>report.findings</code>).</p>")
     try:
-        has_grads = not report.stats.empty
+        has_grads = not aggregates(report).empty
     except ValueError:
         has_grads = False
     data = _png(report, "flow") if has_grads else None

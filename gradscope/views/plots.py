@@ -6,8 +6,10 @@ Two layers:
   :func:`loss_curves`) take plain arrays, draw into ``ax`` when given (else a new figure) and return
   the figure. The TensorBoard sink calls them with arrays from the live frame;
 * report plots, registered by kind with :func:`register_plot` (``"flow"``, ``"heatmap"``,
-  ``"norms"``, ``"loss"``), read ``report.stats`` and ``report.scalars``, so they work on a report
-  read back from JSON or TensorBoard as well. ``Report.plot(kind)`` and ``Report.save_plots(dir)``
+  ``"norms"``, ``"loss"``), read the layer aggregates of ``report.stats`` (through
+  :func:`gradscope.views.tables.aggregates`: from the run's frame when the report has one, without
+  building the long table) and ``report.scalars``, so they work on a report read back from JSON or
+  TensorBoard as well. ``Report.plot(kind)`` and ``Report.save_plots(dir)``
   use them.
 
 Figures are built with ``matplotlib.figure.Figure`` and rendered with the Agg canvas; pyplot is never
@@ -32,7 +34,7 @@ import numpy as np
 
 from gradscope._registry import Registry
 from gradscope.errors import ConfigurationError
-from gradscope.views.tables import gradient_layers, layer_matrix, layer_order, layer_statistics
+from gradscope.views.tables import aggregates
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -440,21 +442,8 @@ def _flagged(report: Report) -> list[str]:
     return [f.layer for f in report.findings if f.layer]
 
 
-def _depth(report: Report) -> list[str]:
-    return layer_order(report.stats, report.meta.get("layers_by_depth"))
-
-
-def _grad_layers(report: Report) -> list[str]:
-    """Layers with gradient statistics (activation modules have only ``act_*`` rows)."""
-    return gradient_layers(report.stats, report.meta.get("layers_by_depth"))
-
-
-def _layer_stats(report: Report) -> list[str]:
-    return layer_statistics(report.stats)
-
-
 def _check_stat(report: Report, stat: Any, kind: str) -> None:
-    known = _layer_stats(report)
+    known = aggregates(report).statistics()
     if not isinstance(stat, str) or stat not in known:
         raise ConfigurationError(
             f"Expected `stat` of report.plot({kind!r}) to be a statistic this run recorded per layer "
@@ -465,10 +454,11 @@ def _check_stat(report: Report, stat: Any, kind: str) -> None:
 @register_plot("flow")
 def plot_flow(report: Report, *, ax: Axes | None = None, step: int | None = None) -> Figure:
     """Gradient flow at ``step`` (default: the last step where ``abs_max`` was taken, else the last)."""
-    layers = _grad_layers(report)
-    typical_stat = "rms" if "rms" in set(report.stats["stat"].unique()) else "l2_norm"
-    s_typ, layers, typ = layer_matrix(report.stats, typical_stat, layers)
-    s_peak, _, peak = layer_matrix(report.stats, "abs_max", layers)
+    rows = aggregates(report)
+    layers = rows.gradient_layers(report.meta.get("layers_by_depth"))
+    typical_stat = "rms" if "rms" in rows.statistics() else "l2_norm"
+    s_typ, layers, typ = rows.matrix(typical_stat, layers)
+    s_peak, _, peak = rows.matrix("abs_max", layers)
     if step is not None:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not (s_typ == step).any():
             span = f"{int(s_typ[0])}..{int(s_typ[-1])}" if len(s_typ) else "none"
@@ -489,7 +479,8 @@ def plot_flow(report: Report, *, ax: Axes | None = None, step: int | None = None
 def plot_heatmap(report: Report, *, ax: Axes | None = None, stat: str = "l2_norm") -> Figure:
     """Layer x step heat map of ``log10(stat)`` (default the gradient norm)."""
     _check_stat(report, stat, "heatmap")
-    steps, layers, values = layer_matrix(report.stats, stat, _depth(report))
+    rows = aggregates(report)
+    steps, layers, values = rows.matrix(stat, rows.order(report.meta.get("layers_by_depth")))
     return norm_heatmap(layers, steps, values, stat=stat, flagged=_flagged(report), ax=ax)
 
 
@@ -497,11 +488,9 @@ def plot_heatmap(report: Report, *, ax: Axes | None = None, stat: str = "l2_norm
 def plot_norms(report: Report, *, ax: Axes | None = None, stat: str = "l2_norm") -> Figure:
     """Per-layer curves of ``stat`` (default the gradient norm), with the whole model dashed."""
     _check_stat(report, stat, "norms")
-    steps, layers, values = layer_matrix(report.stats, stat, _depth(report))
-    stats = report.stats
-    whole = stats[(stats["layer"] == "*") & (stats["stat"] == stat)].set_index("step")["value"]
-    model = whole.reindex(steps).to_numpy(dtype=np.float64) if len(whole) else None
-    return norm_curves(layers, steps, values, stat=stat, model=model, ax=ax)
+    rows = aggregates(report)
+    steps, layers, values = rows.matrix(stat, rows.order(report.meta.get("layers_by_depth")))
+    return norm_curves(layers, steps, values, stat=stat, model=rows.model(stat, steps), ax=ax)
 
 
 @register_plot("loss")

@@ -14,9 +14,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gradscope.report import Report
 from gradscope.stats.frame import ACTIVATION_STATISTICS, GLOBAL, FrameSchema, StatsFrame, _Groups, derive
 from gradscope.stats.moments import MOMENT_INDEX, MOMENTS, SUM_MOMENTS
-from gradscope.views.tables import gradient_layers, layer_matrix, layer_order, layer_statistics, layer_summary
+from gradscope.views.tables import (
+    aggregates,
+    gradient_layers,
+    layer_matrix,
+    layer_order,
+    layer_statistics,
+    layer_summary,
+)
 
 BUILTIN = ("l2_norm", "rms", "mean", "std", "abs_max", "zero_fraction", "nonfinite_count", "param_norm", "update_ratio")
 CUSTOM = {"c_mean": "mean", "c_sum": "sum", "c_max": "max", "c_min": "min", "c_norm": "norm"}
@@ -336,3 +344,66 @@ def test_layer_statistics_and_gradient_layers_equal_loops_over_rows() -> None:
     got = gradient_layers(stats, ["head", "enc.0"])
     assert got == [layer for layer in layer_order(stats, ["head", "enc.0"]) if layer in present]
     assert got[:2] == ["head", "enc.0"] and "act2" not in got and "act" in got
+
+
+# -- the same tables read from the frame (a live report) without building the long table -------------------
+def _reports(frame: StatsFrame, depth: list[str]) -> tuple[Report, Report]:
+    """The report of a run (its frame) and the same report read back (its long table alone)."""
+    meta = {"layers_by_depth": depth, "model": "M", "steps": int(frame.steps[-1]) if len(frame) else 0}
+    live = Report(findings=[], frame=frame, meta=meta)
+    read = Report(findings=[], stats=frame.to_dataframe(), meta=meta)
+    return live, read
+
+
+@pytest.mark.parametrize(
+    ("seed", "history", "shared_name"), [(0, None, False), (1, None, True), (2, 12, False), (5, None, True)]
+)
+def test_the_views_of_a_live_report_equal_those_of_its_long_table(
+    seed: int, history: int | None, shared_name: bool
+) -> None:
+    frame = random_frame(seed, rows=45, history=history)
+    if shared_name:  # an activation module that is also a layer (a PReLU: a parameter and an activation)
+        frame.schema.act_modules = ["layer2", "act1"]
+    depth = ["layer5", "layer2", "", "not-a-layer"]
+    live, read = _reports(frame, depth)
+    got, want = aggregates(live), aggregates(read)
+    assert type(got).__name__ == "_FrameAggregates" and type(want).__name__ == "_TableAggregates"
+    assert live._stats is None  # nothing below builds the long table of the live report
+    assert got.empty is want.empty is False
+    assert got.last_step() == want.last_step()
+    for order in (None, depth, ["act1", "layer1"]):
+        assert got.order(order) == want.order(order)
+        assert got.gradient_layers(order) == want.gradient_layers(order)
+    assert got.statistics() == want.statistics()
+    for stat in [*frame.schema.stats, "act_dead_fraction", "act_zero_fraction", "nope"]:
+        for layers in (None, ["layer6", "missing", "layer1", "act1", ""]):
+            g_steps, g_names, g_values = got.matrix(stat, layers)
+            w_steps, w_names, w_values = want.matrix(stat, layers)
+            assert g_names == w_names, stat
+            np.testing.assert_array_equal(g_steps, w_steps)
+            np.testing.assert_array_equal(g_values, w_values)
+        g_model, w_model = got.model(stat, w_steps), want.model(stat, w_steps)
+        assert (g_model is None) == (w_model is None), stat
+        if w_model is not None:
+            np.testing.assert_array_equal(g_model, w_model)
+    for order in (None, depth):
+        pd.testing.assert_frame_equal(got.summary(order), want.summary(order))
+        chosen = ["update_ratio", "act_dead_fraction", "l2_norm"]
+        pd.testing.assert_frame_equal(got.summary(order, chosen), want.summary(order, chosen))
+    chosen = ["nonfinite_count", "update_ratio", "act_dead_fraction", "l2_norm", "nope"]
+    latest = got.latest(chosen)
+    pd.testing.assert_frame_equal(latest, want.latest(chosen))
+    assert latest.notna().any().all() and len(latest.columns) == 4
+    pd.testing.assert_frame_equal(layer_summary(live), layer_summary(read))
+    assert str(live) == str(read)
+    assert live._stats is None
+
+
+def test_the_views_of_an_empty_live_report_equal_those_of_its_table() -> None:
+    frame = StatsFrame(random_schema(np.random.default_rng(0)))
+    live, read = _reports(frame, [])
+    got, want = aggregates(live), aggregates(read)
+    assert got.empty and want.empty
+    assert got.order(None) == want.order(None) == [] and got.statistics() == want.statistics() == []
+    pd.testing.assert_frame_equal(got.summary(None), want.summary(None))
+    assert str(live) == str(read)
