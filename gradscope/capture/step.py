@@ -216,7 +216,8 @@ class StepRecorder:
         self.moments = FusedMoments(plan, path="eager" if dist.sharded or dist.active else moment_path)
         self._custom_names = list(plan.custom_reduce)
         self._in_opt_cache: tuple[Any, list[int], list[int]] | None = None
-        self._prev_list: tuple[list[int], list[Tensor]] | None = None
+        # (present indices updated, their snapshot buffers, the weights themselves when all are plain tensors)
+        self._prev_list: tuple[list[int], list[Tensor], list[Tensor] | None] | None = None
         self._custom_warned: set[int] = set()
         # Per-step host work that does not grow with the parameters: everything that only depends on
         # the layout is computed once (see _present and finish).
@@ -582,9 +583,13 @@ class StepRecorder:
             return
         try:
             upd = pending.updated
-            prev = [self._prev[i] for i in upd]
-            tensors = self.layout.tensors
-            after = [_local(tensors[i]) for i in upd]
+            cached = self._prev_list
+            if cached is not None and cached[0] is upd and cached[2] is not None:
+                prev, after = cached[1], cached[2]  # the snapshot's lists (plain tensors)
+            else:
+                prev = [self._prev[i] for i in upd]
+                tensors = self.layout.tensors
+                after = [_local(tensors[i]) for i in upd]
             view = self.buffer.moments(pending.slot)
             rows = [] if len(upd) == view.shape[0] else upd
             # ||before - after||^2 without writing the difference (the compiled CPU kernel: two reads)
@@ -766,19 +771,24 @@ class StepRecorder:
             return
         # DTensor (FSDP2): copy the local shard; the update's moments are reduced with the others.
         tensors = self.layout.tensors
-        src = [_local(tensors[i]) for i in upd]
         cached = self._prev_list
-        if cached is not None and cached[0] is upd:
-            dst = cached[1]  # the same tensors as last time: their buffers (allocated and checked then)
+        if cached is not None and cached[0] is upd and cached[2] is not None:
+            dst, src = cached[1], cached[2]  # the same tensors as last time: their buffers (checked then)
         else:
-            dst = []
-            for i, p in zip(upd, src):
-                buf = self._prev.get(i)
-                if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
-                    buf = torch.empty_like(p)
-                    self._prev[i] = buf
-                dst.append(buf)
-            self._prev_list = (upd, dst)
+            src = [_local(tensors[i]) for i in upd]
+            if cached is not None and cached[0] is upd:
+                dst = cached[1]
+            else:
+                dst = []
+                for i, p in zip(upd, src):
+                    buf = self._prev.get(i)
+                    if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or buf.device != p.device:
+                        buf = torch.empty_like(p)
+                        self._prev[i] = buf
+                    dst.append(buf)
+            # plain tensors are their own local part: the list is kept (a DTensor's local view is not)
+            plain = src if all(a is tensors[i] for a, i in zip(src, upd)) else None
+            self._prev_list = (upd, dst, plain)
         if pending.psumsq_due:
             view = self.buffer.moments(pending.slot)
             # every tensor present and updated: the copy and the weights' sums of squares in one read

@@ -243,6 +243,7 @@ def _ddp_rank(rank: int, world: int, out: str) -> None:
         _, report, _ = train(DDP(model), x, y, b=DDP_B, k=1, steps=DDP_STEPS, seed=100 + rank, rules=RULES)
         found = [(f.kind, f.step, f.evidence) for f in report.findings if f.kind.startswith("batch_size")]
         Path(out, f"rank{rank}.json").write_text(json.dumps(found, default=float))
+        dist.barrier()  # both ranks done before either tears the gloo group down (see test_noise_scale.py)
     finally:
         dist.destroy_process_group()
 
