@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+import numpy as np
+
 from gradscope._io import atomic_write_text
 from gradscope._version import __version__
 from gradscope.errors import ConfigurationError, GradientHealthError, GradscopeError
@@ -291,19 +293,7 @@ class Report:
         "steps": [...], "values": [...]}``. Non-finite numbers are the strings ``"nan"``, ``"inf"``,
         ``"-inf"`` (JSON has no literal for them).
         """
-        series = []
-        df = self.stats
-        if not df.empty:
-            for (layer, param, stat), g in df.groupby(["layer", "param", "stat"], sort=False):
-                series.append(
-                    {
-                        "layer": layer,
-                        "param": param,
-                        "stat": stat,
-                        "steps": [int(s) for s in g["step"]],
-                        "values": jsonable(g["value"].to_numpy()),
-                    }
-                )
+        series = _series(self.stats)
         scal = self.scalars
         return {
             "schema": JSON_SCHEMA,
@@ -317,7 +307,7 @@ class Report:
             "errors": list(self.errors),
             "scalars": {
                 "steps": [int(s) for s in scal.index],
-                "values": {c: jsonable(scal[c].to_numpy()) for c in scal.columns},
+                "values": {c: _json_floats(scal[c].to_numpy(dtype=np.float64)) for c in scal.columns},
             },
             "stats": series,
         }
@@ -395,6 +385,59 @@ class Report:
         return _report_from_data(cls, data)
 
 
+def _series(stats: pd.DataFrame) -> list[dict[str, Any]]:
+    """The JSON series of the long table: one per (layer, param, stat), in order of first appearance.
+
+    What ``stats.groupby(["layer", "param", "stat"], sort=False)`` gives, each group's rows in table
+    order, computed on whole columns (codes, one stable sort, one split) instead of a Python pass per
+    row: a long run has millions of rows.
+    """
+    import pandas as pd
+
+    if stats.empty:
+        return []
+    codes, names = [], []
+    for column in ("layer", "param", "stat"):
+        c, u = pd.factorize(stats[column])
+        codes.append(c.astype(np.int64))
+        names.append(list(u))
+    combined = (codes[0] * len(names[1]) + codes[1]) * len(names[2]) + codes[2]
+    group, _ = pd.factorize(combined)  # groups numbered in order of first appearance
+    order = np.argsort(group, kind="stable")
+    group = group[order]
+    bounds = np.flatnonzero(np.diff(group)) + 1
+    starts = np.concatenate([[0], bounds])
+    ends = np.concatenate([bounds, [len(group)]])
+    steps = stats["step"].to_numpy(dtype=np.int64)[order]
+    values = stats["value"].to_numpy(dtype=np.float64)[order]
+    first = order[starts]
+    out = []
+    for k, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist())):
+        row = int(first[k])
+        out.append(
+            {
+                "layer": names[0][codes[0][row]],
+                "param": names[1][codes[1][row]],
+                "stat": names[2][codes[2][row]],
+                "steps": steps[lo:hi].tolist(),
+                "values": _json_floats(values[lo:hi]),
+            }
+        )
+    return out
+
+
+_NON_FINITE_TEXT = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _json_floats(values: np.ndarray) -> list[Any]:
+    """:func:`~gradscope.findings.jsonable` of a float array, in C but for its non-finite entries."""
+    out: list[Any] = values.tolist()
+    for i in np.flatnonzero(~np.isfinite(values)).tolist():
+        v = out[i]
+        out[i] = "nan" if v != v else ("inf" if v > 0 else "-inf")
+    return out
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -431,10 +474,32 @@ def _field(
     return value
 
 
+def _float_array(values: list[Any]) -> np.ndarray | None:
+    """``values`` as float64 when it holds only numbers, null and the non-finite strings; else None.
+
+    The check and the conversion run in C (a long report has millions of values); anything else goes
+    through the per-value path of :func:`_numbers`, which names the bad entry.
+    """
+    types = set(map(type, values))
+    if not types <= {float, int, type(None), str}:
+        return None
+    if str in types and not {v for v in values if type(v) is str} <= _NON_FINITE_TEXT.keys():
+        return None
+    try:
+        return np.array(values, dtype=np.float64)  # None -> NaN; "nan", "inf", "-inf" -> themselves
+    except (OverflowError, ValueError, TypeError):
+        return None
+
+
 def _numbers(values: Any, key: str, n: int | None = None) -> list[float]:
     """JSON numbers (or "nan"/"inf"/"-inf"/null) as floats, checked."""
     if not isinstance(values, list):
         raise _bad(key, "a list of numbers", values)
+    fast = _float_array(values)
+    if fast is not None:
+        if n is not None and len(fast) != n:
+            raise ReportFormatError(f"Malformed gradscope report: {key!r} has {len(fast)} values for {n} steps.")
+        return fast  # type: ignore[return-value]  # reason: an array of the same floats
     try:
         out = [math.nan if v is None else float(v) for v in from_jsonable(values)]
     except (TypeError, ValueError):
@@ -448,6 +513,13 @@ def _numbers(values: Any, key: str, n: int | None = None) -> list[float]:
 def _ints(values: Any, key: str) -> list[int]:
     if not isinstance(values, list):
         raise _bad(key, "a list of ints", values)
+    if set(map(type, values)) <= {int}:  # the common list, checked in C (bool is not int here)
+        try:
+            array = np.array(values, dtype=np.int64)
+        except OverflowError:
+            array = None
+        if array is not None and (not len(array) or array.min() >= 0):
+            return values
     for i, v in enumerate(values):
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
             raise _bad(f"{key}[{i}]", "an int step (0 <= step < 2**63)", v)
@@ -461,6 +533,36 @@ def _strings(values: Any, key: str) -> list[str]:
         if not isinstance(v, str):
             raise _bad(f"{key}[{i}]", "a string", v)
     return values
+
+
+def _table(labels: list[tuple[str, str, str]], steps: list[np.ndarray], values: list[np.ndarray]) -> pd.DataFrame:
+    """The long table of JSON series (``labels[k]`` holds at ``steps[k]`` the ``values[k]``), by step.
+
+    Rows of one step keep the order of the series (a stable sort), as the table they were written from.
+    """
+    import pandas as pd
+
+    from gradscope.stats.frame import _labels
+
+    if not labels:
+        return pd.DataFrame(
+            {
+                "step": pd.Series(dtype="int64"),
+                "layer": pd.Series(dtype=object),
+                "param": pd.Series(dtype=object),
+                "stat": pd.Series(dtype=object),
+                "value": pd.Series(dtype="float64"),
+            }
+        )
+    series = np.repeat(np.arange(len(labels)), [len(s) for s in steps])
+    step = np.concatenate(steps)
+    order = np.argsort(step, kind="stable")
+    series = series[order]
+    columns = {"step": step[order]}
+    for j, name in enumerate(("layer", "param", "stat")):
+        columns[name] = _labels(np.asarray([lab[j] for lab in labels], dtype=object), series)
+    columns["value"] = np.concatenate(values)[order]
+    return pd.DataFrame(columns)
 
 
 def _report_from_data(cls: type[Report], data: Any) -> Report:
@@ -479,7 +581,11 @@ def _report_from_data(cls: type[Report], data: Any) -> Report:
             f"This report uses schema version {version}; this gradscope ({__version__}) reads up to "
             f"{JSON_SCHEMA_VERSION}. Upgrade gradscope."
         )
-    rows: list[tuple[int, str, str, str, float]] = []
+    # one array per column for all series (a long report has millions of values): the labels as
+    # codes into the series' names, expanded once
+    labels: list[tuple[str, str, str]] = []
+    step_parts: list[np.ndarray] = []
+    value_parts: list[np.ndarray] = []
     for i, s in enumerate(_field(data, "stats", (list,), "a list", [])):
         key = f"stats[{i}]"
         if not isinstance(s, dict):
@@ -489,11 +595,10 @@ def _report_from_data(cls: type[Report], data: Any) -> Report:
         )
         steps = _ints(s.get("steps"), f"{key}.steps")
         vals = _numbers(s.get("values"), f"{key}.values", len(steps))
-        rows.extend((step, layer, param, stat, v) for step, v in zip(steps, vals))
-    stats = pd.DataFrame(rows, columns=["step", "layer", "param", "stat", "value"])
-    stats["step"] = stats["step"].astype("int64")
-    stats["value"] = stats["value"].astype("float64")
-    stats = stats.sort_values("step", kind="stable").reset_index(drop=True)
+        labels.append((layer, param, stat))
+        step_parts.append(np.asarray(steps, dtype=np.int64))
+        value_parts.append(np.asarray(vals, dtype=np.float64))
+    stats = _table(labels, step_parts, value_parts)
     sc = _field(data, "scalars", (dict,), "an object", {"steps": [], "values": {}})
     sc_steps = _ints(sc.get("steps", []), "scalars.steps")
     sc_values = sc.get("values", {})

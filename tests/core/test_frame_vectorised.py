@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from gradscope.findings import jsonable
 from gradscope.report import Report
 from gradscope.stats.frame import ACTIVATION_STATISTICS, GLOBAL, FrameSchema, StatsFrame, _Groups, derive
 from gradscope.stats.moments import MOMENT_INDEX, MOMENTS, SUM_MOMENTS
@@ -407,3 +408,32 @@ def test_the_views_of_an_empty_live_report_equal_those_of_its_table() -> None:
     assert got.order(None) == want.order(None) == [] and got.statistics() == want.statistics() == []
     pd.testing.assert_frame_equal(got.summary(None), want.summary(None))
     assert str(live) == str(read)
+
+
+# -- JSON: the series of a report and the table read back, on whole columns ------------------------------
+@pytest.mark.parametrize("seed", [0, 3])
+def test_json_series_equal_a_groupby_and_read_back_into_the_same_table(seed: int) -> None:
+    stats = random_long_table(seed)
+    stats.loc[stats.index[:4], "value"] = [np.inf, -np.inf, np.nan, 1e308]
+    report = Report(findings=[], stats=stats, meta={"steps": 1})
+    got = report.to_dict()["stats"]
+    want = [
+        {
+            "layer": layer,
+            "param": param,
+            "stat": stat,
+            "steps": [int(s) for s in g["step"]],
+            "values": jsonable(g["value"].to_numpy()),
+        }
+        for (layer, param, stat), g in stats.groupby(["layer", "param", "stat"], sort=False)
+    ]
+    assert got == want and any("inf" in s["values"] for s in got)
+    back = Report.from_json(report.to_json()).stats
+    rows = [(step, s["layer"], s["param"], s["stat"], v) for s in want for step, v in zip(s["steps"], s["values"])]
+    ref = pd.DataFrame(rows, columns=["step", "layer", "param", "stat", "value"])
+    ref["value"] = [float(v) for v in ref["value"]]
+    ref = ref.sort_values("step", kind="stable").reset_index(drop=True)
+    for column in ("step", "layer", "param", "stat"):
+        assert back[column].tolist() == ref[column].tolist(), column
+    np.testing.assert_array_equal(back["value"].to_numpy(), ref["value"].to_numpy())
+    assert back["layer"].dtype == ref["layer"].dtype and back["step"].dtype == np.int64
