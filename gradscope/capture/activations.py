@@ -415,6 +415,8 @@ class ActivationMonitor:
 
     def disarm(self) -> None:
         """Write what is still pending and remove the hook (end of a sampled step)."""
+        if self._target is None and not self._counts:
+            return  # not armed (the ordinary step): arm() sets the target before it registers the hook
         if self._counts:
             self._write_pending()
         self._hooks.remove(self.GROUP)

@@ -51,6 +51,7 @@ class ForwardOrder:
         self._layer_start: dict[int, int] = {}  # layer index -> rank of its first start
         self._paths: list[str] = []  # the model's module paths (for placing layers that never ran)
         self._order_cache: list[int] | None = None
+        self._may_be_attached = False  # attach() registered the pre-hook and detach() has not run since
 
     def attach(self, module: nn.Module, activations: Iterable[tuple[ActivationInfo, nn.Module]] = ()) -> None:
         """Register the pre-hook for ``module``'s modules and the watched activation modules.
@@ -75,9 +76,13 @@ class ForwardOrder:
         # Weakly bound: the global registry never keeps the order (and its scope) alive.
         hook = WeakCall(self, "_on_pre_forward")
         self._hooks.add(self.GROUP, torch.nn.modules.module.register_module_forward_pre_hook(hook))
+        self._may_be_attached = True
 
     def detach(self) -> None:
         """Remove the pre-hook (idempotent; the order is known after the first step)."""
+        if not self._may_be_attached:  # (called at every step: nothing to look up once detached)
+            return
+        self._may_be_attached = False
         if self._hooks.count(self.GROUP):
             self._hooks.remove(self.GROUP)
 
