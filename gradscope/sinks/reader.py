@@ -60,14 +60,17 @@ def find_runs(logdir: Union[str, os.PathLike[str]]) -> list[Path]:
     return sorted(Path(p) for p in io_wrapper.GetLogdirSubdirectories(str(logdir)))
 
 
-def tfrecords(path: Union[str, os.PathLike[str]]) -> Iterator[bytes]:
-    """The records of an event file, read by gradscope itself (TFRecord framing; checksums not verified).
+def tfrecords(path: Union[str, os.PathLike[str]], *, verify: bool = False) -> Iterator[bytes]:
+    """The records of an event file, read by gradscope itself (TFRecord framing).
 
     Each record is ``uint64 length, uint32 masked CRC of the length, data, uint32 masked CRC of the
     data``, little-endian. A truncated last record (a file still being written) ends the iteration.
-    The fallback of :func:`_records` when TensorBoard's loader module is not where it used to be.
+    With ``verify``, so does a record whose checksums do not match, as TensorBoard's loader stops at
+    it (checksums from the C CRC-32C when it is installed, else NumPy's).
     """
     import struct
+
+    from gradscope.sinks.tensorboard_events import masked_crc32c
 
     with open(path, "rb") as fh:
         size = os.fstat(fh.fileno()).st_size
@@ -79,20 +82,35 @@ def tfrecords(path: Union[str, os.PathLike[str]]) -> Iterator[bytes]:
             if length > size - fh.tell():  # a damaged length: reading it would ask for up to 2**64 bytes
                 return
             data = fh.read(length)
-            if len(data) < length or len(fh.read(4)) < 4:
+            footer = fh.read(4)
+            if len(data) < length or len(footer) < 4:
                 return
+            if verify:
+                crcs = masked_crc32c([header[:8], data])
+                if struct.unpack("<I", header[8:])[0] != crcs[0] or struct.unpack("<I", footer)[0] != crcs[1]:
+                    return
             yield data
 
 
 def _records(path: Path) -> Iterator[bytes]:
-    # TensorBoard's own loader (checksums verified, partial records handled as TensorBoard does); it
-    # is the module EventAccumulator is built on, not a public API, so a fallback reads the format.
+    # With the C CRC-32C, gradscope's reader verifies every checksum at C speed and stops where
+    # TensorBoard's loader would (a bad checksum, a partial record). Without it, TensorBoard's own loader
+    # (its pure-Python CRC: about a second per 4 MB); it is the module EventAccumulator is built on,
+    # not a public API, so the reader is the fallback if it moved.
+    from gradscope.sinks.tensorboard_events import _c_implementation
+
+    if _c_implementation() is not None:
+        yield from tfrecords(path, verify=True)
+        return
     try:
         from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     except ImportError:
-        yield from tfrecords(path)
+        yield from tfrecords(path, verify=True)
         return
     yield from RawEventFileLoader(str(path)).Load()
+
+
+_UNPARSED = object()
 
 
 def _plugin(value: Any) -> str:
@@ -251,6 +269,7 @@ def read_run(
     flushed: list[tuple[int, list[Finding]]] = []
     finals: list[tuple[int, Any]] = []  # (step, payload or _Damaged): only the last one is read
     plugins: dict[str, str] = {}  # TensorBoard may write a tag's metadata only once
+    parsed_tags: dict[str, Any] = {}
     notes = _Notes()
     for path in files:
         read = 0
@@ -282,7 +301,9 @@ def read_run(
                         elif tag == T.FINDINGS_JSON_TAG:
                             flushed.append((step, _findings_of(payload)))
                         continue
-                    parsed = T.parse_tag(tag)
+                    parsed = parsed_tags.get(tag, _UNPARSED)
+                    if parsed is _UNPARSED:  # (every step repeats the tags: each is taken apart once)
+                        parsed = parsed_tags[tag] = T.parse_tag(tag)
                     if parsed is None:
                         continue
                     v = _scalar_of(value, plugin)

@@ -37,6 +37,30 @@ def test_own_tfrecord_reader_reads_what_tensorboard_reads(tmp_path):
     assert run.report.steps == 6
 
 
+def test_checksums_are_verified_and_a_bad_one_ends_the_file_where_tensorboard_stops(tmp_path):
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+
+    train(small_mlp(), 6, log_dir=tmp_path / "run", flush_every=3)
+    [path] = event_files(tmp_path / "run")
+    raw = path.read_bytes()
+    assert list(reader.tfrecords(path, verify=True)) == list(RawEventFileLoader(str(path)).Load())
+    # flip one byte: in the data of a record, then in the checksum of a length
+    starts, at = [], 0
+    while at < len(raw):
+        starts.append(at)
+        at += 12 + int.from_bytes(raw[at : at + 8], "little") + 4
+    k = len(starts) // 2
+    for offset in (12 + 3, 9):
+        bad = bytearray(raw)
+        bad[starts[k] + offset] ^= 0x40
+        damaged = tmp_path / f"bad{offset}" / path.name
+        damaged.parent.mkdir()
+        damaged.write_bytes(bytes(bad))
+        ours = list(reader.tfrecords(damaged, verify=True))
+        assert ours == list(RawEventFileLoader(str(damaged)).Load()) and len(ours) == k
+        assert len(list(reader.tfrecords(damaged))) == len(starts)  # unverified: every record
+
+
 def test_reports_read_back_without_tensorboards_loader_modules(tmp_path, monkeypatch):
     train(small_mlp(), 6, log_dir=tmp_path / "logs" / "run", flush_every=3)
     with_loader = reader.read_report(tmp_path / "logs", progress=False)
