@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU checks of docs/performance.md in one run, on a machine with a CUDA GPU and a CUDA build of
+# torch: the CUDA tests (values of the multi-tensor path on the device, zero host syncs per step
+# under torch.cuda.set_sync_debug_mode("error")), then the overhead of GPT-2 small and ResNet-50 in
+# bf16, eager and compiled. Every part writes its output to a file in the results folder, so what
+# finished is kept if the machine is taken back midway; a part that fails does not stop the others.
+#
+#   bash benchmarks/gpu_checks.sh [RESULTS_DIR] [PAIRS]     # default: gpu-results, 40 pairs
+#
+# About 10 minutes on one H200 with the default pairs (compilation included). Copy the ratios into
+# docs/performance.md ("Not measured yet" becomes the GPU section).
+set -u
+out="${1:-gpu-results}"
+pairs="${2:-40}"
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+
+run() {  # name, timeout in seconds, command...
+  local name="$1" limit="$2"
+  shift 2
+  echo "== $name: $*" | tee -a "$out/summary.txt"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.txt" 2>&1
+  local rc=$?
+  echo "   exit $rc after $((SECONDS - start)) s" | tee -a "$out/summary.txt"
+  tail -n 12 "$out/$name.txt" | sed 's/^/   /' | tee -a "$out/summary.txt"
+}
+
+python - >"$out/device.txt" 2>&1 <<'EOF'
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print(torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+EOF
+cat "$out/device.txt" | tee -a "$out/summary.txt"
+if ! grep -q "available True" "$out/device.txt"; then
+  echo "No CUDA device (or a CPU build of torch): nothing to measure here." | tee -a "$out/summary.txt"
+  exit 2
+fi
+
+run cuda-tests 300 python -m pytest -q -p no:cacheprovider tests/integration/test_gpu.py
+run overhead-bf16-eager 600 python benchmarks/overhead.py --device cuda --dtype bf16 --pairs "$pairs"
+run overhead-bf16-compiled 600 python benchmarks/overhead.py --device cuda --dtype bf16 --pairs "$pairs" --compile
