@@ -32,7 +32,7 @@ from gradscope.capture.activations import ActivationMonitor
 from gradscope.capture.distributed import DistributedContext
 from gradscope.capture.hooks import HookManager
 from gradscope.capture.kernels import FusedMoments
-from gradscope.capture.layout import ParamLayout
+from gradscope.capture.layout import ParamInfo, ParamLayout
 from gradscope.errors import ConfigurationError
 from gradscope.sinks.base import Sink
 from gradscope.stats.buffer import StatsBuffer
@@ -709,9 +709,16 @@ class StepRecorder:
         """Sinks that take the gradients, the failed custom statistics, the finite flag of on_nonfinite="raise"."""
         if self.plan.failed and len(self._custom_warned) < len(self.plan.failed):
             self._warn_failed_custom()
+        grads: list[tuple[ParamInfo, Tensor]] | None = None  # built once, for the sinks that read it now
         for sink in self._step_sinks:
             try:
-                sink.on_step(pending.step, [(self.layout.params[i], self.layout.tensors[i].grad) for i in idx])  # type: ignore[misc]  # present tensors (from _present) have a .grad
+                if sink.wants_grads(pending.step):
+                    if grads is None:
+                        params, tensors = self.layout.params, self.layout.tensors
+                        grads = [(params[i], tensors[i].grad) for i in idx]  # type: ignore[misc]  # present tensors (from _present) have a .grad
+                    sink.on_step(pending.step, grads)
+                else:
+                    sink.on_step(pending.step, [])
             except Exception as exc:
                 self._problem(f"sink-step-{type(sink).__name__}", f"{type(sink).__name__}.on_step failed: {exc}")
         if self._options.on_nonfinite == "raise":

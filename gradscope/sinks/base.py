@@ -110,8 +110,18 @@ class Sink(ABC):
     def on_step(self, step: int, grads: list[tuple[ParamInfo, Tensor]]) -> None:  # noqa: B027 - optional hook
         """Called at each recorded step with the gradients the optimizer uses.
 
-        Runs on the hot path: device work only, never a host sync (see DESIGN section 8).
+        Runs on the hot path: device work only, never a host sync (see DESIGN section 8). ``grads`` is
+        empty at a step where :meth:`wants_grads` said no.
         """
+
+    def wants_grads(self, step: int) -> bool:
+        """Whether :meth:`on_step` reads the gradients at ``step`` (default: always).
+
+        The list of (parameter, gradient) pairs is built in Python, one pair per tensor, every step; a
+        sink that reads it only now and then (histograms every few hundred steps) says so here, and
+        gets an empty list at the other steps, so a model with hundreds of tensors does not pay for it.
+        """
+        return True
 
     @abstractmethod
     def write(self, update: SinkUpdate) -> None:

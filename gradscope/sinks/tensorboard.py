@@ -257,6 +257,11 @@ class TensorBoardSink(Sink):
             file_writer.add_event(event, event.step, event.wall_time)
 
     # -- hot path ----------------------------------------------------------------------------------
+    def wants_grads(self, step: int) -> bool:
+        """The gradients are read at the first recorded step of each ``histogram_every`` window only."""
+        every = self.histogram_every
+        return every is not None and not self._closed and (step - 1) // every != self._hist_window
+
     def on_step(self, step: int, grads: list[tuple[ParamInfo, Tensor]]) -> None:
         """Note the step's time; on histogram steps, bin each layer's gradients on the device."""
         self._walltime[step] = time.time()
