@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gradscope.sinks.records import Record, StepRecords, scalar_records
+from gradscope.sinks.records import Record, StepRecords, StepRow, records_of, scalar_rows
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -70,6 +70,21 @@ class SinkUpdate:
     _records: dict[tuple[tuple[str, ...] | None, bool], list[StepRecords]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _rows: dict[tuple[tuple[str, ...] | None, bool], list[StepRow]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    def rows_by_step(self, *, stats: Sequence[str] | None = None, per_param: bool = False) -> list[StepRow]:
+        """:meth:`records_by_step` as arrays: one :class:`~gradscope.sinks.records.StepRow` per step.
+
+        For writers that encode values in bulk; the same steps, tags and values, computed once per
+        flush and selection for every sink.
+        """
+        key = (None if stats is None else tuple(stats), bool(per_param))
+        rows = self._rows.get(key)
+        if rows is None:
+            rows = self._rows[key] = scalar_rows(self.frame, self.new_from, stats=key[0], per_param=key[1])
+        return rows
 
     def records_by_step(self, *, stats: Sequence[str] | None = None, per_param: bool = False) -> list[StepRecords]:
         """The scalar records of the new rows, one group per step, in step order.
@@ -86,7 +101,7 @@ class SinkUpdate:
         key = (None if stats is None else tuple(stats), bool(per_param))
         groups = self._records.get(key)
         if groups is None:
-            groups = self._records[key] = scalar_records(self.frame, self.new_from, stats=key[0], per_param=key[1])
+            groups = self._records[key] = records_of(self.rows_by_step(stats=key[0], per_param=key[1]))
         return groups
 
     def records(self, *, stats: Sequence[str] | None = None, per_param: bool = False) -> Iterator[Record]:

@@ -36,7 +36,16 @@ from gradscope.stats.frame import ACTIVATION_STATISTICS
 if TYPE_CHECKING:
     from gradscope.stats.frame import FrameSchema, StatsFrame
 
-__all__ = ["Record", "StepRecords", "check_stat_selection", "scalar_records", "stat_selection"]
+__all__ = [
+    "Record",
+    "StepRecords",
+    "StepRow",
+    "check_stat_selection",
+    "records_of",
+    "scalar_records",
+    "scalar_rows",
+    "stat_selection",
+]
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,22 @@ def _column_tags(
     return tags
 
 
+@dataclass(frozen=True)
+class StepRow:
+    """The scalar records of one step as arrays: what :class:`StepRecords` holds, without the dict.
+
+    Attributes:
+        step: the step.
+        tags: the tags, in the order of :attr:`StepRecords.values`; rows of a flush with the same
+            kept columns share one tuple (compare with ``is`` to group them).
+        values: ``[len(tags)]`` float64, never NaN.
+    """
+
+    step: int
+    tags: tuple[str, ...]
+    values: np.ndarray
+
+
 def scalar_records(
     frame: StatsFrame, start: int, *, stats: Sequence[str] | None = None, per_param: bool = False
 ) -> list[StepRecords]:
@@ -157,6 +182,22 @@ def scalar_records(
 
     Returns:
         The groups in step order (see the module docstring for what is included).
+    """
+    return records_of(scalar_rows(frame, start, stats=stats, per_param=per_param))
+
+
+def records_of(rows: Sequence[StepRow]) -> list[StepRecords]:
+    """:class:`StepRecords` of :func:`scalar_rows` (Python floats under their tags)."""
+    return [StepRecords(r.step, dict(zip(r.tags, r.values.tolist()))) for r in rows]
+
+
+def scalar_rows(
+    frame: StatsFrame, start: int, *, stats: Sequence[str] | None = None, per_param: bool = False
+) -> list[StepRow]:
+    """What :func:`scalar_records` gives, as one :class:`StepRow` per step (tags and a float64 array).
+
+    For writers that encode values in bulk (TensorBoard's event files): no dict per step, and the
+    rows of one pattern of kept columns share their tags.
     """
     n = len(frame) - start
     if n <= 0:
@@ -200,7 +241,7 @@ def scalar_records(
         add(frame.scalar(name)[rows][:, None], np.ones((1, 1), dtype=bool))  # kept on skipped steps too
     if not values:
         return []
-    tags = _column_tags(sch, chosen, acts, scalars, per_param)
+    tags = tuple(_column_tags(sch, chosen, acts, scalars, per_param))
     block = np.concatenate(values, axis=1).astype(np.float64, copy=False)
     mask = np.empty(block.shape, dtype=bool)
     col = 0
@@ -210,7 +251,7 @@ def scalar_records(
     # NaN values are left out: TensorBoard cannot chart them, and trackers reject or mangle them.
     mask &= ~np.isnan(block)
     # Rows share a few patterns of kept columns (sampled or not, every layer with a gradient or not):
-    # each pattern's tags are picked once, and its rows' values converted as one block.
+    # each pattern's tags are picked once, and its rows' values taken as one block.
     packed = np.packbits(mask, axis=1)
     width = packed.shape[1]
     raw = packed.tobytes()
@@ -218,12 +259,13 @@ def scalar_records(
     for r in range(n):
         patterns.setdefault(raw[r * width : (r + 1) * width], []).append(r)
     steps = frame.steps[rows].tolist()
-    by_row: list[StepRecords | None] = [None] * n
+    by_row: list[StepRow | None] = [None] * n
     for members in patterns.values():
         cols = np.flatnonzero(mask[members[0]])
         if not len(cols):
             continue
-        kept = tags if len(cols) == len(tags) else [tags[c] for c in cols.tolist()]
-        for r, row in zip(members, block[np.ix_(np.asarray(members), cols)].tolist()):
-            by_row[r] = StepRecords(int(steps[r]), dict(zip(kept, row)))
+        kept = tags if len(cols) == len(tags) else tuple(tags[c] for c in cols.tolist())
+        chunk = block[np.ix_(np.asarray(members), cols)]
+        for k, r in enumerate(members):
+            by_row[r] = StepRow(int(steps[r]), kept, chunk[k])
     return [g for g in by_row if g is not None]

@@ -366,10 +366,10 @@ class TensorBoardSink(Sink):
     def _write_scalars(self, update: SinkUpdate) -> None:
         # All the values of a step in one event: the same tags and steps for every reader, a fraction
         # of the cost of one add_scalar event per value; encoded in bulk (gradscope.sinks.tensorboard_events).
-        groups = update.records_by_step(stats=self.stats, per_param=self.per_param)
-        if groups:
-            walltimes = [self._walltime.get(g.step) for g in groups]
-            self._add_events(self._scalar_events.encode(groups, walltimes))
+        rows = update.rows_by_step(stats=self.stats, per_param=self.per_param)
+        if rows:
+            walltimes = [self._walltime.get(r.step) for r in rows]
+            self._add_events(self._scalar_events.encode_rows(rows, walltimes))
 
     def _write_histograms(self, frame: StatsFrame, *, final: bool) -> None:
         if not self._pending_hist:

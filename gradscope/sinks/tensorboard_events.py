@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 if TYPE_CHECKING:
-    from gradscope.sinks.records import StepRecords
+    from gradscope.sinks.records import StepRecords, StepRow
 
 __all__ = ["EventFile", "ScalarEvents", "crc32c", "frame_records", "masked_crc32c", "summary_event"]
 
@@ -250,6 +250,44 @@ class ScalarEvents:
             t = self._templates[tags] = _Template(tags)
         return t
 
+    def encode_rows(self, rows: Sequence[StepRow], wall_times: Sequence[float | None]) -> list[bytes]:
+        """One serialized event per row of :func:`~gradscope.sinks.records.scalar_rows`.
+
+        The bytes :meth:`encode` gives for the same records; consecutive rows sharing their tags
+        (the same tuple) fill one template with one array assignment, no dict in between.
+        """
+        out: list[bytes] = []
+        i = 0
+        now = time.time()
+        while i < len(rows):
+            tags = rows[i].tags
+            j = i + 1
+            while j < len(rows) and (rows[j].tags is tags or rows[j].tags == tags):
+                j += 1
+            values = np.stack([r.values for r in rows[i:j]]) if j - i > 1 else rows[i].values[None, :]
+            out += self._fill(tags, values, [r.step for r in rows[i:j]], wall_times[i:j], now)
+            i = j
+        return out
+
+    def _fill(
+        self, tags: tuple[str, ...], values: np.ndarray, steps: Sequence[int], walls: Sequence[float | None], now: float
+    ) -> list[bytes]:
+        """Events of ``len(steps)`` steps with the same ``tags``, their values ``[steps, tags]``."""
+        template = self._template(tags)
+        m, k = values.shape
+        with np.errstate(over="ignore"):  # beyond float32's range: inf, as the protobuf runtime does
+            f32 = values.astype("<f4")
+        block = np.tile(template.bytes, (m, 1))
+        block[:, template.value_at] = f32.view(np.uint8).reshape(m, 4 * k)
+        size = _varint(template.bytes.size)
+        out = []
+        for r in range(m):
+            wall = walls[r]
+            out.append(
+                _event_head(now if wall is None else float(wall), steps[r]) + b"\x2a" + size + block[r].tobytes()
+            )
+        return out
+
     def encode(self, groups: Sequence[StepRecords], wall_times: Sequence[float | None]) -> list[bytes]:
         """One serialized event per group.
 
@@ -268,20 +306,11 @@ class ScalarEvents:
             j = i + 1
             while j < len(groups) and len(groups[j].values) == len(tags) and tuple(groups[j].values) == tags:
                 j += 1
-            template = self._template(tags)
             k = len(tags)
             values = np.empty((j - i, k), dtype=np.float64)
             for r in range(i, j):
                 values[r - i] = np.fromiter(groups[r].values.values(), dtype=np.float64, count=k)
-            with np.errstate(over="ignore"):  # beyond float32's range: inf, as the protobuf runtime does
-                f32 = values.astype("<f4")
-            rows = np.tile(template.bytes, (j - i, 1))
-            rows[:, template.value_at] = f32.view(np.uint8).reshape(j - i, 4 * k)
-            size = _varint(template.bytes.size)
-            for r in range(i, j):
-                wall = wall_times[r]
-                head = _event_head(now if wall is None else float(wall), groups[r].step)
-                out.append(head + b"\x2a" + size + rows[r - i].tobytes())
+            out += self._fill(tags, values, [g.step for g in groups[i:j]], wall_times[i:j], now)
             i = j
         return out
 

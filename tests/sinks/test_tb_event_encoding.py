@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sinkhelp import event_files, load_events, small_mlp, train
 
-from gradscope.sinks.records import StepRecords
+from gradscope.sinks.records import StepRecords, StepRow, records_of, scalar_records, scalar_rows
 from gradscope.sinks.tensorboard_events import (
     EventFile,
     ScalarEvents,
@@ -51,6 +51,24 @@ def test_scalar_events_equal_protobuf_serialization_byte_for_byte():
         if wall is None:  # "now": read the wall time back from the bytes, then compare everything
             (wall,) = struct.unpack("<d", data[1:9])
         assert data == _reference_event(g.step, wall, g.values), g
+    # the same records as arrays (shared tag tuples, one float64 array per step): the same bytes
+    as_rows = []
+    for g in groups:
+        tags_now = tuple(g.values)
+        same = as_rows and as_rows[-1].tags == tags_now
+        as_rows.append(StepRow(g.step, as_rows[-1].tags if same else tags_now, np.array(list(g.values.values()))))
+    fixed_walls = [struct.unpack("<d", data[1:9])[0] if data[:1] == b"\x09" else 0.0 for data in encoded]
+    assert ScalarEvents(max_templates=2).encode_rows(as_rows, fixed_walls) == ScalarEvents().encode(groups, fixed_walls)
+
+
+def test_a_flush_writes_the_same_events_from_arrays_as_from_its_records(tmp_path):
+    run = train(small_mlp(), 23, flush_every=23, log_dir=tmp_path / "run", sample_every=5)
+    frame = run.scope.frame
+    rows = scalar_rows(frame, 0)
+    assert records_of(rows) == scalar_records(frame, 0) and len(rows) == 23
+    assert len({id(r.tags) for r in rows}) < len(rows)  # rows of one pattern share their tags
+    walls = [1.7e9 + k for k in range(len(rows))]
+    assert ScalarEvents().encode_rows(rows, walls) == ScalarEvents().encode(records_of(rows), walls)
 
 
 def test_summary_event_equals_add_summary_bytes():
