@@ -115,17 +115,9 @@ class Report:
         """
         if self._stats is None:
             if self._frame is None:
-                import pandas as pd
+                from gradscope.stats.frame import empty_long_table
 
-                return pd.DataFrame(
-                    {
-                        "step": pd.Series(dtype="int64"),
-                        "layer": pd.Series(dtype=object),
-                        "param": pd.Series(dtype=object),
-                        "stat": pd.Series(dtype=object),
-                        "value": pd.Series(dtype="float64"),
-                    }
-                )
+                return empty_long_table()
             self._stats = self._frame.to_dataframe()
         return self._stats
 
@@ -542,18 +534,10 @@ def _table(labels: list[tuple[str, str, str]], steps: list[np.ndarray], values: 
     """
     import pandas as pd
 
-    from gradscope.stats.frame import _labels
+    from gradscope.stats.frame import _labels, empty_long_table
 
     if not labels:
-        return pd.DataFrame(
-            {
-                "step": pd.Series(dtype="int64"),
-                "layer": pd.Series(dtype=object),
-                "param": pd.Series(dtype=object),
-                "stat": pd.Series(dtype=object),
-                "value": pd.Series(dtype="float64"),
-            }
-        )
+        return empty_long_table()
     series = np.repeat(np.arange(len(labels)), [len(s) for s in steps])
     step = np.concatenate(steps)
     order = np.argsort(step, kind="stable")

@@ -27,7 +27,7 @@ from gradscope.stats.registry import STATISTICS
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["ACTIVATION_STATISTICS", "FrameSchema", "Rows", "StatsFrame", "derive"]
+__all__ = ["ACTIVATION_STATISTICS", "FrameSchema", "Rows", "StatsFrame", "derive", "empty_long_table"]
 
 #: Statistics of activation outputs, recorded on sampled steps (layer = the activation module).
 ACTIVATION_STATISTICS = ("act_zero_fraction", "act_dead_fraction", "act_saturated_fraction")
@@ -193,6 +193,21 @@ class FrameSchema:
     def model_group(self) -> _Groups:
         """Every parameter as one group (the ``layer == "*"`` aggregate)."""
         return _Groups.of([list(range(len(self.param_names)))], len(self.param_names))
+
+
+def empty_long_table() -> pd.DataFrame:
+    """The long statistics table with no rows: its five columns and their types."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "step": pd.Series(dtype="int64"),
+            "layer": pd.Series(dtype=object),
+            "param": pd.Series(dtype=object),
+            "stat": pd.Series(dtype=object),
+            "value": pd.Series(dtype="float64"),
+        }
+    )
 
 
 def _labels(names: np.ndarray, codes: np.ndarray) -> Any:
@@ -565,15 +580,7 @@ class StatsFrame:
             idx_s, idx_c = np.nonzero(mask)
             pieces.append((self.steps[r][idx_s], idx_c, values[idx_s, idx_c]))
         if not pieces or not sum(len(p[0]) for p in pieces):
-            return pd.DataFrame(
-                {
-                    "step": pd.Series(dtype="int64"),
-                    "layer": pd.Series(dtype=object),
-                    "param": pd.Series(dtype=object),
-                    "stat": pd.Series(dtype=object),
-                    "value": pd.Series(dtype="float64"),
-                }
-            )
+            return empty_long_table()
         cols = np.concatenate([p[1] for p in pieces])
         return pd.DataFrame(
             {
