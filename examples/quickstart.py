@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=300)
     args = ap.parse_args(argv)
 
-    for name, model in (("healthy", healthy_model()), ("broken", broken_model())):
-        report = train(name, model, args.log_dir, args.steps)
+    for name, build in (("healthy", healthy_model), ("broken", broken_model)):
+        torch.manual_seed(0)  # the same initial weights at every run
+        report = train(name, build(), args.log_dir, args.steps)
         print(f"=== {name} run ===")
         print(report)
         print()
