@@ -253,8 +253,8 @@ class ScalarEvents:
     def encode_rows(self, rows: Sequence[StepRow], wall_times: Sequence[float | None]) -> list[bytes]:
         """One serialized event per row of :func:`~gradscope.sinks.records.scalar_rows`.
 
-        The bytes :meth:`encode` gives for the same records; consecutive rows sharing their tags
-        (the same tuple) fill one template with one array assignment, no dict in between.
+        Consecutive rows sharing their tags (the same tuple) fill one template with one array
+        assignment; no dict in between.
         """
         out: list[bytes] = []
         i = 0
@@ -289,7 +289,7 @@ class ScalarEvents:
         return out
 
     def encode(self, groups: Sequence[StepRecords], wall_times: Sequence[float | None]) -> list[bytes]:
-        """One serialized event per group.
+        """One serialized event per group (:meth:`encode_rows` of the same values).
 
         Args:
             groups: the steps' records.
@@ -298,21 +298,15 @@ class ScalarEvents:
         Returns:
             The events' bytes, in the order of ``groups``.
         """
-        out: list[bytes] = []
-        i = 0
-        now = time.time()
-        while i < len(groups):
-            tags = tuple(groups[i].values)
-            j = i + 1
-            while j < len(groups) and len(groups[j].values) == len(tags) and tuple(groups[j].values) == tags:
-                j += 1
-            k = len(tags)
-            values = np.empty((j - i, k), dtype=np.float64)
-            for r in range(i, j):
-                values[r - i] = np.fromiter(groups[r].values.values(), dtype=np.float64, count=k)
-            out += self._fill(tags, values, [g.step for g in groups[i:j]], wall_times[i:j], now)
-            i = j
-        return out
+        from gradscope.sinks.records import StepRow
+
+        return self.encode_rows(
+            [
+                StepRow(g.step, tuple(g.values), np.fromiter(g.values.values(), np.float64, len(g.values)))
+                for g in groups
+            ],
+            wall_times,
+        )
 
 
 def frame_records(events: Sequence[bytes]) -> bytes:
