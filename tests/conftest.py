@@ -44,3 +44,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cpu_kernel():
+    """The compiled CPU kernel, built now if this machine has none cached (about a minute, once)."""
+    from gradscope.capture import kernels
+
+    if kernels.cpu_kernel_state() == "off":
+        pytest.skip(f"{kernels.KERNEL_ENV}=off")
+    mp = pytest.MonkeyPatch()
+    mp.setenv(kernels.KERNEL_ENV, "sync")
+    try:
+        fn = kernels.cpu_kernel()
+        if fn is None and kernels.cpu_kernel_state() == "building":  # a background build of this process
+            import time
+
+            for _ in range(600):
+                time.sleep(0.5)
+                if kernels.cpu_kernel_state() != "building":
+                    break
+            fn = kernels.cpu_kernel()
+    finally:
+        mp.undo()
+    if fn is None:
+        pytest.skip(f"no C++ compiler could build the kernel: {kernels._state['error']}")
+    return fn

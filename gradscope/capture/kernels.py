@@ -40,6 +40,7 @@ __all__ = [
     "cpu_activation_kernel",
     "cpu_kernel",
     "cpu_kernel_state",
+    "cpu_screen_kernel",
     "foreach_moments",
     "grad_moments",
 ]
@@ -359,7 +360,59 @@ void diff_sumsq_into(std::vector<torch::Tensor> as, std::vector<torch::Tensor> b
   pairs_into(as, bs, out, rows, col, "diff_sumsq_into", DiffSumsq{});
 }
 
+// The live screen's common block (gradscope.capture.live.LiveScreen): rows [first, first + n) of the
+// CPU buffer `storage` ([capacity, R] float64), the sum of squares of parameter p at column
+// col + p * n_cols. Parameters without a level (inv[p] NaN) are left out, and at least one must have
+// one. Each entry's ratio to its level (x * inv[p]) must be NaN-free and, for the
+// positive ones, within [1 / band, band] (zeros are a unit silent for the batch: left out). When
+// every entry is, the level moves by the weighted log-ratios, level[p] += sum_r w[r] log10(ratio),
+// inv[p] = 0.1 ** level[p], and the result is true; otherwise nothing is written and it is false
+// (the caller takes its full path). Two reads of n x P numbers, the same arithmetic as the NumPy path.
+bool screen_block(torch::Tensor storage, int64_t first, int64_t n, int64_t col, int64_t n_cols,
+                  torch::Tensor level, torch::Tensor inv, torch::Tensor weights, double band) {
+  for (const auto* t : {&storage, &level, &inv, &weights})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat64 && t->is_contiguous(),
+                "screen_block: contiguous float64 CPU tensors only");
+  TORCH_CHECK(storage.dim() == 2, "screen_block: storage must be [capacity, R]");
+  const int64_t P = level.numel();
+  TORCH_CHECK(inv.numel() == P && weights.numel() >= n, "screen_block: inv [P], weights [>= n]");
+  TORCH_CHECK(first >= 0 && n >= 0 && first + n <= storage.size(0), "screen_block: rows out of range");
+  TORCH_CHECK(P == 0 || (col >= 0 && n_cols > 0 && col + (P - 1) * n_cols < storage.size(1)),
+              "screen_block: column out of range");
+  const int64_t R = storage.size(1);
+  const double* x = storage.data_ptr<double>() + first * R + col;
+  const double* iv = inv.data_ptr<double>();
+  const double* w = weights.data_ptr<double>() + (weights.numel() - n);  // the newest row has the last weight
+  double lo = std::numeric_limits<double>::infinity(), hi = -std::numeric_limits<double>::infinity();
+  int64_t known = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    if (std::isnan(iv[p])) continue;  // no level yet (its gradient was always 0 or missing): not judged
+    ++known;
+    for (int64_t r = 0; r < n; ++r) {
+      const double q = x[r * R + p * n_cols] * iv[p];
+      if (!(q >= 0.0)) return false;  // NaN (and a negative sum of squares, which cannot be)
+      if (q > hi) hi = q;
+      if (q > 0.0 && q < lo) lo = q;
+    }
+  }
+  if (!known || !(lo * band >= 1.0 && hi <= band)) return false;
+  double* lv = level.data_ptr<double>();
+  double* ivw = inv.data_ptr<double>();
+  for (int64_t p = 0; p < P; ++p) {
+    if (std::isnan(iv[p])) continue;
+    double move = 0.0;
+    for (int64_t r = 0; r < n; ++r) {
+      const double q = x[r * R + p * n_cols] * iv[p];
+      if (q > 0.0) move += w[r] * std::log10(q);
+    }
+    lv[p] += move;
+    ivw[p] = std::pow(0.1, lv[p]);
+  }
+  return true;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("screen_block", &screen_block);
   m.def("activation_into", &activation_into);
   m.def("moments_into", &moments_into);
   m.def("copy_sumsq_into", &copy_sumsq_into);
@@ -378,6 +431,7 @@ _state: dict[str, Any] = {
     "act": None,
     "copy_sumsq": None,
     "diff_sumsq": None,
+    "screen": None,
     "error": None,
 }
 
@@ -467,8 +521,18 @@ def _check_and_keep(module: Any) -> None:
     got = pair.tolist() + dst.tolist()
     if got != [[25.0, 13.0], 3.0, -4.0]:
         raise RuntimeError(f"update self-check gave {got}")
+    level, inv = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    block = torch.tensor([[100.0, 0.0, 1.0, 0.0], [1000.0, 0.0, 10.0, 0.0]], dtype=torch.float64)
+    ok = module.screen_block(block, 0, 2, 0, 2, level, inv, torch.tensor([0.25, 0.75], dtype=torch.float64), 1e4)
+    one = torch.ones(2, dtype=torch.float64)
+    bad = module.screen_block(block, 0, 2, 0, 2, torch.zeros(2, dtype=torch.float64), one, one, 10.0)  # 1000 > 10
+    # sync point: CPU tensors only; the self-check of a freshly loaded kernel, once per process.
+    got = [ok, bad, *level.tolist()]
+    if got != [True, False, 2.75, 0.75]:
+        raise RuntimeError(f"screen self-check gave {got}")
     _state.update(
         state="ready",
+        screen=module.screen_block,
         fn=fn,
         param_set=module.ParamSet,
         act=act,
@@ -519,6 +583,24 @@ def cpu_kernel_state() -> str:
 
 _KernelFn = Callable[[list[Tensor], Tensor, list[int], list[int], bool], None]
 _ActivationFn = Callable[[Tensor, int, int, int, int, float, float, bool, Tensor, int], None]
+
+
+_ScreenFn = Callable[[Tensor, int, int, int, int, Tensor, Tensor, Tensor, float], bool]
+
+
+def cpu_screen_kernel() -> _ScreenFn | None:
+    """The compiled CPU kernel's live screen, or None while the kernel is not available (see :func:`cpu_kernel`).
+
+    Returns:
+        ``fn(storage, first, n, col, n_cols, level, inv, weights, band) -> bool``: the common block of
+        :class:`gradscope.capture.live.LiveScreen` in one call: the sums of squares of rows
+        ``first .. first + n - 1`` of ``storage`` (a contiguous ``[capacity, R]`` float64 CPU tensor:
+        the buffer), parameter ``p`` at column ``col + p * n_cols``. True, with ``level`` and ``inv``
+        moved as the NumPy path moves them, when every ratio to the level is NaN-free and the
+        positive ones lie within ``[1 / band, band]``; False, with nothing written, otherwise.
+        ``weights``: the moving average's weights, the newest row's last.
+    """
+    return _state["screen"] if cpu_kernel() is not None else None
 
 
 def cpu_activation_kernel() -> _ActivationFn | None:

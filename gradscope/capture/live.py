@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from gradscope.capture.kernels import cpu_screen_kernel
 from gradscope.findings import Finding, selects
 from gradscope.rules.base import RuleContext
 from gradscope.sinks.base import Sink, SinkUpdate
@@ -224,8 +225,10 @@ class LiveScreen:
     The rows of a block are compared with the level as it stood before the block (one row per block
     is the exact moving average; a block of ``n`` rows moves the level by the same weights at once).
     The common block, every gradient present, finite and within the band around its level, costs
-    seven NumPy calls (the ratio to the level, its extremes, the level's update); anything else takes
-    the full path.
+    seven NumPy calls (the ratio to the level, its extremes, the level's update), or on a CPU buffer
+    one call of the compiled kernel when this machine has it built
+    (:func:`~gradscope.capture.kernels.cpu_screen_kernel`, the same arithmetic: between training steps,
+    with cold caches, each NumPy call costs about 10 us); anything else takes the full path.
 
     Args:
         decades: the RMS jump that counts as a shift.
@@ -275,6 +278,7 @@ class LiveScreen:
         self._act_masks: tuple[Any, np.ndarray, np.ndarray] | None = None
         # EMA weights of the rows of a block, newest last: 0.2 * 0.8 ** (n - 1 - r)
         self._weights = 0.2 * 0.8 ** np.arange(64, dtype=np.float64)[::-1]
+        self._held_tensors: tuple[Any, ...] | None = None  # (level, inv, weights, and their tensors)
 
     def _ensure(self, P: int) -> None:
         if self._P == P:
@@ -291,6 +295,18 @@ class LiveScreen:
         self._ever = np.zeros(P, dtype=bool)
         self._quiet = False
         self._gaps_clean = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        # (a copy's tensors would not share the copied arrays' memory: it makes its own when it needs them)
+        return {**self.__dict__, "_held_tensors": None}
+
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``_level``, ``_inv`` and ``_weights`` as tensors sharing their memory (made again when replaced)."""
+        held = self._held_tensors
+        if held is None or held[0] is not self._level or held[1] is not self._inv or held[2] is not self._weights:
+            arrays = (self._level, self._inv, self._weights)
+            held = self._held_tensors = (*arrays, *(torch.from_numpy(a) for a in arrays))
+        return held[3], held[4], held[5]
 
     def _w(self, n: int) -> np.ndarray:
         if n > len(self._weights):
@@ -351,6 +367,7 @@ class LiveScreen:
         skip_activations: Sequence[int] = (),
         *,
         suspect: bool = False,
+        rows_at: tuple[torch.Tensor, int, int] | None = None,
     ) -> set[str]:
         """Screen ``n`` new rows at once; the reasons to run the rules now (often none).
 
@@ -366,6 +383,9 @@ class LiveScreen:
             act_kinds: the kind of each activation module (``"relu"``, ``"tanh"``...).
             skip_activations: activation modules not judged (output activations).
             suspect: a row is known to hold a non-finite count (the full path, which reads every parameter).
+            rows_at: where ``sumsq`` lies in a CPU buffer, ``(storage, first, n_cols)``: rows ``first..`` of
+                ``storage``, parameter ``p``'s sum of squares at column ``_SUMSQ + p * n_cols``. The common
+                block is then one call of the compiled kernel when it is built (:func:`cpu_screen_kernel`).
         """
         self.screened_step = last_step
         self._ensure(sumsq.shape[1])
@@ -384,7 +404,7 @@ class LiveScreen:
             sumsq, nonfinite = sumsq[keep], nonfinite[keep]
             has = has[keep] if has is not None else None
         fast = self._quiet and not suspect and self._rows >= self.warm_rows
-        if len(sumsq) and not (fast and self._fast(sumsq, nonfinite, has)):
+        if len(sumsq) and not (fast and self._fast(sumsq, nonfinite, has, None if skipped is not None else rows_at)):
             self._full(sumsq, nonfinite, has, reasons)
         if act is not None and len(act[0]) and len(act_kinds):
             if self._activations(act, act_kinds, skip_activations):
@@ -392,8 +412,27 @@ class LiveScreen:
         return reasons
 
     # -- the fast path: every gradient finite and inside the band around its level -----------------------
-    def _fast(self, sumsq: np.ndarray, nonfinite: np.ndarray, has: np.ndarray | None) -> bool:
+    def _fast(
+        self,
+        sumsq: np.ndarray,
+        nonfinite: np.ndarray,
+        has: np.ndarray | None,
+        rows_at: tuple[torch.Tensor, int, int] | None = None,
+    ) -> bool:
         watch = self._watch  # parameters with a level (None: all); one whose gradient is always 0 has none
+        if rows_at is not None and has is None:
+            kernel = cpu_screen_kernel()
+            if kernel is not None:  # the same block in one call (the NumPy calls below cost ~10 us each, cold)
+                # (the kernel leaves out the parameters without a level, as `watch` does below)
+                n = len(sumsq)
+                if n > len(self._weights):
+                    self._w(n)
+                level, inv, weights = self._tensors()
+                storage, first, n_cols = rows_at
+                if not kernel(storage, first, n, _SUMSQ, n_cols, level, inv, weights, self._band):
+                    return False
+                self._rows += n
+                return True
         if watch is not None:
             if not len(watch):
                 return False
@@ -781,6 +820,7 @@ class Diagnosis:
             recorder.schema.act_kinds,
             self._order.output_activations() if act is not None else (),
             suspect=suspect,
+            rows_at=(buffer.storage, first, self._n_cols),
         )
         return sorted(found)
 

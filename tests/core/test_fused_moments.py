@@ -93,30 +93,6 @@ def test_the_accelerator_path_sends_what_it_cannot_take_to_the_eager_path():
     _check(block, mixed, rtol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def cpu_kernel():
-    """The compiled CPU kernel, built now if this machine has none cached (about a minute, once)."""
-    if kernels.cpu_kernel_state() == "off":
-        pytest.skip(f"{kernels.KERNEL_ENV}=off")
-    mp = pytest.MonkeyPatch()
-    mp.setenv(kernels.KERNEL_ENV, "sync")
-    try:
-        fn = kernels.cpu_kernel()
-        if fn is None and kernels.cpu_kernel_state() == "building":  # a background build of this process
-            import time
-
-            for _ in range(600):
-                time.sleep(0.5)
-                if kernels.cpu_kernel_state() != "building":
-                    break
-            fn = kernels.cpu_kernel()
-    finally:
-        mp.undo()
-    if fn is None:
-        pytest.skip(f"no C++ compiler could build the kernel: {kernels._state['error']}")
-    return fn
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nan-and-inf"])
 def test_the_compiled_cpu_kernel_reads_every_moment_in_one_pass_and_matches_float64(cpu_kernel, nonfinite):

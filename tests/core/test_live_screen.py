@@ -280,3 +280,78 @@ def test_after_a_flag_about_activations_alone_the_rules_run_at_sampled_steps_onl
     assert confirmed.get("dead_units") == 21
     # the live evaluations: the flag's own step, then the sampled steps of the hot period (ends at 1 + 30)
     assert evaluated == [1, 11, 21, 31], evaluated
+
+
+def _screen_block(P: int, n: int, seed: int):
+    """A CPU buffer whose rows ``3..3+n-1`` hold sums of squares around a known level, and a warmed screen."""
+    from gradscope.capture.live import _SUMSQ
+
+    n_cols = 6
+    rng = np.random.default_rng(seed)
+    storage = torch.full((8, P * n_cols + 5), np.nan, dtype=torch.float64)
+    level = rng.uniform(-8, 0, P)
+    host = storage.numpy()
+    sumsq = host[:, _SUMSQ : P * n_cols : n_cols]
+    sumsq[:] = 10 ** (level + rng.uniform(-0.5, 0.5, (8, P)))
+    screen = LiveScreen()
+    screen.block(1, 10 ** level[None], np.zeros((1, P)), None, None, None)  # the first row sets the levels
+    screen._rows = screen.warm_rows  # past the warm-up: the fast path may run
+    return storage, sumsq, screen
+
+
+def _both(screen: LiveScreen, storage, sumsq, first: int, n: int):
+    """The NumPy path and the kernel path on copies of the same screen: (result, level) of each."""
+    import copy
+
+    a, b = copy.deepcopy(screen), copy.deepcopy(screen)
+    block = sumsq[first : first + n]
+    ra = a._fast(block, np.zeros_like(block), None)
+    rb = b._fast(block, np.zeros_like(block), None, (storage, first, 6))
+    assert a._rows == b._rows
+    return (ra, a._level, a._inv), (rb, b._level, b._inv)
+
+
+def test_the_compiled_screen_moves_the_levels_as_the_numpy_path_does(cpu_kernel):
+    for P, n, seed in ((1, 1, 0), (18, 4, 1), (258, 5, 2), (40, 3, 3)):
+        storage, sumsq, screen = _screen_block(P, n, seed)
+        if seed == 3:  # a screen that ran the kernel before it is copied: the copy's levels are its own
+            assert screen._fast(sumsq[1:2], np.zeros((1, P)), None, (storage, 1, 6))
+        (ra, la, ia), (rb, lb, ib) = _both(screen, storage, sumsq, 3, n)
+        assert ra is True and rb is True
+        np.testing.assert_allclose(lb, la, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(ib, ia, rtol=1e-12)
+        # every level moved by the weighted log-ratios of its n rows (worked out here, independently)
+        w = 0.2 * 0.8 ** np.arange(n)[::-1]
+        before = screen._level
+        expect = before + w @ (np.log10(sumsq[3 : 3 + n]) - before)
+        np.testing.assert_allclose(lb, expect, rtol=1e-12, atol=1e-12)
+
+
+def test_the_compiled_screen_leaves_out_what_the_numpy_path_leaves_out(cpu_kernel):
+    storage, sumsq, screen = _screen_block(12, 3, 4)
+    # a parameter without a level (its gradient was always 0): not judged, its level stays NaN
+    screen._level[[2, 7]] = np.nan
+    screen._inv[[2, 7]] = np.nan
+    screen._watch = np.flatnonzero(~np.isnan(screen._level))
+    screen._inv_w = screen._inv[screen._watch]
+    sumsq[3:6, 2] = 1e30  # far outside the band, but it has no level
+    sumsq[4, 5] = 0.0  # a gradient exactly 0 (a unit silent for the batch): left out
+    (ra, la, _), (rb, lb, _) = _both(screen, storage, sumsq, 3, 3)
+    assert ra is True and rb is True
+    np.testing.assert_allclose(lb, la, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert np.isnan(lb[[2, 7]]).all()
+    # what sends the block to the full path, with nothing written: a jump out of the band, NaN, Inf
+    for value in (1e6 * sumsq[5, 9], np.nan, np.inf):
+        storage2, sumsq2, screen2 = _screen_block(12, 3, 5)
+        sumsq2[5, 9] = value
+        before = screen2._level.copy()
+        (ra, la, _), (rb, lb, _) = _both(screen2, storage2, sumsq2, 3, 3)
+        assert ra is False and rb is False
+        np.testing.assert_array_equal(lb, before)
+    # no parameter with a level at all: the full path
+    storage3, sumsq3, screen3 = _screen_block(4, 2, 6)
+    screen3._level[:] = np.nan
+    screen3._inv[:] = np.nan
+    screen3._watch = np.zeros(0, dtype=np.int64)
+    (ra, _, _), (rb, _, _) = _both(screen3, storage3, sumsq3, 3, 2)
+    assert ra is False and rb is False
