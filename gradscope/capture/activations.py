@@ -346,6 +346,28 @@ class _Slot:
         self.test = _KERNEL_TEST[info.kind]
 
 
+class _ForwardHook(WeakCall):
+    """The global forward hook: the monitor's ``_on_forward``, weakly bound (a :class:`WeakCall`).
+
+    Every module of every model calls it during a sampled step, so a module that is not watched
+    returns after one dictionary lookup, before the monitor is even looked up.
+    """
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, monitor: ActivationMonitor, slots: dict[int, _Slot]) -> None:
+        super().__init__(monitor, "_on_forward")
+        self._slots = slots
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        slot = self._slots.get(id(module))
+        if slot is None or slot.module is not module:
+            return  # another module (another model, a deep copy): not watched
+        monitor = self._ref() if self._ref is not None else None
+        if monitor is not None:
+            monitor._on_slot(slot, module, output)
+
+
 class ActivationMonitor:
     """Registers a global forward hook on sampled steps and writes statistics into the device buffer.
 
@@ -405,7 +427,7 @@ class ActivationMonitor:
             # accelerator never reach it, so it is not tried there).
             self._kernel = _cpu_kernel() if target().device.type == "cpu" else None
             # Weakly bound: the global hook registry never keeps the monitor (and its scope) alive.
-            hook = WeakCall(self, "_on_forward")
+            hook = _ForwardHook(self, self._slots)
             self._hooks.add(self.GROUP, torch.nn.modules.module.register_module_forward_hook(hook))
 
     def retarget(self, target: Callable[[], Tensor]) -> None:
@@ -428,6 +450,9 @@ class ActivationMonitor:
         slot = self._slots.get(id(module))
         if slot is None or slot.module is not module:
             return  # another module (another model, a deep copy): not watched
+        self._on_slot(slot, module, output)
+
+    def _on_slot(self, slot: _Slot, module: nn.Module, output: object) -> None:
         if torch.compiler.is_compiling():
             # Under torch.compile this hook is traced into the graph, and a write into a buffer row
             # would be frozen there (later steps would not land in their own rows). Measure nothing

@@ -17,7 +17,7 @@ hands each new **confirmed** finding on (sinks at the next flush, ``on_finding``
   gradient, an activation module crossing its rule's threshold), a block of rows at a time with a
   fixed number of NumPy calls. On a CPU it reads the rows in place, in the buffer's host memory:
   nothing is copied into the frame unless the rules are about to run. It runs every ``k_s`` steps,
-  ``k_s`` from the other half of the budget (a 1 ms step gets a screen every few steps, a 20 ms one
+  ``k_s`` from a quarter of the budget (a 1 ms step gets a screen every few steps, a 20 ms one
   every step or two), and at once on a sampled row (activation statistics), on the step a gradient
   goes missing and while its rows without one are counted. When it sees something new, the rules run
   at once and then at every recorded step for :data:`HOT_STEPS` steps, so that a rule's ``confirm``
@@ -64,11 +64,25 @@ if TYPE_CHECKING:
     from gradscope.rules.engine import RuleEngine
     from gradscope.stats.frame import StatsFrame
 
-__all__ = ["HOT_STEPS", "LIVE_BUDGET", "Diagnosis", "LiveCadence", "LiveScreen", "log_finding", "stop_message"]
+__all__ = [
+    "HOT_STEPS",
+    "LIVE_BUDGET",
+    "SCREEN_SHARE",
+    "Diagnosis",
+    "LiveCadence",
+    "LiveScreen",
+    "log_finding",
+    "stop_message",
+]
 
-#: Share of the training's own step time that live evaluations may take on the host, on average: half
-#: for the screen, half for the full evaluations at the cadence.
+#: Share of the training's own step time that live evaluations may take on the host, on average: at
+#: most half for the full evaluations at the cadence and a quarter for the screen (:data:`SCREEN_SHARE`).
 LIVE_BUDGET = 0.01
+
+#: The screen's share of :data:`LIVE_BUDGET`. A quarter: its shift test needs two rows in a row and the
+#: rules confirm over ten, so a screen every step or two finds nothing sooner than one every few steps
+#: (benchmarks/detection.py: the same latencies with a screen at every step as with one every two).
+SCREEN_SHARE = 0.25
 
 #: After the screen flags something new, the rules run at every recorded step for this many steps:
 #: long enough for the ``confirm`` spans of the rules (10 steps; one sampled step for activations).
@@ -100,8 +114,9 @@ class LiveCadence:
     A slow step (a real model, seconds per step) gets ``k = 1``: the rules see every step as it
     ends. Tiny steps (a toy model, a millisecond) get ``k = flush_every``, i.e. no evaluation besides
     the flushes. The first evaluation runs as soon as one step time is known, to measure
-    ``eval_time``. The screen (:class:`LiveScreen`) gets the other half of the budget the same way:
-    every ``k_s = clamp(ceil(screen_time / (budget / 2 * step_time)), 1, flush_every)`` steps.
+    ``eval_time``. The screen (:class:`LiveScreen`) gets a quarter of the budget (:data:`SCREEN_SHARE`)
+    the same way: every ``k_s = clamp(ceil(screen_time / (budget / 4 * step_time)), 1, flush_every)``
+    steps.
 
     Args:
         flush_every: the scope's ``flush_every`` (the largest ``k``).
@@ -157,12 +172,12 @@ class LiveCadence:
         """At the end of ``scope.step()``."""
         self._ended = self.clock()
 
-    def _steps_for(self, cost: float | None) -> int:
+    def _steps_for(self, cost: float | None, share: float = 0.5) -> int:
         if self.step_time is None:
             return self.flush_every
         if cost is None:
             return 1  # measure it once
-        k = math.ceil(cost / (self.budget / 2 * max(self.step_time, 1e-9)))
+        k = math.ceil(cost / (self.budget * share * max(self.step_time, 1e-9)))
         return min(max(k, 1), self.flush_every)
 
     @property
@@ -173,7 +188,7 @@ class LiveCadence:
     @property
     def screen_every(self) -> int:
         """``k_s``: recorded steps between screens (``flush_every``: none besides flushes)."""
-        return self._steps_for(self.screen_time)
+        return self._steps_for(self.screen_time, SCREEN_SHARE)
 
     def screen_due(self) -> bool:
         """Whether the screen should look at the new rows now."""
