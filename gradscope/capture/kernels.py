@@ -38,6 +38,7 @@ __all__ = [
     "KERNEL_ENV",
     "FusedMoments",
     "cpu_activation_kernel",
+    "cpu_histogram_kernel",
     "cpu_kernel",
     "cpu_kernel_state",
     "cpu_screen_kernel",
@@ -411,7 +412,127 @@ bool screen_block(torch::Tensor storage, int64_t first, int64_t n, int64_t col, 
   return true;
 }
 
+// Histograms of groups of tensors (a layer's gradients, or its weights) for TensorBoard, the row of
+// gradscope.sinks.histograms: bins + 1 edges, bins counts, the sum and the sum of squares. Group g is
+// tensors[group_end[g - 1] .. group_end[g]). Two reads per group: its extremes, then each value
+// placed among the edges (e_k = lo + (hi - lo) * k / bins in float64, e_0 = lo, e_bins = hi) by
+// comparison, so the counts are exactly numpy.histogram(x, bins=edges) of the edges written (the last
+// bucket holds x == hi); sums in float64. A constant group: every edge at its value, all of it in the
+// last bucket (TensorBoard's convention). A group holding NaN or Inf, or nothing: a NaN row.
+namespace {
+template <typename T>
+void extremes(const T* x, int64_t n, double& lo, double& hi, bool& bad) {
+  T mn = std::numeric_limits<T>::infinity(), mx = -std::numeric_limits<T>::infinity();
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i];
+    nan |= v != v;
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+  }
+  bad |= nan;
+  lo = std::min(lo, (double)mn);
+  hi = std::max(hi, (double)mx);
+}
+
+template <typename T>
+void place(const T* x, int64_t n, double lo, double hi, const double* e, int64_t bins, double* counts,
+           double& sum, double& sumsq) {
+  const double scale = bins / (hi - lo);
+  std::vector<int64_t> c(bins, 0);
+  double s = 0.0, ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = (double)x[i];
+    s += v;
+    ss += v * v;
+    int64_t k = (int64_t)((v - lo) * scale);
+    k = k < 0 ? 0 : (k > bins - 1 ? bins - 1 : k);
+    while (k > 0 && v < e[k]) --k;
+    while (k < bins - 1 && v >= e[k + 1]) ++k;
+    ++c[k];
+  }
+  for (int64_t k = 0; k < bins; ++k) counts[k] += (double)c[k];
+  sum += s;
+  sumsq += ss;
+}
+}  // namespace
+
+void histograms_into(std::vector<torch::Tensor> tensors, std::vector<int64_t> group_end, int64_t bins,
+                     torch::Tensor out) {
+  TORCH_CHECK(bins >= 1, "histograms_into: bins >= 1");
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kFloat64 && out.is_contiguous() &&
+                  out.dim() == 2 && out.size(0) == (int64_t)group_end.size() && out.size(1) == 2 * bins + 3,
+              "histograms_into: out must be a contiguous [G, 2 * bins + 3] float64 CPU tensor");
+  int64_t prev = 0;
+  for (const int64_t end : group_end) {
+    TORCH_CHECK(end >= prev && end <= (int64_t)tensors.size(), "histograms_into: group ends out of order");
+    prev = end;
+  }
+  for (const auto& t : tensors)
+    TORCH_CHECK(t.device().is_cpu() && t.layout() == torch::kStrided && t.is_contiguous() &&
+                    !t.key_set().has(c10::DispatchKey::Python) &&
+                    (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kFloat64),
+                "histograms_into: contiguous float32/float64 CPU tensors only");
+  const int64_t W = 2 * bins + 3;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  double* o = out.data_ptr<double>();
+  int64_t start = 0;
+  for (size_t g = 0; g < group_end.size(); ++g) {
+    double* row = o + (int64_t)g * W;
+    const int64_t end = group_end[g];
+    double lo = std::numeric_limits<double>::infinity(), hi = -std::numeric_limits<double>::infinity();
+    bool bad = false;
+    int64_t numel = 0;
+    for (int64_t k = start; k < end; ++k) {
+      const auto& t = tensors[k];
+      numel += t.numel();
+      if (t.scalar_type() == torch::kFloat32)
+        extremes<float>(t.data_ptr<float>(), t.numel(), lo, hi, bad);
+      else
+        extremes<double>(t.data_ptr<double>(), t.numel(), lo, hi, bad);
+    }
+    if (bad || numel == 0 || !std::isfinite(lo) || !std::isfinite(hi)) {
+      std::fill(row, row + W, nan);
+      start = end;
+      continue;
+    }
+    double* e = row;
+    double* counts = row + bins + 1;
+    std::fill(counts, counts + bins, 0.0);
+    double sum = 0.0, sumsq = 0.0;
+    if (lo == hi) {  // one distinct value
+      std::fill(e, e + bins + 1, lo);
+      counts[bins - 1] = (double)numel;
+      for (int64_t k = start; k < end; ++k) {
+        const auto& t = tensors[k];
+        if (t.scalar_type() == torch::kFloat32) {
+          const float* x = t.data_ptr<float>();
+          for (int64_t i = 0; i < t.numel(); ++i) { sum += x[i]; sumsq += (double)x[i] * x[i]; }
+        } else {
+          const double* x = t.data_ptr<double>();
+          for (int64_t i = 0; i < t.numel(); ++i) { sum += x[i]; sumsq += x[i] * x[i]; }
+        }
+      }
+    } else {
+      e[0] = lo;
+      for (int64_t k = 1; k < bins; ++k) e[k] = std::min(hi, std::max(lo, lo + (hi - lo) * k / bins));
+      e[bins] = hi;
+      for (int64_t k = start; k < end; ++k) {
+        const auto& t = tensors[k];
+        if (t.scalar_type() == torch::kFloat32)
+          place<float>(t.data_ptr<float>(), t.numel(), lo, hi, e, bins, counts, sum, sumsq);
+        else
+          place<double>(t.data_ptr<double>(), t.numel(), lo, hi, e, bins, counts, sum, sumsq);
+      }
+    }
+    row[2 * bins + 1] = sum;
+    row[2 * bins + 2] = sumsq;
+    start = end;
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("histograms_into", &histograms_into);
   m.def("screen_block", &screen_block);
   m.def("activation_into", &activation_into);
   m.def("moments_into", &moments_into);
@@ -432,6 +553,7 @@ _state: dict[str, Any] = {
     "copy_sumsq": None,
     "diff_sumsq": None,
     "screen": None,
+    "histograms": None,
     "error": None,
 }
 
@@ -530,8 +652,18 @@ def _check_and_keep(module: Any) -> None:
     got = [ok, bad, *level.tolist()]
     if got != [True, False, 2.75, 0.75]:
         raise RuntimeError(f"screen self-check gave {got}")
+    hist = torch.zeros(2, 7, dtype=torch.float64)
+    # [0, 1, 1, 3] in 2 buckets of [0, 1.5, 3]; a constant group [2, 2]: every edge at 2, both in the last
+    module.histograms_into(
+        [torch.tensor([0.0, 1.0]), torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])], [2, 3], 2, hist
+    )
+    # sync point: CPU tensors only; the self-check of a freshly loaded kernel, once per process.
+    got = hist.tolist()
+    if got != [[0.0, 1.5, 3.0, 3.0, 1.0, 5.0, 11.0], [2.0, 2.0, 2.0, 0.0, 2.0, 4.0, 8.0]]:
+        raise RuntimeError(f"histogram self-check gave {got}")
     _state.update(
         state="ready",
+        histograms=module.histograms_into,
         screen=module.screen_block,
         fn=fn,
         param_set=module.ParamSet,
@@ -601,6 +733,23 @@ def cpu_screen_kernel() -> _ScreenFn | None:
         ``weights``: the moving average's weights, the newest row's last.
     """
     return _state["screen"] if cpu_kernel() is not None else None
+
+
+_HistogramFn = Callable[[list[Tensor], list[int], int, Tensor], None]
+
+
+def cpu_histogram_kernel() -> _HistogramFn | None:
+    """The compiled CPU kernel's histograms, or None while the kernel is not available (see :func:`cpu_kernel`).
+
+    Returns:
+        ``fn(tensors, group_end, bins, out)``: one row of :func:`gradscope.sinks.histograms.histogram_rows`
+        per group ``tensors[group_end[g - 1]:group_end[g]]`` into ``out`` (a contiguous ``[G, 2 * bins + 3]``
+        float64 CPU tensor), reading each tensor twice (its extremes, then each value placed among the
+        edges by comparison: the counts are exactly ``numpy.histogram(x, bins=edges)`` of the edges
+        written). Contiguous float32/float64 CPU tensors only; anything else raises before anything
+        is written.
+    """
+    return _state["histograms"] if cpu_kernel() is not None else None
 
 
 def cpu_activation_kernel() -> _ActivationFn | None:

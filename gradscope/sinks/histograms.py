@@ -14,10 +14,16 @@ the value (numpy's ``[v - 0.5, v + 0.5]`` range would be drawn as a flat band on
 value is placed by comparison with the edges written, so the counts are exactly
 ``numpy.histogram(x, bins=edges)``.
 
-* CPU tensors: ``torch.histogram(x, bins, range=(min, max))``, one pass per layer (per chunk of a
-  large tensor); reading ``min`` and ``max`` of a CPU tensor waits for nothing, so every layer's are
-  read at once, and the rows of all layers are assembled together (:func:`_rows_cpu`: the values of
-  the per-layer :func:`_row_cpu`, with a few operations per tensor instead of some twenty per layer).
+* CPU tensors, with the compiled kernel (:func:`gradscope.capture.kernels.cpu_histogram_kernel`,
+  when this machine has it built): one call for every layer, two reads of each tensor, edges
+  ``lo + (hi - lo) * k / bins`` in float64 and every value placed among them by comparison. A model
+  of many small layers spent its histogram step in per-operation overhead: 129 layers of gradients
+  and weights took 13.7 ms of operators.
+* CPU tensors otherwise (or half precision, or not contiguous): ``torch.histogram(x, bins,
+  range=(min, max))``, one pass per layer (per chunk of a large tensor); reading ``min`` and ``max``
+  of a CPU tensor waits for nothing, so every layer's are read at once, and the rows of all layers
+  are assembled together (:func:`_rows_cpu`: the values of the per-layer :func:`_row_cpu`, with a few
+  operations per tensor instead of some twenty per layer).
 * Accelerators: ``min`` and ``max`` stay device tensors (``torch.histc`` with data-dependent bounds
   would read them on the host: a sync), the edges are computed on the device, values are placed
   with ``torch.bucketize`` and counted with ``torch.histc`` over the integer bucket indices, whose
@@ -35,6 +41,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from gradscope.capture.kernels import cpu_histogram_kernel
 
 __all__ = ["CHUNK", "HistogramRows", "histogram_rows", "row_width", "split_row"]
 
@@ -86,7 +94,7 @@ def histogram_rows(groups: Sequence[Sequence[Tensor]], bins: int) -> Tensor:
     device = next((t.device for g in groups for t in g), torch.device("cpu"))
     kept = [[t.detach() for t in tensors if t.numel() > 0] for tensors in groups]
     on_cpu = [i for i, tensors in enumerate(kept) if tensors and tensors[0].device.type == "cpu"]
-    cpu_rows = dict(zip(on_cpu, _rows_cpu([kept[i] for i in on_cpu], bins).unbind())) if on_cpu else {}
+    cpu_rows = dict(zip(on_cpu, _rows_cpu_any([kept[i] for i in on_cpu], bins).unbind())) if on_cpu else {}
     rows = []
     for i, tensors in enumerate(kept):
         if not tensors:  # made where the others live: a host-to-device copy could wait for the device
@@ -138,6 +146,21 @@ def _row_cpu(tensors: Sequence[Tensor], bins: int) -> Tensor:
             total += torch.stack([x.sum(), torch.dot(x, x)]).to(torch.float64)
     assert edges is not None
     return torch.cat([edges.to(torch.float64), counts, total])
+
+
+def _rows_cpu_any(groups: Sequence[Sequence[Tensor]], bins: int) -> Tensor:
+    """The CPU groups' rows: with the compiled kernel when it is built and takes these tensors, else :func:`_rows_cpu`."""
+    kernel = cpu_histogram_kernel()
+    if kernel is not None:
+        flat = [t for tensors in groups for t in tensors]
+        ends = np.cumsum([len(tensors) for tensors in groups]).tolist()
+        out = torch.empty((len(groups), row_width(bins)), dtype=torch.float64)
+        try:
+            kernel(flat, ends, bins, out)
+            return out
+        except (RuntimeError, TypeError, ValueError):  # checked before anything is written
+            pass  # a half-precision or non-contiguous tensor: the operator path below
+    return _rows_cpu(groups, bins)
 
 
 def _rows_cpu(groups: Sequence[Sequence[Tensor]], bins: int) -> Tensor:

@@ -105,6 +105,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def test_batched_cpu_histograms_equal_the_per_layer_path(monkeypatch):
     monkeypatch.setattr(H, "CHUNK", 500)  # the 1200-element tensor is binned in three chunks
+    monkeypatch.setattr(H, "cpu_histogram_kernel", lambda: None)  # the operator path (the kernel: test_tb_histograms)
     g = torch.Generator().manual_seed(0)
     big = torch.randn(1200, generator=g)
     nan = torch.randn(5, generator=g)
@@ -135,7 +136,8 @@ def test_batched_cpu_histograms_equal_the_per_layer_path(monkeypatch):
 
 
 @pytest.mark.parametrize("bins", [2, 64])
-def test_batched_histograms_of_a_trained_mlp_equal_the_per_layer_path(bins):
+def test_batched_histograms_of_a_trained_mlp_equal_the_per_layer_path(bins, monkeypatch):
+    monkeypatch.setattr(H, "cpu_histogram_kernel", lambda: None)
     run = train(small_mlp(), 3, capture=[3])
     layers = {}
     for name, grad in run.grads[3].items():

@@ -143,3 +143,72 @@ def test_large_tensors_are_binned_in_chunks(monkeypatch):
     for fn in (_row_cpu, _row_device):
         edges, counts, _, _ = split_row(fn([t], 16).numpy(), 16)
         np.testing.assert_array_equal(counts, np.histogram(t.numpy(), bins=edges)[0])
+
+
+def _kernel_rows(groups, bins, kernel_fn):
+    import gradscope.sinks.histograms as H
+
+    out = torch.empty((len(groups), H.row_width(bins)), dtype=torch.float64)
+    ends = np.cumsum([len(g) for g in groups]).tolist()
+    kernel_fn([t for g in groups for t in g], ends, bins, out)
+    return out.numpy()
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=st.lists(arrays, min_size=1, max_size=3), bins=st.integers(2, 40))
+def test_the_compiled_histograms_count_exactly_against_their_edges(cpu_kernel, groups, bins):
+    from gradscope.capture.kernels import cpu_histogram_kernel
+
+    kernel = cpu_histogram_kernel()
+    assert kernel is not None
+    tensors = [torch.tensor(g, dtype=torch.float32) for g in groups]
+    x = np.concatenate([np.asarray(g, dtype=np.float32) for g in groups]).astype(np.float64)
+    row = _kernel_rows([tensors], bins, kernel)[0]
+    edges, counts, s, ss = split_row(row, bins)
+    assert np.all(np.diff(edges) >= 0) and (edges[0], edges[-1]) == (x.min(), x.max())
+    np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
+    assert counts.sum() == x.size
+    np.testing.assert_allclose(s, x.sum(), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(ss, (x**2).sum(), rtol=1e-12, atol=1e-9)
+
+
+def test_the_compiled_histograms_match_numpy_group_by_group(cpu_kernel):
+    import gradscope.sinks.histograms as H
+    from gradscope.capture.kernels import cpu_histogram_kernel
+
+    kernel = cpu_histogram_kernel()
+    assert kernel is not None
+    g = torch.Generator().manual_seed(0)
+    nan = torch.randn(5, generator=g)
+    nan[2] = float("nan")
+    groups = [
+        [torch.randn(7, 3, generator=g), torch.randn(3, generator=g)],
+        [torch.randn(9, generator=g, dtype=torch.float64), torch.randn(4, generator=g)],  # mixed dtypes
+        [torch.full((4,), 2.5), torch.full((2,), 2.5)],  # one distinct value: a spike at it
+        [],  # nothing
+        [nan],
+        [torch.tensor([1.0, float("inf")])],
+        [torch.randn(100_000, generator=g) * 1e-3],
+        [torch.tensor([1.0, 1.0 + 2**-23, 1.0 + 2**-22])],  # a range of a few float32 ulps
+    ]
+    rows = _kernel_rows(groups, 16, kernel)
+    for row, tensors in zip(rows, groups):
+        if not tensors or any(not torch.isfinite(t).all() for t in tensors):
+            assert np.isnan(row).all()
+            continue
+        x = np.concatenate([t.double().numpy().ravel() for t in tensors])
+        edges, counts, s, ss = split_row(row, 16)
+        if x.min() == x.max():
+            assert (edges == x[0]).all() and counts[-1] == x.size and counts[:-1].sum() == 0
+        else:
+            np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
+            np.testing.assert_allclose(edges, np.linspace(x.min(), x.max(), 17), rtol=1e-15, atol=0)
+        np.testing.assert_allclose([s, ss], [x.sum(), (x**2).sum()], rtol=1e-12)
+    # what the kernel does not take (half precision, a non-contiguous view) goes the operator way:
+    # histogram_rows gives the per-layer path's row for it
+    half = [[torch.randn(8, generator=g).to(torch.bfloat16)], [torch.randn(6, 4, generator=g).t()]]
+    for got, tensors in zip(H.histogram_rows(half, 8), half):
+        want = H._row_cpu(tensors, 8)
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="contiguous float32/float64"):
+        _kernel_rows(half[:1], 8, kernel)
