@@ -37,6 +37,7 @@ from gradscope.stats.moments import CORE_MOMENTS, GRAD_MOMENTS, MOMENT_INDEX, Mo
 __all__ = [
     "KERNEL_ENV",
     "FusedMoments",
+    "cpu_act_screen_kernel",
     "cpu_activation_kernel",
     "cpu_histogram_kernel",
     "cpu_kernel",
@@ -531,7 +532,44 @@ void histograms_into(std::vector<torch::Tensor> tensors, std::vector<int64_t> gr
   }
 }
 
+// The live screen's activation check (LiveScreen._activations): at each sampled row r (in order) of
+// the CPU buffer `storage`, module j is flagged when its dead fraction (column a + j * n_act_cols +
+// dead_col) reaches dead_thr[j] or its saturated fraction (sat_col) reaches sat_thr[j] (an infinite
+// threshold: not judged; NaN, a module that did not run, is never flagged). True when a module is
+// flagged that was not at the previous sampled row; prev[j] ends as the last row's flags.
+bool act_screen(torch::Tensor storage, std::vector<int64_t> rows, int64_t a, int64_t n_act_cols, int64_t dead_col,
+                int64_t sat_col, torch::Tensor dead_thr, torch::Tensor sat_thr, torch::Tensor prev) {
+  for (const auto* t : {&storage, &dead_thr, &sat_thr})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat64 && t->is_contiguous(),
+                "act_screen: contiguous float64 CPU tensors only");
+  TORCH_CHECK(prev.device().is_cpu() && prev.scalar_type() == torch::kBool && prev.is_contiguous(),
+              "act_screen: prev must be a contiguous bool CPU tensor");
+  TORCH_CHECK(storage.dim() == 2, "act_screen: storage must be [capacity, R]");
+  const int64_t A = prev.numel();
+  TORCH_CHECK(dead_thr.numel() == A && sat_thr.numel() == A, "act_screen: one threshold per module");
+  TORCH_CHECK(dead_col >= 0 && sat_col >= 0 && dead_col < n_act_cols && sat_col < n_act_cols,
+              "act_screen: column out of range");
+  TORCH_CHECK(A == 0 || (a >= 0 && a + A * n_act_cols <= storage.size(1)), "act_screen: modules out of range");
+  for (const int64_t r : rows) TORCH_CHECK(r >= 0 && r < storage.size(0), "act_screen: row out of range");
+  const int64_t R = storage.size(1);
+  const double* st = storage.data_ptr<double>();
+  const double* dt = dead_thr.data_ptr<double>();
+  const double* tt = sat_thr.data_ptr<double>();
+  bool* pv = prev.data_ptr<bool>();
+  bool fresh = false;
+  for (const int64_t r : rows) {
+    const double* x = st + r * R + a;
+    for (int64_t j = 0; j < A; ++j) {
+      const bool flag = x[j * n_act_cols + dead_col] >= dt[j] || x[j * n_act_cols + sat_col] >= tt[j];
+      fresh |= flag && !pv[j];
+      pv[j] = flag;
+    }
+  }
+  return fresh;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("act_screen", &act_screen);
   m.def("histograms_into", &histograms_into);
   m.def("screen_block", &screen_block);
   m.def("activation_into", &activation_into);
@@ -554,6 +592,7 @@ _state: dict[str, Any] = {
     "diff_sumsq": None,
     "screen": None,
     "histograms": None,
+    "act_screen": None,
     "error": None,
 }
 
@@ -661,8 +700,21 @@ def _check_and_keep(module: Any) -> None:
     got = hist.tolist()
     if got != [[0.0, 1.5, 3.0, 3.0, 1.0, 5.0, 11.0], [2.0, 2.0, 2.0, 0.0, 2.0, 4.0, 8.0]]:
         raise RuntimeError(f"histogram self-check gave {got}")
+    # two modules, rows 0 and 1: module 0 dead (0.9 >= 0.5) at row 1 only, module 1 saturated at both
+    rows = torch.tensor([[0.1, 0.0, 0.0, 0.7], [0.9, 0.0, 0.0, 0.8]], dtype=torch.float64)
+    prev = torch.zeros(2, dtype=torch.bool)
+    inf = float("inf")
+    thr_dead, thr_sat = torch.tensor([0.5, inf], dtype=torch.float64), torch.tensor([inf, 0.5], dtype=torch.float64)
+    first = module.act_screen(rows, [0], 0, 2, 0, 1, thr_dead, thr_sat, prev)
+    again = module.act_screen(rows, [0], 0, 2, 0, 1, thr_dead, thr_sat, prev)
+    later = module.act_screen(rows, [1], 0, 2, 0, 1, thr_dead, thr_sat, prev)
+    # sync point: CPU tensors only; the self-check of a freshly loaded kernel, once per process.
+    got = [first, again, later, *prev.tolist()]
+    if got != [True, False, True, True, True]:
+        raise RuntimeError(f"activation screen self-check gave {got}")
     _state.update(
         state="ready",
+        act_screen=module.act_screen,
         histograms=module.histograms_into,
         screen=module.screen_block,
         fn=fn,
@@ -750,6 +802,22 @@ def cpu_histogram_kernel() -> _HistogramFn | None:
         is written.
     """
     return _state["histograms"] if cpu_kernel() is not None else None
+
+
+_ActScreenFn = Callable[[Tensor, list[int], int, int, int, int, Tensor, Tensor, Tensor], bool]
+
+
+def cpu_act_screen_kernel() -> _ActScreenFn | None:
+    """The compiled CPU kernel's activation screen, or None while the kernel is not available (see :func:`cpu_kernel`).
+
+    Returns:
+        ``fn(storage, rows, a, n_act_cols, dead_col, sat_col, dead_thr, sat_thr, prev) -> bool``: at each
+        row of ``rows`` of ``storage`` (the CPU buffer), module ``j``'s statistics at column
+        ``a + j * n_act_cols``, flagged when its dead fraction reaches ``dead_thr[j]`` or its saturated
+        fraction ``sat_thr[j]`` (float64; infinite: not judged). True when a module is flagged that was
+        not at the previous row; ``prev`` (bool ``[A]``) ends as the last row's flags.
+    """
+    return _state["act_screen"] if cpu_kernel() is not None else None
 
 
 def cpu_activation_kernel() -> _ActivationFn | None:

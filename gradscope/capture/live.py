@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from gradscope.capture.kernels import cpu_screen_kernel
+from gradscope.capture.kernels import cpu_act_screen_kernel, cpu_screen_kernel
 from gradscope.findings import Finding, selects
 from gradscope.rules.base import RuleContext
 from gradscope.sinks.base import Sink, SinkUpdate
@@ -290,7 +290,8 @@ class LiveScreen:
         #: diagnosis screens every row until the count reaches ``gap_rows`` (or the gradient is back).
         self.counting = False
         self._act: np.ndarray | None = None  # [A] flagged at the previous sampled row
-        self._act_masks: tuple[Any, np.ndarray, np.ndarray] | None = None
+        self._act_masks: tuple[Any, ...] | None = None
+        self._act_tensor: tuple[np.ndarray, torch.Tensor] | None = None  # _act, and a tensor sharing it
         # EMA weights of the rows of a block, newest last: 0.2 * 0.8 ** (n - 1 - r)
         self._weights = 0.2 * 0.8 ** np.arange(64, dtype=np.float64)[::-1]
         self._held_tensors: tuple[Any, ...] | None = None  # (level, inv, weights, and their tensors)
@@ -313,7 +314,7 @@ class LiveScreen:
 
     def __getstate__(self) -> dict[str, Any]:
         # (a copy's tensors would not share the copied arrays' memory: it makes its own when it needs them)
-        return {**self.__dict__, "_held_tensors": None}
+        return {**self.__dict__, "_held_tensors": None, "_act_tensor": None}
 
     def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``_level``, ``_inv`` and ``_weights`` as tensors sharing their memory (made again when replaced)."""
@@ -383,6 +384,7 @@ class LiveScreen:
         *,
         suspect: bool = False,
         rows_at: tuple[torch.Tensor, int, int] | None = None,
+        act_at: tuple[torch.Tensor, list[int], int, int] | None = None,
     ) -> set[str]:
         """Screen ``n`` new rows at once; the reasons to run the rules now (often none).
 
@@ -401,6 +403,9 @@ class LiveScreen:
             rows_at: where ``sumsq`` lies in a CPU buffer, ``(storage, first, n_cols)``: rows ``first..`` of
                 ``storage``, parameter ``p``'s sum of squares at column ``_SUMSQ + p * n_cols``. The common
                 block is then one call of the compiled kernel when it is built (:func:`cpu_screen_kernel`).
+            act_at: instead of ``act``, where the sampled rows' activation statistics lie in a CPU buffer,
+                ``(storage, rows, a, n_act_cols)``: module ``j`` of row ``r`` at column ``a + j * n_act_cols``;
+                read by the compiled kernel (the caller passes it only when that is built).
         """
         self.screened_step = last_step
         self._ensure(sumsq.shape[1])
@@ -421,7 +426,10 @@ class LiveScreen:
         fast = self._quiet and not suspect and self._rows >= self.warm_rows
         if len(sumsq) and not (fast and self._fast(sumsq, nonfinite, has, None if skipped is not None else rows_at)):
             self._full(sumsq, nonfinite, has, reasons)
-        if act is not None and len(act[0]) and len(act_kinds):
+        if act_at is not None and len(act_at[1]) and len(act_kinds):
+            if self._activations_at(act_at, act_kinds, skip_activations):
+                reasons.add("activation")
+        elif act is not None and len(act[0]) and len(act_kinds):
             if self._activations(act, act_kinds, skip_activations):
                 reasons.add("activation")
         return reasons
@@ -554,14 +562,35 @@ class LiveScreen:
         self.counting = bool((self._ever & (self._gap > 0) & (self._gap < self.gap_rows)).any())
 
     # -- activations ---------------------------------------------------------------------------------------
-    def _activations(self, act: tuple[np.ndarray, np.ndarray], kinds: Sequence[str], skip: Sequence[int]) -> bool:
+    def _masks(self, kinds: Sequence[str], skip: Sequence[int]) -> tuple[Any, ...]:
+        """``(key, relu, saturating, dead threshold, saturated threshold)`` per module, made once per set."""
         key = (tuple(kinds), tuple(skip))
         if self._act_masks is None or self._act_masks[0] != key:
-            relu = np.array([k == "relu" for k in kinds])
-            saturating = np.array([k in _SATURATING for k in kinds])
+            relu = np.array([k == "relu" for k in kinds], dtype=bool)
+            saturating = np.array([k in _SATURATING for k in kinds], dtype=bool)
             saturating[list(skip)] = False
-            self._act_masks = (key, relu, saturating)
-        _, relu, saturating = self._act_masks
+            dead_thr = torch.from_numpy(np.where(relu, self.dead_threshold, np.inf))
+            sat_thr = torch.from_numpy(np.where(saturating, self.saturated_threshold, np.inf))
+            self._act_masks = (key, relu, saturating, dead_thr, sat_thr)
+        return self._act_masks
+
+    def _activations_at(
+        self, act_at: tuple[torch.Tensor, list[int], int, int], kinds: Sequence[str], skip: Sequence[int]
+    ) -> bool:
+        """:meth:`_activations` in one call of the compiled kernel, reading the buffer in place."""
+        kernel = cpu_act_screen_kernel()
+        assert kernel is not None  # the caller passes act_at only then
+        _, _, _, dead_thr, sat_thr = self._masks(kinds, skip)
+        if self._act is None or len(self._act) != len(kinds):
+            self._act = np.zeros(len(kinds), dtype=bool)
+        held = self._act_tensor
+        if held is None or held[0] is not self._act:
+            held = self._act_tensor = (self._act, torch.from_numpy(self._act))
+        storage, rows, a, n_act_cols = act_at
+        return bool(kernel(storage, rows, a, n_act_cols, _ACT_DEAD, _ACT_SATURATED, dead_thr, sat_thr, held[1]))
+
+    def _activations(self, act: tuple[np.ndarray, np.ndarray], kinds: Sequence[str], skip: Sequence[int]) -> bool:
+        _, relu, saturating, _, _ = self._masks(kinds, skip)
         dead, sat = act
         # NaN (a module that did not run) compares False
         flags = (relu & (dead >= self.dead_threshold)) | (saturating & (sat >= self.saturated_threshold))
@@ -815,15 +844,18 @@ class Diagnosis:
             has = np.stack([r.has_grad for r in new])
             trainable = np.stack([r.trainable for r in new])
         skipped = np.array([r.skipped for r in new]) if any(r.skipped for r in new) else None
-        act = None
+        act = act_at = None
         buffer = recorder.buffer
         n_act, n_act_cols = buffer.shape_act
         if n_act:
             sampled = [first + i for i, r in enumerate(new) if r.sampled]
             if sampled:
                 a = buffer.shape_moments[0] * buffer.shape_moments[1]
-                stats = host[sampled, a : a + n_act * n_act_cols].reshape(len(sampled), n_act, n_act_cols)
-                act = (stats[:, :, _ACT_DEAD], stats[:, :, _ACT_SATURATED])
+                if cpu_act_screen_kernel() is not None:  # read in place by the kernel: one call
+                    act_at = (buffer.storage, sampled, a, n_act_cols)
+                else:
+                    stats = host[sampled, a : a + n_act * n_act_cols].reshape(len(sampled), n_act, n_act_cols)
+                    act = (stats[:, :, _ACT_DEAD], stats[:, :, _ACT_SATURATED])
         found = screen.block(
             new[-1].step,
             self._sumsq_all[first:n],
@@ -833,9 +865,10 @@ class Diagnosis:
             skipped,
             act,
             recorder.schema.act_kinds,
-            self._order.output_activations() if act is not None else (),
+            self._order.output_activations() if act is not None or act_at is not None else (),
             suspect=suspect,
             rows_at=(buffer.storage, first, self._n_cols),
+            act_at=act_at,
         )
         return sorted(found)
 

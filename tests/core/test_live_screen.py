@@ -355,3 +355,36 @@ def test_the_compiled_screen_leaves_out_what_the_numpy_path_leaves_out(cpu_kerne
     screen3._watch = np.zeros(0, dtype=np.int64)
     (ra, _, _), (rb, _, _) = _both(screen3, storage3, sumsq3, 3, 2)
     assert ra is False and rb is False
+
+
+def test_the_compiled_activation_check_flags_what_the_numpy_path_flags(cpu_kernel):
+    from gradscope.capture.live import _ACT_DEAD, _ACT_SATURATED
+
+    rng = np.random.default_rng(7)
+    kinds = ["relu", "tanh", "sigmoid", "gelu", "relu", "hardtanh", "relu", "tanh"]
+    skip = [7]  # an output activation: saturated by design, not judged
+    A, n_act_cols, a = len(kinds), 3, 11
+    storage = torch.full((12, a + A * n_act_cols + 2), np.nan, dtype=torch.float64)
+    host = storage.numpy()
+    stats = host[:, a : a + A * n_act_cols].reshape(12, A, n_act_cols)
+    stats[:, :, _ACT_DEAD] = rng.uniform(0, 1, (12, A))
+    stats[:, :, _ACT_SATURATED] = rng.uniform(0, 1, (12, A))
+    stats[3, 2, _ACT_SATURATED] = np.nan  # a module that did not run
+    stats[5, :, _ACT_DEAD] = 0.5  # exactly at the threshold: flagged (>=)
+    np_screen, k_screen = LiveScreen(), LiveScreen()
+    for rows in ([0], [1, 2], [3], [4, 5, 6], [7], [8], [9, 10, 11]):
+        act = (stats[rows][:, :, _ACT_DEAD], stats[rows][:, :, _ACT_SATURATED])
+        want = np_screen._activations(act, kinds, skip)
+        got = k_screen._activations_at((storage, rows, a, n_act_cols), kinds, skip)
+        assert got == want, rows
+        np.testing.assert_array_equal(k_screen._act, np_screen._act)
+    # worked by hand: relu 0 dead at 0.5 or more, tanh 1 saturated at 0.5 or more; gelu (3) never
+    fresh = LiveScreen()
+    stats[0, :, :] = 0.0
+    stats[0, 3, _ACT_DEAD] = stats[0, 3, _ACT_SATURATED] = 1.0
+    stats[0, 7, _ACT_SATURATED] = 1.0  # skipped
+    assert fresh._activations_at((storage, [0], a, n_act_cols), kinds, skip) is False
+    stats[1, :, :] = 0.0
+    stats[1, 1, _ACT_SATURATED] = 0.6
+    assert fresh._activations_at((storage, [1], a, n_act_cols), kinds, skip) is True
+    assert fresh._act.tolist() == [False, True, False, False, False, False, False, False]
