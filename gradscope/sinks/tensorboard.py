@@ -58,13 +58,19 @@ if TYPE_CHECKING:
     from gradscope.report import Report
     from gradscope.stats.frame import StatsFrame
 
-__all__ = ["TensorBoardSink", "check_writer", "layer_tag", "verdict_markdown"]
+__all__ = ["FIRST_FIGURE_SECONDS", "TensorBoardSink", "check_writer", "layer_tag", "verdict_markdown"]
 
 layer_tag = T.layer_tag
 
 #: Schema of the ``gradscope/_meta`` and ``gradscope/_report`` records.
 RUN_SCHEMA = "gradscope.run"
 RUN_SCHEMA_VERSION = 1
+
+#: What the first regular gradient-flow figure is taken to cost before one was drawn (seconds), for
+#: ``figure_budget``: matplotlib's import and a first drawing measured 0.2-0.85 s. At the default 2 %,
+#: the first regular figure waits until the run has trained 25 s (a 100 ms step: step 250; the
+#: figure at ``close()`` is always drawn).
+FIRST_FIGURE_SECONDS = 0.5
 
 
 def check_writer(writer: Any) -> None:
@@ -121,8 +127,9 @@ class TensorBoardSink(Sink):
         figure_budget: the most of the run's wall time the regular figures may take (default 0.02:
             2 %): drawing one takes 0.2-0.8 s of matplotlib, so a due figure is
             skipped while the previous one took more than this share of the time since it was drawn
-            (a 1 ms toy step gets one every few thousand steps; a 100 ms step one every
-            ``figure_every``). None: every due figure. The figure at ``close()`` is always drawn.
+            (the first: :data:`FIRST_FIGURE_SECONDS` against the time since the scope opened), so a
+            1 ms toy step gets one every few thousand steps; a 100 ms step one every
+            ``figure_every``. None: every due figure. The figure at ``close()`` is always drawn.
         per_param: also one scalar tag per parameter (``gradscope/<stat>/<layer>/<param>``); layer
             aggregates only by default, since each tag costs writing time at every step.
         stats: the statistics written as scalars (gradient and activation statistics); None: every one
@@ -189,6 +196,7 @@ class TensorBoardSink(Sink):
         self._fig_step = -1
         self._fig_cost = 0.0  # wall seconds the last regular figure took to draw
         self._fig_done: float | None = None  # clock() when it was drawn
+        self._opened: float | None = None  # clock() when the scope opened the sink
         #: Wall-clock seconds (monotonic) for the figure budget; tests may replace it.
         self.clock = time.perf_counter
         self._last_frame: StatsFrame | None = None
@@ -213,6 +221,7 @@ class TensorBoardSink(Sink):
             assert self._log_dir is not None  # __init__ takes exactly one of log_dir and writer
             self.writer = EventFile(self._log_dir)
         self._info = info
+        self._opened = self.clock()
 
     def _file_writer(self) -> Any:
         """Your writer's own event file writer, or None when gradscope writes its own event file.
@@ -463,9 +472,17 @@ class TensorBoardSink(Sink):
             self._add_figure(T.HEATMAP_TAG, self._heatmap_figure(frame), last)
 
     def _within_budget(self) -> bool:
-        """Whether a due regular figure may be drawn: the last one took at most ``figure_budget`` of the time since."""
-        if self._fig_done is None or self.figure_budget is None:
+        """Whether a due regular figure may be drawn: the last one took at most ``figure_budget`` of the time since.
+
+        Before the first, its cost is taken as :data:`FIRST_FIGURE_SECONDS` against the time since the
+        sink opened (a 1 ms toy step would otherwise pay matplotlib's import and a first drawing, 0.8 s,
+        at its step 1000: nearly as much as the 1000 steps).
+        """
+        if self.figure_budget is None:
             return True
+        if self._fig_done is None:
+            since = self.clock() - (self._opened if self._opened is not None else self.clock())
+            return FIRST_FIGURE_SECONDS <= self.figure_budget * since
         return self._fig_cost <= self.figure_budget * (self.clock() - self._fig_done)
 
     def _add_figure(self, tag: str, fig: Any, step: int) -> None:

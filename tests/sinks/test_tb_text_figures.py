@@ -79,19 +79,42 @@ def test_gradient_flow_figure_at_intervals_and_at_close(tmp_path):
     assert [e.step for e in acc.Images(T.HEATMAP_TAG)] == [23]
 
 
-def test_a_regular_figure_is_skipped_while_the_last_one_took_more_than_its_share_of_the_run(tmp_path):
-    # steps of a few milliseconds, figures of a few hundred: at 2 % of the run's time, the figure due after
-    # step 20 comes too soon after the one drawn after step 10 (the first is always drawn), step 30's too
-    # drawn from 0 to 0.3 s; due at 0.35 s (skipped); due at 20 s, drawn from 20.1 to 20.4; at close from 30
-    clock = iter([0.0, 0.3, 0.35, 20.0, 20.1, 20.4, 30.0, 30.3])
+def _timed_sink(tmp_path, step_seconds: float, draw_seconds: float) -> TensorBoardSink:
+    """A sink whose clock advances ``step_seconds`` per recorded step and ``draw_seconds`` per figure drawn."""
+    now = [0.0]
     sink = TensorBoardSink(tmp_path, figure_every=10)
+    sink.clock = lambda: now[0]
+    on_step, add_figure = sink.on_step, sink._add_figure
+
+    def step(*args):
+        now[0] += step_seconds
+        return on_step(*args)
+
+    def draw(*args):
+        now[0] += draw_seconds
+        return add_figure(*args)
+
+    sink.on_step, sink._add_figure = step, draw
+    return sink
+
+
+def test_a_regular_figure_is_skipped_while_the_last_one_took_more_than_its_share_of_the_run(tmp_path):
+    from gradscope.sinks.tensorboard import FIRST_FIGURE_SECONDS
+
+    # 1 s steps, figures of 0.3 s, 2 % of the run's time. The first figure is taken to cost
+    # FIRST_FIGURE_SECONDS (0.5 s): due after step 10 and 20 (10 s, 20 s of training: 0.2 s, 0.4 s of
+    # budget), drawn after step 30 (0.6 s). Then 0.3 s of drawing: due after step 40 with 9.7 s since
+    # (0.19 s of budget: skipped), drawn after step 50 (19.7 s since: 0.39 s). close() always draws.
+    assert FIRST_FIGURE_SECONDS == 0.5
+    sink = _timed_sink(tmp_path, 1.0, 0.3)
     assert sink.figure_budget == 0.02
-    sink.clock = lambda: next(clock)
-    train(small_mlp(), 33, sinks=[sink], flush_every=5)
+    train(small_mlp(), 53, sinks=[sink], flush_every=5)
     steps = [e.step for e in load_events(tmp_path).Images(T.FIGURE_TAG)]
-    # drawn after step 10 (the first), skipped at 20 (0.3 s of drawing against 0.05 s since: 600 %),
-    # drawn at 30 (0.3 s against 19.7 s: 1.5 %), and at close (always)
-    assert steps == [10, 30, 33]
+    assert steps == [30, 50, 53]
+    # a slow step (10 s): the first regular figure is within the budget at once
+    slow = _timed_sink(tmp_path / "slow", 10.0, 0.3)
+    train(small_mlp(), 23, sinks=[slow], flush_every=5)
+    assert [e.step for e in load_events(tmp_path / "slow").Images(T.FIGURE_TAG)] == [10, 20, 23]
     with pytest.raises(ConfigurationError, match="figure_budget"):
         TensorBoardSink(tmp_path, figure_budget=0)
 
