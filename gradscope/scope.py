@@ -345,7 +345,7 @@ class GradScope:
     # -- flush, rules, sinks ---------------------------------------------------------------------------
     def _flush(self, *, final: bool, collective: bool = True) -> list:
         if self._step and not self._closed:
-            lifecycle.warn_unwatched(self)  # O(parameters) on the host, once per flush
+            lifecycle.warn_unwatched(self, final=final)  # O(parameters) on the host, at some flushes
         return self._diagnosis.flush(final=final, collective=collective, step_count=self._step)
 
     def _nonfinite(self) -> None:

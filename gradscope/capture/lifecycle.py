@@ -88,8 +88,21 @@ def attach_parts(scope: Any) -> None:
         sink.open(info)
 
 
-def warn_unwatched(scope: Any) -> None:
-    """Warn, once per set, naming parameters the model gained after its layout (they are not watched)."""
+#: Flushes that look for parameters added after the layout, every one at first; then one flush in this many,
+#: and the last (walking ``named_parameters()`` costs O(modules): 0.6 ms per flush on a 129-layer MLP).
+UNWATCHED_CHECK_EVERY = 8
+
+
+def warn_unwatched(scope: Any, *, final: bool = False) -> None:
+    """Warn, once per set, naming parameters the model gained after its layout (they are not watched).
+
+    Checked at each of the first :data:`UNWATCHED_CHECK_EVERY` flushes (a model is usually changed early:
+    a head added, a lazy module materialised), then at one flush in that many, and at the last.
+    """
+    done = scope.__dict__.get("_unwatched_checks", 0)
+    scope._unwatched_checks = done + 1
+    if not final and done >= UNWATCHED_CHECK_EVERY and done % UNWATCHED_CHECK_EVERY:
+        return
     change = model_change(scope.module, scope.layout)
     if change.unwatched:
         scope._warn(

@@ -168,3 +168,42 @@ def test_parameters_replaced_by_to_are_followed_before_step_one_and_named_after(
                 model.zero_grad()
     changed = [m for m in _messages(caught) if "changed after watch()" in m]
     assert len(changed) == 1 and "0.weight" in changed[0]
+
+
+def test_a_module_added_late_is_named_at_the_next_checked_flush_and_at_close():
+    from gradscope.capture.lifecycle import UNWATCHED_CHECK_EVERY
+
+    assert UNWATCHED_CHECK_EVERY == 8  # flushes 1-8 look, then 9, 17, 25... and the last
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    seen_at = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.watch(model, optimizer=opt, rules="none", flush_every=1) as scope:
+            for step, (x, y) in enumerate(_batches(20), start=1):
+                if step == 12:
+                    model.append(nn.Linear(2, 2))
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+                scope.step()  # flush_every=1: flush number `step`
+                opt.zero_grad()
+                if any("changed after watch()" in m for m in _messages(caught)) and not seen_at:
+                    seen_at.append(step)
+    assert seen_at == [17]
+    changed = [m for m in _messages(caught) if "changed after watch()" in m]
+    assert len(changed) == 1 and "3.weight" in changed[0]
+    # a change after the last checked flush is still named by the last flush, at close()
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.watch(model, optimizer=opt, rules="none", flush_every=1) as scope:
+            for step, (x, y) in enumerate(_batches(12), start=1):
+                if step == 10:
+                    model.append(nn.Linear(2, 2))
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+                scope.step()
+                opt.zero_grad()
+            assert not [m for m in _messages(caught) if "changed after watch()" in m]
+    assert len([m for m in _messages(caught) if "changed after watch()" in m]) == 1
