@@ -446,8 +446,8 @@ void place(const T* x, int64_t n, double lo, double hi, const double* e, int64_t
     const double v = (double)x[i];
     s += v;
     ss += v * v;
-    int64_t k = (int64_t)((v - lo) * scale);
-    k = k < 0 ? 0 : (k > bins - 1 ? bins - 1 : k);
+    const double f = (v - lo) * scale;  // a first guess (inf or NaN for a subnormal range: clamped)
+    int64_t k = f >= (double)(bins - 1) ? bins - 1 : (f > 0.0 ? (int64_t)f : 0);
     while (k > 0 && v < e[k]) --k;
     while (k < bins - 1 && v >= e[k + 1]) ++k;
     ++c[k];

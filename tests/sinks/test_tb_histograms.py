@@ -190,6 +190,8 @@ def test_the_compiled_histograms_match_numpy_group_by_group(cpu_kernel):
         [torch.tensor([1.0, float("inf")])],
         [torch.randn(100_000, generator=g) * 1e-3],
         [torch.tensor([1.0, 1.0 + 2**-23, 1.0 + 2**-22])],  # a range of a few float32 ulps
+        [torch.tensor([0.0, 1e-310, 3e-310, -2e-310], dtype=torch.float64)],  # a subnormal range: 16 / range is inf
+        [torch.tensor([-3.4e38, 3.4e38, 0.0])],  # the widest float32 range: hi - lo overflows float32, not float64
     ]
     rows = _kernel_rows(groups, 16, kernel)
     for row, tensors in zip(rows, groups):
@@ -202,7 +204,9 @@ def test_the_compiled_histograms_match_numpy_group_by_group(cpu_kernel):
             assert (edges == x[0]).all() and counts[-1] == x.size and counts[:-1].sum() == 0
         else:
             np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
-            np.testing.assert_allclose(edges, np.linspace(x.min(), x.max(), 17), rtol=1e-15, atol=0)
+            np.testing.assert_allclose(
+                edges, np.linspace(x.min(), x.max(), 17), rtol=1e-15, atol=1e-321
+            )  # (subnormals)
         np.testing.assert_allclose([s, ss], [x.sum(), (x**2).sum()], rtol=1e-12)
     # what the kernel does not take (half precision, a non-contiguous view) goes the operator way:
     # histogram_rows gives the per-layer path's row for it
