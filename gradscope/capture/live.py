@@ -81,7 +81,7 @@ LIVE_BUDGET = 0.01
 
 #: The screen's share of :data:`LIVE_BUDGET`. A quarter: its shift test needs two rows in a row and the
 #: rules confirm over ten, so a screen every step or two finds nothing sooner than one every few steps
-#: (benchmarks/detection.py: the same latencies with a screen at every step as with one every two).
+#: (benchmarks/detection.py: the same latencies, to half a step, with a screen at every step as every two).
 SCREEN_SHARE = 0.25
 
 #: After the screen flags something new, the rules run at every recorded step for this many steps:
