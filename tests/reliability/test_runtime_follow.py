@@ -170,40 +170,32 @@ def test_parameters_replaced_by_to_are_followed_before_step_one_and_named_after(
     assert len(changed) == 1 and "0.weight" in changed[0]
 
 
-def test_a_module_added_late_is_named_at_the_next_checked_flush_and_at_close():
-    from gradscope.capture.lifecycle import UNWATCHED_CHECK_EVERY
-
-    assert UNWATCHED_CHECK_EVERY == 8  # flushes 1-8 look, then 9, 17, 25... and the last
+def _grow_at(steps: int, at: int) -> tuple[list[str], list[int]]:
+    """``steps`` steps flushing at each one, a module appended at step ``at``: the warnings, the steps that named it."""
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    seen_at = []
+    named_at = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with gradscope.watch(model, optimizer=opt, rules="none", flush_every=1) as scope:
-            for step, (x, y) in enumerate(_batches(20), start=1):
-                if step == 12:
+            for step, (x, y) in enumerate(_batches(steps), start=1):
+                if step == at:
                     model.append(nn.Linear(2, 2))
                 nn.functional.mse_loss(model(x), y).backward()
                 opt.step()
                 scope.step()  # flush_every=1: flush number `step`
                 opt.zero_grad()
-                if any("changed after watch()" in m for m in _messages(caught)) and not seen_at:
-                    seen_at.append(step)
-    assert seen_at == [17]
-    changed = [m for m in _messages(caught) if "changed after watch()" in m]
-    assert len(changed) == 1 and "3.weight" in changed[0]
-    # a change after the last checked flush is still named by the last flush, at close()
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with gradscope.watch(model, optimizer=opt, rules="none", flush_every=1) as scope:
-            for step, (x, y) in enumerate(_batches(12), start=1):
-                if step == 10:
-                    model.append(nn.Linear(2, 2))
-                nn.functional.mse_loss(model(x), y).backward()
-                opt.step()
-                scope.step()
-                opt.zero_grad()
-            assert not [m for m in _messages(caught) if "changed after watch()" in m]
-    assert len([m for m in _messages(caught) if "changed after watch()" in m]) == 1
+                if any("changed after watch()" in m for m in _messages(caught)) and not named_at:
+                    named_at.append(step)
+    return [m for m in _messages(caught) if "changed after watch()" in m], named_at
+
+
+def test_a_module_added_late_is_named_at_the_next_checked_flush_and_at_close():
+    from gradscope.capture.lifecycle import UNWATCHED_CHECK_EVERY
+
+    assert UNWATCHED_CHECK_EVERY == 8  # flushes 1-8 look, then 9, 17, 25... and the last
+    changed, named_at = _grow_at(20, 12)
+    assert named_at == [17] and len(changed) == 1 and "3.weight" in changed[0]
+    # a change after the last checked flush is named by the last flush, at close()
+    changed, named_at = _grow_at(12, 10)
+    assert named_at == [] and len(changed) == 1 and "3.weight" in changed[0]
