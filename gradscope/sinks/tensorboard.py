@@ -68,8 +68,8 @@ RUN_SCHEMA_VERSION = 1
 
 #: What the first regular gradient-flow figure is taken to cost before one was drawn (seconds), for
 #: ``figure_budget``: matplotlib's import and a first drawing measured 0.2-0.85 s. At the default 2 %,
-#: the first regular figure waits until the run has trained 25 s (a 100 ms step: step 250; the
-#: figure at ``close()`` is always drawn).
+#: the first regular figure waits until the run has trained 25 s (at ``figure_every=1000``: a 100 ms
+#: step still gets it at step 1000, a 20 ms step at step 2000; the figure at ``close()`` is always drawn).
 FIRST_FIGURE_SECONDS = 0.5
 
 
