@@ -49,6 +49,7 @@ def build_parts(scope: Any, *, first: bool) -> None:
     scope.layout = layout
     acts = ActivationMonitor(target, scope._hooks) if scope._want_acts else None
     if first:
+        scope._unwatched_checks = 0  # flushes that looked for parameters added since (warn_unwatched)
         scope._dist = DistributedContext.detect(layout.tensors, options.distributed)
         # "noise_scale": the estimator's scalars, which the batch-size rules read (watch(noise_scale=...))
         collected = [*scope.stat_names, *(["noise_scale"] if options.noise_scale is not False else [])]
@@ -99,7 +100,7 @@ def warn_unwatched(scope: Any, *, final: bool = False) -> None:
     Checked at each of the first :data:`UNWATCHED_CHECK_EVERY` flushes (a model is usually changed early:
     a head added, a lazy module materialised), then at one flush in that many, and at the last.
     """
-    done = scope.__dict__.get("_unwatched_checks", 0)
+    done = scope._unwatched_checks
     scope._unwatched_checks = done + 1
     if not final and done >= UNWATCHED_CHECK_EVERY and done % UNWATCHED_CHECK_EVERY:
         return
