@@ -9,6 +9,7 @@ one intra-op thread there is no spinning to inflate it. Ratios only::
     python benchmarks/overhead_cpu.py [--variants gradscope,gradscope-tb] [--threads 1]
     python benchmarks/overhead_cpu.py --baseline gradscope --variants gradscope-tb   # what TensorBoard adds
     python benchmarks/overhead_cpu.py --workloads mlp8,mlp128,digits --pairs 100      # many small tensors
+    python benchmarks/overhead_cpu.py --workloads mlp8,mlp128,digits --settle         # as a long run flushes
 
 Besides the ratios it prints the *fixed* cost of a watched step (median over pairs of watched minus
 bare CPU time, in microseconds: what every step pays whatever the model) and the cost of one flush
@@ -40,8 +41,15 @@ import gradscope
 from gradscope.capture import kernels
 
 
-def measure(wl: Workload, variant: str, *, warmup: int, pairs: int, baseline: str = "bare") -> dict:
-    """Paired CPU times of ``pairs`` steps: ratios, the fixed per-step cost and the flush cost."""
+def measure(
+    wl: Workload, variant: str, *, warmup: int, pairs: int, baseline: str = "bare", settle: bool = False
+) -> dict:
+    """Paired CPU times of ``pairs`` steps: ratios, the fixed per-step cost and the flush cost.
+
+    ``settle``: before the pairs, the watched run alone trains until its host frame has thinned once
+    (``history * (1 + THIN_SLACK)`` recorded steps and one flush), so the pairs see a long run's
+    flushes, not the first minutes' (a frame that has not reached ``history`` rows never thins).
+    """
     torch.manual_seed(0)
     base = wl.make_model()
     g = torch.Generator().manual_seed(1)
@@ -58,8 +66,14 @@ def measure(wl: Workload, variant: str, *, warmup: int, pairs: int, baseline: st
     for i in range(warmup):
         timed(bare, i)
         timed(watched, i)
-    tb, tw, flushed = [], [], []
     scope = watched.scope
+    if settle and scope is not None and scope.history is not None:
+        frame = scope.frame
+        i = 0
+        while not frame.dropped or scope.step_count % scope.flush_every:
+            watched.step(*batches[i % len(batches)])
+            i += 1
+    tb, tw, flushed = [], [], []
     for i in range(pairs):
         first, second = (bare, watched) if i % 2 == 0 else (watched, bare)
         a = timed(first, i)
@@ -91,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--baseline", default="bare", help="the variant ratios are taken against (e.g. gradscope)")
     ap.add_argument(
+        "--settle",
+        action="store_true",
+        help="train the watched run until its host history has thinned once before timing (a long run's flushes)",
+    )
+    ap.add_argument(
         "--kernel",
         choices=["auto", "sync", "off"],
         default="auto",
@@ -112,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.workloads.split(","):
         for variant in args.variants.split(","):
             pairs = args.pairs or (120 if name in ("gpt", "mlp128") else 200)
-            r = measure(pool[name], variant, warmup=args.warmup, pairs=pairs, baseline=args.baseline)
+            r = measure(
+                pool[name], variant, warmup=args.warmup, pairs=pairs, baseline=args.baseline, settle=args.settle
+            )
             print(
                 f"{name:<10} {variant:<26} {r['bare_ms']:>16.2f} {r['amortised']:>9.3f}x {r['median']:>7.3f}x "
                 f"{r['fixed_us']:>9.0f} {r['flush_ms']:>9.2f}"

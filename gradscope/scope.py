@@ -435,7 +435,7 @@ def watch(
         sinks: extra outputs (Sink instances or registered names).
         history: recorded steps kept at full resolution on the host (default 2000, at least 100 and
             ``flush_every``). Older steps are thinned, not dropped: kept at a stride of ``sample_every``
-            steps that doubles whenever they outnumber ``history``, so memory stays bounded over any
+            steps that doubles whenever they outnumber ``history / 2``, so memory stays bounded over any
             run length while ``report.stats`` still spans the run (``report.meta["history"]`` says
             from which step it is full). ``None`` keeps every step.
         report_path: write the JSON report here at ``close()``, also when the loop raises (NaN,

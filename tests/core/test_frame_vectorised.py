@@ -225,6 +225,50 @@ def test_a_thinned_frame_aggregates_the_rows_it_kept() -> None:
     assert_same(frame.layer_values("c_norm"), reference_custom(frame, "c_norm", frame.schema.layer_members, rows))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_thinning_keeps_the_rows_its_rule_names_and_moves_them_intact(seed: int) -> None:
+    """Rows appended in chunks of random size (thinning at some appends, as live appends skip it): after
+    each append the frame holds exactly the rows the thinning rule names, each equal to the row appended.
+
+    The rule, written independently of the frame's code: the newest ``W`` to ``W + W // 2`` rows (plus
+    one chunk) at full resolution, cut back to exactly ``W`` when a thinning append finds more; older
+    rows kept when ``(step - 1) % stride == 0``, the stride doubling while more than ``W - W // 2`` of
+    them would stay."""
+    rng = np.random.default_rng(seed)
+    W = int(rng.integers(12, 40))
+    frame = StatsFrame(random_schema(rng), history=W, thin_every=2)
+    appended: dict[str, list[np.ndarray]] = {}
+    kept_steps = np.zeros(0, dtype=np.int64)  # the reference frame: steps kept so far
+    stride, n_old, first, thinned, unthinned = 2, 0, 1, 0, 0
+    while first < 12 * W:
+        k, thin = int(rng.integers(1, W // 2)), bool(rng.uniform() < 0.7)
+        chunk = random_chunk(frame.schema, rng, first, k)
+        for key, value in chunk.items():
+            appended.setdefault(key, []).append(value)
+        frame.append(chunk, ["loss"], thin=thin)
+        first += k
+        unthinned = 0 if thin else unthinned + k  # rows of appends that did not thin (live ones)
+        kept_steps = np.concatenate([kept_steps, chunk["steps"]])
+        if thin and len(kept_steps) - n_old > W + W // 2:
+            thinned += 1
+            aged = kept_steps[: len(kept_steps) - W]
+            old = aged[(aged - 1) % stride == 0]
+            while len(old) > W - W // 2:
+                stride *= 2
+                old = old[(old - 1) % stride == 0]
+            kept_steps = np.concatenate([old, kept_steps[len(kept_steps) - W :]])
+            n_old = len(old)
+        np.testing.assert_array_equal(frame.steps, kept_steps)
+        assert frame.history_info()["thinned_rows"] == n_old and len(frame) <= 2 * W + unthinned
+    assert thinned >= 3 and stride > 2  # thinned several times, and the stride doubled
+    every = {key: np.concatenate(values) for key, values in appended.items()}
+    at = kept_steps - 1  # steps start at 1, one row per step
+    arrays = frame._arrays()
+    for key, value in every.items():
+        np.testing.assert_array_equal(np.asarray(arrays[key]) if key != "scalars" else arrays[key][:, :1], value[at])
+    assert frame.dropped == len(every["steps"]) - len(kept_steps)
+
+
 def reference_long_table(frame: StatsFrame) -> pd.DataFrame:
     """``report.stats`` built the straightforward way: one small table per (statistic, row, entity)."""
     sch = frame.schema

@@ -62,10 +62,11 @@ def test_100k_steps_do_not_grow_memory():
     try:
         assert scope.step_count == 100_000
         info = scope.frame.history_info()
-        # 10k recorded rows: the last 100 at full resolution, the rest thinned to <= 100 rows
-        assert (
-            len(scope.frame) <= 2 * 100 and info["full_from_step"] == 99_991 - 99 * 10
-        )  # recorded: 1, 11, ..., 99_991
+        # 10k recorded rows (steps 1, 11, ..., 99_991): the last 100-150 at full resolution (thinned
+        # back to 100 once past 150), the older ones thinned to <= 50 rows
+        full_rows = (99_991 - info["full_from_step"]) // 10 + 1
+        assert 100 <= full_rows <= 150 and (99_991 - info["full_from_step"]) % 10 == 0
+        assert info["thinned_rows"] <= 50 and len(scope.frame) == full_rows + info["thinned_rows"] <= 2 * 100
         assert info["dropped_rows"] == 10_000 - len(scope.frame)
         frame_bytes = sum(a.nbytes for a in scope.frame._arrays().values())
     finally:
@@ -103,16 +104,19 @@ def test_thinned_history_keeps_exact_values_and_says_what_it_kept():
 
     full, thin = run(None), run(100)
     steps = sorted(set(thin.stats["step"]))
-    recent = [s for s in steps if s > 900]
-    assert recent == list(range(901, 1001))  # the last `history` steps, every one
-    old = [s for s in steps if s <= 900]
+    full_from = thin.meta["history"]["full_from_step"]
+    recent = [s for s in steps if s >= full_from]
+    # at least the last `history` steps, every one; at most half as many more (THIN_SLACK) plus one flush
+    assert recent == list(range(full_from, 1001)) and 100 <= len(recent) <= 150 + 50
+    old = [s for s in steps if s < full_from]
     stride = thin.meta["history"]["thinned_stride"]
     assert stride % 5 == 0 and all((s - 1) % stride == 0 for s in old)  # sampled steps only
-    assert old[0] == 1 and len(old) <= 100 and len(old) > 50  # spans the run from step 1
+    assert old[0] == 1 and 25 < len(old) <= 50  # spans the run from step 1, in at most history / 2 rows
+    assert len(steps) <= 2 * 100 + 50  # 2 x history, plus one flush
     assert thin.meta["history"] == {
         "window": 100,
         "rows": len(steps),
-        "full_from_step": 901,
+        "full_from_step": full_from,
         "thinned_rows": len(old),
         "thinned_stride": stride,
         "dropped_rows": 1000 - len(steps),

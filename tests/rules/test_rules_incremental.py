@@ -8,8 +8,8 @@ dropped mid-run) are recorded once, then judged three ways on the same rows:
 
 * live: the rules run after every recorded row (with ``report()``'s provisional pass, on deep copies
   of the rules, every few rows), then once more in final mode, as ``close()`` does;
-* at flushes: every 50 rows on a frame with bounded history (``history=100``: old rows are thinned,
-  row indices shift), then final;
+* at flushes: every 50 rows on a frame with bounded history (``history=40``: old rows are thinned
+  once the full-resolution part passes 60 rows, row indices shift), then final;
 * fresh: one engine, one final evaluation over the whole frame.
 
 Every finding of the six rules is compared field by field (kind, layer, step, last_step,
@@ -234,8 +234,8 @@ def test_incremental_findings_equal_one_fresh_evaluation(runs: dict, kind: str) 
     fresh = [{k: f[k] for k in keys} for f in _fields(_fresh(frame, base))]
     assert EXPECTED[kind] <= {f["kind"] for f in fresh}, fresh  # the faults are there to be found
     live = _fields(_replay(frame, base, 1, history=None, provisional_every=7))
-    flushes = _fields(_replay(frame, base, 50, history=100, provisional_every=1))
-    for got, how in ((live, "every row"), (flushes, "at flushes, history=100")):
+    flushes = _fields(_replay(frame, base, 50, history=40, provisional_every=1))
+    for got, how in ((live, "every row"), (flushes, "at flushes, history=40")):
         assert [{k: f[k] for k in keys} for f in got] == fresh, how
 
 
@@ -244,7 +244,7 @@ def test_cache_and_copies_change_no_finding(runs: dict, kind: str) -> None:
     """Every row judged by rules that keep their state and the frame's row cache, or by deep copies of
     the rules on a frame whose cache is dropped before every call: the same findings, field by field."""
     frame, base = runs[kind]
-    for chunk, history in ((1, None), (7, 100)):
+    for chunk, history in ((1, None), (7, 40)):
         warm = _fields(_replay(frame, base, chunk, history=history, provisional_every=5))
         cold = _fields(_replay(frame, base, chunk, history=history, provisional_every=5, cold=True))
         assert len(warm) == len(cold) and warm, (warm, cold)
@@ -258,7 +258,7 @@ def test_cached_row_values_match_the_frame_before_and_after_thinning(runs: dict)
 
     frame, base = runs["vanishing"]
     arrays = frame._arrays()
-    grown = StatsFrame(frame.schema, history=100, thin_every=base.sample_every)
+    grown = StatsFrame(frame.schema, history=40, thin_every=base.sample_every)
     for start in range(0, len(frame), 30):
         grown.append({k: v[start : start + 30] for k, v in arrays.items()}, frame.scalar_names)
         ctx = _ctx(base, grown, 0, final=False)
