@@ -3,6 +3,8 @@
 A watched step on the multi-tensor (``foreach``) path, forced on CPU tensors, runs under a
 ``TorchDispatchMode`` that counts every ATen operator it dispatches. Models with 4, 16 and 64
 parameter tensors must dispatch exactly as many: no per-parameter kernel launch, whatever the depth.
+On the same path, no operator of gradscope's between flushes reads a value back to the host (the CPU
+stand-in for the no-sync test of tests/integration/test_gpu.py, which needs a GPU).
 """
 
 from __future__ import annotations
@@ -84,3 +86,54 @@ def test_aten_op_count_of_a_watched_step_does_not_grow_with_the_number_of_tensor
         )
     # the sampled step takes every moment (and the update): more operators than an ordinary step, still fixed
     assert sum(per_size[4][10].values()) > sum(per_size[4][1].values()) > 0
+
+
+# Operators that hand a tensor's value to the host: on an accelerator each one waits for the device.
+_READBACK = frozenset({"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "allclose"})
+
+
+class _Readbacks(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = str(func.overloadpacket.__name__)
+        if name in _READBACK:
+            import traceback
+
+            ours = [
+                f for f in traceback.extract_stack()[:-1] if "gradscope" in f.filename.replace("\\", "/").split("/")
+            ]
+            if ours:  # the optimizer's own reads (AdamW's step count on a CPU) are not gradscope's
+                self.found[f"{name} at {ours[-1].filename.rsplit('gradscope', 1)[-1]}:{ours[-1].lineno}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_value_is_read_back_to_the_host_between_flushes_on_the_foreach_path():
+    """The CPU stand-in for ``torch.cuda.set_sync_debug_mode("error")``: 35 watched steps (AdamW, the
+    update ratio and activation statistics at the sampled steps 1, 11, 21 and 31, a tensor loss, a
+    live screen) dispatch no operator of gradscope's that reads a value back (``item``, ``nonzero``, a
+    tensor used as a Python bool...). A CPU loss tensor is read by design (``scalar_value``: its value
+    is in host memory already), so the loss is passed as a float here."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    scope = gradscope.watch(model, optimizer=opt, flush_every=100)
+    scope._recorder.moments = FusedMoments(scope._recorder.plan, path="foreach")
+    probe = _Readbacks()
+    x = torch.randn(4, 8)
+    try:
+        for _ in range(35):
+            loss = model(x).square().mean()
+            loss.backward()
+            value = float(loss.detach())  # the caller's read, outside the probe
+            with probe:
+                opt.step()
+                scope.step(loss=value)
+            opt.zero_grad()
+        assert scope._recorder.moments.last_path == "foreach"
+        assert scope.step_count == 35 and scope._diagnosis.unflushed == 35  # no flush: every step between flushes
+    finally:
+        scope.close()
+    assert not probe.found, dict(probe.found)
