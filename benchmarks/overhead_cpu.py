@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from overhead import Runner
+from overhead import Runner, settle_history
 from workloads import Workload, cpu_workloads
 
 import gradscope
@@ -66,13 +66,8 @@ def measure(
     for i in range(warmup):
         timed(bare, i)
         timed(watched, i)
+    settled = settle_history(watched, batches) if settle else 0
     scope = watched.scope
-    if settle and scope is not None and scope.history is not None:
-        frame = scope.frame
-        i = 0
-        while not frame.dropped or scope.step_count % scope.flush_every:
-            watched.step(*batches[i % len(batches)])
-            i += 1
     tb, tw, flushed = [], [], []
     for i in range(pairs):
         first, second = (bare, watched) if i % 2 == 0 else (watched, bare)
@@ -92,6 +87,7 @@ def measure(
         "median": statistics.median(w / b for b, w in zip(tb, tw) if b > 0),
         "fixed_us": fixed * 1e6,
         "flush_ms": statistics.fmean(at_flush) * 1e3 if at_flush else float("nan"),
+        "settled": settled,
     }
 
 
@@ -137,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{name:<10} {variant:<26} {r['bare_ms']:>16.2f} {r['amortised']:>9.3f}x {r['median']:>7.3f}x "
                 f"{r['fixed_us']:>9.0f} {r['flush_ms']:>9.2f}"
+                + (f"   (settled: {r['settled']} steps first)" if args.settle else "")
             )
             sys.stdout.flush()
     return 0

@@ -61,8 +61,20 @@ def test_example_runs(path, tmp_path):
             "1",
         ],
         ["overhead_cpu.py", "--workloads", "cnn", "--variants", "gradscope", "--pairs", "3", "--warmup", "1"],
+        [
+            "overhead_cpu.py",
+            "--workloads",
+            "mlp8",
+            "--variants",
+            "gradscope",
+            "--pairs",
+            "3",
+            "--warmup",
+            "1",
+            "--settle",
+        ],
     ],
-    ids=["overhead", "overhead_cpu"],
+    ids=["overhead", "overhead_cpu", "overhead_cpu-settled"],
 )
 def test_overhead_benchmarks_print_a_ratio_per_variant(args, tmp_path):
     # The benchmarks behind docs/performance.md keep running; their ratios are printed, never judged here.
@@ -82,6 +94,9 @@ def test_overhead_benchmarks_print_a_ratio_per_variant(args, tmp_path):
         assert len(rows) == 1, proc.stdout
         ratios = [float(cell[:-1]) for cell in rows[0] if re.fullmatch(r"\d+\.\d+x", cell)]
         assert len(ratios) == 2 and all(r > 0 for r in ratios), rows[0]
+        if "--settle" in args:  # trained past history (2000 recorded steps) and 1.5 x of it, to a flush
+            settled = int(re.search(r"settled: (\d+) steps", proc.stdout).group(1))
+            assert settled >= 3000 and (settled + 1) % 50 == 0, proc.stdout  # 1 warm-up step before
 
 
 def test_detection_benchmark_prints_the_alert_latency_table(tmp_path):
