@@ -510,7 +510,6 @@ class NonfiniteLocator:
         self._before: dict[str, Tensor] | None = None  # parameters and buffers before the update that wrote NaN
         self._before_step: int | None = None
         self._replaying = False
-        self._auto_handle: Any = None  # auto_locate's optimizer pre-hook
 
     @property
     def armed(self) -> bool:
@@ -553,20 +552,24 @@ class NonfiniteLocator:
             scope._hooks.remove(self.GROUP)
 
     # -- automatic ---------------------------------------------------------------------------------------
-    def _pre_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """The optimizer's pre-hook (after the scope's capture): copy the weights before a NaN update."""
+    def _before_update(self) -> None:
+        """Copy the weights before an update that would write NaN into them (one copy per run).
+
+        Called by the recorder's optimizer pre-hook once it has captured the step's gradients; after the
+        copy the recorder drops the call.
+        """
         scope = self._scope()
         if scope is None or self._before is not None or self._finding is not None or self.origin is not None:
             return
-        if optimizer is not scope._recorder.optimizer or scope._diagnosis.pending_finite():
+        if scope._diagnosis.pending_finite():
             return
         module = scope.module
         with torch.no_grad():
             # tied parameters are listed once, under their first name: functional_call ties them again
             before = {name: p.detach().clone() for name, p in module.named_parameters()}
             before.update({name: b.detach().clone() for name, b in module.named_buffers()})
-        # (the hook stays until close(): removing it here would change the optimizer's hooks while it runs them)
         self._before, self._before_step = before, scope._recorder.pending.step
+        scope._recorder.before_update = None
 
     def _auto_arm(self, finding: Finding) -> None:
         """The first ``nonfinite_gradients`` finding is confirmed: check the next forward, amend the finding."""
@@ -681,9 +684,9 @@ def auto_locate(scope: Any) -> None:
     """Locate the origin of the first NaN automatically (see the module docstring); call after the hooks attach.
 
     Sets the scope's ``Diagnosis.first_nonfinite`` (arm the next forward when the first
-    ``nonfinite_gradients`` finding is confirmed) and, on a CPU buffer with an optimizer, registers an
-    optimizer step pre-hook after the scope's own (which captures the gradients): it copies the
-    weights before an update that would write NaN into them. No module hook is installed until then.
+    ``nonfinite_gradients`` finding is confirmed) and, on a CPU buffer with an optimizer, the
+    recorder's ``before_update``: its optimizer pre-hook, once it has captured the gradients, copies
+    the weights before an update that would write NaN into them. No module hook is installed until then.
 
     Args:
         scope: the :class:`gradscope.GradScope`, its parts built and attached (again after a re-layout).
@@ -691,15 +694,12 @@ def auto_locate(scope: Any) -> None:
     locator = _locator(scope)
     diagnosis = scope._diagnosis
     diagnosis.first_nonfinite = WeakCall(locator, "_auto_arm")
-    if locator._auto_handle is not None:
-        locator._auto_handle.remove()
-        locator._auto_handle = None
-    optimizer = scope._recorder.optimizer
-    if optimizer is not None and scope._recorder.buffer.device.type == "cpu":
-        handle = optimizer.register_step_pre_hook(WeakCall(locator, "_pre_step"))
-        # In the recorder's group: removed with its hooks (another optimizer, a re-layout, close()).
-        scope._hooks.add("optimizer", handle)
-        locator._auto_handle = handle
+    recorder = scope._recorder
+    # Called from the recorder's own pre-hook (one hook per optimizer step, not two). Not with
+    # on_nonfinite="raise": its guard stops the step before the update, the weights stay as they were.
+    done = locator._before is not None or locator._finding is not None or locator.origin is not None
+    wanted = recorder.optimizer is not None and recorder.buffer.device.type == "cpu" and scope._guard is None
+    recorder.before_update = WeakCall(locator, "_before_update") if wanted and not done else None
 
 
 def locate_nonfinite(

@@ -230,6 +230,9 @@ class StepRecorder:
         #: Optimizer steps seen by the pre-hook since the last :meth:`finish` (``scope.step()``): 0 when
         #: ``scope.step()`` is called again without an optimizer step in between.
         self.optimizer_steps = 0
+        #: Called in the optimizer's pre-hook once the step's gradients are captured (the NaN locator's
+        #: weight copy, :func:`gradscope.capture.nonfinite.auto_locate`), or None.
+        self.before_update: Callable[[], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def attach(self, model_name: str, sinks: Sequence[Sink] = ()) -> None:
@@ -551,6 +554,12 @@ class StepRecorder:
             # the optimizer uses exist only once the closure returns. Capture then, not now.
             return _with_closure(args, kwargs, self._after_closure(optimizer, closure, pending))
         self._capture_for_step(optimizer, pending)
+        before_update = self.before_update
+        if before_update is not None:
+            try:
+                before_update()
+            except Exception as exc:  # a hook inside the user's optimizer.step() must never raise
+                self._problem("before-update", f"copying the weights before the update failed: {exc}")
         return None
 
     def _after_closure(self, optimizer: Any, closure: Any, pending: PendingStep) -> Any:

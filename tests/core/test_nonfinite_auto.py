@@ -119,3 +119,45 @@ def test_a_run_without_nan_never_gets_a_module_hook():
     assert not [f for f in report.findings if f.kind == "nonfinite_gradients"]
     assert scope._hooks.count(NonfiniteLocator.GROUP) == 0 and _hooks(model) == 0
     assert not model[0]._forward_pre_hooks and torch._C._len_torch_function_stack() == 0
+
+
+def test_the_weight_copy_rides_on_the_recorders_own_optimizer_hook():
+    """One optimizer pre-hook of the scope per step: the recorder's, which makes the NaN locator's weight
+    copy once it has captured the gradients (not a hook of its own), and drops it after the one copy.
+    With ``on_nonfinite="raise"`` there is no copy: the guard stops the step before the update."""
+    planted = {}
+
+    def plant(step: int, model: nn.Module) -> None:
+        if step == 4:
+            with torch.no_grad():
+                model[2].weight[0, 0] = float("nan")
+                planted.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    model = _net(nn.Identity())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, optimizer=opt, activations=False)
+    try:
+        assert len(opt._optimizer_step_pre_hooks) == 1 and scope._recorder.before_update is not None
+        g = torch.Generator().manual_seed(1)
+        for step in range(1, 6):
+            plant(step, model)
+            F.cross_entropy(model(torch.randn(16, 8, generator=g)), torch.randint(0, 3, (16,), generator=g)).backward()
+            opt.step()
+            locator = gradscope.capture.nonfinite._locator(scope)
+            if step < 4:
+                assert scope._recorder.before_update is not None and locator._before is None  # finite: no copy
+            if step == 4:  # the weights as the NaN step's forward saw them, before its update wrote NaN
+                assert locator._before_step == 4 and set(locator._before) == set(planted)
+                for name, value in planted.items():
+                    torch.testing.assert_close(locator._before[name], value, equal_nan=True, rtol=0, atol=0)
+                assert not torch.isfinite(model[0].weight).all()  # the update did write NaN below the plant
+                assert scope._recorder.before_update is None  # one copy per run
+            scope.step()
+            opt.zero_grad()
+    finally:
+        scope.close()
+
+    model = _net(nn.Identity())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, optimizer=opt, on_nonfinite="raise") as scope:
+        assert len(opt._optimizer_step_pre_hooks) == 2 and scope._recorder.before_update is None
