@@ -347,7 +347,7 @@ class _Slot:
 
 
 class _ForwardHook(WeakCall):
-    """The global forward hook: the monitor's ``_on_forward``, weakly bound (a :class:`WeakCall`).
+    """The global forward hook: the monitor's ``_on_slot`` for a watched module, weakly bound (a :class:`WeakCall`).
 
     Every module of every model calls it during a sampled step, so a module that is not watched
     returns after one dictionary lookup, before the monitor is even looked up.
@@ -356,7 +356,7 @@ class _ForwardHook(WeakCall):
     __slots__ = ("_slots",)
 
     def __init__(self, monitor: ActivationMonitor, slots: dict[int, _Slot]) -> None:
-        super().__init__(monitor, "_on_forward")
+        super().__init__(monitor, "_on_slot")
         self._slots = slots
 
     def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -445,12 +445,6 @@ class ActivationMonitor:
         self._target = None
         self._view = None
         self._kernel = None
-
-    def _on_forward(self, module: nn.Module, args: tuple, output: object) -> None:
-        slot = self._slots.get(id(module))
-        if slot is None or slot.module is not module:
-            return  # another module (another model, a deep copy): not watched
-        self._on_slot(slot, module, output)
 
     def _on_slot(self, slot: _Slot, module: nn.Module, output: object) -> None:
         if torch.compiler.is_compiling():
