@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -78,9 +78,20 @@ class Finding:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary (non-finite numbers as strings)."""
-        d = asdict(self)
-        d["evidence"] = jsonable(d["evidence"])
-        return d
+        # Field by field (dataclasses.asdict deep-copies the evidence, which jsonable() rebuilds anyway):
+        # sinks write every finding known at each flush where one changed.
+        return {
+            "kind": self.kind,
+            "severity": self.severity,
+            "step": self.step,
+            "layer": self.layer,
+            "message": self.message,
+            "suggestion": self.suggestion,
+            "evidence": jsonable(self.evidence),
+            "provisional": self.provisional,
+            "last_step": self.last_step,
+            "resolved_step": self.resolved_step,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Finding:

@@ -680,6 +680,7 @@ class Diagnosis:
         self.first_nonfinite: Callable[[Finding], None] | None = None
         self._first_nonfinite_done = False
         self._was_full = True  # the previous row had every gradient (the shared all-true mask)
+        self._finite_known: tuple[int, bool] = (-1, True)  # (step, its row is finite) from pending_finite()
         #: Why the screen last made the rules run, and at which step (for report.meta["live"]).
         self.last_trigger: tuple[int, list[str]] | None = None
 
@@ -743,7 +744,12 @@ class Diagnosis:
             full = last.has_grad is last.trainable  # the shared all-true mask: every gradient present
             was_full, self._was_full = self._was_full, full
             # the newest row's non-finite counts, at every recorded step (NaN is judged at its own step)
-            suspect = not (self._nan_seen or last.skipped or self._row_finite(len(rows) - 1, last))
+            known = self._finite_known  # read by pending_finite() in the optimizer's pre-hook: not read twice
+            suspect = not (
+                self._nan_seen
+                or last.skipped
+                or (known[1] if known[0] == last.step else self._row_finite(len(rows) - 1, last))
+            )
             if (
                 not suspect
                 and not self._is_hot(step_count, last)
@@ -959,11 +965,17 @@ class Diagnosis:
         if pending is None or not pending.grads_done or self._host is None:
             return True
         slot = pending.slot
-        if len(pending.present) == len(self._zeros) // 8:  # every gradient present: all counts are 0.0
-            start = slot * self._row_size + _NONFINITE
-            if self._flat[start : start + self._nf_span : self._n_cols].tobytes() == self._zeros:
-                return True
-        return not np.fmax.reduce(self._nf_rows[slot]) > 0
+        start = slot * self._row_size + _NONFINITE
+        # every gradient present: all counts are 0.0, i.e. zero bytes; otherwise one reduction
+        finite = len(pending.present) == len(self._zeros) // 8 and (
+            self._flat[start : start + self._nf_span : self._n_cols].tobytes() == self._zeros
+        )
+        if not finite:
+            finite = not np.fmax.reduce(self._nf_rows[slot]) > 0
+        # live() reads the same counts at the end of the step: on a large model, a cold strided read of
+        # one count per parameter tensor (tens of microseconds), done once.
+        self._finite_known = (pending.step, finite)
+        return finite
 
     def take_stop(self) -> list[Finding]:
         """The confirmed findings ``stop_on`` selected since the last call (``scope.step()`` raises on them)."""

@@ -86,13 +86,15 @@ class StatsBuffer:
         return self.storage[slot, self._b :]
 
     def claim(self) -> int:
-        """Reserve the next row, cleared to NaN, and return its index."""
+        """Reserve the next row, cleared to NaN, and return its index.
+
+        A CPU buffer keeps every row past the used ones at NaN (:meth:`drop` clears the rows it frees,
+        all at once), so claiming one there is a counter: no call per step.
+        """
         slot = self.used
-        if self._host is not None:
-            self._host[slot].fill(np.nan)
-        else:
+        if self._host is None:
             self.storage[slot].fill_(float("nan"))
-        self.used += 1
+        self.used = slot + 1
         return slot
 
     def set_scalar(self, slot: int, col: int, value: float) -> None:
@@ -189,6 +191,8 @@ class StatsBuffer:
             src = self.storage[n:used]
             # The destination overlaps the source only when more rows are kept than copied.
             self.storage[:kept].copy_(src.clone() if kept > n else src)
+        if self._host is not None and n:
+            self._host[kept:used].fill(np.nan)  # the rows freed read as cleared when claimed again
         self.used = kept
 
     def split(self, host: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -275,6 +275,10 @@ def _move_rows(arr: np.ndarray, start: int, stop: int, to: int) -> None:
 #: O(history) per flush; at half, a row is moved about twice over its life in the window.
 THIN_SLACK = 0.5
 
+#: A bounded frame allocates the rows it can hold at once when they take at most this many bytes
+#: (reserved address space: the pages are written, and counted, as rows arrive); larger ones grow by doubling.
+PREALLOCATE_BYTES = 256 * 2**20
+
 
 class StatsFrame:
     """All recorded steps of a scope, on the host.
@@ -354,7 +358,7 @@ class StatsFrame:
         """Room for ``k`` more rows and ``width`` scalar columns (capacity doubling)."""
         data, n = self._data, self._n
         if data is None:
-            data = self._empty(max(k, 64), width, chunk)
+            data = self._empty(self._first_capacity(k, chunk), width, chunk)
         else:
             cap, cols = len(data["steps"]), data["scalars"].shape[1]
             if n + k > cap or width > cols:
@@ -366,6 +370,22 @@ class StatsFrame:
                         grown[key][:n] = arr[:n]
                 data = grown
         self._data = data
+
+    def _first_capacity(self, k: int, chunk: dict[str, np.ndarray]) -> int:
+        """Rows to allocate at the first append.
+
+        A bounded frame holds at most about ``2 * history`` rows (half the history thinned, the
+        full-resolution part up to ``history`` plus :data:`THIN_SLACK`, and a flush's rows before its
+        append thins): allocated at once, while that stays under :data:`PREALLOCATE_BYTES`, so that no
+        append copies the frame to grow it (a 258-tensor model's frame of 1,024 rows is 17 MB to copy,
+        14 ms in one flush). The memory is only reserved: pages are touched as rows arrive.
+        """
+        small = max(k, 64)
+        if self.history is None:
+            return small
+        bounded = 2 * self.history + max(k, 256)
+        row_bytes = sum(v[:1].nbytes for v in chunk.values() if len(v))
+        return bounded if bounded * row_bytes <= PREALLOCATE_BYTES else small
 
     @staticmethod
     def _empty(cap: int, width: int, chunk: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

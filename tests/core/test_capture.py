@@ -47,6 +47,20 @@ def _split(host: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
+def test_a_row_claimed_again_after_drop_reads_nan_everywhere():
+    # A CPU buffer clears the rows drop() frees, all at once, so that claim() is a counter: a row
+    # claimed again must not show the values of the step that used it before.
+    buf, host = _buffer(4)
+    buf.drop(3)  # the fourth row moves to the front and stays claimed
+    np.testing.assert_array_equal(buf.storage[0].numpy(), host[3])
+    for expected in (1, 2, 3):
+        assert buf.claim() == expected
+        assert torch.isnan(buf.storage[expected]).all(), f"row {expected} was not cleared"
+    buf.moments(1).fill_(7.0)
+    buf.drop(4)
+    assert buf.used == 0 and torch.isnan(buf.storage).all()
+
+
 def test_snapshot_of_n_rows_keeps_the_row_after_them_at_the_front():
     buf, host = _buffer(4)
     got = buf.snapshot(3)

@@ -246,6 +246,10 @@ def test_thinning_keeps_the_rows_its_rule_names_and_moves_them_intact(seed: int)
         for key, value in chunk.items():
             appended.setdefault(key, []).append(value)
         frame.append(chunk, ["loss"], thin=thin)
+        if first == 1:
+            storage = frame._data["moments"]
+        # a bounded frame allocates the rows it can hold at its first append: no append copies it to grow
+        assert frame._data["moments"] is storage
         first += k
         unthinned = 0 if thin else unthinned + k  # rows of appends that did not thin (live ones)
         kept_steps = np.concatenate([kept_steps, chunk["steps"]])

@@ -105,6 +105,24 @@ def test_json_round_trip_keeps_findings_stats_and_scalars(tmp_path):
     assert not list(tmp_path.glob("sub/.*tmp"))  # atomic write left no temp file
 
 
+def test_finding_to_dict_has_every_field_in_order_and_copies_the_evidence():
+    # to_dict() is written field by field (it runs at every flush that writes findings): checked against
+    # dataclasses.asdict, so that a field added to Finding cannot be left out of the JSON.
+    import dataclasses
+
+    evidence = {"ratio": np.float32(0.25), "window": (3, 9), "per_layer": {"a": np.arange(2)}, "v": float("-inf")}
+    f = Finding("k", "warning", 3, "fc1", "m", "s", evidence, provisional=True, last_step=9, resolved_step=None)
+    d = f.to_dict()
+    assert list(d) == [x.name for x in dataclasses.fields(Finding)]
+    assert d["evidence"] == {"ratio": 0.25, "window": [3, 9], "per_layer": {"a": [0, 1]}, "v": "-inf"}
+    assert {k: v for k, v in d.items() if k != "evidence"} == {
+        k: v for k, v in dataclasses.asdict(f).items() if k != "evidence"
+    }
+    d["evidence"]["per_layer"]["a"].append(5)  # the dictionary is the caller's: the finding is unchanged
+    assert f.evidence["per_layer"]["a"].tolist() == [0, 1]
+    json.dumps(d, allow_nan=False)
+
+
 def test_nonfinite_values_survive_json():
     r = Report(findings=[Finding("x", "error", 1, None, "m", "s", {"value": float("nan"), "t": float("inf")})])
     back = Report.from_json(r.to_json())
