@@ -748,7 +748,7 @@ class Diagnosis:
             suspect = not (
                 self._nan_seen
                 or last.skipped
-                or (known[1] if known[0] == last.step else self._row_finite(len(rows) - 1, last))
+                or (known[1] if known[0] == last.step else self._row_finite(len(rows) - 1, full))
             )
             if (
                 not suspect
@@ -818,15 +818,17 @@ class Diagnosis:
     def _acts(self) -> bool:
         return self.recorder.buffer.shape_act[0] > 0
 
-    def _row_finite(self, slot: int, row: RecordedRow) -> bool:
+    def _row_finite(self, slot: int, every: bool) -> bool:
         """On a CPU buffer, whether row ``slot`` holds only finite gradients (host memory, read in place).
 
         A NaN or Inf entry is then judged (and announced) at the step that produced it. With every
         gradient present the row's ``nonfinite`` counts are all exactly 0.0, i.e. zero bytes: one
         comparison of bytes, no NumPy call. Otherwise one reduction (NaN, no gradient, is ignored by
         ``fmax``). A norm that overflows with finite entries is left to the screen.
+
+        ``every``: every watched tensor had its gradient captured in that row.
         """
-        if row.has_grad is row.trainable:  # the shared all-true mask: every gradient present
+        if every:
             start = slot * self._row_size + _NONFINITE
             return self._flat[start : start + self._nf_span : self._n_cols].tobytes() == self._zeros
         return not np.fmax.reduce(self._nf_rows[slot]) > 0
@@ -964,14 +966,7 @@ class Diagnosis:
         pending = self.recorder.pending
         if pending is None or not pending.grads_done or self._host is None:
             return True
-        slot = pending.slot
-        start = slot * self._row_size + _NONFINITE
-        # every gradient present: all counts are 0.0, i.e. zero bytes; otherwise one reduction
-        finite = len(pending.present) == len(self._zeros) // 8 and (
-            self._flat[start : start + self._nf_span : self._n_cols].tobytes() == self._zeros
-        )
-        if not finite:
-            finite = not np.fmax.reduce(self._nf_rows[slot]) > 0
+        finite = self._row_finite(pending.slot, len(pending.present) == len(self._zeros) // 8)
         # live() reads the same counts at the end of the step: on a large model, a cold strided read of
         # one count per parameter tensor (tens of microseconds), done once.
         self._finite_known = (pending.step, finite)
