@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # The GPU checks of docs/performance.md in one run, on a machine with a CUDA GPU and a CUDA build of
 # torch: the CUDA tests (values of the multi-tensor path on the device, zero host syncs per step
-# under torch.cuda.set_sync_debug_mode("error")), then the overhead of GPT-2 small and ResNet-50 in
-# bf16, eager and compiled. Every part writes its output to a file in the results folder, so what
-# finished is kept if the machine is taken back midway; a part that fails does not stop the others.
+# under torch.cuda.set_sync_debug_mode("error")), the kernels launched per step, then the overhead
+# of GPT-2 small and ResNet-50 in bf16, eager and compiled. Every part writes its output to a file
+# in the results folder, so what finished is kept if the machine is taken back midway; a part that
+# fails does not stop the others.
 #
-#   bash benchmarks/gpu_checks.sh [RESULTS_DIR] [PAIRS]     # default: gpu-results, 40 pairs
+#   bash benchmarks/gpu_checks.sh [RESULTS_DIR] [PAIRS]     # default: gpu-results, 50 pairs (a flush included)
 #
-# About 10 minutes on one H200 with the default pairs (compilation included). Copy the ratios into
-# docs/performance.md ("Not measured yet" becomes the GPU section).
+# About 4 minutes on one H200 (compilation included); each part has its own time limit. The figures
+# go into docs/performance.md ("Results (GPU)").
 set -u
 out="${1:-gpu-results}"
-pairs="${2:-40}"
+pairs="${2:-50}"
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 
@@ -26,7 +27,7 @@ run() {  # name, timeout in seconds, command...
   tail -n 12 "$out/$name.txt" | sed 's/^/   /' | tee -a "$out/summary.txt"
 }
 
-python - >"$out/device.txt" 2>&1 <<'EOF'
+"${PYTHON:-python3}" - >"$out/device.txt" 2>&1 <<'EOF'
 import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
@@ -38,6 +39,15 @@ if ! grep -q "available True" "$out/device.txt"; then
   exit 2
 fi
 
-run cuda-tests 300 python -m pytest -q -p no:cacheprovider tests/integration/test_gpu.py
-run overhead-bf16-eager 600 python benchmarks/overhead.py --device cuda --dtype bf16 --pairs "$pairs"
-run overhead-bf16-compiled 600 python benchmarks/overhead.py --device cuda --dtype bf16 --pairs "$pairs" --compile
+py="${PYTHON:-python3}"
+# In order of what matters most, so a run stopped midway keeps the most important figures.
+run cuda-tests 90 "$py" -m pytest -q -p no:cacheprovider tests/integration/test_gpu.py tests/core/test_op_count.py
+run launches 60 "$py" benchmarks/gpu_launches.py
+run overhead-bf16-eager 150 "$py" benchmarks/overhead.py --device cuda --dtype bf16 --pairs "$pairs" \
+  --variants gradscope,gradscope-tb
+run overhead-bf16-compiled 130 "$py" benchmarks/overhead.py --device cuda --dtype bf16 --pairs "$pairs" --compile \
+  --variants gradscope --workloads gpt2-small,resnet50
+run overhead-bf16-compiled-hf 100 "$py" benchmarks/overhead.py --device cuda --dtype bf16 --pairs "$pairs" --compile \
+  --variants gradscope --workloads hf-gpt2-small
+run overhead-bf16-every-step 60 "$py" benchmarks/overhead.py --device cuda --dtype bf16 --pairs "$pairs" \
+  --variants gradscope-all-every-step --workloads gpt2-small,resnet50

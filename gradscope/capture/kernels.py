@@ -13,9 +13,9 @@ squares, min, max, non-zero count, non-finite count) of a list of gradients:
   then (or when no compiler works) the eager path is used. Nothing starts a compiler implicitly.
 * **Accelerators** (:func:`foreach_moments`): multi-tensor ``torch._foreach_*`` operators, a fixed
   number of kernel launches per step whatever the number of tensors (for each dtype present, and
-  per 256 MiB of gradients for the temporaries of the exact non-finite count and the sampled
-  moments), and no host sync. The non-finite count is exact: ``g * 0`` is 0 for finite entries and
-  NaN otherwise, and its L0 norm counts the latter.
+  per 256 MiB of gradients for the temporaries of the sampled moments), and no host sync. On an
+  ordinary step the non-finite count is a flag taken from the sum of squares (1 for a gradient
+  holding NaN or Inf, with no pass of its own); on sampled steps it is the exact count.
 * **Eager fallback** (:meth:`gradscope.stats.moments.MomentPlan.grad_moments`): per-tensor ATen ops.
 
 Nothing here synchronises with an accelerator.
@@ -895,12 +895,29 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def foreach_moments(grads: Sequence[Tensor], wanted: frozenset[str] | set[str]) -> dict[str, Tensor]:
+def foreach_moments(
+    grads: Sequence[Tensor], wanted: frozenset[str] | set[str], *, exact_nonfinite: bool = True
+) -> dict[str, Tensor]:
     """Gradient moments of same-dtype tensors with multi-tensor operators: a fixed number of launches.
+
+    Only operators with a multi-tensor kernel on CUDA are used (``_foreach_norm`` has one for the
+    L1, L2 and max norms only; an L0 norm falls back to one launch per tensor):
+
+    * ``sumsq``: the sum of squares (``_foreach_powsum``), accumulated in float32 (float64 gradients
+      in float64).
+    * ``nnz``: ``sign(|g|)`` is 1 for a non-zero entry and 0 for a zero, its L1 norm counts the
+      former. ``sign(NaN)`` is 0, so a NaN entry counts as zero here.
+    * ``nonfinite``, exact (``exact_nonfinite``): ``g * 0 + 1`` is 1 for a finite entry and NaN
+      otherwise; ``sign`` of it is 1 or 0, minus 1 is 0 or -1, and its L1 norm counts the non-finite
+      entries, exactly 0 when there are none. Four passes over the gradients' bytes.
+    * ``nonfinite`` as a flag (not ``exact_nonfinite``): 1 where the sum of squares is NaN or Inf,
+      else 0, with no pass of its own. A float32 sum of squares also overflows for finite entries
+      above about 1e19, which are flagged too.
 
     Args:
         grads: gradients of one dtype on one device (any shapes).
         wanted: moment names (of ``sum``, ``sumsq``, ``min``, ``max``, ``nnz``, ``nonfinite``).
+        exact_nonfinite: count the non-finite entries (four passes) or flag them from ``sumsq``.
 
     Returns:
         moment name -> ``[len(grads)]`` tensor (accumulation dtype) on the gradients' device.
@@ -910,24 +927,38 @@ def foreach_moments(grads: Sequence[Tensor], wanted: frozenset[str] | set[str]) 
     out: dict[str, Tensor] = {}
     if "sumsq" in wanted or "nonfinite" in wanted:
         out["sumsq"] = torch.stack(torch._foreach_powsum(gs, 2, dtype=acc))
-    if "nnz" in wanted:
-        out["nnz"] = torch.stack(torch._foreach_norm(gs, 0, dtype=acc))
-    if "max" in wanted or "min" in wanted:
+    if "max" in wanted:
         out["max"] = torch.stack(torch._foreach_max(gs)).to(acc)
-    chunks = _chunks(gs) if {"nonfinite", "min", "sum"} & set(wanted) else []
+    need_chunks = {"min", "sum", "nnz"} & set(wanted) or ("nonfinite" in wanted and exact_nonfinite)
+    chunks = _chunks(gs) if need_chunks else []
+    parts: dict[str, list[Tensor]] = {m: [] for m in ("min", "sum", "nnz", "nonfinite")}
+    for c in chunks:  # the temporaries of one chunk (at most _CHUNK_BYTES) at a time
+        if "min" in wanted:
+            parts["min"].append(torch.stack(torch._foreach_max(torch._foreach_neg(c))))
+        if "sum" in wanted:
+            # sum(g) = 2 sum(max(g, 0)) - sum(|g|): no multi-tensor signed sum exists.
+            parts["sum"].append(torch.stack(torch._foreach_powsum(torch._foreach_clamp_min(c, 0.0), 1, dtype=acc)))
+        if "nnz" in wanted:
+            t = torch._foreach_abs(c)
+            torch._foreach_sign_(t)
+            parts["nnz"].append(torch.stack(torch._foreach_norm(t, 1, dtype=acc)))
+        if "nonfinite" in wanted and exact_nonfinite:
+            t = torch._foreach_mul(c, 0.0)
+            torch._foreach_add_(t, 1.0)
+            torch._foreach_sign_(t)
+            torch._foreach_add_(t, -1.0)
+            parts["nonfinite"].append(torch.stack(torch._foreach_norm(t, 1, dtype=acc)))
     if "min" in wanted:
-        out["min"] = -torch.cat([torch.stack(torch._foreach_max(torch._foreach_neg(c))) for c in chunks]).to(acc)
+        out["min"] = -torch.cat(parts["min"]).to(acc)
     if "sum" in wanted:
-        # sum(g) = 2 sum(max(g, 0)) - sum(|g|): no multi-tensor signed sum exists.
-        pos = torch.cat(
-            [torch.stack(torch._foreach_powsum(torch._foreach_clamp_min(c, 0.0), 1, dtype=acc)) for c in chunks]
-        )
-        out["sum"] = 2 * pos - torch.stack(torch._foreach_powsum(gs, 1, dtype=acc))
+        out["sum"] = 2 * torch.cat(parts["sum"]) - torch.stack(torch._foreach_powsum(gs, 1, dtype=acc))
+    if "nnz" in wanted:
+        out["nnz"] = torch.cat(parts["nnz"])
     if "nonfinite" in wanted:
-        # g * 0 is 0 where g is finite and NaN where it is not; its L0 norm counts the latter.
-        out["nonfinite"] = torch.cat(
-            [torch.stack(torch._foreach_norm(torch._foreach_mul(c, 0.0), 0, dtype=acc)) for c in chunks]
-        )
+        if exact_nonfinite:
+            out["nonfinite"] = torch.cat(parts["nonfinite"])
+        else:
+            out["nonfinite"] = (~torch.isfinite(out["sumsq"])).to(acc)
     return out
 
 
@@ -1153,7 +1184,8 @@ class FusedMoments:
         if len(dtypes) != 1:
             return None  # mixed dtypes: the eager path (the multi-tensor kernels group by dtype anyway)
         try:
-            cols = foreach_moments(gs, wanted)
+            # the exact non-finite count on sampled steps; a flag from the sum of squares on the others
+            cols = foreach_moments(gs, wanted, exact_nonfinite=sampled)
         except (RuntimeError, TypeError, NotImplementedError):  # sparse, complex, empty tensors
             return None
         n = len(gs)

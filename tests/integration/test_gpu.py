@@ -121,9 +121,19 @@ def test_compiled_model_on_cuda_matches_eager():
     key = ["step", "layer", "param", "stat"]
     a = eager.stats.set_index(key)["value"]
     b = compiled.stats.set_index(key)["value"].reindex(a.index)
-    # bf16 autocast: inductor's fused kernels round differently from eager ones
-    rel = ((a - b).abs() / a.abs().clip(lower=1e-6)).max()
-    assert rel < 5e-2, rel
+    assert b.notna().sum() == a.notna().sum()
+    # bf16 autocast: inductor's fused kernels round differently from eager ones. Magnitudes agree to a
+    # few percent; a mean (a sum that cancels) to a few percent of the RMS of the same gradient.
+    stat = a.index.get_level_values("stat")
+    rms = eager.stats.query("stat == 'rms'").set_index(["step", "layer", "param"])["value"]
+    scale = a.abs().clip(lower=1e-6)
+    means = stat == "mean"
+    scale[means] = rms.reindex(a.index.droplevel("stat")[means]).to_numpy()
+    err = (a - b).abs() / scale
+    err[stat == "zero_fraction"] = (a - b).abs()[stat == "zero_fraction"] * 5  # at most 0.01 apart
+    assert (a[stat == "nonfinite_count"] == b[stat == "nonfinite_count"]).all()
+    worst = err.sort_values(ascending=False).head(5)
+    assert worst.iloc[0] < 5e-2, "\n".join(f"{k}: eager {a[k]:.4g} compiled {b[k]:.4g}" for k in worst.index)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 on NCCL needs two GPUs")
@@ -154,7 +164,8 @@ def test_cuda_moments_take_the_multi_tensor_path_and_match_float64():
         d = x.double()
         fin = torch.isfinite(d)
         assert block[i, MOMENT_INDEX["nonfinite"]] == float((~fin).sum())
-        assert block[i, MOMENT_INDEX["nnz"]] == float(torch.count_nonzero(d))
+        # a NaN entry counts as zero on this path (sign(NaN) is 0)
+        assert block[i, MOMENT_INDEX["nnz"]] == float(torch.count_nonzero(torch.nan_to_num(d, nan=0.0)))
         if bool(fin.all()):
             assert block[i, MOMENT_INDEX["sumsq"]] == pytest.approx(float((d * d).sum()), rel=1e-5)
             assert block[i, MOMENT_INDEX["sum"]] == pytest.approx(
@@ -164,3 +175,6 @@ def test_cuda_moments_take_the_multi_tensor_path_and_match_float64():
             assert block[i, MOMENT_INDEX["max"]] == pytest.approx(float(d.max()))
         else:
             assert not math.isfinite(block[i, MOMENT_INDEX["sumsq"]])
+    # an ordinary step: the sum of squares, and a non-finite flag (1 for any number of NaN/Inf) from it
+    core = fused([x.cuda() for x in grads], [x.cuda() for x in grads], sampled=False).cpu().numpy()
+    assert core[:, MOMENT_INDEX["nonfinite"]].tolist() == [float(not bool(torch.isfinite(x).all())) for x in grads]
