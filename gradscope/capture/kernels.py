@@ -895,6 +895,20 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_NUMELS: dict[tuple, Tensor] = {}
+
+
+def _numels(gs: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``[len(gs)]`` element counts on the tensors' device, made once per set of sizes (no copy per step)."""
+    key = (gs[0].device, dtype, tuple(g.numel() for g in gs))
+    out = _NUMELS.get(key)
+    if out is None:
+        if len(_NUMELS) >= 16:
+            _NUMELS.clear()
+        out = _NUMELS[key] = torch.tensor(key[2], dtype=dtype, device=gs[0].device)
+    return out
+
+
 def foreach_moments(
     grads: Sequence[Tensor], wanted: frozenset[str] | set[str], *, exact_nonfinite: bool = True
 ) -> dict[str, Tensor]:
@@ -905,11 +919,13 @@ def foreach_moments(
 
     * ``sumsq``: the sum of squares (``_foreach_powsum``), accumulated in float32 (float64 gradients
       in float64).
-    * ``nnz``: ``sign(|g|)`` is 1 for a non-zero entry and 0 for a zero, its L1 norm counts the
+    * ``nnz``: ``sign(g)`` is 1 or -1 for a non-zero entry and 0 for a zero, its L1 norm counts the
       former. ``sign(NaN)`` is 0, so a NaN entry counts as zero here.
-    * ``nonfinite``, exact (``exact_nonfinite``): ``g * 0 + 1`` is 1 for a finite entry and NaN
-      otherwise; ``sign`` of it is 1 or 0, minus 1 is 0 or -1, and its L1 norm counts the non-finite
-      entries, exactly 0 when there are none. Four passes over the gradients' bytes.
+    * ``nonfinite``, exact (``exact_nonfinite``): ``exp(g * 0)`` is 1 for a finite entry and NaN
+      otherwise, ``sign`` of it 1 or 0, and its L1 norm counts the finite entries; the count is
+      ``numel`` minus that where the sum of squares is not finite, and exactly 0 where it is (a
+      float32 count is exact up to 2**24 entries, so the subtraction alone could be off by a few on
+      a larger tensor). Three passes over the gradients' bytes.
     * ``nonfinite`` as a flag (not ``exact_nonfinite``): 1 where the sum of squares is NaN or Inf,
       else 0, with no pass of its own. A float32 sum of squares also overflows for finite entries
       above about 1e19, which are flagged too.
@@ -939,15 +955,12 @@ def foreach_moments(
             # sum(g) = 2 sum(max(g, 0)) - sum(|g|): no multi-tensor signed sum exists.
             parts["sum"].append(torch.stack(torch._foreach_powsum(torch._foreach_clamp_min(c, 0.0), 1, dtype=acc)))
         if "nnz" in wanted:
-            t = torch._foreach_abs(c)
-            torch._foreach_sign_(t)
-            parts["nnz"].append(torch.stack(torch._foreach_norm(t, 1, dtype=acc)))
+            parts["nnz"].append(torch.stack(torch._foreach_norm(torch._foreach_sign(c), 1, dtype=acc)))
         if "nonfinite" in wanted and exact_nonfinite:
             t = torch._foreach_mul(c, 0.0)
-            torch._foreach_add_(t, 1.0)
+            torch._foreach_exp_(t)
             torch._foreach_sign_(t)
-            torch._foreach_add_(t, -1.0)
-            parts["nonfinite"].append(torch.stack(torch._foreach_norm(t, 1, dtype=acc)))
+            parts["nonfinite"].append(torch.stack(torch._foreach_norm(t, 1, dtype=acc)))  # finite entries
     if "min" in wanted:
         out["min"] = -torch.cat(parts["min"]).to(acc)
     if "sum" in wanted:
@@ -955,10 +968,12 @@ def foreach_moments(
     if "nnz" in wanted:
         out["nnz"] = torch.cat(parts["nnz"])
     if "nonfinite" in wanted:
+        flag = ~torch.isfinite(out["sumsq"])
         if exact_nonfinite:
-            out["nonfinite"] = torch.cat(parts["nonfinite"])
+            numel = _numels(gs, acc)
+            out["nonfinite"] = torch.where(flag, numel - torch.cat(parts["nonfinite"]), 0.0)
         else:
-            out["nonfinite"] = (~torch.isfinite(out["sumsq"])).to(acc)
+            out["nonfinite"] = flag.to(acc)
     return out
 
 
