@@ -13,9 +13,10 @@ squares, min, max, non-zero count, non-finite count) of a list of gradients:
   then (or when no compiler works) the eager path is used. Nothing starts a compiler implicitly.
 * **Accelerators** (:func:`foreach_moments`): multi-tensor ``torch._foreach_*`` operators, a fixed
   number of kernel launches per step whatever the number of tensors (for each dtype present, and
-  per 256 MiB of gradients for the temporaries of the sampled moments), and no host sync. On an
-  ordinary step the non-finite count is a flag taken from the sum of squares (1 for a gradient
-  holding NaN or Inf, with no pass of its own); on sampled steps it is the exact count.
+  per 256 MiB of gradients for the temporaries of the sampled moments), and no host sync. The
+  non-finite count is a flag taken from the sum of squares (1 for a gradient holding NaN or Inf,
+  with no pass of its own; exact while it is 0); once a flush has seen one, sampled steps count
+  exactly.
 * **Eager fallback** (:meth:`gradscope.stats.moments.MomentPlan.grad_moments`): per-tensor ATen ops.
 
 Nothing here synchronises with an accelerator.
@@ -1001,6 +1002,10 @@ class FusedMoments:
         self.path = path
         #: The path the last call took (``kernel``, ``foreach`` or ``eager``): for tests and benchmarks.
         self.last_path = ""
+        #: Whether a recorded gradient has held NaN/Inf (set by the recorder when rows reach the host).
+        #: Until then the multi-tensor path takes the non-finite count as a flag from the sum of squares
+        #: (exact while it is 0); from then on sampled steps count exactly (three more passes).
+        self.nonfinite_seen = False
         self._tails: dict[tuple[int, torch.device], Tensor] = {}
         self._cols: dict[bool, tuple[list[int], bool]] = {}
         self._param_set: tuple[list[Tensor], Any] | None = None  # (the list, the kernel's copy of it)
@@ -1199,8 +1204,8 @@ class FusedMoments:
         if len(dtypes) != 1:
             return None  # mixed dtypes: the eager path (the multi-tensor kernels group by dtype anyway)
         try:
-            # the exact non-finite count on sampled steps; a flag from the sum of squares on the others
-            cols = foreach_moments(gs, wanted, exact_nonfinite=sampled)
+            # a flag from the sum of squares; the exact count on sampled steps once NaN/Inf has been seen
+            cols = foreach_moments(gs, wanted, exact_nonfinite=sampled and self.nonfinite_seen)
         except (RuntimeError, TypeError, NotImplementedError):  # sparse, complex, empty tensors
             return None
         n = len(gs)

@@ -533,6 +533,8 @@ class StepRecorder:
     def _append(
         self, rows: list[RecordedRow], moments: np.ndarray, act: np.ndarray, scalars: np.ndarray, *, thin: bool
     ) -> None:
+        if not self.moments.nonfinite_seen and np.any(moments[..., _M["nonfinite"]] > 0):
+            self.moments.nonfinite_seen = True  # the multi-tensor path counts exactly from now on
         self.frame.append(self._chunk(rows, moments, act, scalars), list(self._scalar_cols), thin=thin)
 
     def close(self) -> None:

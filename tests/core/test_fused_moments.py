@@ -79,6 +79,7 @@ def _check(
 def test_the_accelerator_path_on_cpu_tensors_matches_float64_references(dtype, nonfinite):
     grads = _grads(dtype, nonfinite)
     fused = FusedMoments(MomentPlan(MOMENTS), path="foreach")
+    fused.nonfinite_seen = True  # as after a flush saw NaN/Inf: sampled steps count exactly
     block = fused(grads, grads, sampled=True)
     assert fused.last_path == "foreach" and block.shape == (len(grads), len(MOMENTS)) and block.dtype == torch.float64
     _check(block, grads, rtol={torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}[dtype], foreach=True)
@@ -89,6 +90,32 @@ def test_the_accelerator_path_on_cpu_tensors_matches_float64_references(dtype, n
     assert core[:, MOMENT_INDEX["nonfinite"]].tolist() == flags
     others = [MOMENT_INDEX[m] for m in ("sum", "min", "max", "nnz")]
     assert torch.isnan(core[:, others]).all()
+    fused.nonfinite_seen = False  # before any: the flag on sampled steps too, the other moments unchanged
+    first = fused(grads, grads, sampled=True)
+    assert first[:, MOMENT_INDEX["nonfinite"]].tolist() == flags
+    assert torch.equal(first[:, MOMENT_INDEX["nnz"]], block[:, MOMENT_INDEX["nnz"]])
+
+
+def test_the_multi_tensor_path_counts_non_finite_entries_exactly_once_a_flush_has_seen_one():
+    """On the multi-tensor path a NaN is a flag (1 per tensor) until a flush has seen one; then sampled
+    steps count exactly. Checked against the NaN entries planted, through a watched run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    scope = gradscope.watch(model, activations=False, rules="none", flush_every=4, sample_every=2)
+    scope._recorder.moments = FusedMoments(scope._recorder.plan, path="foreach")
+    x = torch.randn(8, 6)
+    with scope:
+        for step in range(1, 10):
+            model(x).square().mean().backward()
+            if step in (3, 7):  # steps 3 (before any flush saw one) and 7 (after the flush at step 4)
+                model[0].weight.grad[0, :3] = float("nan")
+            scope.step()
+            model.zero_grad(set_to_none=True)
+    assert scope._recorder.moments.last_path == "foreach"
+    counts = scope.report().stats.query("stat == 'nonfinite_count' and layer == '0' and param == 'weight'")
+    got = counts.set_index("step")["value"].to_dict()
+    # step 3: sampled, but nothing seen yet -> the flag; step 7: sampled and seen -> 3 entries, exactly
+    assert got == {1: 0, 2: 0, 3: 1, 4: 0, 5: 0, 6: 0, 7: 3, 8: 0, 9: 0}
 
 
 def test_the_accelerator_path_sends_what_it_cannot_take_to_the_eager_path():
