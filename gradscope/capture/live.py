@@ -697,6 +697,7 @@ class Diagnosis:
             sample_every=self._options.sample_every,
             step_count=step_count,
             output_activations=tuple(self._order.output_activations()),
+            nonfinite_counted=self.recorder.moments.last_path != "foreach",
         )
 
     def _judge(self, *, final: bool, step_count: int) -> list[Finding]:

@@ -822,18 +822,21 @@ class NonfiniteGradients(Rule):
                 "Check the loss for log(0) or division by zero, then run one step under "
                 "torch.autograd.detect_anomaly() to find the operation that produced NaN/Inf."
             )
+        # on the multi-tensor path a count may be 1 per tensor holding NaN/Inf (a flag), not entries
+        amount = f" ({counts[names[origin]]} values)" if ctx.nonfinite_counted else ""
         return [
             self.finding(
                 step=step,
                 layer=names[origin],
                 message=(
                     f"Non-finite gradient at step {step}: the first layer in backward order holding NaN/Inf is "
-                    f"{layer_label(names[origin])} ({counts[names[origin]]} values); {where}. {cause}"
+                    f"{layer_label(names[origin])}{amount}; {where}. {cause}"
                 ),
                 suggestion=suggestion,
                 evidence={
                     "stat": "nonfinite_count",
                     "counts": counts,
+                    "counted": ctx.nonfinite_counted,
                     "loss": loss,
                     "loss_finite": loss_finite,
                     "backward_order": [names[i] for i in bad[::-1]],
