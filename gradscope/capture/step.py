@@ -438,7 +438,8 @@ class StepRecorder:
             self._append(rows, moments, act, scalars, thin=False)
             self.rows = []
             return appended + n
-        # Untested on a GPU in this project's CI (no device there): covered by the CPU path's logic.
+        # Not in CI (no device there); ran on an H200 (benchmarks/gpu_launches.py, live evaluations under
+        # torch.cuda.set_sync_debug_mode("error"), none reported).
         host, event = self.buffer.copy_async(n)
         self._moved(n)
         self._streaming = (rows, host, event)
