@@ -926,7 +926,7 @@ def foreach_moments(
       otherwise, ``sign`` of it 1 or 0, and its L1 norm counts the finite entries; the count is
       ``numel`` minus that where the sum of squares is not finite, and exactly 0 where it is (a
       float32 count is exact up to 2**24 entries, so the subtraction alone could be off by a few on
-      a larger tensor). Three passes over the gradients' bytes.
+      a larger tensor). Three elementwise operators and one reduction over the gradients.
     * ``nonfinite`` as a flag (not ``exact_nonfinite``): 1 where the sum of squares is NaN or Inf,
       else 0, with no pass of its own. A float32 sum of squares also overflows for finite entries
       above about 1e19, which are flagged too.
@@ -934,7 +934,7 @@ def foreach_moments(
     Args:
         grads: gradients of one dtype on one device (any shapes).
         wanted: moment names (of ``sum``, ``sumsq``, ``min``, ``max``, ``nnz``, ``nonfinite``).
-        exact_nonfinite: count the non-finite entries (four passes) or flag them from ``sumsq``.
+        exact_nonfinite: count the non-finite entries (see above) or flag them from ``sumsq``.
 
     Returns:
         moment name -> ``[len(grads)]`` tensor (accumulation dtype) on the gradients' device.
