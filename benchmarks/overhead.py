@@ -11,6 +11,8 @@ pair is taken. Printed per variant:
 * ``fixed us``: median over ordinary steps of watched minus bare time, in microseconds: what every
   step pays whatever the model (on a model with many small tensors, the cost that matters).
 * ``flush ms``: the mean extra time of the steps that flushed, beyond the fixed cost.
+* ``sampled ms``: the mean extra time of the sampled steps (every statistic, the activations, the
+  weights and the update; one in ``sample_every``) that did not flush, beyond the fixed cost.
 
 Variants: ``gradscope`` is ``watch(model, optimizer=opt)`` with its defaults (``l2_norm``, ``rms`` and
 ``nonfinite_count`` at every step; the other statistics and the activations every 10 steps; rules
@@ -178,7 +180,7 @@ def measure(
         timed(bare, i)
         timed(watched, i)
     settled = settle_history(watched, batches) if settle else 0
-    tb, tw, flushed = [], [], []
+    tb, tw, flushed, sampled = [], [], [], []
     scope = watched.scope
     for i in range(pairs):
         if i % 2 == 0:
@@ -190,12 +192,10 @@ def measure(
         tb.append(a)
         tw.append(b)
         flushed.append(scope is not None and scope.step_count % scope.flush_every == 0)
+        sampled.append(scope is not None and (scope.step_count - 1) % scope.sample_every == 0)
     bare.close()
     watched.close()
     ratios = [b / a for a, b in zip(tb, tw)]
-    diff = [b - a for a, b in zip(tb, tw)]
-    fixed = statistics.median([d for d, f in zip(diff, flushed) if not f] or diff)
-    at_flush = [d - fixed for d, f in zip(diff, flushed) if f]
     q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [min(ratios), 0, max(ratios)]
     return {
         "workload": wl.name,
@@ -205,9 +205,25 @@ def measure(
         "median": statistics.median(ratios),
         "iqr": (q[0], q[-1]),
         "pairs": pairs,
-        "fixed_us": fixed * 1e6,
-        "flush_ms": statistics.fmean(at_flush) * 1e3 if at_flush else float("nan"),
+        **step_costs(tb, tw, flushed, sampled),
         "settled": settled,
+    }
+
+
+def step_costs(tb: list[float], tw: list[float], flushed: list[bool], sampled: list[bool]) -> dict[str, float]:
+    """Watched minus bare time of each pair, split: ``fixed_us`` (median over the ordinary steps),
+    ``flush_ms`` and ``sampled_ms`` (mean extra time beyond that of the steps that flushed, and of the
+    sampled steps that did not); NaN where no such step was timed."""
+    diff = [b - a for a, b in zip(tb, tw)]
+    ordinary = [d for d, f, s in zip(diff, flushed, sampled) if not f and not s]
+    fixed = statistics.median(ordinary or diff)
+    at_flush = [d - fixed for d, f in zip(diff, flushed) if f]
+    at_sample = [d - fixed for d, f, s in zip(diff, flushed, sampled) if s and not f]
+    nan = float("nan")
+    return {
+        "fixed_us": fixed * 1e6,
+        "flush_ms": statistics.fmean(at_flush) * 1e3 if at_flush else nan,
+        "sampled_ms": statistics.fmean(at_sample) * 1e3 if at_sample else nan,
     }
 
 
@@ -282,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'workload':<12} {'variant':<24} {'bare ms':>9} {'amortised':>10} {'median':>8} {'IQR':>13} {'pairs':>6} "
-        f"{'fixed us':>9} {'flush ms':>9}"
+        f"{'fixed us':>9} {'flush ms':>9} {'sampled ms':>10}"
     )
     rows = []
     for name in names:
@@ -303,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r)
             print(
                 f"{r['workload']:<12} {r['variant']:<24} {r['bare_ms']:>9.2f} {r['amortised']:>9.3f}x {r['median']:>7.3f}x "
-                f"{r['iqr'][0]:>6.3f}-{r['iqr'][1]:<6.3f} {r['pairs']:>6} {r['fixed_us']:>9.0f} {r['flush_ms']:>9.2f}"
+                f"{r['iqr'][0]:>6.3f}-{r['iqr'][1]:<6.3f} {r['pairs']:>6} {r['fixed_us']:>9.0f} {r['flush_ms']:>9.2f} "
+                f"{r['sampled_ms']:>10.2f}"
             )
             sys.stdout.flush()
     return 0

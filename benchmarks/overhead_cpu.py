@@ -12,8 +12,9 @@ one intra-op thread there is no spinning to inflate it. Ratios only::
     python benchmarks/overhead_cpu.py --workloads mlp8,mlp128,digits --settle         # as a long run flushes
 
 Besides the ratios it prints the *fixed* cost of a watched step (median over pairs of watched minus
-bare CPU time, in microseconds: what every step pays whatever the model) and the cost of one flush
-(the mean extra time of the steps that flushed, beyond the fixed cost, in milliseconds). The
+bare CPU time over the ordinary steps, in microseconds: what every step pays whatever the model),
+the cost of one flush and of one sampled step (the mean extra time of the steps that flushed, and
+of the sampled steps that did not, beyond the fixed cost, in milliseconds). The
 compiled CPU moment kernel is loaded before timing when this machine has it built (build it once
 with ``python -m gradscope.capture.kernels``, or pass ``--kernel sync``); the header says which
 path ran (``--kernel off`` times the eager path).
@@ -34,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from overhead import Runner, settle_history
+from overhead import Runner, settle_history, step_costs
 from workloads import Workload, cpu_workloads
 
 import gradscope
@@ -68,7 +69,7 @@ def measure(
         timed(watched, i)
     settled = settle_history(watched, batches) if settle else 0
     scope = watched.scope
-    tb, tw, flushed = [], [], []
+    tb, tw, flushed, sampled = [], [], [], []
     for i in range(pairs):
         first, second = (bare, watched) if i % 2 == 0 else (watched, bare)
         a = timed(first, i)
@@ -76,17 +77,14 @@ def measure(
         tb.append(a if first is bare else b)
         tw.append(b if first is bare else a)
         flushed.append(scope is not None and scope.step_count % scope.flush_every == 0)
+        sampled.append(scope is not None and (scope.step_count - 1) % scope.sample_every == 0)
     bare.close()
     watched.close()
-    diff = [w - b for b, w in zip(tb, tw)]
-    fixed = statistics.median(d for d, f in zip(diff, flushed) if not f)
-    at_flush = [d - fixed for d, f in zip(diff, flushed) if f]
     return {
         "bare_ms": statistics.median(tb) * 1e3,
         "amortised": sum(tw) / sum(tb),
         "median": statistics.median(w / b for b, w in zip(tb, tw) if b > 0),
-        "fixed_us": fixed * 1e6,
-        "flush_ms": statistics.fmean(at_flush) * 1e3 if at_flush else float("nan"),
+        **step_costs(tb, tw, flushed, sampled),
         "settled": settled,
     }
 
@@ -122,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'workload':<10} {'variant':<26} {args.baseline + ' cpu ms':>16} {'amortised':>10} {'median':>8} "
-        f"{'fixed us':>9} {'flush ms':>9}"
+        f"{'fixed us':>9} {'flush ms':>9} {'sampled ms':>10}"
     )
     for name in args.workloads.split(","):
         for variant in args.variants.split(","):
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(
                 f"{name:<10} {variant:<26} {r['bare_ms']:>16.2f} {r['amortised']:>9.3f}x {r['median']:>7.3f}x "
-                f"{r['fixed_us']:>9.0f} {r['flush_ms']:>9.2f}"
+                f"{r['fixed_us']:>9.0f} {r['flush_ms']:>9.2f} {r['sampled_ms']:>10.2f}"
                 + (f"   (settled: {r['settled']} steps first)" if args.settle else "")
             )
             sys.stdout.flush()
