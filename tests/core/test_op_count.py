@@ -142,3 +142,35 @@ def test_no_value_is_read_back_to_the_host_between_flushes_on_the_foreach_path()
     finally:
         scope.close()
     assert not probe.found, dict(probe.found)
+
+
+class _NormOrders(TorchDispatchMode):
+    """The ``ord`` of every ``_foreach_norm`` / ``_foreach_powsum`` call, and any per-tensor norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.orders: list[tuple[str, float]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = str(func.overloadpacket.__name__)
+        if name in ("_foreach_norm", "_foreach_powsum"):
+            order = args[1] if len(args) > 1 else (kwargs or {}).get("ord", 2)
+            self.orders.append((name, float(order)))
+        elif name in ("linalg_vector_norm", "norm"):
+            self.orders.append((name, float("nan")))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["flag", "exact-count"])
+def test_the_foreach_path_uses_only_norms_with_a_multi_tensor_cuda_kernel(exact):
+    """On CUDA, ``_foreach_norm`` has a multi-tensor kernel for the L1, L2 and max norms only; any other
+    order (an L0 norm, say) falls back to one launch per tensor. The dispatcher sees one operator
+    either way, so the op count cannot tell: the orders used are checked here (a GPU run found an L0
+    norm that launched 148 kernels per step on a GPT-2-sized model)."""
+    ops = _NormOrders()
+    with ops:
+        _ops_per_step(16, optimizer=True, exact=exact)
+    assert ops.orders, "no norm was dispatched: the foreach path did not run"
+    allowed = {1.0, 2.0, float("inf")}
+    bad = [(name, order) for name, order in ops.orders if order not in allowed]
+    assert not bad, f"norms without a multi-tensor CUDA kernel: {sorted(set(bad))}"
