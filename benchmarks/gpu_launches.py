@@ -79,6 +79,9 @@ def one(wl) -> str:
 
 
 def main() -> int:
+    if not torch.cuda.is_available():
+        print("gpu_launches.py counts CUDA kernels: no CUDA device here (or a CPU build of torch).")
+        return 2
     pool = {w.name: w for w in cpu_workloads() + gpu_workloads()}
     print(
         f"{'workload':<11} {'tensors':>7} {'bare kernels':>12} {'+ordinary':>9} {'+sampled':>8}  sync-free steps 1-30"
