@@ -531,31 +531,43 @@ void histograms_into(std::vector<torch::Tensor> tensors, std::vector<int64_t> gr
 // threshold: not judged; NaN, a module that did not run, is never flagged). True when a module is
 // flagged that was not at the previous sampled row; prev[j] ends as the last row's flags.
 bool act_screen(torch::Tensor storage, std::vector<int64_t> rows, int64_t a, int64_t n_act_cols, int64_t dead_col,
-                int64_t sat_col, torch::Tensor dead_thr, torch::Tensor sat_thr, torch::Tensor prev) {
+                int64_t sat_col, torch::Tensor dead_thr, torch::Tensor sat_thr, torch::Tensor quiet, int64_t rearm) {
   for (const auto* t : {&storage, &dead_thr, &sat_thr})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat64 && t->is_contiguous(),
                 "act_screen: contiguous float64 CPU tensors only");
-  TORCH_CHECK(prev.device().is_cpu() && prev.scalar_type() == torch::kBool && prev.is_contiguous(),
-              "act_screen: prev must be a contiguous bool CPU tensor");
+  TORCH_CHECK(quiet.device().is_cpu() && quiet.scalar_type() == torch::kInt32 && quiet.is_contiguous(),
+              "act_screen: quiet must be a contiguous int32 CPU tensor");
   TORCH_CHECK(storage.dim() == 2, "act_screen: storage must be [capacity, R]");
-  const int64_t A = prev.numel();
+  const int64_t A = quiet.numel();
   TORCH_CHECK(dead_thr.numel() == A && sat_thr.numel() == A, "act_screen: one threshold per module");
   TORCH_CHECK(dead_col >= 0 && sat_col >= 0 && dead_col < n_act_cols && sat_col < n_act_cols,
               "act_screen: column out of range");
   TORCH_CHECK(A == 0 || (a >= 0 && a + A * n_act_cols <= storage.size(1)), "act_screen: modules out of range");
+  TORCH_CHECK(rearm >= 0 && rearm < (int64_t{1} << 30), "act_screen: rearm out of range");
   for (const int64_t r : rows) TORCH_CHECK(r >= 0 && r < storage.size(0), "act_screen: row out of range");
   const int64_t R = storage.size(1);
   const double* st = storage.data_ptr<double>();
   const double* dt = dead_thr.data_ptr<double>();
   const double* tt = sat_thr.data_ptr<double>();
-  bool* pv = prev.data_ptr<bool>();
+  int32_t* q = quiet.data_ptr<int32_t>();
+  const int32_t full = static_cast<int32_t>(rearm);
   bool fresh = false;
   for (const int64_t r : rows) {
     const double* x = st + r * R + a;
     for (int64_t j = 0; j < A; ++j) {
-      const bool flag = x[j * n_act_cols + dead_col] >= dt[j] || x[j * n_act_cols + sat_col] >= tt[j];
-      fresh |= flag && !pv[j];
-      pv[j] = flag;
+      const bool jd = !std::isinf(dt[j]), js = !std::isinf(tt[j]);
+      if (!jd && !js) continue;  // a module no rule judges
+      const double d = x[j * n_act_cols + dead_col], s = x[j * n_act_cols + sat_col];
+      if ((jd && d >= dt[j]) || (js && s >= tt[j])) {  // flagged
+        fresh |= q[j] >= full;
+        q[j] = 0;
+      } else if ((jd && std::isnan(d)) || (js && std::isnan(s))) {
+        continue;  // the module did not run at this row: nothing learnt
+      } else if ((!jd || d < 0.5 * dt[j]) && (!js || s < 0.5 * tt[j])) {
+        q[j] = full;  // clearly below: re-armed at once
+      } else if (q[j] < full) {
+        ++q[j];
+      }
     }
   }
   return fresh;
@@ -693,17 +705,20 @@ def _check_and_keep(module: Any) -> None:
     got = hist.tolist()
     if got != [[0.0, 1.5, 3.0, 3.0, 1.0, 5.0, 11.0], [2.0, 2.0, 2.0, 0.0, 2.0, 4.0, 8.0]]:
         raise RuntimeError(f"histogram self-check gave {got}")
-    # two modules, rows 0 and 1: module 0 dead (0.9 >= 0.5) at row 1 only, module 1 saturated at both
-    rows = torch.tensor([[0.1, 0.0, 0.0, 0.7], [0.9, 0.0, 0.0, 0.8]], dtype=torch.float64)
-    prev = torch.zeros(2, dtype=torch.bool)
+    # two modules, rows 0 and 1: module 0 dead (0.9 >= 0.5) at row 1 only, module 1 saturated at both;
+    # rows 2 then 1: module 0 just below its threshold (0.4, one quiet row, rearm 2) then flagged again:
+    # not fresh; module 1 far below (0.1 < 0.25: re-armed at once) then flagged again: fresh
+    rows = torch.tensor([[0.1, 0.0, 0.0, 0.7], [0.9, 0.0, 0.0, 0.8], [0.4, 0.0, 0.0, 0.1]], dtype=torch.float64)
+    quiet = torch.full((2,), 2, dtype=torch.int32)
     inf = float("inf")
     thr_dead, thr_sat = torch.tensor([0.5, inf], dtype=torch.float64), torch.tensor([inf, 0.5], dtype=torch.float64)
-    first = module.act_screen(rows, [0], 0, 2, 0, 1, thr_dead, thr_sat, prev)
-    again = module.act_screen(rows, [0], 0, 2, 0, 1, thr_dead, thr_sat, prev)
-    later = module.act_screen(rows, [1], 0, 2, 0, 1, thr_dead, thr_sat, prev)
+    first = module.act_screen(rows, [0], 0, 2, 0, 1, thr_dead, thr_sat, quiet, 2)
+    again = module.act_screen(rows, [0], 0, 2, 0, 1, thr_dead, thr_sat, quiet, 2)
+    later = module.act_screen(rows, [1], 0, 2, 0, 1, thr_dead, thr_sat, quiet, 2)
+    dip = module.act_screen(rows, [2, 1], 0, 2, 0, 1, thr_dead, thr_sat, quiet, 2)
     # sync point: CPU tensors only; the self-check of a freshly loaded kernel, once per process.
-    got = [first, again, later, *prev.tolist()]
-    if got != [True, False, True, True, True]:
+    got = [first, again, later, dip, *quiet.tolist()]
+    if got != [True, False, True, True, 0, 0]:
         raise RuntimeError(f"activation screen self-check gave {got}")
     _state.update(
         state="ready",
@@ -797,18 +812,22 @@ def cpu_histogram_kernel() -> _HistogramFn | None:
     return _state["histograms"] if cpu_kernel() is not None else None
 
 
-_ActScreenFn = Callable[[Tensor, list[int], int, int, int, int, Tensor, Tensor, Tensor], bool]
+_ActScreenFn = Callable[[Tensor, list[int], int, int, int, int, Tensor, Tensor, Tensor, int], bool]
 
 
 def cpu_act_screen_kernel() -> _ActScreenFn | None:
     """The compiled CPU kernel's activation screen, or None while the kernel is not available (see :func:`cpu_kernel`).
 
     Returns:
-        ``fn(storage, rows, a, n_act_cols, dead_col, sat_col, dead_thr, sat_thr, prev) -> bool``: at each
-        row of ``rows`` of ``storage`` (the CPU buffer), module ``j``'s statistics at column
+        ``fn(storage, rows, a, n_act_cols, dead_col, sat_col, dead_thr, sat_thr, quiet, rearm) -> bool``:
+        at each row of ``rows`` of ``storage`` (the CPU buffer), module ``j``'s statistics at column
         ``a + j * n_act_cols``, flagged when its dead fraction reaches ``dead_thr[j]`` or its saturated
-        fraction ``sat_thr[j]`` (float64; infinite: not judged). True when a module is flagged that was
-        not at the previous row; ``prev`` (bool ``[A]``) ends as the last row's flags.
+        fraction ``sat_thr[j]`` (float64; infinite: not judged). ``quiet`` (int32 ``[A]``, updated in
+        place) counts each module's rows since it was last flagged, up to ``rearm``: a flag is *fresh*
+        (the return value is True) only at a module whose count has reached ``rearm``. A row clearly
+        below the thresholds (under half of each) sets the count to ``rearm`` at once; a row where the
+        module did not run (NaN) changes nothing. :meth:`gradscope.capture.live.LiveScreen._activations`
+        is the same rule in NumPy.
     """
     return _state["act_screen"] if cpu_kernel() is not None else None
 

@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from gradscope.stats.frame import StatsFrame
 
 __all__ = [
+    "ACT_REARM_ROWS",
     "HOT_STEPS",
     "LIVE_BUDGET",
     "SCREEN_SHARE",
@@ -83,6 +84,11 @@ LIVE_BUDGET = 0.01
 #: rules confirm over ten, so a screen every step or two finds nothing sooner than one every few steps
 #: (benchmarks/detection.py: the same latencies, to half a step, with a screen at every step as every two).
 SCREEN_SHARE = 0.25
+
+#: An activation module the screen has flagged is flagged afresh only after this many sampled rows
+#: below its threshold (or one row clearly below, under half of it): a dead fraction hovering about
+#: the threshold does not keep the rules running (:meth:`LiveScreen._activations`).
+ACT_REARM_ROWS = 10
 
 #: After the screen flags something new, the rules run at every recorded step for this many steps:
 #: long enough for the ``confirm`` spans of the rules (10 steps; one sampled step for activations).
@@ -233,8 +239,9 @@ class LiveScreen:
     * ``activation``: a ReLU-family module with at least ``dead_threshold`` of its units dead, or a
       tanh/sigmoid module with ``saturated_threshold`` of its outputs saturated, on a sampled row.
 
-    Only what is *new* counts (a parameter or module flagged that was not at the previous row), so a
-    condition that persists does not keep the rules running. The screen decides nothing: it only
+    Only what is *new* counts (a parameter or module flagged that was not at the previous row; a module
+    flagged within :data:`ACT_REARM_ROWS` sampled rows of its last flag is not new), so a condition that
+    persists, or hovers about its threshold, does not keep the rules running. The screen decides nothing: it only
     makes the rules run now; a false alarm of the screen costs time, never a finding.
 
     The rows of a block are compared with the level as it stood before the block (one row per block
@@ -289,7 +296,8 @@ class LiveScreen:
         #: A parameter that had gradients has gone 1 to ``gap_rows - 1`` rows without one: the live
         #: diagnosis screens every row until the count reaches ``gap_rows`` (or the gradient is back).
         self.counting = False
-        self._act: np.ndarray | None = None  # [A] flagged at the previous sampled row
+        # [A] sampled rows since each activation module was last flagged, up to ACT_REARM_ROWS (armed)
+        self._act: np.ndarray | None = None
         self._act_masks: tuple[Any, ...] | None = None
         self._act_tensor: tuple[np.ndarray, torch.Tensor] | None = None  # _act, and a tensor sharing it
         # EMA weights of the rows of a block, newest last: 0.2 * 0.8 ** (n - 1 - r)
@@ -574,6 +582,11 @@ class LiveScreen:
             self._act_masks = (key, relu, saturating, dead_thr, sat_thr)
         return self._act_masks
 
+    def _act_quiet(self, n: int) -> np.ndarray:
+        if self._act is None or len(self._act) != n:
+            self._act = np.full(n, ACT_REARM_ROWS, dtype=np.int32)
+        return self._act
+
     def _activations_at(
         self, act_at: tuple[torch.Tensor, list[int], int, int], kinds: Sequence[str], skip: Sequence[int]
     ) -> bool:
@@ -581,23 +594,41 @@ class LiveScreen:
         kernel = cpu_act_screen_kernel()
         assert kernel is not None  # the caller passes act_at only then
         _, _, _, dead_thr, sat_thr = self._masks(kinds, skip)
-        if self._act is None or len(self._act) != len(kinds):
-            self._act = np.zeros(len(kinds), dtype=bool)
+        quiet = self._act_quiet(len(kinds))
         held = self._act_tensor
-        if held is None or held[0] is not self._act:
-            held = self._act_tensor = (self._act, torch.from_numpy(self._act))
+        if held is None or held[0] is not quiet:
+            held = self._act_tensor = (quiet, torch.from_numpy(quiet))
         storage, rows, a, n_act_cols = act_at
-        return bool(kernel(storage, rows, a, n_act_cols, _ACT_DEAD, _ACT_SATURATED, dead_thr, sat_thr, held[1]))
+        return bool(
+            kernel(storage, rows, a, n_act_cols, _ACT_DEAD, _ACT_SATURATED, dead_thr, sat_thr, held[1], ACT_REARM_ROWS)
+        )
 
     def _activations(self, act: tuple[np.ndarray, np.ndarray], kinds: Sequence[str], skip: Sequence[int]) -> bool:
+        """Whether an activation module crossed its threshold *afresh* at the sampled rows ``act``.
+
+        A module flagged again within :data:`ACT_REARM_ROWS` sampled rows of its last flag is not new:
+        a fraction that hovers about its threshold (56 % dead, then 48 %, then 53 %) would otherwise
+        make the rules run at every other sampled step for as long as it hovers. A row clearly below
+        the thresholds (under half of each) re-arms the module at once.
+        """
         _, relu, saturating, _, _ = self._masks(kinds, skip)
         dead, sat = act
-        # NaN (a module that did not run) compares False
-        flags = (relu & (dead >= self.dead_threshold)) | (saturating & (sat >= self.saturated_threshold))
-        prev = self._act if self._act is not None and len(self._act) == len(kinds) else np.zeros(len(kinds), bool)
-        new = bool((flags > np.vstack([prev[None], flags[:-1]])).any())
-        self._act = flags[-1].copy()
-        return new
+        quiet = self._act_quiet(len(kinds))
+        judged = relu | saturating
+        fresh = False
+        for d, s in zip(dead, sat):  # the sampled rows of the block, oldest first (usually one)
+            with np.errstate(invalid="ignore"):
+                # NaN (a module that did not run) compares False
+                flags = (relu & (d >= self.dead_threshold)) | (saturating & (s >= self.saturated_threshold))
+                ran = judged & ~((relu & np.isnan(d)) | (saturating & np.isnan(s)))
+                clear = ran & ~flags & (~relu | (d < 0.5 * self.dead_threshold))
+                clear &= ~saturating | (s < 0.5 * self.saturated_threshold)
+            fresh = fresh or bool((flags & (quiet >= ACT_REARM_ROWS)).any())
+            counted = ran & ~flags & ~clear
+            quiet[counted] = np.minimum(quiet[counted] + 1, ACT_REARM_ROWS)
+            quiet[clear] = ACT_REARM_ROWS
+            quiet[flags] = 0
+        return fresh
 
 
 class Diagnosis:

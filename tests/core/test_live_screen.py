@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -387,4 +388,86 @@ def test_the_compiled_activation_check_flags_what_the_numpy_path_flags(cpu_kerne
     stats[1, :, :] = 0.0
     stats[1, 1, _ACT_SATURATED] = 0.6
     assert fresh._activations_at((storage, [1], a, n_act_cols), kinds, skip) is True
-    assert fresh._act.tolist() == [False, True, False, False, False, False, False, False]
+    # module 1 flagged (0 rows since), the others clearly below (re-armed); gelu (3) never counted
+    assert fresh._act.tolist() == [10, 0, 10, 10, 10, 10, 10, 10]
+
+
+def _hover_storage(dead: list[float]) -> tuple[torch.Tensor, int, int]:
+    """A CPU buffer block with one ReLU module whose dead fraction is ``dead[r]`` at row ``r``."""
+    from gradscope.capture.live import _ACT_DEAD, _ACT_SATURATED
+
+    a, n_act_cols = 2, 3
+    storage = torch.zeros((len(dead), a + n_act_cols), dtype=torch.float64)
+    storage[:, a + _ACT_DEAD] = torch.tensor(dead, dtype=torch.float64)
+    storage[:, a + _ACT_SATURATED] = 0.0
+    return storage, a, n_act_cols
+
+
+@pytest.mark.parametrize("path", ["numpy", "kernel"])
+def test_a_dead_fraction_hovering_about_the_threshold_is_flagged_once(path, request):
+    from gradscope.capture.live import _ACT_DEAD, _ACT_SATURATED, ACT_REARM_ROWS
+
+    if path == "kernel":
+        request.getfixturevalue("cpu_kernel")
+    # threshold 0.5: 0.56, 0.48, 0.53, 0.47, ... hovers about it for 30 sampled rows, then 12 rows at
+    # 0.4 (below, not clearly), flagged again (re-armed after 10); then 0.1 (clearly below) and 0.6
+    hover = [0.56 if r % 2 == 0 else 0.48 for r in range(30)]
+    dead = hover + [0.4] * 12 + [0.7, 0.4, 0.6, 0.1, 0.6]
+    storage, a, n_act_cols = _hover_storage(dead)
+    screen = LiveScreen(dead_threshold=0.5)
+    fresh_at = []
+    for r in range(len(dead)):
+        if path == "kernel":
+            got = screen._activations_at((storage, [r], a, n_act_cols), ["relu"], [])
+        else:
+            row = storage.numpy()[[r], a:].reshape(1, 1, n_act_cols)
+            got = screen._activations((row[:, :, _ACT_DEAD], row[:, :, _ACT_SATURATED]), ["relu"], [])
+        if got:
+            fresh_at.append(r)
+    assert ACT_REARM_ROWS == 10
+    # row 0: first crossing; row 42: after 12 quiet rows; row 46: after one clearly-below row (0.1)
+    assert fresh_at == [0, 42, 46]
+
+
+def test_a_hovering_activation_module_does_not_keep_the_rules_running():
+    """A ReLU layer whose dead fraction sits at the threshold: the rules run a few times, not at every step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
+    with torch.no_grad():
+        # 30 units off for every sample, 30 on; 4 units off for a whole batch of 32 about half the time
+        # (w.x ~ N(0, 1), bias -2.03: P(on) = 0.0214 per sample, (1 - 0.0214) ** 32 = 0.5): the dead
+        # fraction (30 + k) / 64, k ~ Binomial(4, 0.5), sits at the 0.5 threshold and moves with the batch
+        model[0].weight.zero_()
+        model[0].bias[:30] = -1.0
+        model[0].bias[30:60] = 1.0
+        model[0].weight[60:] = 0.25
+        model[0].bias[60:] = -2.03
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scope = gradscope.watch(model, optimizer=opt, sample_every=1, flush_every=1000)
+    triggers = []
+    original = scope._diagnosis._triggered
+
+    def spy(reasons, step_count):
+        triggers.append((step_count, tuple(reasons)))
+        original(reasons, step_count)
+
+    scope._diagnosis._triggered = spy
+    crossings = 0
+    prev = None
+    for _ in range(200):
+        x = torch.randn(32, 16)
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        scope.step(loss=loss)
+        opt.zero_grad()
+        # the dead fraction of the ReLU, worked independently of gradscope
+        with torch.no_grad():
+            dead = float((model[1](model[0](x)) <= 0).all(0).float().mean())
+        over = dead >= 0.5
+        crossings += prev is not None and over and not prev
+        prev = over
+    scope.close()
+    assert crossings >= 20  # the fraction really hovers: it crossed upwards again and again
+    act_triggers = [s for s, r in triggers if "activation" in r]
+    assert 1 <= len(act_triggers) <= 3, act_triggers
