@@ -116,8 +116,9 @@ void core_one(const T* __restrict x, int64_t n, double* out) {
 
 // Moments of each tensor xs[k] into row rows[k] (k when rows is empty) of out ([R, C] float64,
 // contiguous): moment j goes to column cols[j], or nowhere when cols[j] < 0. `full`: all six
-// moments in one pass; otherwise the sum of squares and the non-finite count only.
-void moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<int64_t> rows,
+// moments in one pass; otherwise the sum of squares and the non-finite count only. Returns whether
+// every entry read was finite (the non-finite count of each tensor is 0, whether or not it is written).
+bool moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<int64_t> rows,
                   std::vector<int64_t> cols, bool full) {
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kFloat64 && out.is_contiguous() && out.dim() == 2,
               "moments_into: out must be a contiguous [R, C] float64 CPU tensor");
@@ -132,6 +133,7 @@ void moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<
   }
   double* o = out.data_ptr<double>();
   double m[6];
+  bool finite = true;
   for (size_t k = 0; k < xs.size(); ++k) {
     const int64_t r = rows.empty() ? (int64_t)k : rows[k];
     TORCH_CHECK(r >= 0 && r < R, "moments_into: row out of range");
@@ -145,7 +147,9 @@ void moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<
     }
     double* row = o + r * C;
     for (int j = 0; j < 6; ++j) if (cols[j] >= 0) row[cols[j]] = m[j];
+    finite = finite && m[5] == 0.0;
   }
+  return finite;
 }
 
 // moments_into over the gradients of a fixed list of parameters (p.grad()) into rows 0..n-1, the
@@ -153,27 +157,27 @@ void moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<
 // a fraction of a microsecond per parameter, every step, and so does converting a list of tensors
 // at each call; a ParamSet converts its list once. `moments_into` writes only when every parameter
 // requires grad and has a gradient this kernel reads (a contiguous float32/float64 CPU tensor, not a
-// tensor subclass); otherwise it returns false having written nothing, and the caller gathers the
-// gradients itself.
+// tensor subclass): it returns 1 when every gradient entry was finite, 2 when one was not; otherwise
+// it returns 0 having written nothing, and the caller gathers the gradients itself.
 struct ParamSet {
   std::vector<torch::Tensor> params;
   std::vector<torch::Tensor> grads;
   explicit ParamSet(std::vector<torch::Tensor> ps) : params(std::move(ps)) { grads.reserve(params.size()); }
-  bool moments_into(torch::Tensor out, std::vector<int64_t> cols, bool full) {
+  int64_t moments_into(torch::Tensor out, std::vector<int64_t> cols, bool full) {
     grads.clear();
     for (const auto& p : params) {
-      if (!p.requires_grad() || p.key_set().has(c10::DispatchKey::Python)) return false;
+      if (!p.requires_grad() || p.key_set().has(c10::DispatchKey::Python)) return 0;
       const torch::Tensor& g = p.grad();
       if (!g.defined() || !g.device().is_cpu() || g.layout() != torch::kStrided || !g.is_contiguous() ||
           g.key_set().has(c10::DispatchKey::Python) ||
           (g.scalar_type() != torch::kFloat32 && g.scalar_type() != torch::kFloat64))
-        return false;
+        return 0;
       grads.push_back(g);
     }
-    if (out.dim() != 2 || out.size(0) < (int64_t)grads.size()) return false;
-    ::moments_into(grads, out, {}, cols, full);
+    if (out.dim() != 2 || out.size(0) < (int64_t)grads.size()) return 0;
+    const bool finite = ::moments_into(grads, out, {}, cols, full);
     grads.clear();  // no reference to a gradient outlives the call
-    return true;
+    return finite ? 1 : 2;
   }
 };
 
@@ -666,10 +670,12 @@ def _load_built() -> None:
 def _check_and_keep(module: Any) -> None:
     fn = module.moments_into
     check = torch.zeros(1, 6, dtype=torch.float64)  # a wrong build must never be used
-    fn([torch.tensor([1.0, -2.0, 0.0])], check, [], list(range(6)), True)
+    finite = fn([torch.tensor([1.0, -2.0, 0.0])], check, [], list(range(6)), True)
+    core = torch.zeros(2, 6, dtype=torch.float64)
+    not_finite = fn([torch.tensor([1.0]), torch.tensor([1.0, float("inf")])], core, [], [-1, 1, -1, -1, -1, 5], False)
     # sync point: CPU tensors only; the self-check of a freshly loaded kernel, once per process.
-    got = check.tolist()
-    if got != [[-1.0, 5.0, -2.0, 1.0, 2.0, 0.0]]:
+    got = [check.tolist(), finite, not_finite, core[:, 5].tolist()]
+    if got != [[[-1.0, 5.0, -2.0, 1.0, 2.0, 0.0]], True, False, [0.0, 1.0]]:
         raise RuntimeError(f"self-check gave {got}")
     act = module.activation_into
     check = torch.zeros(1, 3, dtype=torch.float64)
@@ -773,7 +779,7 @@ def cpu_kernel_state() -> str:
     return str(_state["state"])
 
 
-_KernelFn = Callable[[list[Tensor], Tensor, list[int], list[int], bool], None]
+_KernelFn = Callable[[list[Tensor], Tensor, list[int], list[int], bool], bool]
 _ActivationFn = Callable[[Tensor, int, int, int, int, float, float, bool, Tensor, int], None]
 
 
@@ -866,7 +872,7 @@ def cpu_kernel(*, start: bool = True) -> _KernelFn | None:
         CPU tensor: the device buffer's row itself), moment ``j`` into column ``cols[j]`` (none when
         negative). ``full=False`` takes the sum of squares and the non-finite count only (a second
         pass only when the sum of squares is not finite). Contiguous float32/float64 CPU tensors only;
-        anything else raises before anything is written.
+        anything else raises before anything is written. Returns whether every entry read was finite.
     """
     state = _state["state"]
     if state == "ready":
@@ -1021,6 +1027,9 @@ class FusedMoments:
         self.path = path
         #: The path the last call took (``kernel``, ``foreach`` or ``eager``): for tests and benchmarks.
         self.last_path = ""
+        #: After :meth:`write` or :meth:`write_params` returned True: whether every gradient entry they
+        #: read was finite (the kernel knows it from the counts it wrote, at no extra cost).
+        self.last_finite = True
         #: Whether a recorded gradient has held NaN/Inf (set by the recorder when rows reach the host).
         #: Until then the multi-tensor path takes the non-finite count as a flag from the sum of squares
         #: (exact while it is 0); from then on sampled steps count exactly (three more passes).
@@ -1094,9 +1103,10 @@ class FusedMoments:
             return False
         cols, full = self._columns(sampled)
         try:
-            fn(grads, view, rows, cols, full)
+            finite = fn(grads, view, rows, cols, full)
         except (RuntimeError, TypeError, ValueError):  # checked before anything is written
             return False
+        self.last_finite = bool(finite)
         if self.plan.custom:
             custom = self.plan.custom_columns(grads, params, view.device).to(view.dtype)
             dest = view[:, len(MOMENT_INDEX) :]
@@ -1147,12 +1157,14 @@ class FusedMoments:
                 return False
         cols, full = self._columns(sampled)
         try:
-            done = bool(held[1].moments_into(view, cols, full))
+            status = held[1].moments_into(view, cols, full)
         except (RuntimeError, TypeError, ValueError):  # checked before anything is written
             return False
-        if done:
-            self.last_path = "kernel"
-        return done
+        if not status:
+            return False
+        self.last_path = "kernel"
+        self.last_finite = status == 1
+        return True
 
     def copy_sumsq(self, src: list[Tensor], dst: list[Tensor], view: Tensor, col: int) -> bool:
         """``dst[k] <- src[k]`` and ``sum(src[k]**2)`` into ``view[k, col]``, one read of each weight; False if it does not apply.

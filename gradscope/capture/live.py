@@ -711,7 +711,6 @@ class Diagnosis:
         self.first_nonfinite: Callable[[Finding], None] | None = None
         self._first_nonfinite_done = False
         self._was_full = True  # the previous row had every gradient (the shared all-true mask)
-        self._finite_known: tuple[int, bool] = (-1, True)  # (step, its row is finite) from pending_finite()
         #: Why the screen last made the rules run, and at which step (for report.meta["live"]).
         self.last_trigger: tuple[int, list[str]] | None = None
 
@@ -776,7 +775,8 @@ class Diagnosis:
             full = last.has_grad is last.trainable  # the shared all-true mask: every gradient present
             was_full, self._was_full = self._was_full, full
             # the newest row's non-finite counts, at every recorded step (NaN is judged at its own step)
-            known = self._finite_known  # read by pending_finite() in the optimizer's pre-hook: not read twice
+            # known since the optimizer's pre-hook (the kernel's return, or pending_finite()): not read twice
+            known = self.recorder.finite_known
             suspect = not (
                 self._nan_seen
                 or last.skipped
@@ -998,10 +998,13 @@ class Diagnosis:
         pending = self.recorder.pending
         if pending is None or not pending.grads_done or self._host is None:
             return True
+        known = self.recorder.finite_known
+        if known[0] == pending.step:
+            return known[1]
         finite = self._row_finite(pending.slot, len(pending.present) == len(self._zeros) // 8)
         # live() reads the same counts at the end of the step: on a large model, a cold strided read of
         # one count per parameter tensor (tens of microseconds), done once.
-        self._finite_known = (pending.step, finite)
+        self.recorder.finite_known = (pending.step, finite)
         return finite
 
     def take_stop(self) -> list[Finding]:

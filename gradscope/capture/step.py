@@ -231,8 +231,13 @@ class StepRecorder:
         #: ``scope.step()`` is called again without an optimizer step in between.
         self.optimizer_steps = 0
         #: Called in the optimizer's pre-hook once the step's gradients are captured (the NaN locator's
-        #: weight copy, :func:`gradscope.capture.nonfinite.auto_locate`), or None.
+        #: weight copy, :func:`gradscope.capture.nonfinite.auto_locate`), or None. Not called when the
+        #: compiled CPU kernel has just said that every gradient is finite (no update writes NaN then).
         self.before_update: Callable[[], None] | None = None
+        #: ``(step, finite)``: whether the gradients captured for recorded step ``step`` were all finite,
+        #: as known on the host without reading the row (the compiled CPU kernel returns it; the live
+        #: diagnosis sets it when it reads the row). ``step`` -1: nothing known.
+        self.finite_known: tuple[int, bool] = (-1, True)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def attach(self, model_name: str, sinks: Sequence[Sink] = ()) -> None:
@@ -558,7 +563,7 @@ class StepRecorder:
             return _with_closure(args, kwargs, self._after_closure(optimizer, closure, pending))
         self._capture_for_step(optimizer, pending)
         before_update = self.before_update
-        if before_update is not None:
+        if before_update is not None and self.finite_known != (pending.step, True):
             try:
                 before_update()
             except Exception as exc:  # a hook inside the user's optimizer.step() must never raise
@@ -650,6 +655,7 @@ class StepRecorder:
             # The common CPU step: the kernel reads every p.grad itself (no Python loop over parameters).
             view = self.buffer.moments(pending.slot)
             if self.moments.write_params(self.layout.tensors, view, sampled=pending.sampled):
+                self.finite_known = (pending.step, self.moments.last_finite)
                 pending.grads_done = True
                 pending.present = self._all_idx
                 pending.trainable = self._all_trainable
@@ -674,6 +680,7 @@ class StepRecorder:
             # The CPU kernel writes the moments straight into the buffer row: one call for all tensors.
             rows = [] if idx is self._all_idx else idx
             if self.moments.write(grads, params, view, rows, sampled=pending.sampled):
+                self.finite_known = (pending.step, self.moments.last_finite)
                 if self._param_on and pending.sampled:
                     self._write_param_sumsq(params, view, rows)
                 self._after_capture(pending, view, idx)

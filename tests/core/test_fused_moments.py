@@ -213,6 +213,21 @@ def test_the_kernel_reads_the_gradients_of_the_parameters_itself_or_declines_wit
         grads = [p.grad for p in params]
         moments = GRAD_MOMENTS if sampled else ("sumsq", "nonfinite")
         _check(view, grads, rtol=1e-5, moments=moments)
+        assert fused.last_finite is True
+    # one NaN or one Inf in any gradient: the kernel says so (what the locator's weight copy waits for)
+    for bad, where in ((float("nan"), 0), (float("inf"), 3), (-float("inf"), len(params) - 1)):
+        for sampled in (True, False):
+            grad = params[where].grad
+            keep = grad.view(-1)[1].item()
+            grad.view(-1)[1] = bad
+            view = torch.full((len(params), len(MOMENT_INDEX)), float("nan"), dtype=torch.float64)
+            assert fused.write_params(params, view, sampled=sampled)
+            assert fused.last_finite is False, (bad, where, sampled)
+            assert view[where, MOMENT_INDEX["nonfinite"]].item() == 1.0
+            grad.view(-1)[1] = keep
+            assert (
+                fused.write([p.grad for p in params], params, view, [], sampled=sampled) and fused.last_finite is True
+            )
     # a parameter without a gradient, a frozen one, a non-contiguous gradient: nothing written, False
     for spoil in ("none", "frozen", "strided"):
         model.zero_grad(set_to_none=False)
