@@ -8,7 +8,7 @@
 #
 #   bash benchmarks/gpu_checks.sh [RESULTS_DIR] [PAIRS]     # default: gpu-results, 50 pairs (a flush included)
 #
-# About 4 minutes on one H200 (compilation included); each part has its own time limit. The figures
+# About 5 minutes on one H200 (compilation included); each part has its own time limit. The figures
 # go into docs/performance.md ("Results (GPU)").
 set -u
 out="${1:-gpu-results}"
@@ -32,6 +32,11 @@ import torch
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 if torch.cuda.is_available():
     print(torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
+try:
+    import triton
+    print("triton", triton.__version__, "(sampled steps: the one-pass kernel of gradscope/capture/triton_moments.py)")
+except ImportError:
+    print("triton: not installed (sampled steps: the multi-tensor path)")
 EOF
 cat "$out/device.txt" | tee -a "$out/summary.txt"
 if ! grep -q "available True" "$out/device.txt"; then
@@ -49,5 +54,8 @@ run overhead-bf16-compiled 130 "$py" benchmarks/overhead.py --device cuda --dtyp
   --variants gradscope --workloads gpt2-small,resnet50
 run overhead-bf16-compiled-hf 100 "$py" benchmarks/overhead.py --device cuda --dtype bf16 --pairs "$pairs" --compile \
   --variants gradscope --workloads hf-gpt2-small
+# the same defaults with the sampled steps on the multi-tensor path (what the Triton kernel saves)
+GRADSCOPE_TRITON=off run overhead-bf16-eager-no-triton 100 "$py" benchmarks/overhead.py --device cuda --dtype bf16 \
+  --pairs "$pairs" --variants gradscope --workloads gpt2-small,resnet50
 run overhead-bf16-every-step 60 "$py" benchmarks/overhead.py --device cuda --dtype bf16 --pairs "$pairs" \
   --variants gradscope-all-every-step --workloads gpt2-small,resnet50

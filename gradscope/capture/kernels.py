@@ -1,6 +1,6 @@
 """Fused moment kernels: every gradient moment in as few passes and launches as the device allows.
 
-Three code paths compute the ``[n, 6]`` gradient moments (columns :data:`GRAD_MOMENTS`: sum, sum of
+Four code paths compute the ``[n, 6]`` gradient moments (columns :data:`GRAD_MOMENTS`: sum, sum of
 squares, min, max, non-zero count, non-finite count) of a list of gradients:
 
 * **CPU, compiled** (:func:`cpu_kernel`): one C++ function, built once per machine with the system's
@@ -17,6 +17,9 @@ squares, min, max, non-zero count, non-finite count) of a list of gradients:
   non-finite count is a flag taken from the sum of squares (1 for a gradient holding NaN or Inf,
   with no pass of its own; exact while it is 0); once a flush has seen one, sampled steps count
   exactly.
+* **CUDA, sampled steps** (:func:`gradscope.capture.triton_moments.triton_moments`): one Triton kernel
+  reads each gradient once for all six moments (the multi-tensor operators need 12 passes for them),
+  when Triton is installed and the kernel's self-check passes; the multi-tensor path otherwise.
 * **Eager fallback** (:meth:`gradscope.stats.moments.MomentPlan.grad_moments`): per-tensor ATen ops.
 
 Nothing here synchronises with an accelerator.
@@ -33,6 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from gradscope.capture.triton_moments import triton_moments
 from gradscope.stats.moments import CORE_MOMENTS, GRAD_MOMENTS, MOMENT_INDEX, MomentPlan
 
 __all__ = [
@@ -1011,8 +1015,10 @@ class FusedMoments:
     """The ``[n, n_cols]`` float64 moments block of a plan, by the fastest path that applies.
 
     ``path``: ``"auto"`` (the compiled kernel on a CPU once it is built, the multi-tensor path on
-    accelerators), ``"kernel"``, ``"foreach"`` (the accelerator path, on any device: the op-count test
-    forces it on CPU tensors), or ``"eager"``. Any gradient a fused path cannot take (sparse, complex,
+    accelerators, with the Triton kernel of :mod:`gradscope.capture.triton_moments` for the sampled
+    steps on CUDA when it is available), ``"kernel"``, ``"foreach"`` (the accelerator path, on any
+    device: the op-count test forces it on CPU tensors), ``"triton"`` (forced: on CPU tensors through
+    Triton's interpreter, for tests), or ``"eager"``. Any gradient a fused path cannot take (sparse, complex,
     another dtype, a DTensor) sends the whole step to the eager path, which measures everything.
 
     Args:
@@ -1021,8 +1027,8 @@ class FusedMoments:
     """
 
     def __init__(self, plan: MomentPlan, *, path: str = "auto") -> None:
-        if path not in ("auto", "kernel", "foreach", "eager"):
-            raise ValueError(f"FusedMoments: path must be auto, kernel, foreach or eager, got {path!r}.")
+        if path not in ("auto", "kernel", "foreach", "triton", "eager"):
+            raise ValueError(f"FusedMoments: path must be auto, kernel, foreach, triton or eager, got {path!r}.")
         self.plan = plan
         self.path = path
         #: The path the last call took (``kernel``, ``foreach`` or ``eager``): for tests and benchmarks.
@@ -1048,8 +1054,13 @@ class FusedMoments:
         block: Tensor | None = None
         if path == "kernel":
             block = self._kernel(grads, sampled)
-        elif path == "foreach":
-            block = self._foreach(grads, sampled)
+        elif path in ("foreach", "triton"):
+            # every moment of a sampled step in one pass on CUDA (on CPU tensors, forced, Triton's interpreter)
+            if path == "triton" or (sampled and device.type == "cuda"):
+                block = self._triton(grads, sampled)
+                path = "triton" if block is not None else "foreach"
+            if block is None:
+                block = self._foreach(grads, sampled)
         if block is None:
             self.last_path = "eager"
             return plan.grad_moments(grads, params, sampled=sampled)
@@ -1224,6 +1235,18 @@ class FusedMoments:
             fn(list(grads), block, [], cols, bool(wanted - CORE_MOMENTS))
         except (RuntimeError, TypeError, ValueError):  # sparse, complex, half precision, non-contiguous, DTensor
             return None
+        return block
+
+    def _triton(self, grads: Sequence[Tensor], sampled: bool) -> Tensor | None:
+        wanted = self.plan.wanted(sampled) & set(GRAD_MOMENTS)
+        if not wanted - CORE_MOMENTS:
+            return None  # the sum of squares (and the flag from it): one multi-tensor pass already
+        block = triton_moments(grads, interpret=grads[0].device.type == "cpu")
+        if block is None:
+            return None
+        skip = [MOMENT_INDEX[m] for m in GRAD_MOMENTS if m not in wanted]
+        if skip:  # moments this step does not take are NaN, as on the other paths
+            block[:, skip] = float("nan")
         return block
 
     def _foreach(self, grads: Sequence[Tensor], sampled: bool) -> Tensor | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -148,10 +149,13 @@ def test_fsdp2_on_nccl_matches_single_process(tmp_path):
         assert not bad, "\n".join(bad[:30])
 
 
-def test_cuda_moments_take_the_multi_tensor_path_and_match_float64():
+def test_cuda_moments_take_the_multi_tensor_path_and_match_float64(monkeypatch):
     """On CUDA the capture uses the fixed-launch multi-tensor path; its moments equal float64 references."""
     from gradscope.capture.kernels import FusedMoments
+    from gradscope.capture.triton_moments import TRITON_ENV
     from gradscope.stats.moments import MOMENT_INDEX, MOMENTS, MomentPlan
+
+    monkeypatch.setenv(TRITON_ENV, "off")  # the sampled steps' Triton kernel: the next tests
 
     g = torch.Generator().manual_seed(0)
     grads = [torch.randn(s, generator=g) for s in [(64, 33), (7,), (1,), (3, 4, 5)]]
@@ -179,3 +183,92 @@ def test_cuda_moments_take_the_multi_tensor_path_and_match_float64():
     # an ordinary step: the sum of squares, and a non-finite flag (1 for any number of NaN/Inf) from it
     core = fused([x.cuda() for x in grads], [x.cuda() for x in grads], sampled=False).cpu().numpy()
     assert core[:, MOMENT_INDEX["nonfinite"]].tolist() == [float(not bool(torch.isfinite(x).all())) for x in grads]
+
+
+def _triton_ready(xs: list[torch.Tensor]) -> torch.Tensor:
+    """The Triton kernel's block for ``xs``, once its self-check (launched at the first call) has completed."""
+    from gradscope.capture import triton_moments as tm
+
+    for _ in range(50):
+        block = tm.triton_moments(xs)
+        if block is not None:
+            return block
+        torch.cuda.synchronize()  # the self-check's event completes
+    raise AssertionError(f"the Triton kernel never became ready: {tm.triton_state(xs[0].device, xs[0].dtype)}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_triton_kernel_on_cuda_matches_float64(dtype):
+    """Sampled steps on CUDA read each gradient once (gradscope.capture.triton_moments): against float64."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=g) for s in [(1000, 33), (7,), (1,), (3, 4, 5), (0,), (50_000,)]]
+    grads[0][1, 2] = float("nan")
+    grads[5][7] = float("inf")
+    grads[1].zero_()
+    xs = [x.to(dtype).cuda() for x in grads]
+    block = _triton_ready(xs).cpu()
+    for i, x in enumerate(xs):
+        d = x.double().cpu()  # the values the kernel read (bf16 rounding included)
+        fin = torch.isfinite(d)
+        assert block[i, 4] == float(torch.count_nonzero(d)), i  # NaN is not zero
+        assert block[i, 5] == float((~fin).sum()), i
+        if not d.numel():
+            assert block[i].tolist() == [0.0] * 6
+        elif bool(fin.all()):
+            assert block[i, 0] == pytest.approx(float(d.sum()), abs=1e-5 * float(d.abs().sum()) + 1e-7)
+            assert block[i, 1] == pytest.approx(float((d * d).sum()), rel=1e-5)
+            assert block[i, 2] == float(d.min()) and block[i, 3] == float(d.max())
+        elif bool(d.isnan().any()):
+            assert block[i, :4].isnan().all()
+        else:
+            assert block[i, 3] == float("inf")
+
+
+def test_a_watched_run_takes_the_triton_kernel_on_sampled_steps_without_a_sync(monkeypatch):
+    """Its self-check included: launched at step 1, read once done; no host sync at any step."""
+    pytest.importorskip("triton")
+    from gradscope.capture import triton_moments as tm
+
+    def run(triton: str):
+        monkeypatch.setenv(tm.TRITON_ENV, triton)
+        monkeypatch.setattr(tm, "_checked", {})
+        model = make_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        batches = [data(s) for s in range(1, 31)]
+        scope = gradscope.watch(model, optimizer=opt, flush_every=100, sample_every=3, rules="none")
+        paths = []
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for x, y in batches:
+                loss = (model(x) - y).pow(2).mean()
+                loss.backward()
+                opt.step()
+                scope.step(loss=loss)
+                paths.append(scope._recorder.moments.last_path)
+                opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        report = scope.close()
+        assert not report.errors, report.errors
+        return report.stats, paths
+
+    with_triton, paths = run("auto")
+    assert "triton" in paths[3:], paths  # the check, launched at step 1, was read by step 4 or later
+    assert all(p == "foreach" for i, p in enumerate(paths) if i % 3), paths  # ordinary steps: one pass already
+    without, _ = run("off")
+    assert len(with_triton) == len(without)
+    # the same statistics; a mean is a cancelling sum, held to the gradient's RMS instead
+    stat = without["stat"].to_numpy()
+    a, b = with_triton["value"].to_numpy(), without["value"].to_numpy()
+    plain = np.isfinite(b) & (stat != "mean")
+    np.testing.assert_allclose(a[plain], b[plain], rtol=1e-4, atol=1e-9)
+    keys = ["step", "layer", "param"]
+    rms = without[without["stat"] == "rms"][[*keys, "value"]].rename(columns={"value": "rms"})
+    means = without[without["stat"] == "mean"][[*keys, "value"]].merge(
+        with_triton[with_triton["stat"] == "mean"][[*keys, "value"]], on=keys, suffixes=("_off", "_on")
+    )
+    means = means.merge(rms, on=keys).dropna()
+    assert len(means) > 0
+    assert ((means["value_on"] - means["value_off"]).abs() <= 1e-4 * means["rms"] + 1e-9).all()
