@@ -23,8 +23,8 @@ and a self-check of the compiled kernel against PyTorch's own reductions passes,
 device and dtype. The check is launched at the first sampled step (where Triton compiles the kernel:
 seconds, once) and its answer read at a later one, once the device has finished it: until then,
 when it fails, and for anything the kernel cannot read (a tensor subclass such as a DTensor shard,
-a non-contiguous gradient, mixed dtypes, deterministic algorithms on), the multi-tensor path runs
-as before. ``GRADSCOPE_TRITON=off`` turns it off.
+a non-contiguous gradient, mixed dtypes, deterministic algorithms on, a CUDA graph being captured),
+the multi-tensor path runs as before. ``GRADSCOPE_TRITON=off`` turns it off.
 
 Tests run the same kernel on CPU tensors with Triton's interpreter (``TRITON_INTERPRET=1``, set before
 Triton is first imported in the process), where every program is NumPy code:
@@ -159,6 +159,8 @@ def triton_moments(grads: Sequence[Tensor], *, interpret: bool = False, block: i
         return None
     if torch.are_deterministic_algorithms_enabled():
         return None  # the partials are added with index_add_ (atomics on CUDA): the multi-tensor path
+    if not interpret and torch.cuda.is_current_stream_capturing():
+        return None  # a CUDA graph would freeze this step's pointer table
     for g in grads:
         if type(g) is not Tensor or g.dtype != dtype or g.device != device or not g.is_contiguous() or g.is_sparse:
             return None
