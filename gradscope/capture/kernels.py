@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from gradscope.capture.triton_moments import triton_moments
+from gradscope.capture.triton_moments import triton_moments, triton_pair_sumsq
 from gradscope.stats.moments import CORE_MOMENTS, GRAD_MOMENTS, MOMENT_INDEX, MomentPlan
 
 __all__ = [
@@ -1043,6 +1043,7 @@ class FusedMoments:
         self._tails: dict[tuple[int, torch.device], Tensor] = {}
         self._cols: dict[bool, tuple[list[int], bool]] = {}
         self._param_set: tuple[list[Tensor], Any] | None = None  # (the list, the kernel's copy of it)
+        self._rows: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # row indices on the device
 
     def __call__(self, grads: Sequence[Tensor], params: Sequence[Tensor], *, sampled: bool) -> Tensor:
         """Moments of ``grads`` (one device) as :meth:`MomentPlan.grad_moments` returns them."""
@@ -1181,8 +1182,15 @@ class FusedMoments:
         """``dst[k] <- src[k]`` and ``sum(src[k]**2)`` into ``view[k, col]``, one read of each weight; False if it does not apply.
 
         The weight snapshot of the update ratio and the weights' sum of squares (``psumsq``) of a sampled
-        step in one pass (the compiled CPU kernel). Nothing is written when it returns False.
+        step in one pass: the compiled CPU kernel, or on CUDA the Triton kernel
+        (:func:`gradscope.capture.triton_moments.triton_pair_sumsq`). Nothing is written when it returns False.
         """
+        if self._pair_on_device(view):
+            sums = triton_pair_sumsq(src, dst, copy=True, interpret=view.device.type == "cpu")
+            if sums is None:
+                return False
+            view[:, col].copy_(sums)
+            return True
         if self.path not in ("auto", "kernel") or view.device.type != "cpu" or cpu_kernel() is None:
             return False
         try:
@@ -1193,6 +1201,16 @@ class FusedMoments:
 
     def diff_sumsq(self, before: list[Tensor], after: list[Tensor], view: Tensor, rows: list[int], col: int) -> bool:
         """``sum((before[k] - after[k])**2)`` into ``view[rows[k], col]``, nothing else written; False if it does not apply."""
+        if self._pair_on_device(view):
+            sums = triton_pair_sumsq(before, after, copy=False, interpret=view.device.type == "cpu")
+            if sums is None:
+                return False
+            dest = view[:, col]
+            if rows:
+                dest.index_copy_(0, self._rows_tensor(rows, view.device), sums)
+            else:
+                dest.copy_(sums)
+            return True
         if self.path not in ("auto", "kernel") or view.device.type != "cpu" or cpu_kernel() is None:
             return False
         try:
@@ -1213,6 +1231,21 @@ class FusedMoments:
         except (RuntimeError, TypeError, ValueError):
             return False
         return True
+
+    def _pair_on_device(self, view: Tensor) -> bool:
+        """Whether the weights' side goes to the Triton kernel: on CUDA by default, on CPU tensors when forced."""
+        return (self.path in ("auto", "foreach") and view.device.type == "cuda") or self.path == "triton"
+
+    def _rows_tensor(self, rows: list[int], device: torch.device) -> Tensor:
+        key = (tuple(rows), device)
+        t = self._rows.get(key)
+        if t is None:
+            if len(self._rows) > 64:
+                self._rows.clear()
+            # (copied from pinned memory without waiting; made once per set of rows)
+            host = torch.tensor(rows, dtype=torch.long, pin_memory=device.type == "cuda")
+            t = self._rows[key] = host.to(device, non_blocking=True)
+        return t
 
     def _tail(self, n: int, device: torch.device) -> Tensor:
         key = (n, device)

@@ -704,8 +704,11 @@ class StepRecorder:
             if pending.grad_scale is not None:
                 block = _unscale_moments(block, pending.grad_scale)
             if self._param_on and pending.sampled:
-                with torch.no_grad():
-                    block[:, _M["psumsq"]] = self.moments.sumsq([_local(p) for p in p_sub])
+                if snapshot and self._one_device:
+                    pending.psumsq_due = True  # the weight snapshot reads the weights: it writes them
+                else:
+                    with torch.no_grad():
+                        block[:, _M["psumsq"]] = self.moments.sumsq([_local(p) for p in p_sub])
             blocks.append((idx if whole else [idx[k] for k in dev_idx], block.to(view.device, non_blocking=True)))
         for rows, block in blocks:
             block = block.to(view.dtype)

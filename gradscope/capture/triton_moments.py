@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "TRITON_ENV", "triton_moments", "triton_state"]
+__all__ = ["BLOCK", "TRITON_ENV", "triton_moments", "triton_pair_sumsq", "triton_state"]
 
 #: Environment variable: ``auto`` (default: use the kernel on CUDA tensors when Triton is installed and
 #: its self-check passes) or ``off``.
@@ -55,11 +55,12 @@ TRITON_ENV = "GRADSCOPE_TRITON"
 BLOCK = 4096
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_PLAIN = (Tensor, torch.nn.Parameter)  # not a subclass with its own storage rules (a DTensor shard)
 _lock = threading.Lock()
 # (interpret) -> the jitted kernel, or an Exception when Triton could not build it
 _built: dict[bool, Any] = {}
-# (interpret, device, dtype) -> "ready" | "failed: ..." | (event, flag) while the self-check is in flight
-_checked: dict[tuple[bool, Any, torch.dtype], Any] = {}
+# (kind, interpret, device, dtype) -> "ready" | "failed: ..." | (event, flag) while the self-check is in flight
+_checked: dict[tuple[str, bool, Any, torch.dtype], Any] = {}
 # (device, numels, block) -> _Tiles
 _tiles: dict[tuple[Any, tuple[int, ...], int], _Tiles] = {}
 
@@ -116,27 +117,60 @@ def _build(interpret: bool) -> Any:
     return got
 
 
-def _define() -> tuple[Any, Any]:
+def _define() -> tuple[Any, Any, Any]:
     import triton
     import triton.language as tl
 
-    # The kernel's source lives in a module that imports Triton at its top: Triton's interpreter
-    # patches the `tl` it finds in the kernel's globals (a `tl` in a closure would not be patched).
+    # The kernels' source lives in a module that imports Triton at its top: Triton's interpreter
+    # patches the `tl` it finds in a kernel's globals (a `tl` in a closure would not be patched).
     from gradscope.capture import _triton_kernel
 
-    return triton.jit(_triton_kernel.moments_kernel), tl
+    return triton.jit(_triton_kernel.moments_kernel), triton.jit(_triton_kernel.pair_kernel), tl
 
 
-def triton_state(device: torch.device, dtype: torch.dtype, *, interpret: bool = False) -> str:
-    """Whether the kernel runs on this device and dtype.
+def triton_state(device: torch.device, dtype: torch.dtype, *, interpret: bool = False, kind: str = "moments") -> str:
+    """Whether a kernel (``moments``, or ``pair``: the weights' copy and update) runs on this device and dtype.
 
     ``ready``, ``off``, ``unchecked`` (not used yet), ``checking`` (the self-check is in flight on the
     device) or ``failed: <why>``.
     """
     if os.environ.get(TRITON_ENV, "auto") == "off":
         return "off"
-    state = _checked.get((interpret, device, dtype), "unchecked")
+    state = _checked.get((kind, interpret, device, dtype), "unchecked")
     return "checking" if isinstance(state, tuple) else state
+
+
+def _usable(lists: Sequence[Sequence[Tensor]], interpret: bool) -> tuple[torch.device, torch.dtype] | None:
+    """``(device, dtype)`` when every tensor of ``lists`` (lists of equal length) can be read by a kernel."""
+    if not lists[0] or os.environ.get(TRITON_ENV, "auto") == "off":
+        return None
+    first = lists[0][0]
+    device, dtype = first.device, first.dtype
+    if device.type != ("cpu" if interpret else "cuda") or dtype not in _DTYPES:
+        return None
+    if torch.are_deterministic_algorithms_enabled():
+        return None  # the partials are added with index_add_ (atomics on CUDA): the multi-tensor path
+    if not interpret and torch.cuda.is_current_stream_capturing():
+        return None  # a CUDA graph would freeze this step's pointer table
+    for tensors in lists:
+        if len(tensors) != len(lists[0]):
+            return None
+        for g in tensors:
+            if type(g) not in _PLAIN or g.dtype != dtype or g.device != device or not g.is_contiguous() or g.is_sparse:
+                return None
+    for a, b in zip(*lists) if len(lists) > 1 else ():
+        if a.numel() != b.numel():
+            return None
+    return device, dtype
+
+
+def _ready(kind: str, device: torch.device, dtype: torch.dtype, interpret: bool, block: int) -> bool:
+    key = (kind, interpret, device, dtype)
+    state = _checked.get(key)
+    if state is None or isinstance(state, tuple):
+        check = _self_check if kind == "moments" else _self_check_pair
+        state = _checked[key] = check(device, dtype, interpret, block, state)
+    return state == "ready"
 
 
 def triton_moments(grads: Sequence[Tensor], *, interpret: bool = False, block: int = BLOCK) -> Tensor | None:
@@ -151,56 +185,71 @@ def triton_moments(grads: Sequence[Tensor], *, interpret: bool = False, block: i
     Min and max are NaN for a tensor holding NaN (as ``torch.min``), 0 for an empty tensor (as the
     other paths).
     """
-    if not grads or os.environ.get(TRITON_ENV, "auto") == "off":
-        return None
-    first = grads[0]
-    device, dtype = first.device, first.dtype
-    if device.type != ("cpu" if interpret else "cuda") or dtype not in _DTYPES:
-        return None
-    if torch.are_deterministic_algorithms_enabled():
-        return None  # the partials are added with index_add_ (atomics on CUDA): the multi-tensor path
-    if not interpret and torch.cuda.is_current_stream_capturing():
-        return None  # a CUDA graph would freeze this step's pointer table
-    for g in grads:
-        if type(g) is not Tensor or g.dtype != dtype or g.device != device or not g.is_contiguous() or g.is_sparse:
-            return None
-    key = (interpret, device, dtype)
-    state = _checked.get(key)
-    if state is None or isinstance(state, tuple):
-        state = _checked[key] = _self_check(device, dtype, interpret, block, state)
-    if state != "ready":
+    found = _usable([grads], interpret)
+    if found is None or not _ready("moments", *found, interpret, block):
         return None
     return _launch(list(grads), interpret, block)
 
 
-def _launch(grads: list[Tensor], interpret: bool, block: int) -> Tensor:
-    built = _build(interpret)
-    kernel, tl = built
-    device, dtype = grads[0].device, grads[0].dtype
-    numels = tuple(g.numel() for g in grads)
+def triton_pair_sumsq(
+    a: Sequence[Tensor], b: Sequence[Tensor], *, copy: bool, interpret: bool = False, block: int = BLOCK
+) -> Tensor | None:
+    """The weights' side of a sampled step in one kernel launch: ``[len(a)]`` float64 sums of squares.
+
+    ``copy=True``: ``b[k] <- a[k]`` and the sum of squares of ``a[k]`` (the snapshot before the update
+    and the weights' norm: one read and one write, where the multi-tensor path reads the weights twice
+    and writes once). ``copy=False``: the sum of squares of ``a[k] - b[k]``, nothing written (the
+    update: two reads, where the multi-tensor path reads three times and writes once). Applies as
+    :func:`triton_moments` does (same dtype and sizes in both lists); None, nothing launched but the
+    self-check, otherwise.
+    """
+    found = _usable([a, b], interpret)
+    if found is None or not _ready("pair", *found, interpret, block):
+        return None
+    return _launch_pair(list(a), list(b), copy, interpret, block)
+
+
+def _tiles_for(tensors: list[Tensor], block: int) -> _Tiles:
+    device = tensors[0].device
+    numels = tuple(t.numel() for t in tensors)
     key = (device, numels, block)
     tiles = _tiles.get(key)
     if tiles is None:
         if len(_tiles) >= 8:
             _tiles.clear()
         tiles = _tiles[key] = _Tiles(numels, block, device)
-    n_tiles = tiles.tensor.numel()
+    return tiles
+
+
+def _pointers(tensors: list[Tensor], interpret: bool) -> Tensor:
+    """The tensors' addresses, as a table of int64 on their device.
+
+    They change at every step (``zero_grad(set_to_none=True)`` frees the gradients), so the table is
+    copied from pinned memory at each call, without waiting.
+    """
+    ptrs = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, pin_memory=not interpret)
+    return ptrs if interpret else ptrs.to(tensors[0].device, non_blocking=True)
+
+
+def _types(tl: Any, dtype: torch.dtype) -> tuple[torch.dtype, Any, Any]:
+    """``(torch accumulation dtype, Triton dtype, Triton accumulation dtype)``."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tl_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}.get(
+        dtype, tl.float64
+    )
+    return acc, tl_dtype, tl.float64 if acc == torch.float64 else tl.float32
+
+
+def _launch(grads: list[Tensor], interpret: bool, block: int) -> Tensor:
+    kernel, _, tl = _build(interpret)
+    device, dtype = grads[0].device, grads[0].dtype
+    tiles = _tiles_for(grads, block)
+    n_tiles = tiles.tensor.numel()
+    acc, tl_dtype, tl_acc = _types(tl, dtype)
     n = len(grads)
     if n_tiles:
-        # The gradients' addresses change at every step (zero_grad(set_to_none=True) frees them): a
-        # table of n int64 copied from pinned memory, without waiting for the device.
-        ptrs = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64, pin_memory=not interpret)
-        if not interpret:
-            ptrs = ptrs.to(device, non_blocking=True)
+        ptrs = _pointers(grads, interpret)
         part = torch.empty(n_tiles, 7, dtype=acc, device=device)
-        tl_dtype = {
-            torch.float16: tl.float16,
-            torch.bfloat16: tl.bfloat16,
-            torch.float32: tl.float32,
-            torch.float64: tl.float64,
-        }[dtype]
-        tl_acc = tl.float64 if acc == torch.float64 else tl.float32
         with _interpreting(interpret):
             kernel[(n_tiles,)](
                 ptrs,
@@ -225,6 +274,90 @@ def _launch(grads: list[Tensor], interpret: bool, block: int) -> Tensor:
     return torch.cat([sums[:, :2], extremes, sums[:, 4:6]], dim=1)
 
 
+def _launch_pair(a: list[Tensor], b: list[Tensor], copy: bool, interpret: bool, block: int) -> Tensor:
+    _, kernel, tl = _build(interpret)
+    device, dtype = a[0].device, a[0].dtype
+    tiles = _tiles_for(a, block)
+    n_tiles = tiles.tensor.numel()
+    acc, tl_dtype, tl_acc = _types(tl, dtype)
+    out = torch.zeros(len(a), dtype=torch.float64, device=device)
+    if not n_tiles:
+        return out
+    part = torch.empty(n_tiles, dtype=acc, device=device)
+    a_ptrs, b_ptrs = _pointers(a, interpret), _pointers(b, interpret)
+    with _interpreting(interpret):
+        kernel[(n_tiles,)](
+            a_ptrs,
+            b_ptrs,
+            tiles.numels,
+            tiles.tensor,
+            tiles.start,
+            part,
+            BLOCK=block,
+            DTYPE=tl_dtype,
+            ACC=tl_acc,
+            COPY=copy,
+            num_warps=8,
+        )
+    return out.index_add_(0, tiles.tensor, part.to(torch.float64))
+
+
+def _answer(agree: Tensor, interpret: bool) -> Any:
+    """``ready``/``failed`` at once in the interpreter; on CUDA the pending ``(event, flag)``, read later."""
+    if interpret:
+        # sync point: CPU tensors only (the interpreter's own process).
+        return "ready" if bool(agree[0]) else "failed: the self-check disagreed with torch"
+    flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
+    flag.copy_(agree, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return (event, flag)
+
+
+def _pending(pending: Any) -> Any:
+    """A self-check in flight: its answer once its event has completed, else still pending."""
+    event, flag = pending
+    if not event.query():
+        return pending
+    # sync point: CPU tensors only; pinned host memory that the completed event says is written.
+    return "ready" if bool(flag[0]) else "failed: the self-check disagreed with torch"
+
+
+def _samples(device: torch.device, dtype: torch.dtype, interpret: bool, block: int) -> list[Tensor]:
+    """Tensors whose moments the self-checks know: several tiles, NaN and Inf, zeros, an empty one."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3 * block + 5, generator=g)
+    with_nan = torch.tensor([1.0, float("nan"), -2.0, float("inf"), 0.0])
+    xs = [base, torch.zeros(7), with_nan, torch.tensor([-3.0, float("-inf")]), torch.zeros(0), torch.ones(1)]
+    # (made on the host, then copied: no device allocation waits for anything)
+    return [x.to(dtype) if interpret else x.to(dtype).pin_memory().to(device, non_blocking=True) for x in xs]
+
+
+def _agree(got: Tensor, want: Tensor) -> Tensor:
+    close = (got - want).abs() <= 1e-6 + 1e-4 * want.abs()
+    return (close | (got == want) | (got.isnan() & want.isnan())).all().reshape(1)
+
+
+def _self_check_pair(device: torch.device, dtype: torch.dtype, interpret: bool, block: int, pending: Any) -> Any:
+    """:func:`_self_check` for the pair kernel: the copy, its sums of squares, and those of a difference."""
+    if pending is not None:
+        return _pending(pending)
+    built = _build(interpret)
+    if isinstance(built, Exception):
+        return f"failed: {type(built).__name__}: {built}"
+    try:
+        a = [x.nan_to_num(posinf=5.0, neginf=-5.0) for x in _samples(device, dtype, interpret, block)]
+        b = [torch.full_like(x, 0.5) for x in a]
+        diff = _launch_pair(a, b, False, interpret, block)
+        want_diff = torch.stack([((x.double() - y.double()) ** 2).sum() for x, y in zip(a, b)])
+        copied = _launch_pair(a, b, True, interpret, block)
+        want_copy = torch.stack([(x.double() ** 2).sum() for x in a])
+        same = torch.stack([(x == y).all() for x, y in zip(a, b)]).all().reshape(1)
+        return _answer(_agree(diff, want_diff) & _agree(copied, want_copy) & same, interpret)
+    except Exception as exc:  # a kernel that cannot run here: the multi-tensor path
+        return f"failed: {type(exc).__name__}: {exc}"
+
+
 def _self_check(device: torch.device, dtype: torch.dtype, interpret: bool, block: int, pending: Any) -> Any:
     """Run the kernel once on tensors whose moments are known and compare with PyTorch's reductions.
 
@@ -234,33 +367,15 @@ def _self_check(device: torch.device, dtype: torch.dtype, interpret: bool, block
     pending ``(event, flag)``. A kernel that fails to build or to launch here is a failure too.
     """
     if pending is not None:
-        event, flag = pending
-        if not event.query():
-            return pending
-        # sync point: CPU tensors only; pinned host memory that the completed event says is written.
-        return "ready" if bool(flag[0]) else "failed: the self-check disagreed with torch"
+        return _pending(pending)
     built = _build(interpret)
     if isinstance(built, Exception):
         return f"failed: {type(built).__name__}: {built}"
     try:
-        g = torch.Generator().manual_seed(0)
-        base = torch.randn(3 * block + 5, generator=g)
-        with_nan = torch.tensor([1.0, float("nan"), -2.0, float("inf"), 0.0])
-        xs = [base, torch.zeros(7), with_nan, torch.tensor([-3.0, float("-inf")]), torch.zeros(0), torch.ones(1)]
-        # (made on the host, then copied: no device allocation waits for anything)
-        xs = [x.to(dtype).pin_memory().to(device, non_blocking=True) if not interpret else x.to(dtype) for x in xs]
+        xs = _samples(device, dtype, interpret, block)
         got = _launch(xs, interpret, block)
         want = torch.stack([_reference(x) for x in xs])
-        close = (got - want).abs() <= 1e-6 + 1e-4 * want.abs()
-        agree = (close | (got == want) | (got.isnan() & want.isnan())).all().reshape(1)
-        if interpret:
-            # sync point: CPU tensors only (the interpreter's own process).
-            return "ready" if bool(agree[0]) else "failed: the self-check disagreed with torch"
-        flag = torch.empty(1, dtype=torch.bool, pin_memory=True)
-        flag.copy_(agree, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return (event, flag)
+        return _answer(_agree(got, want), interpret)
     except Exception as exc:  # a kernel that cannot run here: the multi-tensor path
         return f"failed: {type(exc).__name__}: {exc}"
 

@@ -161,6 +161,8 @@ def test_a_watched_run_on_the_triton_path_records_what_the_eager_path_records():
         return scope.close().stats, paths
 
     a, paths = run("triton")
+    # the weights' side went through the pair kernel (param_norm, update_ratio compared below)
+    assert tm.triton_state(torch.device("cpu"), torch.float32, interpret=True, kind="pair") == "ready"
     b, _ = run("eager")
     assert paths == ["triton", "foreach", "triton", "foreach"]  # sampled steps 1 and 3
     cols = [c for c in a.columns if c in b.columns and a[c].dtype.kind == "f"]
@@ -169,3 +171,26 @@ def test_a_watched_run_on_the_triton_path_records_what_the_eager_path_records():
     measured = a[a["value"].notna()].groupby("stat").size()
     assert measured.equals(b[b["value"].notna()].groupby("stat").size())
     assert (measured == measured.max()).sum() < len(measured)  # some statistics on sampled steps only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_the_pair_kernel_copies_the_weights_and_sums_squares_and_differences(dtype):
+    g = torch.Generator().manual_seed(5)
+    shapes = [(3, 50), (7,), (0,), (1,), (130,)]  # several tiles of 64, one empty tensor
+    a = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    b = [torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes]
+    want_diff = [float(((x.double() - y.double()) ** 2).sum()) for x, y in zip(a, b)]
+    diff = tm.triton_pair_sumsq(a, b, copy=False, interpret=True, block=_BLOCK)
+    assert diff is not None and diff.dtype == torch.float64
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    np.testing.assert_allclose(diff.numpy(), want_diff, rtol=rtol)
+    before = [y.clone() for y in b]
+    assert all(torch.equal(x, y) for x, y in zip(b, before))  # nothing written by the difference
+    copied = tm.triton_pair_sumsq(a, b, copy=True, interpret=True, block=_BLOCK)
+    assert copied is not None
+    np.testing.assert_allclose(copied.numpy(), [float((x.double() ** 2).sum()) for x in a], rtol=rtol)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # b is now a copy of a, bit for bit
+    # what it cannot pair: different sizes, different dtypes
+    assert tm.triton_pair_sumsq([a[0]], [torch.zeros(5, dtype=dtype)], copy=True, interpret=True) is None
+    if dtype != torch.float64:
+        assert tm.triton_pair_sumsq([a[0]], [a[0].double()], copy=False, interpret=True) is None

@@ -256,6 +256,8 @@ def test_a_watched_run_takes_the_triton_kernel_on_sampled_steps_without_a_sync(m
 
     with_triton, paths = run("auto")
     assert "triton" in paths[3:], paths  # the check, launched at step 1, was read by step 4 or later
+    # the weights' snapshot and update (param_norm, update_ratio) went through the pair kernel too
+    assert tm.triton_state(torch.device("cuda", torch.cuda.current_device()), torch.float32, kind="pair") == "ready"
     assert all(p == "foreach" for i, p in enumerate(paths) if i % 3), paths  # ordinary steps: one pass already
     without, _ = run("off")
     assert len(with_triton) == len(without)
@@ -272,3 +274,26 @@ def test_a_watched_run_takes_the_triton_kernel_on_sampled_steps_without_a_sync(m
     means = means.merge(rms, on=keys).dropna()
     assert len(means) > 0
     assert ((means["value_on"] - means["value_off"]).abs() <= 1e-4 * means["rms"] + 1e-9).all()
+
+
+def test_the_triton_pair_kernel_on_cuda_copies_and_matches_float64():
+    """The weights' side of a sampled step on CUDA: the snapshot copy, its sums of squares, the update's."""
+    pytest.importorskip("triton")
+    from gradscope.capture import triton_moments as tm
+
+    g = torch.Generator().manual_seed(1)
+    shapes = [(1000, 33), (7,), (0,), (50_000,)]
+    a = [torch.randn(s, generator=g).cuda() for s in shapes]
+    b = [torch.randn(s, generator=g).cuda() for s in shapes]
+    diff = None
+    for _ in range(50):  # the self-check, launched at the first call, completes
+        diff = tm.triton_pair_sumsq(a, b, copy=False)
+        if diff is not None:
+            break
+        torch.cuda.synchronize()
+    assert diff is not None, tm.triton_state(a[0].device, a[0].dtype, kind="pair")
+    want = [float(((x.double() - y.double()) ** 2).sum()) for x, y in zip(a, b)]
+    np.testing.assert_allclose(diff.cpu().numpy(), want, rtol=1e-5)
+    copied = tm.triton_pair_sumsq(a, b, copy=True)
+    np.testing.assert_allclose(copied.cpu().numpy(), [float((x.double() ** 2).sum()) for x in a], rtol=1e-5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
