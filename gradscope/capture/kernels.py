@@ -935,7 +935,11 @@ def _numels(gs: list[Tensor], dtype: torch.dtype) -> Tensor:
     if out is None:
         if len(_NUMELS) >= 16:
             _NUMELS.clear()
-        out = _NUMELS[key] = torch.tensor(key[2], dtype=dtype, device=gs[0].device)
+        host = torch.tensor(key[2], dtype=dtype)
+        # (a copy from pageable memory would wait for the device: pinned, it does not)
+        out = _NUMELS[key] = (
+            host.pin_memory().to(gs[0].device, non_blocking=True) if gs[0].is_cuda else host.to(gs[0].device)
+        )
     return out
 
 
@@ -1242,9 +1246,8 @@ class FusedMoments:
         if t is None:
             if len(self._rows) > 64:
                 self._rows.clear()
-            # (copied from pinned memory without waiting; made once per set of rows)
-            host = torch.tensor(rows, dtype=torch.long, pin_memory=device.type == "cuda")
-            t = self._rows[key] = host.to(device, non_blocking=True)
+            host = torch.tensor(rows, dtype=torch.long)  # (made once per set of rows; a pinned copy does not wait)
+            t = self._rows[key] = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
         return t
 
     def _tail(self, n: int, device: torch.device) -> Tensor:
