@@ -173,8 +173,7 @@ def _ready(kind: str, device: torch.device, dtype: torch.dtype, interpret: bool,
     key = (kind, interpret, device, dtype)
     state = _checked.get(key)
     if state is None or isinstance(state, tuple):
-        check = _self_check if kind == "moments" else _self_check_pair
-        state = _checked[key] = check(device, dtype, interpret, block, state)
+        state = _checked[key] = _self_check(kind, device, dtype, interpret, block, state)
     return state == "ready"
 
 
@@ -252,20 +251,8 @@ def _launch(grads: list[Tensor], interpret: bool, block: int) -> Tensor:
     acc, tl_dtype, tl_acc = _types(tl, dtype)
     n = len(grads)
     if n_tiles:
-        ptrs = _pointers(grads, interpret)
         part = torch.empty(n_tiles, 7, dtype=acc, device=device)
-        with _interpreting(interpret):
-            kernel[(n_tiles,)](
-                ptrs,
-                tiles.numels,
-                tiles.tensor,
-                tiles.start,
-                part,
-                BLOCK=block,
-                DTYPE=tl_dtype,
-                ACC=tl_acc,
-                num_warps=8,
-            )
+        _run(kernel, [grads], tiles, part, block, interpret, DTYPE=tl_dtype, ACC=tl_acc)
         p = part.to(torch.float64)
     else:  # every tensor is empty
         p = torch.zeros(0, 7, dtype=torch.float64, device=device)
@@ -288,22 +275,19 @@ def _launch_pair(a: list[Tensor], b: list[Tensor], copy: bool, interpret: bool, 
     if not n_tiles:
         return out
     part = torch.empty(n_tiles, dtype=acc, device=device)
-    a_ptrs, b_ptrs = _pointers(a, interpret), _pointers(b, interpret)
-    with _interpreting(interpret):
-        kernel[(n_tiles,)](
-            a_ptrs,
-            b_ptrs,
-            tiles.numels,
-            tiles.tensor,
-            tiles.start,
-            part,
-            BLOCK=block,
-            DTYPE=tl_dtype,
-            ACC=tl_acc,
-            COPY=copy,
-            num_warps=8,
-        )
+    _run(kernel, [a, b], tiles, part, block, interpret, DTYPE=tl_dtype, ACC=tl_acc, COPY=copy)
     return out.index_add_(0, tiles.tensor, part.to(torch.float64))
+
+
+def _run(
+    kernel: Any, lists: list[list[Tensor]], tiles: _Tiles, part: Tensor, block: int, interpret: bool, **consts: Any
+) -> None:
+    """Launch ``kernel`` over the tiles: one pointer table per list, then the tile tables and ``part``."""
+    tables = [_pointers(tensors, interpret) for tensors in lists]
+    with _interpreting(interpret):
+        kernel[(tiles.tensor.numel(),)](
+            *tables, tiles.numels, tiles.tensor, tiles.start, part, BLOCK=block, num_warps=8, **consts
+        )
 
 
 def _answer(agree: Tensor, interpret: bool) -> Any:
@@ -342,28 +326,8 @@ def _agree(got: Tensor, want: Tensor) -> Tensor:
     return (close | (got == want) | (got.isnan() & want.isnan())).all().reshape(1)
 
 
-def _self_check_pair(device: torch.device, dtype: torch.dtype, interpret: bool, block: int, pending: Any) -> Any:
-    """:func:`_self_check` for the pair kernel: the copy, its sums of squares, and those of a difference."""
-    if pending is not None:
-        return _pending(pending)
-    built = _build(interpret)
-    if isinstance(built, Exception):
-        return f"failed: {type(built).__name__}: {built}"
-    try:
-        a = [x.nan_to_num(posinf=5.0, neginf=-5.0) for x in _samples(device, dtype, interpret, block)]
-        b = [torch.full_like(x, 0.5) for x in a]
-        diff = _launch_pair(a, b, False, interpret, block)
-        want_diff = torch.stack([((x.double() - y.double()) ** 2).sum() for x, y in zip(a, b)])
-        copied = _launch_pair(a, b, True, interpret, block)
-        want_copy = torch.stack([(x.double() ** 2).sum() for x in a])
-        same = torch.stack([(x == y).all() for x, y in zip(a, b)]).all().reshape(1)
-        return _answer(_agree(diff, want_diff) & _agree(copied, want_copy) & same, interpret)
-    except Exception as exc:  # a kernel that cannot run here: the multi-tensor path
-        return f"failed: {type(exc).__name__}: {exc}"
-
-
-def _self_check(device: torch.device, dtype: torch.dtype, interpret: bool, block: int, pending: Any) -> Any:
-    """Run the kernel once on tensors whose moments are known and compare with PyTorch's reductions.
+def _self_check(kind: str, device: torch.device, dtype: torch.dtype, interpret: bool, block: int, pending: Any) -> Any:
+    """Run kernel ``kind`` once on tensors whose results are known and compare with PyTorch's reductions.
 
     On CUDA without waiting: the comparison is a device flag copied into pinned memory behind an event,
     and the answer is read at a later call, once the event has completed (until then the multi-tensor
@@ -377,11 +341,27 @@ def _self_check(device: torch.device, dtype: torch.dtype, interpret: bool, block
         return f"failed: {type(built).__name__}: {built}"
     try:
         xs = _samples(device, dtype, interpret, block)
-        got = _launch(xs, interpret, block)
-        want = torch.stack([_reference(x) for x in xs])
-        return _answer(_agree(got, want), interpret)
+        compare = _compare_moments if kind == "moments" else _compare_pair
+        return _answer(compare(xs, interpret, block), interpret)
     except Exception as exc:  # a kernel that cannot run here: the multi-tensor path
         return f"failed: {type(exc).__name__}: {exc}"
+
+
+def _compare_moments(xs: list[Tensor], interpret: bool, block: int) -> Tensor:
+    got = _launch(xs, interpret, block)
+    return _agree(got, torch.stack([_reference(x) for x in xs]))
+
+
+def _compare_pair(xs: list[Tensor], interpret: bool, block: int) -> Tensor:
+    """The pair kernel: the sums of squares of a difference, then the copy and its sums of squares."""
+    a = [x.nan_to_num(posinf=5.0, neginf=-5.0) for x in xs]
+    b = [torch.full_like(x, 0.5) for x in a]
+    diff = _launch_pair(a, b, False, interpret, block)
+    want_diff = torch.stack([((x.double() - y.double()) ** 2).sum() for x, y in zip(a, b)])
+    copied = _launch_pair(a, b, True, interpret, block)
+    want_copy = torch.stack([(x.double() ** 2).sum() for x in a])
+    same = torch.stack([(x == y).all() for x, y in zip(a, b)]).all().reshape(1)
+    return _agree(diff, want_diff) & _agree(copied, want_copy) & same
 
 
 def _reference(x: Tensor) -> Tensor:

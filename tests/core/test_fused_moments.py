@@ -178,24 +178,28 @@ def test_the_compiled_cpu_kernel_reads_every_moment_in_one_pass_and_matches_floa
     assert row[0] == pytest.approx(float(x.sum()), abs=1e-9 * float(np.abs(x).sum()))
 
 
+def watched_run(path: str, *, sample_every: int = 1, steps: int = 3):
+    """``(report.stats, the moment path of each step)`` of a small watched run on moment path ``path``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scope = gradscope.watch(model, optimizer=opt, sample_every=sample_every, rules="none")
+    scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
+    x = torch.randn(8, 5)
+    paths = []
+    for _ in range(steps):
+        model(x).square().mean().backward()
+        opt.step()
+        scope.step()
+        paths.append(scope._recorder.moments.last_path)
+        opt.zero_grad()
+    return scope.close().stats, paths
+
+
 @pytest.mark.slow
 def test_a_watched_run_on_the_compiled_kernel_equals_the_eager_run(cpu_kernel):
-    def run(path: str):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        scope = gradscope.watch(model, optimizer=opt, sample_every=1, rules="none")
-        scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
-        x = torch.randn(8, 5)
-        for _ in range(3):
-            model(x).square().mean().backward()
-            opt.step()
-            scope.step()
-            opt.zero_grad()
-        assert scope._recorder.moments.last_path == path
-        return scope.close().stats
-
-    a, b = run("kernel"), run("eager")
+    (a, paths), (b, _) = watched_run("kernel"), watched_run("eager")
+    assert paths == ["kernel"] * 3
     cols = [c for c in a.columns if c in b.columns and a[c].dtype.kind == "f"]
     np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-5, atol=1e-9)
 

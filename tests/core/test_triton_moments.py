@@ -20,14 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
-import gradscope
 from gradscope.capture import triton_moments as tm
 from gradscope.capture.kernels import FusedMoments
 from gradscope.stats.moments import GRAD_MOMENTS, MOMENTS, MomentPlan
 
-from .test_fused_moments import _check, _grads
+from .test_fused_moments import _check, _grads, watched_run
 
 pytest.importorskip("triton", reason="Triton is not installed (it ships with PyTorch's CUDA builds)")
 
@@ -144,26 +142,10 @@ def test_fused_moments_take_it_on_sampled_steps_only():
 
 
 def test_a_watched_run_on_the_triton_path_records_what_the_eager_path_records():
-    def run(path: str):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        scope = gradscope.watch(model, optimizer=opt, sample_every=2, rules="none")
-        scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
-        x = torch.randn(8, 5)
-        paths = []
-        for _ in range(4):
-            model(x).square().mean().backward()
-            opt.step()
-            scope.step()
-            paths.append(scope._recorder.moments.last_path)
-            opt.zero_grad()
-        return scope.close().stats, paths
-
-    a, paths = run("triton")
+    a, paths = watched_run("triton", sample_every=2, steps=4)
     # the weights' side went through the pair kernel (param_norm, update_ratio compared below)
     assert tm.triton_state(torch.device("cpu"), torch.float32, interpret=True, kind="pair") == "ready"
-    b, _ = run("eager")
+    b, _ = watched_run("eager", sample_every=2, steps=4)
     assert paths == ["triton", "foreach", "triton", "foreach"]  # sampled steps 1 and 3
     cols = [c for c in a.columns if c in b.columns and a[c].dtype.kind == "f"]
     np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-5, atol=1e-9)
