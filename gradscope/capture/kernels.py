@@ -1236,6 +1236,38 @@ class FusedMoments:
             return False
         return True
 
+    def write_core(self, grads: list[Tensor], view: Tensor) -> bool:
+        """An ordinary step on the multi-tensor path: the sum of squares and the non-finite flag straight into ``view``.
+
+        ``view`` is the step's buffer row (every other column NaN since it was claimed), one row per
+        gradient. One ``_foreach_powsum``, its ``stack``, and for the flag ``(s - s) != 0`` (0 for a
+        finite sum of squares, NaN otherwise), each written into its column: about half the operators
+        (and kernel launches) of building a block and copying it in. False, nothing written, where it
+        does not apply (another path, a custom statistic, mixed dtypes, a sampled step's moments).
+        """
+        if not grads or self.plan.custom or len(grads) != view.shape[0]:
+            return False
+        device = grads[0].device
+        path = self.path
+        if path == "auto":
+            path = "kernel" if device.type == "cpu" else "foreach"
+        wanted = self.plan.wanted(False) & set(GRAD_MOMENTS)
+        if path != "foreach" or not wanted or not wanted <= CORE_MOMENTS or view.device != device:
+            return False
+        dtype = grads[0].dtype
+        if any(g.dtype != dtype for g in grads):
+            return False
+        try:
+            sumsq = torch.stack(torch._foreach_powsum(grads, 2, dtype=_acc(dtype)))
+        except (RuntimeError, TypeError, NotImplementedError):  # sparse, complex, empty tensors
+            return False
+        if "sumsq" in wanted:
+            view[:, MOMENT_INDEX["sumsq"]].copy_(sumsq)
+        if "nonfinite" in wanted:  # a flag: 1 for a gradient holding NaN or Inf (exact while 0)
+            view[:, MOMENT_INDEX["nonfinite"]].copy_((sumsq - sumsq).ne(0.0))
+        self.last_path = "foreach"
+        return True
+
     def _pair_on_device(self, view: Tensor) -> bool:
         """Whether the weights' side goes to the Triton kernel: on CUDA by default, on CPU tensors when forced."""
         return (self.path in ("auto", "foreach") and view.device.type == "cuda") or self.path == "triton"

@@ -675,6 +675,16 @@ class StepRecorder:
         plan = self.plan
         view = self.buffer.moments(pending.slot)
         tensors = self.layout.tensors
+        if (
+            idx is self._all_idx
+            and not pending.sampled
+            and self._one_device
+            and pending.grad_scale is None
+            and self.moments.write_core(grads, view)
+        ):
+            # an ordinary step on the multi-tensor path: written into the row's columns directly
+            self._after_capture(pending, view, idx)
+            return
         params = tensors if idx is self._all_idx else [tensors[i] for i in idx]
         if self._one_device and pending.grad_scale is None and plan.needs_grads:
             # The CPU kernel writes the moments straight into the buffer row: one call for all tensors.

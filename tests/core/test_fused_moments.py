@@ -196,6 +196,16 @@ def watched_run(path: str, *, sample_every: int = 1, steps: int = 3):
     return scope.close().stats, paths
 
 
+def test_a_watched_run_on_the_multi_tensor_path_equals_the_eager_run():
+    """Ordinary steps write the sum of squares and the flag into the row's columns directly; sampled steps
+    build the whole block. Both record what the eager path records."""
+    (a, paths), (b, _) = watched_run("foreach", sample_every=3, steps=7), watched_run("eager", sample_every=3, steps=7)
+    assert paths == ["foreach"] * 7
+    assert a[["step", "layer", "param", "stat"]].equals(b[["step", "layer", "param", "stat"]])
+    # (a mean is a float32 sum that cancels: 2 sum(max(g, 0)) - sum(|g|) on this path, ~1e-7 of sum(|g|))
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.slow
 def test_a_watched_run_on_the_compiled_kernel_equals_the_eager_run(cpu_kernel):
     (a, paths), (b, _) = watched_run("kernel"), watched_run("eager")

@@ -91,6 +91,12 @@ def test_aten_op_count_of_a_watched_step_does_not_grow_with_the_number_of_tensor
         )
     # the sampled step takes every moment (and the update): more operators than an ordinary step, still fixed
     assert sum(per_size[4][10].values()) > sum(per_size[4][1].values()) > 0
+    # an ordinary step writes into the row's columns: one powsum, its stack, the flag (sub, ne), two
+    # copies, and views (select, slice, view) that launch nothing; 17 operators when it built a block
+    ordinary = per_size[64][1]
+    assert sum(ordinary.values()) <= 11, dict(ordinary)
+    launching = {k: v for k, v in ordinary.items() if k not in ("select", "slice", "view")}
+    assert launching == {"_foreach_powsum": 1, "stack": 1, "sub": 1, "ne": 1, "copy_": 2}, launching
 
 
 # Operators that hand a tensor's value to the host: on an accelerator each one waits for the device.
