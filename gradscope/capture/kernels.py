@@ -928,6 +928,23 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 _NUMELS: dict[tuple, Tensor] = {}
 
 
+def _put_column(view: Tensor, col: int, value: Tensor, rows: Tensor | None) -> None:
+    """``view[rows, col] = value`` (every row when ``rows`` is None), converted to the view's dtype."""
+    dest = view[:, col]
+    if rows is None:
+        dest.copy_(value)
+    else:
+        dest.index_copy_(0, rows, value.to(dest.dtype))
+
+
+def _dtype_groups(tensors: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of ``tensors`` grouped by dtype, in order of first appearance."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    return list(groups.values())
+
+
 def _numels(gs: list[Tensor], dtype: torch.dtype) -> Tensor:
     """``[len(gs)]`` element counts on the tensors' device, made once per set of sizes (no copy per step)."""
     key = (gs[0].device, dtype, tuple(g.numel() for g in gs))
@@ -1057,6 +1074,8 @@ class FusedMoments:
         if path == "auto":
             path = "kernel" if device.type == "cpu" else "foreach"
         block: Tensor | None = None
+        if path in ("foreach", "triton") and any(g.dtype != grads[0].dtype for g in grads):
+            return self._by_dtype(grads, params, sampled)
         if path == "kernel":
             block = self._kernel(grads, sampled)
         elif path in ("foreach", "triton"):
@@ -1076,6 +1095,24 @@ class FusedMoments:
         else:
             tail = self._tail(n, device)
         return torch.cat([block, tail], dim=1)
+
+    def _by_dtype(self, grads: Sequence[Tensor], params: Sequence[Tensor], sampled: bool) -> Tensor:
+        """Moments of gradients of several dtypes (a float32 norm among bfloat16 weights).
+
+        Each dtype's block on its own, then one ``index_copy_`` each into the rows: launches per dtype
+        present, not per tensor.
+        """
+        groups = _dtype_groups(grads)
+        device = grads[0].device
+        out = torch.empty(len(grads), self.plan.n_cols, dtype=torch.float64, device=device)
+        paths = []
+        for rows in groups:
+            block = self([grads[i] for i in rows], [params[i] for i in rows], sampled=sampled)
+            paths.append(self.last_path)
+            out.index_copy_(0, self._rows_tensor(rows, device), block)
+        # the path of the whole call: the slowest any group took
+        self.last_path = "eager" if "eager" in paths else "foreach" if "foreach" in paths else paths[0]
+        return out
 
     def sumsq(self, tensors: Sequence[Tensor]) -> Tensor:
         """``[len(tensors)]`` float64 sums of squares (weights, updates), by the same choice of path."""
@@ -1242,8 +1279,9 @@ class FusedMoments:
         ``view`` is the step's buffer row (every other column NaN since it was claimed), one row per
         gradient. One ``_foreach_powsum``, its ``stack``, and for the flag ``(s - s) != 0`` (0 for a
         finite sum of squares, NaN otherwise), each written into its column: about half the operators
-        (and kernel launches) of building a block and copying it in. False, nothing written, where it
-        does not apply (another path, a custom statistic, mixed dtypes, a sampled step's moments).
+        (and kernel launches) of building a block and copying it in; per dtype present (then each
+        into its rows). False, nothing written, where it does not apply (another path, a custom
+        statistic, a sampled step's moments).
         """
         if not grads or self.plan.custom or len(grads) != view.shape[0]:
             return False
@@ -1254,17 +1292,20 @@ class FusedMoments:
         wanted = self.plan.wanted(False) & set(GRAD_MOMENTS)
         if path != "foreach" or not wanted or not wanted <= CORE_MOMENTS or view.device != device:
             return False
-        dtype = grads[0].dtype
-        if any(g.dtype != dtype for g in grads):
-            return False
-        try:
-            sumsq = torch.stack(torch._foreach_powsum(grads, 2, dtype=_acc(dtype)))
+        groups = _dtype_groups(grads)
+        try:  # (per dtype present: a float32 norm among bfloat16 weights is a second group)
+            sums = [
+                torch.stack(torch._foreach_powsum([grads[i] for i in rows], 2, dtype=_acc(grads[rows[0]].dtype)))
+                for rows in groups
+            ]
         except (RuntimeError, TypeError, NotImplementedError):  # sparse, complex, empty tensors
             return False
-        if "sumsq" in wanted:
-            view[:, MOMENT_INDEX["sumsq"]].copy_(sumsq)
-        if "nonfinite" in wanted:  # a flag: 1 for a gradient holding NaN or Inf (exact while 0)
-            view[:, MOMENT_INDEX["nonfinite"]].copy_((sumsq - sumsq).ne(0.0))
+        for rows, sumsq in zip(groups, sums):
+            where = None if len(groups) == 1 else self._rows_tensor(rows, device)
+            if "sumsq" in wanted:
+                _put_column(view, MOMENT_INDEX["sumsq"], sumsq, where)
+            if "nonfinite" in wanted:  # a flag: 1 for a gradient holding NaN or Inf (exact while 0)
+                _put_column(view, MOMENT_INDEX["nonfinite"], (sumsq - sumsq).ne(0.0), where)
         self.last_path = "foreach"
         return True
 
@@ -1324,7 +1365,7 @@ class FusedMoments:
         gs = list(grads)
         dtypes = {g.dtype for g in gs}
         if len(dtypes) != 1:
-            return None  # mixed dtypes: the eager path (the multi-tensor kernels group by dtype anyway)
+            return None  # (mixed dtypes reach here grouped, by __call__)
         try:
             # a flag from the sum of squares; the exact count on sampled steps once NaN/Inf has been seen
             cols = foreach_moments(gs, wanted, exact_nonfinite=sampled and self.nonfinite_seen)

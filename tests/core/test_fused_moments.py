@@ -144,12 +144,18 @@ def test_the_non_finite_finding_gives_a_count_only_where_entries_were_counted(pa
         assert not found.evidence["counted"] and found.evidence["counts"] == {"0": 1} and "values)" not in found.message
 
 
-def test_the_accelerator_path_sends_what_it_cannot_take_to_the_eager_path():
+def test_the_accelerator_path_groups_dtypes_and_sends_what_it_cannot_take_to_the_eager_path():
     fused = FusedMoments(MomentPlan(MOMENTS), path="foreach")
-    mixed = [torch.randn(3), torch.randn(4, dtype=torch.float64)]
+    mixed = [torch.randn(3), torch.randn(4, dtype=torch.float64), torch.randn(2, 5)]
     block = fused(mixed, mixed, sampled=True)
+    assert fused.last_path == "foreach"  # one group per dtype, each row where it belongs
+    _check(block, mixed, rtol=1e-6, foreach=True)
+    # a sparse gradient has no multi-tensor kernel: its group goes to the eager path, measured all the same
+    sparse = [torch.randn(3), torch.randn(4).to_sparse()]
+    block = fused(sparse, sparse, sampled=True)
     assert fused.last_path == "eager"
-    _check(block, mixed, rtol=1e-6)
+    _check(block[:1], sparse[:1], rtol=1e-6)
+    assert block[1, MOMENT_INDEX["sumsq"]].item() == pytest.approx(float((sparse[1].to_dense().double() ** 2).sum()))
 
 
 @pytest.mark.slow

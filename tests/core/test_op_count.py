@@ -180,3 +180,39 @@ def test_the_foreach_path_uses_only_norms_with_a_multi_tensor_cuda_kernel(exact)
     allowed = {1.0, 2.0, float("inf")}
     bad = [(name, order) for name, order in ops.orders if order not in allowed]
     assert not bad, f"norms without a multi-tensor CUDA kernel: {sorted(set(bad))}"
+
+
+def _mixed(n: int) -> list[torch.Tensor]:
+    """``n`` gradients, float32 and float64 in turn (a float32 norm among lower-precision weights)."""
+    g = torch.Generator().manual_seed(n)
+    return [torch.randn(5, 3, generator=g, dtype=torch.float64 if i % 2 else torch.float32) for i in range(n)]
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["ordinary", "sampled"])
+def test_gradients_of_two_dtypes_cost_operators_per_dtype_not_per_tensor(sampled):
+    """The multi-tensor path groups gradients by dtype: one set of operators per dtype present."""
+    from gradscope.stats.moments import MOMENT_INDEX, MOMENTS, MomentPlan
+
+    counts = []
+    for n in (4, 16, 64):
+        grads = _mixed(n)
+        fused = FusedMoments(MomentPlan(MOMENTS), path="foreach")
+        view = torch.full((n, len(MOMENTS)), float("nan"), dtype=torch.float64)
+        fused._rows_tensor([i for i in range(n) if i % 2 == 0], view.device)  # (cached index tensors: made once)
+        fused._rows_tensor([i for i in range(n) if i % 2], view.device)
+        with _CountOps() as mode:
+            if sampled:
+                block = fused(grads, grads, sampled=True)
+            else:
+                assert fused.write_core(grads, view)
+                block = view
+        assert fused.last_path == "foreach"
+        counts.append(mode.ops)
+        # the values of each row, against float64, whatever its dtype
+        for i, x in enumerate(grads):
+            d = x.double()
+            assert block[i, MOMENT_INDEX["sumsq"]].item() == pytest.approx(float((d * d).sum()), rel=1e-5)
+            assert block[i, MOMENT_INDEX["nonfinite"]].item() == 0.0
+            if sampled:
+                assert block[i, MOMENT_INDEX["max"]].item() == pytest.approx(float(d.max()), rel=1e-6)
+    assert counts[0] == counts[1] == counts[2], [sum(c.values()) for c in counts]
