@@ -1273,17 +1273,18 @@ class FusedMoments:
             return False
         return True
 
-    def write_core(self, grads: list[Tensor], view: Tensor) -> bool:
+    def write_core(self, grads: list[Tensor], view: Tensor, rows: list[int] | None = None) -> bool:
         """An ordinary step on the multi-tensor path: the sum of squares and the non-finite flag straight into ``view``.
 
-        ``view`` is the step's buffer row (every other column NaN since it was claimed), one row per
-        gradient. One ``_foreach_powsum``, its ``stack``, and for the flag ``(s - s) != 0`` (0 for a
-        finite sum of squares, NaN otherwise), each written into its column: about half the operators
-        (and kernel launches) of building a block and copying it in; per dtype present (then each
-        into its rows). False, nothing written, where it does not apply (another path, a custom
-        statistic, a sampled step's moments).
+        ``view`` is the step's buffer row (every other column NaN since it was claimed); gradient ``k``
+        goes to row ``rows[k]`` (``k`` when ``rows`` is None: every tensor has one; frozen parameters
+        and those without a gradient have none). One ``_foreach_powsum``, its ``stack``, and for the
+        flag ``(s - s) != 0`` (0 for a finite sum of squares, NaN otherwise), each written into its
+        column: about half the operators (and kernel launches) of building a block and copying it in;
+        per dtype present (then each into its rows). False, nothing written, where it does not apply
+        (another path, a custom statistic, a sampled step's moments).
         """
-        if not grads or self.plan.custom or len(grads) != view.shape[0]:
+        if not grads or self.plan.custom or len(grads) != (view.shape[0] if rows is None else len(rows)):
             return False
         device = grads[0].device
         path = self.path
@@ -1295,13 +1296,16 @@ class FusedMoments:
         groups = _dtype_groups(grads)
         try:  # (per dtype present: a float32 norm among bfloat16 weights is a second group)
             sums = [
-                torch.stack(torch._foreach_powsum([grads[i] for i in rows], 2, dtype=_acc(grads[rows[0]].dtype)))
-                for rows in groups
+                torch.stack(torch._foreach_powsum([grads[i] for i in group], 2, dtype=_acc(grads[group[0]].dtype)))
+                for group in groups
             ]
         except (RuntimeError, TypeError, NotImplementedError):  # sparse, complex, empty tensors
             return False
-        for rows, sumsq in zip(groups, sums):
-            where = None if len(groups) == 1 else self._rows_tensor(rows, device)
+        for group, sumsq in zip(groups, sums):
+            if rows is None and len(groups) == 1:
+                where = None
+            else:  # (the rows of the tensors of this dtype; cached on the device, made once per set)
+                where = self._rows_tensor(group if rows is None else [rows[i] for i in group], device)
             if "sumsq" in wanted:
                 _put_column(view, MOMENT_INDEX["sumsq"], sumsq, where)
             if "nonfinite" in wanted:  # a flag: 1 for a gradient holding NaN or Inf (exact while 0)

@@ -676,11 +676,10 @@ class StepRecorder:
         view = self.buffer.moments(pending.slot)
         tensors = self.layout.tensors
         if (
-            idx is self._all_idx
-            and not pending.sampled
+            not pending.sampled
             and self._one_device
             and pending.grad_scale is None
-            and self.moments.write_core(grads, view)
+            and self.moments.write_core(grads, view, None if idx is self._all_idx else idx)
         ):
             # an ordinary step on the multi-tensor path: written into the row's columns directly
             self._after_capture(pending, view, idx)

@@ -184,11 +184,16 @@ def test_the_compiled_cpu_kernel_reads_every_moment_in_one_pass_and_matches_floa
     assert row[0] == pytest.approx(float(x.sum()), abs=1e-9 * float(np.abs(x).sum()))
 
 
-def watched_run(path: str, *, sample_every: int = 1, steps: int = 3):
-    """``(report.stats, the moment path of each step)`` of a small watched run on moment path ``path``."""
+def watched_run(path: str, *, sample_every: int = 1, steps: int = 3, frozen: bool = False):
+    """``(report.stats, the moment path of each step)`` of a small watched run on moment path ``path``.
+
+    ``frozen``: the first layer is frozen (fine-tuning the head only): its rows have no gradient.
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if frozen:
+        model[0].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     scope = gradscope.watch(model, optimizer=opt, sample_every=sample_every, rules="none")
     scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
     x = torch.randn(8, 5)
@@ -205,11 +210,15 @@ def watched_run(path: str, *, sample_every: int = 1, steps: int = 3):
 def test_a_watched_run_on_the_multi_tensor_path_equals_the_eager_run():
     """Ordinary steps write the sum of squares and the flag into the row's columns directly; sampled steps
     build the whole block. Both record what the eager path records."""
-    (a, paths), (b, _) = watched_run("foreach", sample_every=3, steps=7), watched_run("eager", sample_every=3, steps=7)
-    assert paths == ["foreach"] * 7
-    assert a[["step", "layer", "param", "stat"]].equals(b[["step", "layer", "param", "stat"]])
-    # (a mean is a float32 sum that cancels: 2 sum(max(g, 0)) - sum(|g|) on this path, ~1e-7 of sum(|g|))
-    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-5, atol=1e-8)
+    for frozen in (False, True):
+        (a, paths) = watched_run("foreach", sample_every=3, steps=7, frozen=frozen)
+        (b, _) = watched_run("eager", sample_every=3, steps=7, frozen=frozen)
+        assert paths == ["foreach"] * 7
+        assert a[["step", "layer", "param", "stat"]].equals(b[["step", "layer", "param", "stat"]])
+        # (a mean is a float32 sum that cancels: 2 sum(max(g, 0)) - sum(|g|) on this path, ~1e-7 of sum(|g|))
+        np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-5, atol=1e-8)
+        first = a[(a["stat"] == "l2_norm") & (a["layer"] == "0")]["value"].dropna()
+        assert (len(first) == 0) == frozen  # a frozen layer has no gradient statistics
 
 
 @pytest.mark.slow

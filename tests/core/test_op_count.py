@@ -216,3 +216,28 @@ def test_gradients_of_two_dtypes_cost_operators_per_dtype_not_per_tensor(sampled
             if sampled:
                 assert block[i, MOMENT_INDEX["max"]].item() == pytest.approx(float(d.max()), rel=1e-6)
     assert counts[0] == counts[1] == counts[2], [sum(c.values()) for c in counts]
+
+
+def test_an_ordinary_step_with_frozen_parameters_costs_as_many_operators_whatever_the_model():
+    """Fine-tuning with most of the model frozen (its rows get no gradient): the written rows are indexed."""
+    counts = []
+    for n in (4, 16, 64):
+        model = _model(n)
+        for i, layer in enumerate(model):
+            if i % 2:
+                layer.requires_grad_(False)
+        scope = gradscope.watch(model, activations=False, rules="none", flush_every=100)
+        scope._recorder.moments = FusedMoments(scope._recorder.plan, path="foreach")
+        x = torch.randn(4, 8)
+        try:
+            for _ in range(3):
+                model(x).square().mean().backward()
+                with _CountOps() as mode:
+                    scope.step()
+                model.zero_grad(set_to_none=True)
+            assert scope._recorder.moments.last_path == "foreach"
+        finally:
+            scope.close()
+        counts.append(mode.ops)  # step 3: ordinary
+    assert counts[0] == counts[1] == counts[2], [dict(c) for c in counts]
+    assert counts[0]["index_copy_"] == 2 and counts[0]["_foreach_powsum"] == 1, dict(counts[0])
