@@ -5,7 +5,10 @@ the GPT-2-small-sized transformer: 148), a bare and a watched copy step on the s
 CUDA kernels of each step are counted with ``torch.profiler``. Printed: kernels of gradscope's part
 (watched minus bare) on an ordinary step and on a sampled one. On the multi-tensor path that
 count should not grow with the number of tensors (a multi-tensor operator launches one kernel per
-chunk of tensors, so it grows by steps of many tensors, not by one per tensor).
+chunk of tensors, so it grows by steps of many tensors, not by one per tensor). ``path`` is the moment
+path of the counted sampled step: ``triton`` when the one-pass kernel of
+``gradscope/capture/triton_moments.py`` ran (its self-check, launched at step 1, had completed),
+``foreach`` otherwise.
 
 Then the watched copy runs steps 1-30 (two sampled steps and no flush) under
 ``torch.cuda.set_sync_debug_mode("error")``: any host sync raises, and the script says so.
@@ -57,9 +60,12 @@ def one(wl) -> str:
         opts[kind].zero_grad(set_to_none=True)
 
     counts: dict[str, list[int]] = {"bare": [], "watched": []}
-    for _ in range(12):  # watched steps 1 and 11 are sampled (sample_every=10)
+    sampled_path = ""
+    for i in range(12):  # watched steps 1 and 11 are sampled (sample_every=10)
         for kind in ("bare", "watched"):
             counts[kind].append(kernels_of(lambda k=kind: step(k)))
+        if i == 10:  # the moment path of the counted sampled step (triton: one pass; foreach otherwise)
+            sampled_path = scope._recorder.moments.last_path
     bare = counts["bare"][4]
     ordinary = counts["watched"][4] - counts["bare"][4]
     sampled = counts["watched"][10] - counts["bare"][10]
@@ -75,7 +81,7 @@ def one(wl) -> str:
         torch.cuda.set_sync_debug_mode("default")
     scope.close()
     n = sum(1 for p in base.parameters() if p.requires_grad)
-    return f"{wl.name:<11} {n:>7} {bare:>12} {ordinary:>9} {sampled:>8}  {verdict}"
+    return f"{wl.name:<11} {n:>7} {bare:>12} {ordinary:>9} {sampled:>8} {sampled_path:>8}  {verdict}"
 
 
 def main() -> int:
@@ -84,7 +90,8 @@ def main() -> int:
         return 2
     pool = {w.name: w for w in cpu_workloads() + gpu_workloads()}
     print(
-        f"{'workload':<11} {'tensors':>7} {'bare kernels':>12} {'+ordinary':>9} {'+sampled':>8}  sync-free steps 1-30"
+        f"{'workload':<11} {'tensors':>7} {'bare kernels':>12} {'+ordinary':>9} {'+sampled':>8} {'path':>8}  "
+        "sync-free steps 1-30"
     )
     for name in ("mlp8", "mlp128", "gpt2-small"):
         print(one(pool[name]))
