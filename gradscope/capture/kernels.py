@@ -1070,9 +1070,7 @@ class FusedMoments:
         """Moments of ``grads`` (one device) as :meth:`MomentPlan.grad_moments` returns them."""
         plan = self.plan
         device = grads[0].device
-        path = self.path
-        if path == "auto":
-            path = "kernel" if device.type == "cpu" else "foreach"
+        path = self._path_on(device)
         block: Tensor | None = None
         if path in ("foreach", "triton") and any(g.dtype != grads[0].dtype for g in grads):
             return self._by_dtype(grads, params, sampled)
@@ -1096,6 +1094,20 @@ class FusedMoments:
             tail = self._tail(n, device)
         return torch.cat([block, tail], dim=1)
 
+    def _path_on(self, device: torch.device) -> str:
+        """The path for tensors on ``device``: ``auto`` is the compiled kernel on a CPU, the multi-tensor path elsewhere."""
+        if self.path == "auto":
+            return "kernel" if device.type == "cpu" else "foreach"
+        return self.path
+
+    @property
+    def flags_nonfinite(self) -> bool:
+        """Whether the last capture took an accelerator path.
+
+        There ordinary rows hold a non-finite *flag* (1 per tensor holding NaN/Inf), not a count of entries.
+        """
+        return self.last_path in ("foreach", "triton")
+
     def _by_dtype(self, grads: Sequence[Tensor], params: Sequence[Tensor], sampled: bool) -> Tensor:
         """Moments of gradients of several dtypes (a float32 norm among bfloat16 weights).
 
@@ -1117,9 +1129,7 @@ class FusedMoments:
     def sumsq(self, tensors: Sequence[Tensor]) -> Tensor:
         """``[len(tensors)]`` float64 sums of squares (weights, updates), by the same choice of path."""
         device = tensors[0].device
-        path = self.path
-        if path == "auto":
-            path = "kernel" if device.type == "cpu" else "foreach"
+        path = self._path_on(device)
         if path == "kernel":
             fn = cpu_kernel()
             if fn is not None:
@@ -1287,9 +1297,7 @@ class FusedMoments:
         if not grads or self.plan.custom or len(grads) != (view.shape[0] if rows is None else len(rows)):
             return False
         device = grads[0].device
-        path = self.path
-        if path == "auto":
-            path = "kernel" if device.type == "cpu" else "foreach"
+        path = self._path_on(device)
         wanted = self.plan.wanted(False) & set(GRAD_MOMENTS)
         if path != "foreach" or not wanted or not wanted <= CORE_MOMENTS or view.device != device:
             return False

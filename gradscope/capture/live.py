@@ -727,7 +727,7 @@ class Diagnosis:
             sample_every=self._options.sample_every,
             step_count=step_count,
             output_activations=tuple(self._order.output_activations()),
-            nonfinite_counted=self.recorder.moments.last_path != "foreach",
+            nonfinite_counted=not self.recorder.moments.flags_nonfinite,
         )
 
     def _judge(self, *, final: bool, step_count: int) -> list[Finding]:

@@ -44,7 +44,7 @@ class RuleContext:
         output_activations: indices (into ``frame.schema.act_modules``) of activation modules that run
             after every parameter layer: output activations, saturated by design in a confident model.
         nonfinite_counted: whether ``nonfinite_count`` counts entries on every row. False on the
-            accelerators' multi-tensor path, where a row may hold 1 per tensor holding NaN/Inf (a flag
+            accelerators' paths, where an ordinary row holds 1 per tensor holding NaN/Inf (a flag
             from the sum of squares; docs/performance.md); 0 is exact either way.
         extra: free-form information for user rules (gradscope itself passes nothing here).
     """
