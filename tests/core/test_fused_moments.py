@@ -118,26 +118,32 @@ def test_the_multi_tensor_path_counts_non_finite_entries_exactly_once_a_flush_ha
     assert got == {1: 0, 2: 0, 3: 1, 4: 0, 5: 0, 6: 0, 7: 3, 8: 0, 9: 0}
 
 
-@pytest.mark.parametrize("path", ["auto", "foreach"])
-def test_the_non_finite_finding_gives_a_count_only_where_entries_were_counted(path):
+def nan_at_step_2(path: str, *, steps: int = 3, sample_every: int = 10):
+    """``(scope, the nonfinite_gradients finding)`` of a run with three NaN entries planted at step 2 (ordinary)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scope = gradscope.watch(model, optimizer=opt, flush_every=4)
-    if path == "foreach":
-        scope._recorder.moments = FusedMoments(scope._recorder.plan, path="foreach")
+    scope = gradscope.watch(model, optimizer=opt, flush_every=4, sample_every=sample_every)
+    if path != "auto":
+        scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
     x = torch.randn(8, 6)
     with warnings.catch_warnings(), scope:
         warnings.simplefilter("ignore")
-        for step in range(1, 4):
+        for step in range(1, steps + 1):
             model(x).square().mean().backward()
-            if step == 2:  # an ordinary step: three NaN entries in one tensor
+            if step == 2:
                 model[0].weight.grad[0, :3] = float("nan")
             opt.step()
             scope.step()
             opt.zero_grad(set_to_none=True)
     (found,) = [f for f in scope.report().findings if f.evidence.get("stat") == "nonfinite_count"]
     assert found.step == 2 and found.layer == "0"
+    return scope, found
+
+
+@pytest.mark.parametrize("path", ["auto", "foreach"])
+def test_the_non_finite_finding_gives_a_count_only_where_entries_were_counted(path):
+    _, found = nan_at_step_2(path)
     if path == "auto":  # the CPU kernel counts entries
         assert found.evidence["counted"] and found.evidence["counts"] == {"0": 3} and "(3 values)" in found.message
     else:  # the multi-tensor path flags the tensor: no count is claimed

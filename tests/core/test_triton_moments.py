@@ -15,20 +15,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
-import gradscope
 from gradscope.capture import triton_moments as tm
 from gradscope.capture.kernels import FusedMoments
 from gradscope.stats.moments import GRAD_MOMENTS, MOMENTS, MomentPlan
 
-from .test_fused_moments import _check, _grads, watched_run
+from .test_fused_moments import _check, _grads, nan_at_step_2, watched_run
 
 pytest.importorskip("triton", reason="Triton is not installed (it ships with PyTorch's CUDA builds)")
 
@@ -183,24 +180,9 @@ def test_the_pair_kernel_copies_the_weights_and_sums_squares_and_differences(dty
 
 def test_the_non_finite_finding_claims_no_count_when_ordinary_rows_hold_a_flag():
     """With Triton, sampled steps count NaN entries but ordinary steps still flag them: no count is claimed."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scope = gradscope.watch(model, optimizer=opt, flush_every=4, sample_every=3)
-    scope._recorder.moments = FusedMoments(scope._recorder.plan, path="triton")
-    x = torch.randn(8, 6)
-    with warnings.catch_warnings(), scope:
-        warnings.simplefilter("ignore")
-        for step in range(1, 5):
-            model(x).square().mean().backward()
-            if step == 2:  # an ordinary step: three NaN entries in one tensor, flagged as 1
-                model[0].weight.grad[0, :3] = float("nan")
-            opt.step()
-            scope.step()
-            opt.zero_grad(set_to_none=True)
+    scope, found = nan_at_step_2("triton", steps=4, sample_every=3)
     assert scope._recorder.moments.last_path == "triton"  # step 4 is sampled
+    assert not found.evidence["counted"] and "values)" not in found.message
     # the rules judged after a sampled step still read flags on the ordinary rows: no count claimed
     ctx = scope._diagnosis.context(scope._recorder.frame, new_from=0, final=False, step_count=4)
     assert ctx.nonfinite_counted is False
-    (found,) = [f for f in scope.report().findings if f.evidence.get("stat") == "nonfinite_count"]
-    assert found.step == 2 and not found.evidence["counted"] and "values)" not in found.message
