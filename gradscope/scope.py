@@ -216,7 +216,7 @@ class GradScope:
                 "or pass activations=False, to silence this.",
             )
         if diagnosis.unflushed >= self.flush_every:
-            self.flush()
+            self._flush(final=False, due=True)
         else:
             diagnosis.live(self._step)
         recorder.begin(self._step + 1)
@@ -343,10 +343,10 @@ class GradScope:
         )
 
     # -- flush, rules, sinks ---------------------------------------------------------------------------
-    def _flush(self, *, final: bool, collective: bool = True) -> list:
+    def _flush(self, *, final: bool, collective: bool = True, due: bool = False) -> list:
         if self._step and not self._closed:
             lifecycle.warn_unwatched(self, final=final)  # O(parameters) on the host, at some flushes
-        return self._diagnosis.flush(final=final, collective=collective, step_count=self._step)
+        return self._diagnosis.flush(final=final, collective=collective, step_count=self._step, due=due)
 
     def _nonfinite(self) -> None:
         lifecycle.nonfinite_in_step(self)

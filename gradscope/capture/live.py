@@ -3,7 +3,9 @@
 :class:`Diagnosis` runs the scope's :class:`~gradscope.rules.engine.RuleEngine` on the host frame and
 hands each new **confirmed** finding on (sinks at the next flush, ``on_finding``, ``stop_on``):
 
-* at every flush (``flush_every`` recorded steps, ``flush()``, ``close()``), as before;
+* at every flush (``flush_every`` recorded steps, ``flush()``, ``close()``), as before, except a
+  ``flush_every`` flush that falls between live evaluations (below): those rows are judged at the
+  next one, within ``k`` steps, so the flush adds no evaluation beyond the live budget;
 * **live**, between flushes, every ``k`` recorded steps, where :class:`LiveCadence` picks ``k`` so
   that the host time of these evaluations stays about half of :data:`LIVE_BUDGET` of the training's
   own step time. The rows reach the host without a blocking device sync (``StepRecorder.stream``:
@@ -828,6 +830,14 @@ class Diagnosis:
         if evaluate:
             cadence.evaluated(clock() - t0)
 
+    def _live_judges(self, step_count: int) -> bool:
+        """At a due flush: the live cadence will judge these rows before the next flush, and nothing is due now."""
+        cadence = self.cadence
+        if self._dist.active or not self.engine.rules or step_count <= self._hot_until:
+            return False
+        k = cadence.every
+        return k < cadence.flush_every and cadence.waiting < k
+
     def _is_hot(self, step_count: int, last: RecordedRow | None) -> bool:
         """Whether the rules run at this step after a trigger (at sampled rows only, for activations alone)."""
         if step_count > self._hot_until:
@@ -912,8 +922,15 @@ class Diagnosis:
         )
         return sorted(found)
 
-    def flush(self, *, final: bool, collective: bool, step_count: int) -> list[Finding]:
-        """Commit the rows waiting, run the rules, write the sinks; the findings confirmed by this flush."""
+    def flush(self, *, final: bool, collective: bool, step_count: int, due: bool = False) -> list[Finding]:
+        """Commit the rows waiting, run the rules, write the sinks; the findings confirmed by this flush.
+
+        ``due``: the flush ``scope.step()`` makes every ``flush_every`` steps. Its rules are left to
+        the live cadence when that evaluates more often than flushes and no evaluation is due yet
+        (nothing triggered, not hot): the rows are judged at the cadence's next evaluation, within
+        ``k`` steps, as if no flush had fallen in between; running them here too would spend a full
+        evaluation outside the live budget. ``flush()``, ``close()`` and a distributed run always judge.
+        """
         if self._host is not None and not self._dist.active and self.engine.rules and self.recorder.rows:
             try:  # the rows about to leave the buffer: the screen keeps its levels and counts continuous
                 reasons = self._screen_host()
@@ -923,8 +940,11 @@ class Diagnosis:
                 self._problem("live", f"screening at step {step_count} failed: {type(exc).__name__}: {exc}")
         self.recorder.commit(collective=collective)
         self.unflushed = 0
-        self.cadence.evaluated()
-        new = self._judge(final=final, step_count=step_count)
+        if due and not final and self._live_judges(step_count):
+            new: list[Finding] = []
+        else:
+            self.cadence.evaluated()
+            new = self._judge(final=final, step_count=step_count)
         frame = self.recorder.frame
         start = int(np.searchsorted(frame.steps, self._written_step, side="right"))
         if start < len(frame) or final or self._unsent or self._unsent_updates:

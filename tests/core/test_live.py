@@ -232,6 +232,44 @@ def test_tiny_steps_are_not_judged_every_step():
     assert len(probe.runs) < 20, [len(r) for r in probe.runs]
 
 
+class SlowProbe(StepsSeen):
+    """StepsSeen whose evaluation takes ``seconds`` on the fake clock."""
+
+    name = "slow_probe"
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        super().__init__()
+        self.clock, self.seconds = clock, seconds
+
+    def check(self, ctx: RuleContext) -> list:
+        self.clock.now += self.seconds
+        return super().check(ctx)
+
+
+def test_a_periodic_flush_between_live_evaluations_leaves_its_rows_to_the_next_one():
+    # 1 s steps, 33 ms evaluations: k = ceil(0.033 / (0.5% x 1 s)) = 7, below flush_every=10. The
+    # flushes at steps 10, 20, ... add no evaluation: their rows are judged at the next k-th step.
+    clock = FakeClock()
+    probe = SlowProbe(clock, 0.033)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    scope = gradscope.watch(model, rules=[probe], flush_every=10, activations=False)
+    scope._diagnosis.cadence.clock = clock
+    for step in range(1, 61):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        clock.now += 1.0
+        scope.step()
+        model.zero_grad()
+        if step == 45:
+            assert scope.flush() == []  # an explicit flush always judges
+    assert scope._diagnosis.cadence.every == 7
+    ends = [run[-1] for run in probe.runs]
+    assert ends == [2, 9, 16, 23, 30, 37, 44, 45, 52, 59], ends  # 2: the first, measured evaluation
+    flat = [s for run in probe.runs for s in run]
+    assert flat == list(range(1, 60))  # every row judged once, in order
+    scope.close()
+    assert [s for run in probe.runs for s in run] == list(range(1, 61))
+
+
 @pytest.mark.parametrize(
     ("step_time", "eval_time", "k"),
     [(1.0, 0.005, 1), (1.0, 0.02, 2), (0.1, 0.005, 5), (0.001, 0.002, 50), (0.01, 0.0, 1)],
