@@ -207,7 +207,7 @@ class GradScope:
             raise
         except Exception as exc:  # monitoring must never stop training
             self._problem("step", f"recording step {self._step} failed: {type(exc).__name__}: {exc}")
-        self._repeat.ended(self.layout)
+        self._repeat.ended(self.layout, recorder, self._step)
         if recorder.end_step():
             self._warn(
                 "compiled-activations",

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from gradscope.capture.hooks import HookManager
+from gradscope.capture.step import GradMarker, grad_marker, same_marker
 from gradscope.capture.weakcall import WeakCall
 
 if TYPE_CHECKING:
@@ -151,27 +152,22 @@ class RepeatDetector:
     """
 
     def __init__(self) -> None:
-        self._marker: tuple[weakref.ref[Any], int] | None = None
+        self._marker: GradMarker | None = None
 
     def repeated(self, recorder: StepRecorder, layout: ParamLayout) -> bool:
         """Whether the step ending now repeats the previous one (call before ``recorder.finish``)."""
         pending = recorder.pending
         if pending is None or recorder.optimizer is None or pending.opt_stepped or pending.grads_done:
             return False
-        marker = _grad_marker(layout)
+        marker = grad_marker(layout.tensors)
         if marker is None:
             return True
-        return self._marker is not None and self._marker[0]() is marker[0]() and self._marker[1] == marker[1]
+        return same_marker(self._marker, marker)
 
-    def ended(self, layout: ParamLayout) -> None:
-        """Note the gradients as they are at the end of a step (call after ``recorder.finish``)."""
-        self._marker = _grad_marker(layout)
+    def ended(self, layout: ParamLayout, recorder: StepRecorder, step: int) -> None:
+        """Note the gradients as they are at the end of step ``step`` (call after ``recorder.finish``).
 
-
-def _grad_marker(layout: ParamLayout) -> tuple[weakref.ref[Any], int] | None:
-    # Identity (a weak reference: an id could be reused by the next gradient) and version of one
-    # gradient: they change when a backward pass writes the gradients.
-    for t in layout.tensors:
-        if t.grad is not None:
-            return (weakref.ref(t.grad), t.grad._version)
-    return None
+        The marker ``recorder.finish`` read for this step is reused (one scan of the gradients per step).
+        """
+        known = recorder.end_marker
+        self._marker = known[1] if known[0] == step else grad_marker(layout.tensors)

@@ -20,6 +20,7 @@ import functools
 import math
 import numbers
 import operator
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Union
@@ -45,10 +46,13 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_SCALARS",
     "SKIP_COL",
+    "GradMarker",
     "PendingStep",
     "RecordedRow",
     "StepRecorder",
     "frame_schema",
+    "grad_marker",
+    "same_marker",
     "scalar_value",
     "step_values",
 ]
@@ -66,6 +70,27 @@ _NO_OPTIMIZER_STEP_LIMIT = 20
 _Warn = Callable[[str, str], None]
 _NOT_NONE = functools.partial(operator.is_not, None)
 
+#: Identity (a weak reference: the id of a freed gradient can be reused by the next one) and version
+#: of one gradient tensor: both change when a backward pass writes the gradients.
+GradMarker = tuple["weakref.ref[Tensor]", int]
+
+
+def grad_marker(tensors: Sequence[Tensor]) -> GradMarker | None:
+    """The :data:`GradMarker` of the first of ``tensors`` with a gradient; None when none has one."""
+    for t in tensors:
+        g = t.grad
+        if g is not None:
+            return (weakref.ref(g), g._version)
+    return None
+
+
+def same_marker(a: GradMarker | None, b: GradMarker | None) -> bool:
+    """Whether two markers name the same live gradient at the same version (no backward pass in between)."""
+    if a is None or b is None or a[1] != b[1]:
+        return False
+    g = a[0]()
+    return g is not None and g is b[0]()
+
 
 @dataclass(slots=True)
 class PendingStep:
@@ -79,7 +104,7 @@ class PendingStep:
         opt_stepped: the optimizer's pre-hook ran for it (else, with an optimizer, it was skipped).
         present: indices (layout order) of the tensors whose gradient was captured.
         trainable: ``requires_grad`` of every tensor at capture; None before the capture.
-        grad_marker: identity and version of one gradient right after the capture (see ``marked``).
+        grad_marker: :data:`GradMarker` of one gradient right after the capture (see ``marked``).
         marked: ``grad_marker`` was taken (a None marker means no gradient existed then).
         grad_scale: the loss scale still in the gradients (GradScaler with a fused optimizer step).
         found_inf: the device flag of a fused step skipped by GradScaler.
@@ -95,7 +120,7 @@ class PendingStep:
     opt_stepped: bool = False
     present: list[int] = field(default_factory=list)
     trainable: list[bool] | None = None
-    grad_marker: tuple[int, int] | None = None
+    grad_marker: GradMarker | None = None
     marked: bool = False
     grad_scale: Tensor | None = None
     found_inf: Tensor | None = None
@@ -238,6 +263,9 @@ class StepRecorder:
         #: as known on the host without reading the row (the compiled CPU kernel returns it; the live
         #: diagnosis sets it when it reads the row). ``step`` -1: nothing known.
         self.finite_known: tuple[int, bool] = (-1, True)
+        #: ``(step, marker)``: the :data:`GradMarker` read at the end of recorded step ``step`` (by
+        #: :meth:`finish`, once: the scope's repeat detector reuses it).
+        self.end_marker: tuple[int, GradMarker | None] = (-1, None)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def attach(self, model_name: str, sinks: Sequence[Sink] = ()) -> None:
@@ -332,7 +360,9 @@ class StepRecorder:
                 skipped = False
         if not pending.grads_done:
             self._capture_grads(pending)
-        elif pending.marked and pending.grad_marker != (marker := self._grad_marker()) and marker is not None:
+        marker = grad_marker(self.layout.tensors)
+        self.end_marker = (step, marker)
+        if pending.marked and marker is not None and not same_marker(pending.grad_marker, marker):
             self._warn(
                 "order",
                 "A backward pass ran between optimizer.step() and scope.step(): call scope.step() right after "
@@ -576,7 +606,7 @@ class StepRecorder:
             if not pending.grads_done:  # LBFGS evaluates several times: the first is the step's gradient
                 self._capture_for_step(optimizer, pending)
             else:  # a later evaluation within the same step is not a stray backward pass
-                pending.grad_marker, pending.marked = self._grad_marker(), True
+                pending.grad_marker, pending.marked = grad_marker(self.layout.tensors), True
             return out
 
         return wrapped
@@ -586,7 +616,7 @@ class StepRecorder:
             pending.opt_stepped = True
             self._read_loss_scale(optimizer, pending)
             self._capture_grads(pending, snapshot=self._update_on and pending.sampled)
-            pending.grad_marker, pending.marked = self._grad_marker(), True
+            pending.grad_marker, pending.marked = grad_marker(self.layout.tensors), True
             if self._update_on and pending.sampled:
                 self._snapshot_weights(pending)
         except Exception as exc:
@@ -792,13 +822,6 @@ class StepRecorder:
             pending.found_inf = found_inf
             col = self.buffer.scalars(pending.slot)[SKIP_COL]
             col.copy_(found_inf.reshape(()).to(device=col.device, dtype=col.dtype, non_blocking=True))
-
-    def _grad_marker(self) -> tuple[int, int] | None:
-        # Identity and version of one gradient: changes when a backward pass writes the gradients.
-        for t in self.layout.tensors:
-            if t.grad is not None:
-                return (id(t.grad), t.grad._version)
-        return None
 
     def _snapshot_weights(self, pending: PendingStep) -> None:
         upd = self._in_optimizer(pending.present)

@@ -97,6 +97,46 @@ def test_a_gradscaler_style_skipped_step_is_not_mistaken_for_a_repeat():
     assert scope.report().skipped_steps == [2]
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_backward_between_optimizer_step_and_scope_step_warns_once(set_to_none):
+    # The next batch's backward runs before scope.step(): the gradients captured at opt.step() were
+    # written over in place (same tensor, new version), so the statistics land one step late.
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    batches = _batches(6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.watch(model, optimizer=opt, rules="none") as scope:
+            x, y = batches[0]
+            nn.functional.mse_loss(model(x), y).backward()
+            for x, y in batches[1:]:
+                opt.step()
+                nn.functional.mse_loss(model(x), y).backward()  # the mistake: before scope.step()
+                scope.step()
+            opt.zero_grad(set_to_none=set_to_none)
+    late = [m for m in _messages(caught) if "A backward pass ran between" in m]
+    assert len(late) == 1 and "one step late" in late[0]
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_the_usual_loop_neither_warns_of_a_late_backward_nor_of_a_repeat(set_to_none):
+    # zero_grad(set_to_none=True) frees the gradients: the next ones may take the freed tensors' ids
+    # (the markers hold weak references, not ids); set_to_none=False keeps the tensors (versions change).
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gradscope.watch(model, optimizer=opt, rules="none") as scope:
+            for x, y in _batches(8):
+                nn.functional.mse_loss(model(x), y).backward()
+                opt.step()
+                scope.step()
+                opt.zero_grad(set_to_none=set_to_none)
+    messages = _messages(caught)
+    assert not [m for m in messages if "A backward pass ran between" in m or "called again" in m], messages
+    assert scope.report().skipped_steps == []
+
+
 def test_a_module_replaced_before_step_one_is_watched_without_a_false_no_gradient():
     model = _mlp()
     with gradscope.watch(model, rules=["no_gradient"]) as scope:
