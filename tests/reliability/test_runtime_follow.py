@@ -64,19 +64,26 @@ def test_a_recreated_optimizer_is_followed_and_no_step_reads_as_skipped(explicit
     assert _stat(report, 12, "2", "update_ratio") > 0  # measured on the new optimizer's steps
 
 
-def test_calling_step_twice_per_optimizer_step_warns_once():
+def _usual_loop(steps: int, *, twice: bool = False, set_to_none: bool = True):
+    """backward, opt.step(), scope.step() (twice: the mistake), zero_grad; the scope and its warnings."""
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with gradscope.watch(model, optimizer=opt, rules="none") as scope:
-            for x, y in _batches(6):
+            for x, y in _batches(steps):
                 nn.functional.mse_loss(model(x), y).backward()
                 opt.step()
                 scope.step()
-                scope.step()  # the mistake
-                opt.zero_grad()
-    repeated = [m for m in _messages(caught) if "called again" in m]
+                if twice:
+                    scope.step()
+                opt.zero_grad(set_to_none=set_to_none)
+    return scope, _messages(caught)
+
+
+def test_calling_step_twice_per_optimizer_step_warns_once():
+    scope, messages = _usual_loop(6, twice=True)
+    repeated = [m for m in messages if "called again" in m]
     assert len(repeated) == 1 and "once per optimizer step" in repeated[0]
     assert scope.step_count == 12
 
@@ -122,17 +129,7 @@ def test_a_backward_between_optimizer_step_and_scope_step_warns_once(set_to_none
 def test_the_usual_loop_neither_warns_of_a_late_backward_nor_of_a_repeat(set_to_none):
     # zero_grad(set_to_none=True) frees the gradients: the next ones may take the freed tensors' ids
     # (the markers hold weak references, not ids); set_to_none=False keeps the tensors (versions change).
-    model = _mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with gradscope.watch(model, optimizer=opt, rules="none") as scope:
-            for x, y in _batches(8):
-                nn.functional.mse_loss(model(x), y).backward()
-                opt.step()
-                scope.step()
-                opt.zero_grad(set_to_none=set_to_none)
-    messages = _messages(caught)
+    scope, messages = _usual_loop(8, set_to_none=set_to_none)
     assert not [m for m in messages if "A backward pass ran between" in m or "called again" in m], messages
     assert scope.report().skipped_steps == []
 
