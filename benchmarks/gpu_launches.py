@@ -10,14 +10,22 @@ path of the counted sampled step: ``triton`` when the one-pass kernel of
 ``gradscope/capture/triton_moments.py`` ran (its self-check, launched at step 1, had completed),
 ``foreach`` otherwise.
 
-Then the watched copy runs steps 1-30 (two sampled steps and no flush) under
+Then the watched copy runs steps 13-30 (step 21 sampled, no flush) under
 ``torch.cuda.set_sync_debug_mode("error")``: any host sync raises, and the script says so.
 
+``--compile`` runs both copies through ``torch.compile`` (gradscope watches the compiled module, as
+a user would) and counts from step 5, after compilation. It was written for the compiled
+``resnet50``, whose ordinary step cost 1.1 ms on an H200 against 0.1 ms eager (docs/performance.md):
+more kernels per step, or a host sync, would show here. ``resnet50`` runs at batch 16 (the kernel
+count does not depend on the batch).
+
     python benchmarks/gpu_launches.py
+    python benchmarks/gpu_launches.py --compile --workloads resnet50,gpt2-small
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import sys
@@ -40,19 +48,22 @@ def kernels_of(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def one(wl) -> str:
+def one(wl, compile: bool = False) -> str:
     """One workload's line: tensors, bare kernels, gradscope's kernels on ordinary and sampled steps, syncs."""
     torch.manual_seed(0)
     base = wl.make_model().cuda()
     g = torch.Generator().manual_seed(1)
     x, y = (t.cuda() for t in wl.make_batch(g))
+    if wl.name == "resnet50":
+        x, y = x[:16], y[:16]
     models = {"bare": base, "watched": copy.deepcopy(base)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
-    scope = gradscope.watch(models["watched"], optimizer=opts["watched"], flush_every=1000)
+    runs = {k: torch.compile(m) if compile else m for k, m in models.items()}
+    scope = gradscope.watch(runs["watched"], optimizer=opts["watched"], flush_every=1000)
 
     def step(kind: str) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = wl.loss_fn(models[kind](x), y)
+            loss = wl.loss_fn(runs[kind](x), y)
         loss.backward()
         opts[kind].step()
         if kind == "watched":
@@ -81,20 +92,29 @@ def one(wl) -> str:
         torch.cuda.set_sync_debug_mode("default")
     scope.close()
     n = sum(1 for p in base.parameters() if p.requires_grad)
-    return f"{wl.name:<11} {n:>7} {bare:>12} {ordinary:>9} {sampled:>8} {sampled_path:>8}  {verdict}"
+    mode = " (compiled)" if compile else ""
+    return f"{wl.name + mode:<22} {n:>7} {bare:>12} {ordinary:>9} {sampled:>8} {sampled_path:>8}  {verdict}"
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="mlp8,mlp128,gpt2-small")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both copies (counted after step 4)")
+    args = ap.parse_args()
+    pool = {w.name: w for w in cpu_workloads() + gpu_workloads()}
+    names = [n for n in args.workloads.split(",") if n]
+    unknown = [n for n in names if n not in pool]
+    if unknown:
+        ap.error(f"unknown workload(s) {unknown}; choose from {sorted(pool)}")
     if not torch.cuda.is_available():
         print("gpu_launches.py counts CUDA kernels: no CUDA device here (or a CPU build of torch).")
         return 2
-    pool = {w.name: w for w in cpu_workloads() + gpu_workloads()}
     print(
-        f"{'workload':<11} {'tensors':>7} {'bare kernels':>12} {'+ordinary':>9} {'+sampled':>8} {'path':>8}  "
-        "sync-free steps 1-30"
+        f"{'workload':<22} {'tensors':>7} {'bare kernels':>12} {'+ordinary':>9} {'+sampled':>8} {'path':>8}  "
+        "sync-free steps 13-30"
     )
-    for name in ("mlp8", "mlp128", "gpt2-small"):
-        print(one(pool[name]))
+    for name in names:
+        print(one(pool[name], compile=args.compile))
         sys.stdout.flush()
     return 0
 

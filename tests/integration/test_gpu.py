@@ -137,6 +137,49 @@ def test_compiled_model_on_cuda_matches_eager():
     assert worst.iloc[0] < 5e-2, "\n".join(f"{k}: eager {a[k]:.4g} compiled {b[k]:.4g}" for k in worst.index)
 
 
+def test_a_compiled_conv_net_with_batch_norm_never_syncs_after_compiling():
+    """The hot path of a compiled CNN (convolutions, batch norm, SGD with momentum, bf16 autocast).
+
+    Inductor may lay the convolutions out channels-last on a GPU, so the gradients it returns need
+    not be contiguous; the watched steps after compilation (a sampled one included) must still run
+    under set_sync_debug_mode("error"), and record what the eager model records.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).cuda()  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    compiled = torch.compile(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 3, 32, 32, generator=g).cuda(), torch.randint(0, 10, (16,), generator=g).cuda())]
+    scope = gradscope.watch(compiled, optimizer=opt, flush_every=100, sample_every=5)
+
+    def step() -> None:
+        x, y = batches[0]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(compiled(x), y)
+        loss.backward()
+        opt.step()
+        scope.step(loss=loss)
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(4):  # compilation, and any recompile of the first steps
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):  # steps 5-12: 6 and 11 are sampled
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    report = scope.close()
+    assert report.steps == 12 and not report.errors, report.errors
+    norms = report.stats.query("stat == 'l2_norm' and param == '*' and layer == '*'")
+    assert len(norms) == 12 and np.isfinite(norms["value"]).all() and (norms["value"] > 0).all()
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP2 on NCCL needs two GPUs")
 def test_fsdp2_on_nccl_matches_single_process(tmp_path):
     import _dist
