@@ -202,6 +202,27 @@ def small_tensor_workloads() -> list[Workload]:
     ]
 
 
+def channels_last_workloads() -> list[Workload]:
+    """``digits`` with the model and its images in channels-last memory format, as CPU training often
+    runs a CNN: the convolution weights' gradients are dense but not contiguous (not in the default lists)."""
+    (digits,) = [w for w in small_tensor_workloads() if w.name == "digits"]
+
+    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = digits.make_batch(g)
+        return x.contiguous(memory_format=torch.channels_last), y
+
+    return [
+        Workload(
+            "digits-cl",
+            lambda: digits_cnn().to(memory_format=torch.channels_last),
+            batch,
+            F.cross_entropy,
+            "sgd",
+            "digits in channels-last memory format (model and images)",
+        )
+    ]
+
+
 def cpu_workloads() -> list[Workload]:
     return [
         *small_tensor_workloads(),

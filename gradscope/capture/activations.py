@@ -471,8 +471,16 @@ class ActivationMonitor:
             if slot.kind == "hardtanh":
                 a, b = _hard_bounds(module)
             outer, units, inner, per_unit = geometry
+            y = output
+            if (
+                inner > 1
+                and output.dim() == 4
+                and not output.is_contiguous()
+                and output.is_contiguous(memory_format=torch.channels_last)
+            ):  # channels-last: [N, H, W, C] in memory, a contiguous view read as [N*H*W, C, 1] (same units)
+                y, outer, inner = output.permute(0, 2, 3, 1), outer * inner, 1
             try:
-                kernel(output, outer, units, inner, code, a, b, per_unit, view, index)
+                kernel(y, outer, units, inner, code, a, b, per_unit, view, index)
                 return
             except (RuntimeError, TypeError, ValueError):  # checked before anything is written
                 pass  # a non-contiguous or half-precision output: the operator path below

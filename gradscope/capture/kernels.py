@@ -69,6 +69,11 @@ _SOURCE = r"""
 namespace {
 constexpr int64_t kBlock = 512;
 
+// Whether a tensor's entries fill one block of memory from data_ptr(), in some order: contiguous,
+// channels-last, a transpose (torch strides are never negative, so data_ptr() is the lowest address).
+// Reductions that do not depend on the order (the moments, the histograms) read it as a flat array.
+inline bool flat(const torch::Tensor& t) { return t.layout() == torch::kStrided && t.is_non_overlapping_and_dense(); }
+
 template <typename T>
 void moments_one(const T* __restrict x, int64_t n, double* out) {
   double sum = 0.0, sumsq = 0.0;
@@ -131,9 +136,9 @@ bool moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<
   const int64_t R = out.size(0), C = out.size(1);
   for (int64_t c : cols) TORCH_CHECK(c < C, "moments_into: column out of range");
   for (const auto& x : xs) {
-    TORCH_CHECK(x.device().is_cpu() && x.layout() == torch::kStrided && x.is_contiguous() &&
+    TORCH_CHECK(x.device().is_cpu() && flat(x) &&
                     (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat64),
-                "moments_into: contiguous float32/float64 CPU tensors only");
+                "moments_into: dense float32/float64 CPU tensors only (contiguous or permuted, no gaps)");
   }
   double* o = out.data_ptr<double>();
   double m[6];
@@ -160,8 +165,8 @@ bool moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<
 // gradients read in C++: in Python, gathering `p.grad` and `p.requires_grad` of every parameter costs
 // a fraction of a microsecond per parameter, every step, and so does converting a list of tensors
 // at each call; a ParamSet converts its list once. `moments_into` writes only when every parameter
-// requires grad and has a gradient this kernel reads (a contiguous float32/float64 CPU tensor, not a
-// tensor subclass): it returns 1 when every gradient entry was finite, 2 when one was not; otherwise
+// requires grad and has a gradient this kernel reads (a dense float32/float64 CPU tensor, contiguous
+// or channels-last, not a tensor subclass): it returns 1 when every gradient entry was finite, 2 when one was not; otherwise
 // it returns 0 having written nothing, and the caller gathers the gradients itself.
 struct ParamSet {
   std::vector<torch::Tensor> params;
@@ -172,7 +177,7 @@ struct ParamSet {
     for (const auto& p : params) {
       if (!p.requires_grad() || p.key_set().has(c10::DispatchKey::Python)) return 0;
       const torch::Tensor& g = p.grad();
-      if (!g.defined() || !g.device().is_cpu() || g.layout() != torch::kStrided || !g.is_contiguous() ||
+      if (!g.defined() || !g.device().is_cpu() || !flat(g) ||
           g.key_set().has(c10::DispatchKey::Python) ||
           (g.scalar_type() != torch::kFloat32 && g.scalar_type() != torch::kFloat64))
         return 0;
@@ -296,11 +301,12 @@ void check_pairs(const std::vector<torch::Tensor>& as, const std::vector<torch::
     const auto& a = as[k];
     const auto& b = bs[k];
     for (const auto* t : {&a, &b})
-      TORCH_CHECK(t->device().is_cpu() && t->layout() == torch::kStrided && t->is_contiguous() &&
-                      !t->key_set().has(c10::DispatchKey::Python) &&
+      TORCH_CHECK(t->device().is_cpu() && flat(*t) && !t->key_set().has(c10::DispatchKey::Python) &&
                       (t->scalar_type() == torch::kFloat32 || t->scalar_type() == torch::kFloat64),
-                  what, ": contiguous float32/float64 CPU tensors only");
-    TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.numel() == b.numel(), what, ": pairs of one dtype and size");
+                  what, ": dense float32/float64 CPU tensors only (contiguous or permuted, no gaps)");
+    // entry i of one is entry i of the other only when both lay their entries out alike
+    TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.sizes() == b.sizes() && a.strides() == b.strides(), what,
+                ": pairs of one dtype, shape and layout");
     const int64_t r = rows.empty() ? (int64_t)k : rows[k];
     TORCH_CHECK(r >= 0 && r < out.size(0), what, ": row out of range");
   }
@@ -479,10 +485,9 @@ void histograms_into(std::vector<torch::Tensor> tensors, std::vector<int64_t> gr
     prev = end;
   }
   for (const auto& t : tensors)
-    TORCH_CHECK(t.device().is_cpu() && t.layout() == torch::kStrided && t.is_contiguous() &&
-                    !t.key_set().has(c10::DispatchKey::Python) &&
+    TORCH_CHECK(t.device().is_cpu() && flat(t) && !t.key_set().has(c10::DispatchKey::Python) &&
                     (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kFloat64),
-                "histograms_into: contiguous float32/float64 CPU tensors only");
+                "histograms_into: dense float32/float64 CPU tensors only (contiguous or permuted, no gaps)");
   const int64_t W = 2 * bins + 3;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   double* o = out.data_ptr<double>();
@@ -766,7 +771,7 @@ def grad_moments(grads: list[Tensor], full: bool = True) -> Tensor:
 
     Raises:
         RuntimeError: the kernel is not available (see :func:`cpu_kernel_state`), or a tensor is not a
-            contiguous float32/float64 CPU tensor.
+            dense float32/float64 CPU tensor (contiguous, or permuted such as channels-last).
     """
     fn = cpu_kernel()
     if fn is None:
@@ -816,8 +821,8 @@ def cpu_histogram_kernel() -> _HistogramFn | None:
         per group ``tensors[group_end[g - 1]:group_end[g]]`` into ``out`` (a contiguous ``[G, 2 * bins + 3]``
         float64 CPU tensor), reading each tensor twice (its extremes, then each value placed among the
         edges by comparison: the counts are exactly ``numpy.histogram(x, bins=edges)`` of the edges
-        written). Contiguous float32/float64 CPU tensors only; anything else raises before anything
-        is written.
+        written). Dense float32/float64 CPU tensors only (contiguous, or permuted such as channels-last:
+        read in memory order); anything else raises before anything is written.
     """
     return _state["histograms"] if cpu_kernel() is not None else None
 
@@ -875,8 +880,9 @@ def cpu_kernel(*, start: bool = True) -> _KernelFn | None:
         into row ``rows[k]`` (``k`` when ``rows`` is empty) of ``out`` (a contiguous ``[R, C]`` float64
         CPU tensor: the device buffer's row itself), moment ``j`` into column ``cols[j]`` (none when
         negative). ``full=False`` takes the sum of squares and the non-finite count only (a second
-        pass only when the sum of squares is not finite). Contiguous float32/float64 CPU tensors only;
-        anything else raises before anything is written. Returns whether every entry read was finite.
+        pass only when the sum of squares is not finite). Dense float32/float64 CPU tensors only
+        (contiguous, or permuted such as channels-last: read in memory order); anything else raises
+        before anything is written. Returns whether every entry read was finite.
     """
     state = _state["state"]
     if state == "ready":
@@ -1354,7 +1360,7 @@ class FusedMoments:
         cols = [MOMENT_INDEX[m] if m in wanted else -1 for m in GRAD_MOMENTS]
         try:
             fn(list(grads), block, [], cols, bool(wanted - CORE_MOMENTS))
-        except (RuntimeError, TypeError, ValueError):  # sparse, complex, half precision, non-contiguous, DTensor
+        except (RuntimeError, TypeError, ValueError):  # sparse, complex, half precision, gaps between entries, DTensor
             return None
         return block
 

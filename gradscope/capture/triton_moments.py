@@ -23,7 +23,8 @@ and a self-check of the compiled kernel against PyTorch's own reductions passes,
 device and dtype. The check is launched at the first sampled step (where Triton compiles the kernel:
 seconds, once) and its answer read at a later one, once the device has finished it: until then,
 when it fails, and for anything the kernel cannot read (a tensor subclass such as a DTensor shard,
-a non-contiguous gradient, mixed dtypes, deterministic algorithms on, a CUDA graph being captured),
+a gradient with gaps between its entries (a strided view; channels-last and other permuted
+layouts are read as they lie), mixed dtypes, deterministic algorithms on, a CUDA graph being captured),
 the multi-tensor path runs as before. ``GRADSCOPE_TRITON=off`` turns it off.
 
 Tests run the same kernel on CPU tensors with Triton's interpreter (``TRITON_INTERPRET=1``, set before
@@ -161,12 +162,26 @@ def _usable(lists: Sequence[Sequence[Tensor]], interpret: bool) -> tuple[torch.d
         if len(tensors) != len(lists[0]):
             return None
         for g in tensors:
-            if type(g) not in _PLAIN or g.dtype != dtype or g.device != device or not g.is_contiguous() or g.is_sparse:
+            if type(g) not in _PLAIN or g.dtype != dtype or g.device != device or g.is_sparse:
+                return None
+            if not _dense(g):  # read flat from data_ptr(): contiguous or permuted, no gaps
                 return None
     for a, b in zip(*lists) if len(lists) > 1 else ():
-        if a.numel() != b.numel():
+        if a.shape != b.shape or a.stride() != b.stride():  # entry i of one must be entry i of the other
             return None
     return device, dtype
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s entries fill one block of memory from ``data_ptr()``, in some order (no gaps, no overlap)."""
+    if t.is_contiguous():
+        return True
+    expected = 1  # strides sorted, each must be the product of the sizes below it (channels-last, a transpose)
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _ready(kind: str, device: torch.device, dtype: torch.dtype, interpret: bool, block: int) -> bool:
@@ -181,7 +196,8 @@ def triton_moments(grads: Sequence[Tensor], *, interpret: bool = False, block: i
     """``[len(grads), 6]`` float64 moments (``GRAD_MOMENTS`` order) of ``grads``, in one pass; None when it does not apply.
 
     Applies to CUDA tensors (CPU tensors with ``interpret=True``: Triton's interpreter, for tests) of one
-    dtype (float16, bfloat16, float32, float64), dense and contiguous, plain tensors (no subclass), once
+    dtype (float16, bfloat16, float32, float64), dense (contiguous, or permuted such as channels-last: the
+    entries are read in memory order), plain tensors (no subclass), once
     the kernel has passed its self-check on that device and dtype (on CUDA it is launched at the first
     call, which returns None, and read at a later one). Nothing but the self-check is launched when it
     returns None.
@@ -204,7 +220,7 @@ def triton_pair_sumsq(
     and the weights' norm: one read and one write, where the multi-tensor path reads the weights twice
     and writes once). ``copy=False``: the sum of squares of ``a[k] - b[k]``, nothing written (the
     update: two reads, where the multi-tensor path reads three times and writes once). Applies as
-    :func:`triton_moments` does (same dtype and sizes in both lists); None, nothing launched but the
+    :func:`triton_moments` does (same dtype, shape and strides in both lists); None, nothing launched but the
     self-check, otherwise.
     """
     found = _usable([a, b], interpret)

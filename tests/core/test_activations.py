@@ -119,3 +119,38 @@ def test_report_in_the_middle_of_a_sampled_step_keeps_its_activations():
             scope.step()
             model.zero_grad()
     assert value(scope.report().stats, 2, "1", "*", "act_zero_fraction") == pytest.approx(float(np.mean(out <= 0)))
+
+
+@pytest.mark.slow
+def test_channels_last_outputs_are_read_in_place_and_match_numpy(cpu_kernel, monkeypatch):
+    """A channels-last CNN's activation outputs are [N, H, W, C] in memory: the compiled kernel reads
+    them in place as [N*H*W, C] (a unit is still a channel) instead of the per-module operator path."""
+    from gradscope.capture import activations
+
+    operator_path = []
+    slow = activations._unit_counts_cpu
+    monkeypatch.setattr(activations, "_unit_counts_cpu", lambda *a: operator_path.append(a) or slow(*a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.Tanh())
+    with torch.no_grad():
+        model[0].bias[:2] = -50.0  # channels 0 and 1 dead for every sample and position
+        model[2].bias[0] = 50.0  # channel 0 of the tanh saturated everywhere
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 5, 5).to(memory_format=torch.channels_last)
+    seen: dict[str, torch.Tensor] = {}
+    for i in (1, 3):
+        model[i].register_forward_hook(lambda m, a, y, i=i: seen.__setitem__(str(i), y.detach().clone()))
+    scope = gradscope.watch(model, sample_every=1, rules="none")
+    model(x).sum().backward()
+    scope.step()
+    df = scope.close().stats
+    assert not seen["1"].is_contiguous() and seen["1"].is_contiguous(memory_format=torch.channels_last)
+    assert operator_path == []  # both modules went through the kernel
+    relu = seen["1"].numpy() <= 0
+    sat = np.abs(seen["3"].numpy()) > np.sqrt(0.99)
+    assert value(df, 1, "1", "*", "act_zero_fraction") == pytest.approx(float(np.mean(relu)), rel=1e-6)
+    assert value(df, 1, "1", "*", "act_dead_fraction") == pytest.approx(_np_dead(relu, 1))
+    assert value(df, 1, "1", "*", "act_dead_fraction") >= 2 / 6
+    assert value(df, 1, "3", "*", "act_saturated_fraction") == pytest.approx(float(np.mean(sat)), rel=1e-6)
+    assert value(df, 1, "3", "*", "act_dead_fraction") == pytest.approx(_np_dead(sat, 1))
+    assert value(df, 1, "3", "*", "act_dead_fraction") >= 1 / 6

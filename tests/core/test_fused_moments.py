@@ -177,8 +177,8 @@ def test_the_compiled_cpu_kernel_reads_every_moment_in_one_pass_and_matches_floa
         core = fused(contiguous, contiguous, sampled=False)
         _check(core, contiguous, rtol=rtol, moments=("sumsq", "nonfinite"))
         assert torch.isnan(core[:, [MOMENT_INDEX[m] for m in ("sum", "min", "max", "nnz")]]).all()
-    # what it cannot read (a transposed view, half precision) goes to the eager path, measured all the same
-    odd = [torch.randn(6, 5).t(), torch.randn(4).to(torch.bfloat16)]
+    # what it cannot read (a view with gaps, half precision) goes to the eager path, measured all the same
+    odd = [torch.randn(6, 10)[:, ::2], torch.randn(4).to(torch.bfloat16)]
     block = fused(odd, odd, sampled=True)
     assert fused.last_path == "eager"
     _check(block, odd, rtol=1e-5)
@@ -236,6 +236,38 @@ def test_a_watched_run_on_the_compiled_kernel_equals_the_eager_run(cpu_kernel):
 
 
 @pytest.mark.slow
+def test_a_channels_last_cnn_takes_the_kernel_and_records_what_the_eager_path_records(cpu_kernel):
+    """Channels-last convolutions (as CPU training recommends) give gradients that are dense but not
+    contiguous: the kernel reads them in memory order, the weight snapshot of the update ratio too."""
+
+    def run(path: str):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(8 * 6 * 6, 4),
+        ).to(memory_format=torch.channels_last)  # fmt: skip
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scope = gradscope.watch(model, optimizer=opt, sample_every=2, rules="none")
+        scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
+        x = torch.randn(5, 3, 6, 6).to(memory_format=torch.channels_last)
+        paths = []
+        for _ in range(4):
+            model(x).square().mean().backward()
+            assert not model[2].weight.grad.is_contiguous()
+            opt.step()
+            scope.step()
+            paths.append(scope._recorder.moments.last_path)
+            opt.zero_grad()
+        return scope.close().stats, paths
+
+    (a, paths), (b, _) = run("auto"), run("eager")
+    assert paths == ["kernel"] * 4
+    assert a[["step", "layer", "param", "stat"]].equals(b[["step", "layer", "param", "stat"]])
+    assert {"update_ratio", "param_norm"} <= set(a["stat"])
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.slow
 def test_the_kernel_reads_the_gradients_of_the_parameters_itself_or_declines_without_writing(cpu_kernel):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3), nn.Linear(3, 2))
@@ -263,7 +295,16 @@ def test_the_kernel_reads_the_gradients_of_the_parameters_itself_or_declines_wit
             assert (
                 fused.write([p.grad for p in params], params, view, [], sampled=sampled) and fused.last_finite is True
             )
-    # a parameter without a gradient, a frozen one, a non-contiguous gradient: nothing written, False
+    # a transposed gradient (dense, its entries in another order) is read where it lies
+    model.zero_grad(set_to_none=False)
+    model(torch.randn(8, 5)).square().mean().backward()
+    params[-2].grad = params[-2].grad.t().contiguous().t()
+    assert not params[-2].grad.is_contiguous()
+    view = torch.full((len(params), len(MOMENT_INDEX)), float("nan"), dtype=torch.float64)
+    assert fused.write_params(params, view, sampled=True)
+    _check(view, [p.grad for p in params], rtol=1e-5)
+    params[-2].grad = None  # (a backward would warn of a gradient laid out unlike its parameter)
+    # a parameter without a gradient, a frozen one, a gradient with gaps: nothing written, False
     for spoil in ("none", "frozen", "strided"):
         model.zero_grad(set_to_none=False)
         model(torch.randn(8, 5)).square().mean().backward()
@@ -273,7 +314,7 @@ def test_the_kernel_reads_the_gradients_of_the_parameters_itself_or_declines_wit
         elif spoil == "frozen":
             last.requires_grad_(False)
         else:
-            last.grad = torch.randn(last.shape[::-1]).t()
+            last.grad = torch.randn(last.shape[0], 2 * last.shape[1])[:, ::2]
         view = torch.full((len(params), len(MOMENT_INDEX)), float("nan"), dtype=torch.float64)
         assert not fused.write_params(params, view, sampled=True), spoil
         assert torch.isnan(view).all(), spoil
@@ -299,10 +340,25 @@ def test_the_weight_snapshot_and_the_update_norm_take_one_pass_each_and_match_fl
         ref = [float(((b - a).double() ** 2).sum()) for b, a in zip(dst, after)]
         np.testing.assert_allclose(view[[2, 0, 1], 3].numpy(), ref, rtol=rtol)
         assert all(torch.equal(a, b) for a, b in zip(src, dst))  # the snapshot is left as it was
-    # what it cannot read (a transposed view, mismatched pairs, half precision): False, nothing written
+    # a channels-last weight and its snapshot (empty_like keeps its strides): entry i is entry i
+    w = torch.randn(6, 4, 3, 3, generator=g).to(memory_format=torch.channels_last)
+    snap = torch.empty_like(w)
+    view = torch.full((1, 2), float("nan"), dtype=torch.float64)
+    assert fused.copy_sumsq([w], [snap], view, 0) and torch.equal(snap, w)
+    after = w + 0.01 * torch.randn(w.shape, generator=g)
+    assert fused.diff_sumsq([snap], [after], view, [], 1)
+    ref = [float((w.double() ** 2).sum()), float(((after - snap).double() ** 2).sum())]
+    np.testing.assert_allclose(view[0].numpy(), ref, rtol=1e-6)
+    # what it cannot read (entries laid out differently in a pair, mismatched sizes, a view with gaps,
+    # half precision): False, nothing written
     view = torch.full((1, 2), float("nan"), dtype=torch.float64)
     t = torch.randn(4, 3)
-    for a, b in ((t.t(), torch.zeros(3, 4)), (t, torch.zeros(5)), (t.half(), torch.zeros(4, 3).half())):
+    for a, b in (
+        (t.t(), torch.zeros(3, 4)),
+        (t, torch.zeros(5)),
+        (torch.randn(4, 6)[:, ::2], torch.zeros(4, 3)),
+        (t.half(), torch.zeros(4, 3).half()),
+    ):
         assert not fused.copy_sumsq([a], [b], view, 0)
         assert not fused.diff_sumsq([a], [b], view, [], 1)
     assert torch.isnan(view).all()

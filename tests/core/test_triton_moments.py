@@ -96,10 +96,27 @@ def test_worked_by_hand_across_tiles_nan_inf_zeros_and_an_empty_tensor():
     assert block[4].tolist() == [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
+def test_permuted_layouts_are_read_in_memory_order():
+    # a channels-last convolution weight and a transposed matrix: dense, their entries in another order
+    g = torch.Generator().manual_seed(9)
+    conv = torch.randn(8, 3, 5, 5, generator=g).to(memory_format=torch.channels_last)
+    grads = [conv, torch.randn(40, 7, generator=g).t(), torch.randn(70, generator=g)]
+    assert not conv.is_contiguous() and not grads[1].is_contiguous()
+    block = tm.triton_moments(grads, interpret=True, block=_BLOCK)
+    assert block is not None
+    _check(block, grads, rtol=1e-5)
+    # a pair lines its entries up only when both lie alike: same strides, or declined
+    snap = torch.empty_like(conv)  # (empty_like keeps the channels-last strides)
+    sums = tm.triton_pair_sumsq([conv], [snap], copy=True, interpret=True, block=_BLOCK)
+    assert sums is not None and torch.equal(snap, conv)
+    np.testing.assert_allclose(sums.numpy(), [float((conv.double() ** 2).sum())], rtol=1e-5)
+    assert tm.triton_pair_sumsq([conv], [conv.contiguous()], copy=False, interpret=True) is None
+
+
 def test_what_it_cannot_read_is_declined_without_launching():
     x = torch.randn(8, 4)
     assert tm.triton_moments([x, x.double()], interpret=True) is None  # mixed dtypes
-    assert tm.triton_moments([x.t()], interpret=True) is None  # not contiguous
+    assert tm.triton_moments([x[:, ::2]], interpret=True) is None  # gaps between its entries
     assert tm.triton_moments([x.to(torch.int64)], interpret=True) is None  # not a floating point gradient
     assert tm.triton_moments([x]) is None  # a CPU tensor outside the interpreter: that is the CPU kernel's
     assert tm.triton_moments([], interpret=True) is None

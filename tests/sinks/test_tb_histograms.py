@@ -208,11 +208,20 @@ def test_the_compiled_histograms_match_numpy_group_by_group(cpu_kernel):
                 edges, np.linspace(x.min(), x.max(), 17), rtol=1e-15, atol=1e-321
             )  # (subnormals)
         np.testing.assert_allclose([s, ss], [x.sum(), (x**2).sum()], rtol=1e-12)
-    # what the kernel does not take (half precision, a non-contiguous view) goes the operator way:
-    # histogram_rows gives the per-layer path's row for it
-    half = [[torch.randn(8, generator=g).to(torch.bfloat16)], [torch.randn(6, 4, generator=g).t()]]
+    # what the kernel does not take (half precision, a view with gaps between its entries) goes the
+    # operator way: histogram_rows gives the per-layer path's row for it
+    half = [[torch.randn(8, generator=g).to(torch.bfloat16)], [torch.randn(6, 8, generator=g)[:, ::2]]]
     for got, tensors in zip(H.histogram_rows(half, 8), half):
         want = H._row_cpu(tensors, 8)
         assert torch.equal(got, want)
-    with pytest.raises(RuntimeError, match="contiguous float32/float64"):
-        _kernel_rows(half[:1], 8, kernel)
+    for tensors in half:
+        with pytest.raises(RuntimeError, match="dense float32/float64"):
+            _kernel_rows([tensors], 8, kernel)
+    # a channels-last weight and a transpose are read in memory order: the same row as their copies
+    odd = [
+        torch.randn(4, 3, 5, 5, generator=g).to(memory_format=torch.channels_last),
+        torch.randn(7, 9, generator=g).t(),
+    ]
+    got = _kernel_rows([odd], 8, kernel)[0]
+    want = _kernel_rows([[t.contiguous() for t in odd]], 8, kernel)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
