@@ -33,10 +33,11 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from gradscope.capture.triton_moments import triton_moments, triton_pair_sumsq
+from gradscope.capture.triton_moments import dense_layout, triton_moments, triton_pair_sumsq
 from gradscope.stats.moments import CORE_MOMENTS, GRAD_MOMENTS, MOMENT_INDEX, MomentPlan
 
 __all__ = [
@@ -1034,6 +1035,19 @@ def foreach_moments(
     return out
 
 
+def _kernel_reads(g: Tensor) -> int:
+    """How the compiled CPU kernel reads ``g``: 1 directly, 2 through its values, 0 not at all.
+
+    1: a plain, dense, float32/float64 CPU tensor (the kernel's own check, in Python); 2: a sparse COO
+    one of those dtypes.
+    """
+    if type(g) is not Tensor or g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64):
+        return 0
+    if g.layout == torch.sparse_coo:
+        return 2
+    return int(g.layout == torch.strided and dense_layout(g))
+
+
 # -- choosing the path --------------------------------------------------------------------------------
 _GRAD_COLS = len(GRAD_MOMENTS)
 
@@ -1045,8 +1059,11 @@ class FusedMoments:
     accelerators, with the Triton kernel of :mod:`gradscope.capture.triton_moments` for the sampled
     steps on CUDA when it is available), ``"kernel"``, ``"foreach"`` (the accelerator path, on any
     device: the op-count test forces it on CPU tensors), ``"triton"`` (forced: on CPU tensors through
-    Triton's interpreter, for tests), or ``"eager"``. Any gradient a fused path cannot take (sparse, complex,
-    another dtype, a DTensor) sends the whole step to the eager path, which measures everything.
+    Triton's interpreter, for tests), or ``"eager"``. On the compiled CPU kernel, a gradient it cannot
+    read (complex, half precision, a view with gaps, a DTensor) goes to the eager path alone, and a
+    sparse one is read through its coalesced values (:meth:`_by_reader`); on the multi-tensor path,
+    gradients of several dtypes are grouped by dtype, and one it cannot take (sparse, complex, a
+    DTensor) sends the step to the eager path, which measures everything.
 
     Args:
         plan: the moment plan (columns, custom statistics, the moments wanted per step kind).
@@ -1071,6 +1088,8 @@ class FusedMoments:
         self._cols: dict[bool, tuple[list[int], bool]] = {}
         self._param_set: tuple[list[Tensor], Any] | None = None  # (the list, the kernel's copy of it)
         self._rows: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # row indices on the device
+        #: The last step's gradients were read in parts (:meth:`_by_reader`): the next one starts there.
+        self._mixed = False
 
     def __call__(self, grads: Sequence[Tensor], params: Sequence[Tensor], *, sampled: bool) -> Tensor:
         """Moments of ``grads`` (one device) as :meth:`MomentPlan.grad_moments` returns them."""
@@ -1081,7 +1100,17 @@ class FusedMoments:
         if path in ("foreach", "triton") and any(g.dtype != grads[0].dtype for g in grads):
             return self._by_dtype(grads, params, sampled)
         if path == "kernel":
+            if self._mixed:  # the last step's gradients were read in parts: no failing call first
+                split = self._by_reader(grads, params, sampled)
+                if split is not None:
+                    return split
+                self._mixed = False
             block = self._kernel(grads, sampled)
+            if block is None:
+                split = self._by_reader(grads, params, sampled)
+                if split is not None:
+                    self._mixed = True
+                    return split
         elif path in ("foreach", "triton"):
             # every moment of a sampled step in one pass on CUDA (on CPU tensors, forced, Triton's interpreter)
             if path == "triton" or (sampled and device.type == "cuda"):
@@ -1093,9 +1122,13 @@ class FusedMoments:
             self.last_path = "eager"
             return plan.grad_moments(grads, params, sampled=sampled)
         self.last_path = path
-        n = len(grads)
-        if plan.custom:
-            tail = torch.cat([self._tail(n, device)[:, :2], plan.custom_columns(grads, params, device)], dim=1)
+        return self._with_tail(block, grads, params)
+
+    def _with_tail(self, block: Tensor, grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+        """``block`` (the gradient moments) with the parameter columns (NaN) and the custom statistics."""
+        n, device = len(grads), block.device
+        if self.plan.custom:
+            tail = torch.cat([self._tail(n, device)[:, :2], self.plan.custom_columns(grads, params, device)], dim=1)
         else:
             tail = self._tail(n, device)
         return torch.cat([block, tail], dim=1)
@@ -1132,6 +1165,52 @@ class FusedMoments:
         self.last_path = "eager" if "eager" in paths else "foreach" if "foreach" in paths else paths[0]
         return out
 
+    def _by_reader(self, grads: Sequence[Tensor], params: Sequence[Tensor], sampled: bool) -> Tensor | None:
+        """The compiled kernel for what it reads, the eager path for the rest (None: nothing to split).
+
+        The kernel reads dense float32/float64 gradients directly, and a sparse one (an
+        ``nn.Embedding(sparse=True)``) through its coalesced values (:meth:`_sparse_kernel`); a complex
+        or half-precision parameter among float32 layers costs the eager path for that tensor alone, not
+        for every tensor of the step. ``last_path`` is ``kernel`` when nothing went the eager way.
+        """
+        kinds = [_kernel_reads(g) for g in grads]  # 1: directly, 2: sparse values, 0: not at all
+        if len(set(kinds)) == 1 and kinds[0] != 2:
+            return None  # (all readable: the kernel failed for another reason; none: the eager path)
+        out = torch.empty(len(grads), self.plan.n_cols, dtype=torch.float64)
+        paths = []
+        for kind in (1, 2, 0):
+            rows = [i for i, k in enumerate(kinds) if k == kind]
+            if not rows:
+                continue
+            gs, ps = [grads[i] for i in rows], [params[i] for i in rows]
+            block = self._sparse_kernel(gs, sampled) if kind == 2 else self._kernel(gs, sampled) if kind == 1 else None
+            if block is not None:
+                block, path = self._with_tail(block, gs, ps), "kernel"
+            else:
+                block, path = self.plan.grad_moments(gs, ps, sampled=sampled), "eager"
+            paths.append(path)
+            out.index_copy_(0, self._rows_tensor(rows, out.device), block)
+        self.last_path = "eager" if "eager" in paths else "kernel"
+        return out
+
+    def _sparse_kernel(self, grads: Sequence[Tensor], sampled: bool) -> Tensor | None:
+        """Moments of sparse COO gradients with the kernel, over their coalesced values.
+
+        The entries not stored count as zeros (they add nothing to the sums and bound the min and max
+        by 0), as the eager path measures them.
+        """
+        values = [g.coalesce().values() for g in grads]  # (an embedding's backward repeats rows: summed here)
+        block = self._kernel(values, sampled)
+        if block is None:
+            return None
+        holes = np.array([v.numel() < g.numel() for v, g in zip(values, grads)])
+        if holes.any():
+            host = block.numpy()  # (a CPU tensor: the same memory)
+            for m, bound in (("min", np.minimum), ("max", np.maximum)):
+                col = host[:, MOMENT_INDEX[m]]
+                bound(col, 0.0, out=col, where=holes)  # (NaN, a moment not taken, stays NaN)
+        return block
+
     def sumsq(self, tensors: Sequence[Tensor]) -> Tensor:
         """``[len(tensors)]`` float64 sums of squares (weights, updates), by the same choice of path."""
         device = tensors[0].device
@@ -1165,8 +1244,8 @@ class FusedMoments:
             False when the path does not apply (not a CPU kernel path, not built yet, a gradient it
             cannot read): nothing was written, use :meth:`__call__`.
         """
-        if self.path not in ("auto", "kernel") or view.device.type != "cpu":
-            return False
+        if self.path not in ("auto", "kernel") or view.device.type != "cpu" or self._mixed:
+            return False  # (mixed: the kernel reads these gradients in parts, which __call__ does)
         fn = cpu_kernel()
         if fn is None:
             return False

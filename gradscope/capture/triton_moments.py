@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BLOCK", "TRITON_ENV", "triton_moments", "triton_pair_sumsq", "triton_state"]
+__all__ = ["BLOCK", "TRITON_ENV", "dense_layout", "triton_moments", "triton_pair_sumsq", "triton_state"]
 
 #: Environment variable: ``auto`` (default: use the kernel on CUDA tensors when Triton is installed and
 #: its self-check passes) or ``off``.
@@ -164,7 +164,7 @@ def _usable(lists: Sequence[Sequence[Tensor]], interpret: bool) -> tuple[torch.d
         for g in tensors:
             if type(g) not in _PLAIN or g.dtype != dtype or g.device != device or g.is_sparse:
                 return None
-            if not _dense(g):  # read flat from data_ptr(): contiguous or permuted, no gaps
+            if not dense_layout(g):  # read flat from data_ptr(): contiguous or permuted, no gaps
                 return None
     for a, b in zip(*lists) if len(lists) > 1 else ():
         if a.shape != b.shape or a.stride() != b.stride():  # entry i of one must be entry i of the other
@@ -172,7 +172,7 @@ def _usable(lists: Sequence[Sequence[Tensor]], interpret: bool) -> tuple[torch.d
     return device, dtype
 
 
-def _dense(t: Tensor) -> bool:
+def dense_layout(t: Tensor) -> bool:
     """Whether ``t``'s entries fill one block of memory from ``data_ptr()``, in some order (no gaps, no overlap)."""
     if t.is_contiguous():
         return True

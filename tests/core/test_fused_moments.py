@@ -182,6 +182,23 @@ def test_the_compiled_cpu_kernel_reads_every_moment_in_one_pass_and_matches_floa
     block = fused(odd, odd, sampled=True)
     assert fused.last_path == "eager"
     _check(block, odd, rtol=1e-5)
+    # among tensors it reads, those alone go the eager way (rows in the caller's order)
+    mixed = [contiguous[0], odd[0], contiguous[3].t(), odd[1], contiguous[4]]
+    sizes = []
+    eager = fused.plan.grad_moments
+    fused.plan.grad_moments = lambda grads, *a, **k: sizes.append(len(grads)) or eager(grads, *a, **k)
+    block = fused(mixed, mixed, sampled=True)
+    assert sizes == [2] and fused.last_path == "eager"
+    _check(block, mixed, rtol=1e-5)
+    # the next step starts with the split (no failing call first), until every gradient is readable again
+    view = torch.full((len(mixed), len(MOMENT_INDEX)), float("nan"), dtype=torch.float64)
+    assert not fused.write(mixed, mixed, view, [], sampled=True) and torch.isnan(view).all()
+    dense = [contiguous[0], contiguous[3].t()]
+    block = fused(dense, dense, sampled=True)
+    assert fused.last_path == "kernel" and sizes == [2]
+    _check(block, dense, rtol=1e-5)
+    view = torch.full((2, len(MOMENT_INDEX)), float("nan"), dtype=torch.float64)
+    assert fused.write(dense, dense, view, [], sampled=True)
     # 3M entries: float64 accumulation over blocks keeps the sums exact to ~1e-10
     big = torch.randn(3_000_000, generator=torch.Generator().manual_seed(0))
     row = kernels.grad_moments([big])[0].numpy()
@@ -372,6 +389,10 @@ def test_a_sparse_gradient_is_measured_over_its_values_and_the_other_layers_stay
     model = nn.Sequential(emb, head)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scope = gradscope.watch(model, optimizer=opt, sample_every=1, rules="none", activations=False)
+    # the kernel (when built) reads the embedding's coalesced values and the dense gradients: no eager pass
+    plan, eager_sizes = scope._recorder.plan, []
+    eager = plan.grad_moments
+    plan.grad_moments = lambda grads, *a, **k: eager_sizes.append(len(grads)) or eager(grads, *a, **k)
     idx = torch.tensor([[1, 2, 2, 7]])
     model(idx).square().mean().backward()
     dense = emb.weight.grad.to_dense().double().numpy()
@@ -379,6 +400,7 @@ def test_a_sparse_gradient_is_measured_over_its_values_and_the_other_layers_stay
     opt.step()
     scope.step()
     stats = scope.close().stats
+    assert eager_sizes == ([] if kernels.cpu_kernel() is not None else [3]), eager_sizes
     ref_e, ref_h = np_stats(dense), np_stats(head_g)
     pairs = []
     for stat in ("l2_norm", "rms", "mean", "std", "abs_max", "zero_fraction", "nonfinite_count"):
