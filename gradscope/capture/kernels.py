@@ -1061,9 +1061,9 @@ class FusedMoments:
     device: the op-count test forces it on CPU tensors), ``"triton"`` (forced: on CPU tensors through
     Triton's interpreter, for tests), or ``"eager"``. On the compiled CPU kernel, a gradient it cannot
     read (complex, half precision, a view with gaps, a DTensor) goes to the eager path alone, and a
-    sparse one is read through its coalesced values (:meth:`_by_reader`); on the multi-tensor path,
-    gradients of several dtypes are grouped by dtype, and one it cannot take (sparse, complex, a
-    DTensor) sends the step to the eager path, which measures everything.
+    sparse one is read through its coalesced values; on the multi-tensor path, gradients of several
+    dtypes are grouped by dtype, and a sparse or complex one goes to the eager path alone
+    (:meth:`_split`). What no fused path takes (a DTensor) sends the step to the eager path.
 
     Args:
         plan: the moment plan (columns, custom statistics, the moments wanted per step kind).
@@ -1088,29 +1088,40 @@ class FusedMoments:
         self._cols: dict[bool, tuple[list[int], bool]] = {}
         self._param_set: tuple[list[Tensor], Any] | None = None  # (the list, the kernel's copy of it)
         self._rows: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # row indices on the device
-        #: The last step's gradients were read in parts (:meth:`_by_reader`): the next one starts there.
+        #: The last step's gradients were read in parts (:meth:`_split`): the next one starts there.
         self._mixed = False
 
     def __call__(self, grads: Sequence[Tensor], params: Sequence[Tensor], *, sampled: bool) -> Tensor:
-        """Moments of ``grads`` (one device) as :meth:`MomentPlan.grad_moments` returns them."""
-        plan = self.plan
+        """Moments of ``grads`` (one device) as :meth:`MomentPlan.grad_moments` returns them.
+
+        The fused path of the device for every gradient it reads; when one cannot be read, the step
+        is split (:meth:`_split`): the fused path for the others, the eager path for that one alone.
+        The next step starts with the split (``_mixed``) instead of a failing fused call.
+        """
+        if self._mixed:
+            split = self._split(grads, params, sampled)
+            if split is not None:
+                return split
+            self._mixed = False
+        block = self._fused(grads, params, sampled)
+        if block is not None:
+            return block
+        split = self._split(grads, params, sampled)
+        if split is not None:
+            self._mixed = True
+            return split
+        self.last_path = "eager"
+        return self.plan.grad_moments(grads, params, sampled=sampled)
+
+    def _fused(self, grads: Sequence[Tensor], params: Sequence[Tensor], sampled: bool) -> Tensor | None:
+        """The whole block by the device's fused path; None (nothing launched) when a gradient stops it."""
         device = grads[0].device
         path = self._path_on(device)
         block: Tensor | None = None
         if path in ("foreach", "triton") and any(g.dtype != grads[0].dtype for g in grads):
             return self._by_dtype(grads, params, sampled)
         if path == "kernel":
-            if self._mixed:  # the last step's gradients were read in parts: no failing call first
-                split = self._by_reader(grads, params, sampled)
-                if split is not None:
-                    return split
-                self._mixed = False
             block = self._kernel(grads, sampled)
-            if block is None:
-                split = self._by_reader(grads, params, sampled)
-                if split is not None:
-                    self._mixed = True
-                    return split
         elif path in ("foreach", "triton"):
             # every moment of a sampled step in one pass on CUDA (on CPU tensors, forced, Triton's interpreter)
             if path == "triton" or (sampled and device.type == "cuda"):
@@ -1119,8 +1130,7 @@ class FusedMoments:
             if block is None:
                 block = self._foreach(grads, sampled)
         if block is None:
-            self.last_path = "eager"
-            return plan.grad_moments(grads, params, sampled=sampled)
+            return None
         self.last_path = path
         return self._with_tail(block, grads, params)
 
@@ -1147,8 +1157,8 @@ class FusedMoments:
         """
         return self.last_path in ("foreach", "triton")
 
-    def _by_dtype(self, grads: Sequence[Tensor], params: Sequence[Tensor], sampled: bool) -> Tensor:
-        """Moments of gradients of several dtypes (a float32 norm among bfloat16 weights).
+    def _by_dtype(self, grads: Sequence[Tensor], params: Sequence[Tensor], sampled: bool) -> Tensor | None:
+        """Moments of gradients of several dtypes (a float32 norm among bfloat16 weights); None as :meth:`_fused`.
 
         Each dtype's block on its own, then one ``index_copy_`` each into the rows: launches per dtype
         present, not per tensor.
@@ -1158,39 +1168,54 @@ class FusedMoments:
         out = torch.empty(len(grads), self.plan.n_cols, dtype=torch.float64, device=device)
         paths = []
         for rows in groups:
-            block = self([grads[i] for i in rows], [params[i] for i in rows], sampled=sampled)
+            block = self._fused([grads[i] for i in rows], [params[i] for i in rows], sampled)
+            if block is None:
+                return None
             paths.append(self.last_path)
             out.index_copy_(0, self._rows_tensor(rows, device), block)
         # the path of the whole call: the slowest any group took
-        self.last_path = "eager" if "eager" in paths else "foreach" if "foreach" in paths else paths[0]
+        self.last_path = "foreach" if "foreach" in paths else paths[0]
         return out
 
-    def _by_reader(self, grads: Sequence[Tensor], params: Sequence[Tensor], sampled: bool) -> Tensor | None:
-        """The compiled kernel for what it reads, the eager path for the rest (None: nothing to split).
+    def _split(self, grads: Sequence[Tensor], params: Sequence[Tensor], sampled: bool) -> Tensor | None:
+        """The fused path for what it reads, the eager path for the rest (None: nothing to split).
 
-        The kernel reads dense float32/float64 gradients directly, and a sparse one (an
-        ``nn.Embedding(sparse=True)``) through its coalesced values (:meth:`_sparse_kernel`); a complex
-        or half-precision parameter among float32 layers costs the eager path for that tensor alone, not
-        for every tensor of the step. ``last_path`` is ``kernel`` when nothing went the eager way.
+        On the compiled CPU kernel, dense float32/float64 gradients are read directly and a sparse one
+        (an ``nn.Embedding(sparse=True)``) through its coalesced values (:meth:`_sparse_kernel`); on the
+        multi-tensor path, every strided real gradient. A complex, half-precision (CPU) or sparse
+        (accelerator) gradient among the others costs the eager path for that tensor alone: a fixed
+        number of operators, not a pass per tensor of the step. ``last_path`` is ``eager`` when
+        anything went the eager way.
         """
-        kinds = [_kernel_reads(g) for g in grads]  # 1: directly, 2: sparse values, 0: not at all
+        device = grads[0].device
+        path = self._path_on(device)
+        if path == "kernel":
+            kinds = [_kernel_reads(g) for g in grads]  # 1: directly, 2: sparse values, 0: not at all
+        elif path in ("foreach", "triton"):
+            kinds = [int(g.layout == torch.strided and not g.is_complex()) for g in grads]
+        else:
+            return None
         if len(set(kinds)) == 1 and kinds[0] != 2:
-            return None  # (all readable: the kernel failed for another reason; none: the eager path)
-        out = torch.empty(len(grads), self.plan.n_cols, dtype=torch.float64)
+            return None  # (all readable: the fused path failed for another reason; none: the eager path)
+        out = torch.empty(len(grads), self.plan.n_cols, dtype=torch.float64, device=device)
         paths = []
         for kind in (1, 2, 0):
             rows = [i for i, k in enumerate(kinds) if k == kind]
             if not rows:
                 continue
             gs, ps = [grads[i] for i in rows], [params[i] for i in rows]
-            block = self._sparse_kernel(gs, sampled) if kind == 2 else self._kernel(gs, sampled) if kind == 1 else None
-            if block is not None:
-                block, path = self._with_tail(block, gs, ps), "kernel"
-            else:
-                block, path = self.plan.grad_moments(gs, ps, sampled=sampled), "eager"
-            paths.append(path)
-            out.index_copy_(0, self._rows_tensor(rows, out.device), block)
-        self.last_path = "eager" if "eager" in paths else "kernel"
+            block = None
+            if kind == 1:
+                block = self._fused(gs, ps, sampled)
+                taken = self.last_path
+            elif kind == 2:
+                sparse = self._sparse_kernel(gs, sampled)
+                block, taken = (None, "") if sparse is None else (self._with_tail(sparse, gs, ps), "kernel")
+            if block is None:
+                block, taken = self.plan.grad_moments(gs, ps, sampled=sampled), "eager"
+            paths.append(taken)
+            out.index_copy_(0, self._rows_tensor(rows, device), block.to(device))
+        self.last_path = "eager" if "eager" in paths else paths[0]
         return out
 
     def _sparse_kernel(self, grads: Sequence[Tensor], sampled: bool) -> Tensor | None:
@@ -1379,8 +1404,8 @@ class FusedMoments:
         per dtype present (then each into its rows). False, nothing written, where it does not apply
         (another path, a custom statistic, a sampled step's moments).
         """
-        if not grads or self.plan.custom or len(grads) != (view.shape[0] if rows is None else len(rows)):
-            return False
+        if not grads or self.plan.custom or self._mixed or len(grads) != (view.shape[0] if rows is None else len(rows)):
+            return False  # (mixed: a gradient this path cannot take, which __call__ splits off)
         device = grads[0].device
         path = self._path_on(device)
         wanted = self.plan.wanted(False) & set(GRAD_MOMENTS)

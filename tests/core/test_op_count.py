@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -241,3 +242,36 @@ def test_an_ordinary_step_with_frozen_parameters_costs_as_many_operators_whateve
         counts.append(mode.ops)  # step 3: ordinary
     assert counts[0] == counts[1] == counts[2], [dict(c) for c in counts]
     assert counts[0]["index_copy_"] == 2 and counts[0]["_foreach_powsum"] == 1, dict(counts[0])
+
+
+def _embedding_run(n_linear: int, path: str) -> tuple[list[Counter[str]], object]:
+    """ATen operators of ``scope.step()`` at steps 1-12 of a sparse embedding in front of ``n_linear`` layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(50, 8, mode="sum", sparse=True), *[nn.Linear(8, 8) for _ in range(n_linear)])
+    scope = gradscope.watch(model, activations=False, rules="none", flush_every=100)
+    scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
+    x = torch.randint(0, 50, (4, 3), generator=torch.Generator().manual_seed(1))  # (repeated rows: uncoalesced)
+    counts = []
+    for _ in range(12):
+        model(x).square().mean().backward()
+        with _CountOps() as mode:
+            scope.step()
+        counts.append(mode.ops)
+        model.zero_grad(set_to_none=True)
+    return counts, scope.close()
+
+
+def test_a_sparse_embedding_costs_the_eager_path_for_itself_alone():
+    """One gradient the multi-tensor path cannot take (sparse) no longer sends every tensor of the step
+    to the per-tensor eager path: the others stay on the multi-tensor path, the operator count fixed."""
+    small, report = _embedding_run(2, "foreach")  # 5 tensors
+    large, _ = _embedding_run(8, "foreach")  # 17 tensors
+    for step in (2, 5, 11, 12):  # ordinary and sampled steps (1 and 11), after the first split
+        assert small[step - 1] == large[step - 1], (step, dict(small[step - 1]), dict(large[step - 1]))
+    eager, want = _embedding_run(2, "eager")
+    got = report.stats.set_index(["step", "layer", "param", "stat"])["value"]
+    ref = want.stats.set_index(["step", "layer", "param", "stat"])["value"]
+    assert got.index.equals(ref.index)
+    np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), rtol=1e-5, atol=1e-8)
+    # without the split every tensor had its own operators: the eager run's count grows with the model
+    assert sum(eager[4].values()) > sum(small[4].values())
