@@ -1182,8 +1182,8 @@ class FusedMoments:
 
         On the compiled CPU kernel, dense float32/float64 gradients are read directly and a sparse one
         (an ``nn.Embedding(sparse=True)``) through its coalesced values (:meth:`_sparse_kernel`); on the
-        multi-tensor path, every strided real gradient. A complex, half-precision (CPU) or sparse
-        (accelerator) gradient among the others costs the eager path for that tensor alone: a fixed
+        multi-tensor path, every strided real non-empty gradient. A complex, half-precision (CPU), sparse
+        or empty (accelerator) gradient among the others costs the eager path for that tensor alone: a fixed
         number of operators, not a pass per tensor of the step. ``last_path`` is ``eager`` when
         anything went the eager way.
         """
@@ -1192,7 +1192,8 @@ class FusedMoments:
         if path == "kernel":
             kinds = [_kernel_reads(g) for g in grads]  # 1: directly, 2: sparse values, 0: not at all
         elif path in ("foreach", "triton"):
-            kinds = [int(g.layout == torch.strided and not g.is_complex()) for g in grads]
+            # (an empty gradient too: _foreach_max has no maximum of zero elements)
+            kinds = [int(g.layout == torch.strided and not g.is_complex() and g.numel() > 0) for g in grads]
         else:
             return None
         if len(set(kinds)) == 1 and kinds[0] != 2:

@@ -230,6 +230,22 @@ def watched_run(path: str, *, sample_every: int = 1, steps: int = 3, frozen: boo
     return scope.close().stats, paths
 
 
+def test_the_multi_tensor_path_sends_what_it_cannot_take_to_the_eager_path_alone():
+    g = torch.Generator().manual_seed(4)
+    sparse = torch.sparse_coo_tensor(
+        torch.tensor([[0, 2, 2]]), torch.tensor([1.0, -2.0, 0.5]), (6,), check_invariants=True
+    )
+    grads = [torch.randn(5, 3, generator=g), torch.zeros(0), sparse, torch.randn(7, generator=g)]
+    fused = FusedMoments(MomentPlan(MOMENTS), path="foreach")
+    sizes = []
+    eager = fused.plan.grad_moments
+    fused.plan.grad_moments = lambda gs, *a, **k: sizes.append(len(gs)) or eager(gs, *a, **k)
+    block = fused(grads, grads, sampled=True)
+    assert sizes == [2] and fused.last_path == "eager"  # the empty and the sparse gradient, together
+    want = eager(grads, grads, sampled=True)
+    np.testing.assert_allclose(block.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)  # (NaN where not taken)
+
+
 def test_a_watched_run_on_the_multi_tensor_path_equals_the_eager_run():
     """Ordinary steps write the sum of squares and the flag into the row's columns directly; sampled steps
     build the whole block. Both record what the eager path records."""
