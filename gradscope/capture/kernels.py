@@ -75,8 +75,16 @@ constexpr int64_t kBlock = 512;
 // Reductions that do not depend on the order (the moments, the histograms) read it as a flat array.
 inline bool flat(const torch::Tensor& t) { return t.layout() == torch::kStrided && t.is_non_overlapping_and_dense(); }
 
-template <typename T>
-void moments_one(const T* __restrict x, int64_t n, double* out) {
+// The dtypes the moment kernel reads: float32 and float64, and bfloat16 and float16 summed in float32.
+inline bool moment_dtype(const torch::Tensor& t) {
+  const auto d = t.scalar_type();
+  return d == torch::kFloat32 || d == torch::kFloat64 || d == torch::kBFloat16 || d == torch::kHalf;
+}
+
+// S: the stored type; T: the type the sums run in within a block (float for bfloat16 and float16,
+// whose values float holds exactly, as the eager path accumulates them).
+template <typename S, typename T = S>
+void moments_one(const S* __restrict x, int64_t n, double* out) {
   double sum = 0.0, sumsq = 0.0;
   T mn = std::numeric_limits<T>::infinity(), mx = -std::numeric_limits<T>::infinity();
   int64_t nnz = 0, nonfinite = 0, nan = 0;
@@ -86,7 +94,7 @@ void moments_one(const T* __restrict x, int64_t n, double* out) {
     int32_t bz = 0, bnf = 0, bnan = 0;  // 32-bit lanes within a block vectorise with 32-bit floats
 #pragma omp simd reduction(+ : s, ss, bz, bnf, bnan) reduction(min : bmn) reduction(max : bmx)
     for (int64_t i = start; i < end; ++i) {
-      const T v = x[i];
+      const T v = static_cast<T>(x[i]);
       s += v;
       ss += v * v;
       bmn = v < bmn ? v : bmn;
@@ -104,23 +112,43 @@ void moments_one(const T* __restrict x, int64_t n, double* out) {
 
 // The core moments only: the sum of squares, and the exact non-finite count in a second pass that
 // runs only when the sum of squares says something is not finite. Other columns are NaN.
-template <typename T>
-void core_one(const T* __restrict x, int64_t n, double* out) {
+template <typename S, typename T = S>
+void core_one(const S* __restrict x, int64_t n, double* out) {
   double sumsq = 0.0;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min<int64_t>(n, start + kBlock);
     T ss = 0;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t i = start; i < end; ++i) ss += x[i] * x[i];
+    for (int64_t i = start; i < end; ++i) { const T v = static_cast<T>(x[i]); ss += v * v; }
     sumsq += ss;
   }
   int64_t nonfinite = 0;
   if (!std::isfinite(sumsq)) {
 #pragma omp simd reduction(+ : nonfinite)
-    for (int64_t i = 0; i < n; ++i) nonfinite += !(x[i] - x[i] == T(0));
+    for (int64_t i = 0; i < n; ++i) { const T v = static_cast<T>(x[i]); nonfinite += !(v - v == T(0)); }
   }
   const double nan = std::numeric_limits<double>::quiet_NaN();
   out[0] = nan; out[1] = sumsq; out[2] = nan; out[3] = nan; out[4] = nan; out[5] = (double)nonfinite;
+}
+
+// moments_one (full) or core_one of one tensor, by its dtype.
+inline void moments_of(const torch::Tensor& x, bool full, double* m) {
+  const int64_t n = x.numel();
+  switch (x.scalar_type()) {
+    case torch::kFloat32:
+      full ? moments_one<float>(x.data_ptr<float>(), n, m) : core_one<float>(x.data_ptr<float>(), n, m);
+      break;
+    case torch::kFloat64:
+      full ? moments_one<double>(x.data_ptr<double>(), n, m) : core_one<double>(x.data_ptr<double>(), n, m);
+      break;
+    case torch::kBFloat16:
+      full ? moments_one<at::BFloat16, float>(x.data_ptr<at::BFloat16>(), n, m)
+           : core_one<at::BFloat16, float>(x.data_ptr<at::BFloat16>(), n, m);
+      break;
+    default:
+      full ? moments_one<at::Half, float>(x.data_ptr<at::Half>(), n, m)
+           : core_one<at::Half, float>(x.data_ptr<at::Half>(), n, m);
+  }
 }
 }  // namespace
 
@@ -137,9 +165,9 @@ bool moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<
   const int64_t R = out.size(0), C = out.size(1);
   for (int64_t c : cols) TORCH_CHECK(c < C, "moments_into: column out of range");
   for (const auto& x : xs) {
-    TORCH_CHECK(x.device().is_cpu() && flat(x) &&
-                    (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kFloat64),
-                "moments_into: dense float32/float64 CPU tensors only (contiguous or permuted, no gaps)");
+    TORCH_CHECK(x.device().is_cpu() && flat(x) && moment_dtype(x),
+                "moments_into: dense float32/float64/bfloat16/float16 CPU tensors only (contiguous or permuted, "
+                "no gaps)");
   }
   double* o = out.data_ptr<double>();
   double m[6];
@@ -147,14 +175,7 @@ bool moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<
   for (size_t k = 0; k < xs.size(); ++k) {
     const int64_t r = rows.empty() ? (int64_t)k : rows[k];
     TORCH_CHECK(r >= 0 && r < R, "moments_into: row out of range");
-    const auto& x = xs[k];
-    if (x.scalar_type() == torch::kFloat32) {
-      if (full) moments_one<float>(x.data_ptr<float>(), x.numel(), m);
-      else core_one<float>(x.data_ptr<float>(), x.numel(), m);
-    } else {
-      if (full) moments_one<double>(x.data_ptr<double>(), x.numel(), m);
-      else core_one<double>(x.data_ptr<double>(), x.numel(), m);
-    }
+    moments_of(xs[k], full, m);
     double* row = o + r * C;
     for (int j = 0; j < 6; ++j) if (cols[j] >= 0) row[cols[j]] = m[j];
     finite = finite && m[5] == 0.0;
@@ -166,8 +187,8 @@ bool moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<
 // gradients read in C++: in Python, gathering `p.grad` and `p.requires_grad` of every parameter costs
 // a fraction of a microsecond per parameter, every step, and so does converting a list of tensors
 // at each call; a ParamSet converts its list once. `moments_into` writes only when every parameter
-// requires grad and has a gradient this kernel reads (a dense float32/float64 CPU tensor, contiguous
-// or channels-last, not a tensor subclass): it returns 1 when every gradient entry was finite, 2 when one was not; otherwise
+// requires grad and has a gradient this kernel reads (a dense float32/float64/bfloat16/float16 CPU
+// tensor, contiguous or channels-last, not a tensor subclass): it returns 1 when every gradient entry was finite, 2 when one was not; otherwise
 // it returns 0 having written nothing, and the caller gathers the gradients itself.
 struct ParamSet {
   std::vector<torch::Tensor> params;
@@ -179,8 +200,7 @@ struct ParamSet {
       if (!p.requires_grad() || p.key_set().has(c10::DispatchKey::Python)) return 0;
       const torch::Tensor& g = p.grad();
       if (!g.defined() || !g.device().is_cpu() || !flat(g) ||
-          g.key_set().has(c10::DispatchKey::Python) ||
-          (g.scalar_type() != torch::kFloat32 && g.scalar_type() != torch::kFloat64))
+          g.key_set().has(c10::DispatchKey::Python) || !moment_dtype(g))
         return 0;
       grads.push_back(g);
     }
@@ -772,7 +792,7 @@ def grad_moments(grads: list[Tensor], full: bool = True) -> Tensor:
 
     Raises:
         RuntimeError: the kernel is not available (see :func:`cpu_kernel_state`), or a tensor is not a
-            dense float32/float64 CPU tensor (contiguous, or permuted such as channels-last).
+            dense float32/float64/bfloat16/float16 CPU tensor (contiguous, or permuted such as channels-last).
     """
     fn = cpu_kernel()
     if fn is None:
@@ -881,7 +901,7 @@ def cpu_kernel(*, start: bool = True) -> _KernelFn | None:
         into row ``rows[k]`` (``k`` when ``rows`` is empty) of ``out`` (a contiguous ``[R, C]`` float64
         CPU tensor: the device buffer's row itself), moment ``j`` into column ``cols[j]`` (none when
         negative). ``full=False`` takes the sum of squares and the non-finite count only (a second
-        pass only when the sum of squares is not finite). Dense float32/float64 CPU tensors only
+        pass only when the sum of squares is not finite). Dense float32/float64/bfloat16/float16 CPU tensors only
         (contiguous, or permuted such as channels-last: read in memory order); anything else raises
         before anything is written. Returns whether every entry read was finite.
     """
@@ -1035,13 +1055,17 @@ def foreach_moments(
     return out
 
 
+#: The gradient dtypes the compiled CPU kernel's moments read (half precision summed in float32).
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def _kernel_reads(g: Tensor) -> int:
     """How the compiled CPU kernel reads ``g``: 1 directly, 2 through its values, 0 not at all.
 
-    1: a plain, dense, float32/float64 CPU tensor (the kernel's own check, in Python); 2: a sparse COO
-    one of those dtypes.
+    1: a plain, dense CPU tensor of :data:`_KERNEL_DTYPES` (the kernel's own check, in Python); 2: a
+    sparse COO one of those dtypes.
     """
-    if type(g) is not Tensor or g.device.type != "cpu" or g.dtype not in (torch.float32, torch.float64):
+    if type(g) is not Tensor or g.device.type != "cpu" or g.dtype not in _KERNEL_DTYPES:
         return 0
     if g.layout == torch.sparse_coo:
         return 2
@@ -1060,7 +1084,7 @@ class FusedMoments:
     steps on CUDA when it is available), ``"kernel"``, ``"foreach"`` (the accelerator path, on any
     device: the op-count test forces it on CPU tensors), ``"triton"`` (forced: on CPU tensors through
     Triton's interpreter, for tests), or ``"eager"``. On the compiled CPU kernel, a gradient it cannot
-    read (complex, half precision, a view with gaps, a DTensor) goes to the eager path alone, and a
+    read (complex, a view with gaps, a DTensor) goes to the eager path alone, and a
     sparse one is read through its coalesced values; on the multi-tensor path, gradients of several
     dtypes are grouped by dtype, and a sparse or complex one goes to the eager path alone
     (:meth:`_split`). What no fused path takes (a DTensor) sends the step to the eager path.
@@ -1180,9 +1204,9 @@ class FusedMoments:
     def _split(self, grads: Sequence[Tensor], params: Sequence[Tensor], sampled: bool) -> Tensor | None:
         """The fused path for what it reads, the eager path for the rest (None: nothing to split).
 
-        On the compiled CPU kernel, dense float32/float64 gradients are read directly and a sparse one
+        On the compiled CPU kernel, dense gradients (float32, float64, bfloat16, float16) are read directly and a sparse one
         (an ``nn.Embedding(sparse=True)``) through its coalesced values (:meth:`_sparse_kernel`); on the
-        multi-tensor path, every strided real non-empty gradient. A complex, half-precision (CPU), sparse
+        multi-tensor path, every strided real non-empty gradient. A complex (or, on the CPU, gapped), sparse
         or empty (accelerator) gradient among the others costs the eager path for that tensor alone: a fixed
         number of operators, not a pass per tensor of the step. ``last_path`` is ``eager`` when
         anything went the eager way.
@@ -1465,7 +1489,7 @@ class FusedMoments:
         cols = [MOMENT_INDEX[m] if m in wanted else -1 for m in GRAD_MOMENTS]
         try:
             fn(list(grads), block, [], cols, bool(wanted - CORE_MOMENTS))
-        except (RuntimeError, TypeError, ValueError):  # sparse, complex, half precision, gaps between entries, DTensor
+        except (RuntimeError, TypeError, ValueError):  # sparse, complex, gaps between entries, DTensor
             return None
         return block
 

@@ -167,7 +167,8 @@ def test_the_accelerator_path_groups_dtypes_and_sends_what_it_cannot_take_to_the
 @pytest.mark.slow
 @pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "nan-and-inf"])
 def test_the_compiled_cpu_kernel_reads_every_moment_in_one_pass_and_matches_float64(cpu_kernel, nonfinite):
-    for dtype, rtol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+    # (half precision: summed in float32, as the eager path does; the reference reads the same values)
+    for dtype, rtol in ((torch.bfloat16, 1e-5), (torch.float16, 1e-5), (torch.float32, 1e-5), (torch.float64, 1e-12)):
         grads = _grads(dtype, nonfinite)
         contiguous = [g.contiguous() for g in grads]
         fused = FusedMoments(MomentPlan(MOMENTS), path="kernel")
@@ -177,8 +178,8 @@ def test_the_compiled_cpu_kernel_reads_every_moment_in_one_pass_and_matches_floa
         core = fused(contiguous, contiguous, sampled=False)
         _check(core, contiguous, rtol=rtol, moments=("sumsq", "nonfinite"))
         assert torch.isnan(core[:, [MOMENT_INDEX[m] for m in ("sum", "min", "max", "nnz")]]).all()
-    # what it cannot read (a view with gaps, half precision) goes to the eager path, measured all the same
-    odd = [torch.randn(6, 10)[:, ::2], torch.randn(4).to(torch.bfloat16)]
+    # what it cannot read (views with gaps between their entries) goes to the eager path, measured all the same
+    odd = [torch.randn(6, 10)[:, ::2], torch.randn(8)[::2]]
     block = fused(odd, odd, sampled=True)
     assert fused.last_path == "eager"
     _check(block, odd, rtol=1e-5)
@@ -266,6 +267,30 @@ def test_a_watched_run_on_the_compiled_kernel_equals_the_eager_run(cpu_kernel):
     assert paths == ["kernel"] * 3
     cols = [c for c in a.columns if c in b.columns and a[c].dtype.kind == "f"]
     np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_a_bfloat16_model_on_the_cpu_takes_the_kernel_and_records_what_the_eager_path_records(cpu_kernel):
+    def run(path: str):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(torch.bfloat16)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scope = gradscope.watch(model, optimizer=opt, sample_every=2, rules="none")
+        scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
+        x = torch.randn(8, 6).to(torch.bfloat16)
+        paths = []
+        for _ in range(4):
+            model(x).float().square().mean().backward()
+            opt.step()
+            scope.step()
+            paths.append(scope._recorder.moments.last_path)
+            opt.zero_grad()
+        return scope.close().stats, paths
+
+    (a, paths), (b, _) = run("auto"), run("eager")
+    assert paths == ["kernel"] * 4
+    assert a[["step", "layer", "param", "stat"]].equals(b[["step", "layer", "param", "stat"]])
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.slow
