@@ -1214,6 +1214,8 @@ class FusedMoments:
         device = grads[0].device
         path = self._path_on(device)
         if path == "kernel":
+            if cpu_kernel() is None:
+                return None  # (not built, or off: nothing reads any of them)
             kinds = [_kernel_reads(g) for g in grads]  # 1: directly, 2: sparse values, 0: not at all
         elif path in ("foreach", "triton"):
             # (an empty gradient too: _foreach_max has no maximum of zero elements)
