@@ -68,6 +68,8 @@ def cpu_kernel():
     finally:
         mp.undo()
     if fn is None:
+        if kernels.cpu_kernel_state() == "absent":  # not built on this machine: this process runs the eager path
+            pytest.skip("the CPU kernel is not built on this machine (python -m gradscope.capture.kernels builds it)")
         pytest.skip(f"no C++ compiler could build the kernel: {kernels._state['error']}")
     return fn
 
