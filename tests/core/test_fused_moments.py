@@ -269,28 +269,39 @@ def test_a_watched_run_on_the_compiled_kernel_equals_the_eager_run(cpu_kernel):
     np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.slow
-def test_a_bfloat16_model_on_the_cpu_takes_the_kernel_and_records_what_the_eager_path_records(cpu_kernel):
-    def run(path: str):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(torch.bfloat16)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        scope = gradscope.watch(model, optimizer=opt, sample_every=2, rules="none")
-        scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
-        x = torch.randn(8, 6).to(torch.bfloat16)
-        paths = []
-        for _ in range(4):
-            model(x).float().square().mean().backward()
-            opt.step()
-            scope.step()
-            paths.append(scope._recorder.moments.last_path)
-            opt.zero_grad()
-        return scope.close().stats, paths
+def _four_steps(make_model, x: torch.Tensor, path: str, *, check=None):
+    """``(report.stats, the moment path of each step)`` of 4 SGD steps (momentum, every other step sampled)."""
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scope = gradscope.watch(model, optimizer=opt, sample_every=2, rules="none")
+    scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
+    paths = []
+    for _ in range(4):
+        model(x).float().square().mean().backward()
+        if check is not None:
+            check(model)
+        opt.step()
+        scope.step()
+        paths.append(scope._recorder.moments.last_path)
+        opt.zero_grad()
+    return scope.close().stats, paths
 
-    (a, paths), (b, _) = run("auto"), run("eager")
+
+def _kernel_equals_eager(make_model, x: torch.Tensor, *, check=None) -> None:
+    (a, paths), (b, _) = _four_steps(make_model, x, "auto", check=check), _four_steps(make_model, x, "eager")
     assert paths == ["kernel"] * 4
     assert a[["step", "layer", "param", "stat"]].equals(b[["step", "layer", "param", "stat"]])
+    assert {"update_ratio", "param_norm"} <= set(a["stat"])
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_a_bfloat16_model_on_the_cpu_takes_the_kernel_and_records_what_the_eager_path_records(cpu_kernel):
+    _kernel_equals_eager(
+        lambda: nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(torch.bfloat16),
+        torch.randn(8, 6).to(torch.bfloat16),
+    )
 
 
 @pytest.mark.slow
@@ -298,31 +309,14 @@ def test_a_channels_last_cnn_takes_the_kernel_and_records_what_the_eager_path_re
     """Channels-last convolutions (as CPU training recommends) give gradients that are dense but not
     contiguous: the kernel reads them in memory order, the weight snapshot of the update ratio too."""
 
-    def run(path: str):
-        torch.manual_seed(0)
-        model = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-            nn.Flatten(), nn.Linear(8 * 6 * 6, 4),
-        ).to(memory_format=torch.channels_last)  # fmt: skip
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        scope = gradscope.watch(model, optimizer=opt, sample_every=2, rules="none")
-        scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
-        x = torch.randn(5, 3, 6, 6).to(memory_format=torch.channels_last)
-        paths = []
-        for _ in range(4):
-            model(x).square().mean().backward()
-            assert not model[2].weight.grad.is_contiguous()
-            opt.step()
-            scope.step()
-            paths.append(scope._recorder.moments.last_path)
-            opt.zero_grad()
-        return scope.close().stats, paths
+    def check(model: nn.Module) -> None:
+        assert not model[2].weight.grad.is_contiguous()
 
-    (a, paths), (b, _) = run("auto"), run("eager")
-    assert paths == ["kernel"] * 4
-    assert a[["step", "layer", "param", "stat"]].equals(b[["step", "layer", "param", "stat"]])
-    assert {"update_ratio", "param_norm"} <= set(a["stat"])
-    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-5, atol=1e-9)
+    def cnn() -> nn.Module:
+        layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).to(memory_format=torch.channels_last)
+
+    _kernel_equals_eager(cnn, torch.randn(5, 3, 6, 6).to(memory_format=torch.channels_last), check=check)
 
 
 @pytest.mark.slow
