@@ -188,8 +188,9 @@ bool moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<
 // a fraction of a microsecond per parameter, every step, and so does converting a list of tensors
 // at each call; a ParamSet converts its list once. `moments_into` writes only when every parameter
 // requires grad and has a gradient this kernel reads (a dense float32/float64/bfloat16/float16 CPU
-// tensor, contiguous or channels-last, not a tensor subclass): it returns 1 when every gradient entry was finite, 2 when one was not; otherwise
-// it returns 0 having written nothing, and the caller gathers the gradients itself.
+// tensor, contiguous or channels-last, not a tensor subclass): it returns 1 when every gradient entry
+// was finite, 2 when one was not; otherwise it returns 0 having written nothing, and the caller
+// gathers the gradients itself.
 struct ParamSet {
   std::vector<torch::Tensor> params;
   std::vector<torch::Tensor> grads;
@@ -901,9 +902,9 @@ def cpu_kernel(*, start: bool = True) -> _KernelFn | None:
         into row ``rows[k]`` (``k`` when ``rows`` is empty) of ``out`` (a contiguous ``[R, C]`` float64
         CPU tensor: the device buffer's row itself), moment ``j`` into column ``cols[j]`` (none when
         negative). ``full=False`` takes the sum of squares and the non-finite count only (a second
-        pass only when the sum of squares is not finite). Dense float32/float64/bfloat16/float16 CPU tensors only
-        (contiguous, or permuted such as channels-last: read in memory order); anything else raises
-        before anything is written. Returns whether every entry read was finite.
+        pass only when the sum of squares is not finite). Dense float32/float64/bfloat16/float16 CPU
+        tensors only (contiguous, or permuted such as channels-last: read in memory order); anything
+        else raises before anything is written. Returns whether every entry read was finite.
     """
     state = _state["state"]
     if state == "ready":
@@ -1084,8 +1085,8 @@ class FusedMoments:
     steps on CUDA when it is available), ``"kernel"``, ``"foreach"`` (the accelerator path, on any
     device: the op-count test forces it on CPU tensors), ``"triton"`` (forced: on CPU tensors through
     Triton's interpreter, for tests), or ``"eager"``. On the compiled CPU kernel, a gradient it cannot
-    read (complex, a view with gaps, a DTensor) goes to the eager path alone, and a
-    sparse one is read through its coalesced values; on the multi-tensor path, gradients of several
+    read (complex, a view with gaps, a DTensor) goes to the eager path alone, and a sparse one is
+    read through its coalesced values; on the multi-tensor path, gradients of several
     dtypes are grouped by dtype, and a sparse or complex one goes to the eager path alone
     (:meth:`_split`). What no fused path takes (a DTensor) sends the step to the eager path.
 
@@ -1138,7 +1139,7 @@ class FusedMoments:
         return self.plan.grad_moments(grads, params, sampled=sampled)
 
     def _fused(self, grads: Sequence[Tensor], params: Sequence[Tensor], sampled: bool) -> Tensor | None:
-        """The whole block by the device's fused path; None (nothing launched) when a gradient stops it."""
+        """The whole block by the device's fused path; None when a gradient stops it (nothing written)."""
         device = grads[0].device
         path = self._path_on(device)
         block: Tensor | None = None
@@ -1204,12 +1205,12 @@ class FusedMoments:
     def _split(self, grads: Sequence[Tensor], params: Sequence[Tensor], sampled: bool) -> Tensor | None:
         """The fused path for what it reads, the eager path for the rest (None: nothing to split).
 
-        On the compiled CPU kernel, dense gradients (float32, float64, bfloat16, float16) are read directly and a sparse one
-        (an ``nn.Embedding(sparse=True)``) through its coalesced values (:meth:`_sparse_kernel`); on the
-        multi-tensor path, every strided real non-empty gradient. A complex (or, on the CPU, gapped), sparse
-        or empty (accelerator) gradient among the others costs the eager path for that tensor alone: a fixed
-        number of operators, not a pass per tensor of the step. ``last_path`` is ``eager`` when
-        anything went the eager way.
+        On the compiled CPU kernel, dense gradients (float32, float64, bfloat16, float16) are read
+        directly and a sparse one (an ``nn.Embedding(sparse=True)``) through its coalesced values
+        (:meth:`_sparse_kernel`); on the multi-tensor path, every strided, real, non-empty gradient.
+        Any other gradient among them (complex, a view with gaps on the CPU, sparse or empty on an
+        accelerator) costs the eager path for that tensor alone: a fixed number of operators, not a
+        pass per tensor of the step. ``last_path`` is ``eager`` when anything went the eager way.
         """
         device = grads[0].device
         path = self._path_on(device)

@@ -24,8 +24,8 @@ device and dtype. The check is launched at the first sampled step (where Triton 
 seconds, once) and its answer read at a later one, once the device has finished it: until then,
 when it fails, and for anything the kernel cannot read (a tensor subclass such as a DTensor shard,
 a gradient with gaps between its entries (a strided view; channels-last and other permuted
-layouts are read as they lie), mixed dtypes, deterministic algorithms on, a CUDA graph being captured),
-the multi-tensor path runs as before. ``GRADSCOPE_TRITON=off`` turns it off.
+layouts are read as they lie), mixed dtypes, deterministic algorithms on, a CUDA graph being
+captured), the multi-tensor path runs as before. ``GRADSCOPE_TRITON=off`` turns it off.
 
 Tests run the same kernel on CPU tensors with Triton's interpreter (``TRITON_INTERPRET=1``, set before
 Triton is first imported in the process), where every program is NumPy code:
@@ -220,8 +220,8 @@ def triton_pair_sumsq(
     and the weights' norm: one read and one write, where the multi-tensor path reads the weights twice
     and writes once). ``copy=False``: the sum of squares of ``a[k] - b[k]``, nothing written (the
     update: two reads, where the multi-tensor path reads three times and writes once). Applies as
-    :func:`triton_moments` does (same dtype, shape and strides in both lists); None, nothing launched but the
-    self-check, otherwise.
+    :func:`triton_moments` does (same dtype, shape and strides in both lists); None, nothing launched
+    but the self-check, otherwise.
     """
     found = _usable([a, b], interpret)
     if found is None or not _ready("pair", *found, interpret, block):
