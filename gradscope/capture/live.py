@@ -4,8 +4,9 @@
 hands each new **confirmed** finding on (sinks at the next flush, ``on_finding``, ``stop_on``):
 
 * at every flush (``flush_every`` recorded steps, ``flush()``, ``close()``), as before, except a
-  ``flush_every`` flush that falls between live evaluations (below): those rows are judged at the
-  next one, within ``k`` steps, so the flush adds no evaluation beyond the live budget;
+  ``flush_every`` flush that falls between live evaluations (below), after the first: those rows
+  are judged at the next one, within ``k`` steps, so the flush adds no evaluation beyond the live
+  budget;
 * **live**, between flushes, every ``k`` recorded steps, where :class:`LiveCadence` picks ``k`` so
   that the host time of these evaluations stays about half of :data:`LIVE_BUDGET` of the training's
   own step time. The rows reach the host without a blocking device sync (``StepRecorder.stream``:
@@ -209,6 +210,15 @@ class LiveCadence:
         self.screens += 1
         self.screen_time = seconds if self.screen_time is None else 0.8 * self.screen_time + 0.2 * seconds
         self.k_screen = self.screen_every
+
+    @property
+    def settled(self) -> bool:
+        """Whether ``flush_every`` step times have been measured.
+
+        Before, ``k`` rests on the first steps of a run, often slow ones (warm-up, compilation), and
+        the first flush judges its rows itself.
+        """
+        return self._started >= self.flush_every
 
     def due(self) -> bool:
         """Whether a live evaluation should run now (``k`` recorded steps waited, fewer than a flush)."""
@@ -833,7 +843,7 @@ class Diagnosis:
     def _live_judges(self, step_count: int) -> bool:
         """At a due flush: the live cadence will judge these rows before the next flush, and nothing is due now."""
         cadence = self.cadence
-        if self._dist.active or not self.engine.rules or step_count <= self._hot_until:
+        if self._dist.active or not self.engine.rules or step_count <= self._hot_until or not cadence.settled:
             return False
         k = cadence.every
         return k < cadence.flush_every and cadence.waiting < k
@@ -929,7 +939,8 @@ class Diagnosis:
         the live cadence when that evaluates more often than flushes and no evaluation is due yet
         (nothing triggered, not hot): the rows are judged at the cadence's next evaluation, within
         ``k`` steps, as if no flush had fallen in between; running them here too would spend a full
-        evaluation outside the live budget. ``flush()``, ``close()`` and a distributed run always judge.
+        evaluation outside the live budget. ``flush()``, ``close()``, a distributed run and the first
+        flush of a run (the cadence not settled yet, :attr:`LiveCadence.settled`) always judge.
         """
         if self._host is not None and not self._dist.active and self.engine.rules and self.recorder.rows:
             try:  # the rows about to leave the buffer: the screen keeps its levels and counts continuous

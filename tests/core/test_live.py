@@ -253,7 +253,8 @@ class SlowProbe(StepsSeen):
 
 def test_a_periodic_flush_between_live_evaluations_leaves_its_rows_to_the_next_one():
     # 1 s steps, 33 ms evaluations: k = ceil(0.033 / (0.5% x 1 s)) = 7, below flush_every=10. The
-    # flushes at steps 10, 20, ... add no evaluation: their rows are judged at the next k-th step.
+    # first flush (step 10) judges: the cadence has measured fewer than flush_every steps. The flushes
+    # at 20, 30, ... add no evaluation: their rows are judged at the next k-th step.
     clock = FakeClock()
     probe = SlowProbe(clock, 0.033)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
@@ -264,13 +265,13 @@ def test_a_periodic_flush_between_live_evaluations_leaves_its_rows_to_the_next_o
         clock.now += 1.0
         scope.step()
         model.zero_grad()
-        if step == 45:
+        if step == 41:
             assert scope.flush() == []  # an explicit flush always judges
     assert scope._diagnosis.cadence.every == 7
     ends = [run[-1] for run in probe.runs]
-    assert ends == [2, 9, 16, 23, 30, 37, 44, 45, 52, 59], ends  # 2: the first, measured evaluation
+    assert ends == [2, 9, 10, 17, 24, 31, 38, 41, 48, 55], ends  # 2: the first, measured evaluation
     flat = [s for run in probe.runs for s in run]
-    assert flat == list(range(1, 60))  # every row judged once, in order
+    assert flat == list(range(1, 56))  # every row judged once, in order
     scope.close()
     assert [s for run in probe.runs for s in run] == list(range(1, 61))
 
