@@ -29,6 +29,9 @@ def test_host_scale_benchmark_prints_every_case(tmp_path: Path) -> None:
     flush = [line for line in proc.stdout.splitlines() if line.startswith("flush ")]
     assert len(flush) == 2, proc.stdout
     assert re.search(r"live off: flush \d+\.\d ms \(commit \d+\.\d ms; rules \d+\.\d ms, over all", flush[0]), flush
-    assert re.search(r"live on: flush \d+\.\d ms \(commit \d+\.\d ms; live evaluations before it: \d+", flush[1]), flush
+    assert re.search(
+        r"live on \(the second flush\): flush \d+\.\d ms \(commit \d+\.\d ms; live evaluations since the first flush: \d+",
+        flush[1],
+    ), flush
     assert re.search(r"report\(\) \d+\.\d\d s", lines["report"]) and "rows, built when read" in lines["report"]
     assert re.search(r"HTML \d+\.\d\d s \(\d+ KiB\)", proc.stdout), proc.stdout
