@@ -483,7 +483,7 @@ class ActivationMonitor:
                 kernel(y, outer, units, inner, code, a, b, per_unit, view, index)
                 return
             except (RuntimeError, TypeError, ValueError):  # checked before anything is written
-                pass  # a non-contiguous or half-precision output: the operator path below
+                pass  # a non-contiguous output: the operator path below
         y = output.detach()
         count = _unit_counts_cpu if y.is_cpu else _unit_counts
         self._counts.append(count(y, slot.kind, module, geometry))

@@ -224,16 +224,17 @@ inline bool inactive(T v, T a, T b) {
   return v <= a || v >= b;                    // hardtanh, hardsigmoid: at the clamp
 }
 
-template <typename T, int K>
-void act_counts(const T* __restrict x, int64_t outer, int64_t units, int64_t inner, T a, T b,
+// S: the stored type; T: the type compared in (float for bfloat16 and float16, which it holds exactly).
+template <typename S, typename T, int K>
+void act_counts(const S* __restrict x, int64_t outer, int64_t units, int64_t inner, T a, T b,
                 int64_t* __restrict cnt) {
   if (inner == 1) {  // [rows, units]: count per column, vectorised across the units
     std::vector<int32_t> part(units, 0);
     int64_t rows_in_part = 0;
     for (int64_t o = 0; o < outer; ++o) {
-      const T* row = x + o * units;
+      const S* row = x + o * units;
 #pragma omp simd
-      for (int64_t u = 0; u < units; ++u) part[u] += inactive<T, K>(row[u], a, b) ? 1 : 0;
+      for (int64_t u = 0; u < units; ++u) part[u] += inactive<T, K>(static_cast<T>(row[u]), a, b) ? 1 : 0;
       if (++rows_in_part == (int64_t(1) << 30)) {  // 32-bit lanes: fold before they could overflow
         for (int64_t u = 0; u < units; ++u) { cnt[u] += part[u]; part[u] = 0; }
         rows_in_part = 0;
@@ -244,13 +245,13 @@ void act_counts(const T* __restrict x, int64_t outer, int64_t units, int64_t inn
   }
   for (int64_t o = 0; o < outer; ++o) {  // [N, C, L]: count over each contiguous run of L
     for (int64_t u = 0; u < units; ++u) {
-      const T* run = x + (o * units + u) * inner;
+      const S* run = x + (o * units + u) * inner;
       int64_t c = 0;
       for (int64_t start = 0; start < inner; start += (int64_t(1) << 30)) {
         const int64_t end = std::min<int64_t>(inner, start + (int64_t(1) << 30));
         int32_t s = 0;
 #pragma omp simd reduction(+ : s)
-        for (int64_t i = start; i < end; ++i) s += inactive<T, K>(run[i], a, b) ? 1 : 0;
+        for (int64_t i = start; i < end; ++i) s += inactive<T, K>(static_cast<T>(run[i]), a, b) ? 1 : 0;
         c += s;
       }
       cnt[u] += c;
@@ -258,20 +259,22 @@ void act_counts(const T* __restrict x, int64_t outer, int64_t units, int64_t inn
   }
 }
 
-template <typename T>
-void act_dispatch(const T* x, int64_t outer, int64_t units, int64_t inner, int64_t kind, double a, double b,
+template <typename S, typename T = S>
+void act_dispatch(const S* x, int64_t outer, int64_t units, int64_t inner, int64_t kind, double a, double b,
                   int64_t* cnt) {
-  const T ta = static_cast<T>(a), tb = static_cast<T>(b);
+  // the thresholds rounded to the stored type, as torch rounds a Python number compared with a tensor
+  const T ta = static_cast<T>(static_cast<S>(a)), tb = static_cast<T>(static_cast<S>(b));
   switch (kind) {
-    case 0: act_counts<T, 0>(x, outer, units, inner, ta, tb, cnt); break;
-    case 1: act_counts<T, 1>(x, outer, units, inner, ta, tb, cnt); break;
-    case 2: act_counts<T, 2>(x, outer, units, inner, ta, tb, cnt); break;
-    default: act_counts<T, 3>(x, outer, units, inner, ta, tb, cnt); break;
+    case 0: act_counts<S, T, 0>(x, outer, units, inner, ta, tb, cnt); break;
+    case 1: act_counts<S, T, 1>(x, outer, units, inner, ta, tb, cnt); break;
+    case 2: act_counts<S, T, 2>(x, outer, units, inner, ta, tb, cnt); break;
+    default: act_counts<S, T, 3>(x, outer, units, inner, ta, tb, cnt); break;
   }
 }
 }  // namespace
 
-// Activation statistics of one output y (contiguous float32/float64 CPU, read as [outer, units, inner])
+// Activation statistics of one output y (contiguous float32/float64/bfloat16/float16 CPU, read as
+// [outer, units, inner])
 // into row `row` of out ([R, 3] float64, contiguous), in one pass: the fraction of inactive entries
 // (column 0 for the relu family, kind 0; column 2 otherwise) and, when `per_unit`, the fraction of
 // units inactive for every sample and position (column 1; NaN otherwise). Fractions are float32
@@ -279,9 +282,8 @@ void act_dispatch(const T* x, int64_t outer, int64_t units, int64_t inner, int64
 // 3 v <= a or v >= b.
 void activation_into(torch::Tensor y, int64_t outer, int64_t units, int64_t inner, int64_t kind, double a,
                      double b, bool per_unit, torch::Tensor out, int64_t row) {
-  TORCH_CHECK(y.device().is_cpu() && y.layout() == torch::kStrided && y.is_contiguous() &&
-                  (y.scalar_type() == torch::kFloat32 || y.scalar_type() == torch::kFloat64),
-              "activation_into: a contiguous float32/float64 CPU tensor only");
+  TORCH_CHECK(y.device().is_cpu() && y.layout() == torch::kStrided && y.is_contiguous() && moment_dtype(y),
+              "activation_into: a contiguous float32/float64/bfloat16/float16 CPU tensor only");
   TORCH_CHECK(outer >= 0 && units > 0 && inner > 0 && outer * units * inner == y.numel(),
               "activation_into: outer * units * inner must be the tensor's size");
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kFloat64 && out.is_contiguous() &&
@@ -289,10 +291,14 @@ void activation_into(torch::Tensor y, int64_t outer, int64_t units, int64_t inne
               "activation_into: out must be a contiguous [R, 3] float64 CPU tensor");
   TORCH_CHECK(row >= 0 && row < out.size(0), "activation_into: row out of range");
   std::vector<int64_t> cnt(units, 0);
-  if (y.scalar_type() == torch::kFloat32)
-    act_dispatch<float>(y.data_ptr<float>(), outer, units, inner, kind, a, b, cnt.data());
-  else
-    act_dispatch<double>(y.data_ptr<double>(), outer, units, inner, kind, a, b, cnt.data());
+  switch (y.scalar_type()) {
+    case torch::kFloat32: act_dispatch<float>(y.data_ptr<float>(), outer, units, inner, kind, a, b, cnt.data()); break;
+    case torch::kFloat64: act_dispatch<double>(y.data_ptr<double>(), outer, units, inner, kind, a, b, cnt.data()); break;
+    case torch::kBFloat16:
+      act_dispatch<at::BFloat16, float>(y.data_ptr<at::BFloat16>(), outer, units, inner, kind, a, b, cnt.data());
+      break;
+    default: act_dispatch<at::Half, float>(y.data_ptr<at::Half>(), outer, units, inner, kind, a, b, cnt.data());
+  }
   const int64_t samples = outer * inner;
   int64_t total = 0, dead = 0;
   for (int64_t u = 0; u < units; ++u) { total += cnt[u]; dead += cnt[u] == samples; }
@@ -309,7 +315,8 @@ void activation_into(torch::Tensor y, int64_t outer, int64_t units, int64_t inne
 // write, where a copy and a separate sum of squares read the weights twice). After it: the sum of
 // squares of before - after without writing the difference (two reads, where a subtraction in place
 // and a sum of squares read three times and write once). Sums as in core_one (blocks in the input
-// type, float64 across blocks), the difference in the input type as torch's subtraction rounds it.
+// type, float for bfloat16 and float16; float64 across blocks), the difference rounded to the input
+// type as torch's subtraction rounds it.
 // Every tensor is checked before anything is written.
 namespace {
 void check_pairs(const std::vector<torch::Tensor>& as, const std::vector<torch::Tensor>& bs, const torch::Tensor& out,
@@ -323,9 +330,8 @@ void check_pairs(const std::vector<torch::Tensor>& as, const std::vector<torch::
     const auto& a = as[k];
     const auto& b = bs[k];
     for (const auto* t : {&a, &b})
-      TORCH_CHECK(t->device().is_cpu() && flat(*t) && !t->key_set().has(c10::DispatchKey::Python) &&
-                      (t->scalar_type() == torch::kFloat32 || t->scalar_type() == torch::kFloat64),
-                  what, ": dense float32/float64 CPU tensors only (contiguous or permuted, no gaps)");
+      TORCH_CHECK(t->device().is_cpu() && flat(*t) && !t->key_set().has(c10::DispatchKey::Python) && moment_dtype(*t),
+                  what, ": dense float32/float64/bfloat16/float16 CPU tensors only (contiguous or permuted, no gaps)");
     // entry i of one is entry i of the other only when both lay their entries out alike
     TORCH_CHECK(a.scalar_type() == b.scalar_type() && a.sizes() == b.sizes() && a.strides() == b.strides(), what,
                 ": pairs of one dtype, shape and layout");
@@ -334,27 +340,32 @@ void check_pairs(const std::vector<torch::Tensor>& as, const std::vector<torch::
   }
 }
 
-template <typename T>
-double copy_sumsq_one(const T* __restrict x, T* __restrict y, int64_t n) {
+// S: the stored type; T: the type of the arithmetic (float for bfloat16 and float16, as in moments_one).
+template <typename S, typename T = S>
+double copy_sumsq_one(const S* __restrict x, S* __restrict y, int64_t n) {
   double sumsq = 0.0;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min<int64_t>(n, start + kBlock);
     T ss = 0;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t i = start; i < end; ++i) { const T v = x[i]; y[i] = v; ss += v * v; }
+    for (int64_t i = start; i < end; ++i) { const S v = x[i]; y[i] = v; const T t = static_cast<T>(v); ss += t * t; }
     sumsq += ss;
   }
   return sumsq;
 }
 
-template <typename T>
-double diff_sumsq_one(const T* __restrict a, const T* __restrict b, int64_t n) {
+// The difference is rounded to the stored type, as torch's subtraction of two such tensors rounds it.
+template <typename S, typename T = S>
+double diff_sumsq_one(const S* __restrict a, const S* __restrict b, int64_t n) {
   double sumsq = 0.0;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min<int64_t>(n, start + kBlock);
     T ss = 0;
 #pragma omp simd reduction(+ : ss)
-    for (int64_t i = start; i < end; ++i) { const T d = a[i] - b[i]; ss += d * d; }
+    for (int64_t i = start; i < end; ++i) {
+      const T d = static_cast<T>(static_cast<S>(static_cast<T>(a[i]) - static_cast<T>(b[i])));
+      ss += d * d;
+    }
     sumsq += ss;
   }
   return sumsq;
@@ -370,22 +381,28 @@ void pairs_into(std::vector<torch::Tensor>& as, std::vector<torch::Tensor>& bs, 
   const int64_t C = out.size(1);
   for (size_t k = 0; k < as.size(); ++k) {
     const int64_t r = rows.empty() ? (int64_t)k : rows[k];
-    o[r * C + col] = as[k].scalar_type() == torch::kFloat32 ? one.template operator()<float>(as[k], bs[k])
-                                                             : one.template operator()<double>(as[k], bs[k]);
+    double v;
+    switch (as[k].scalar_type()) {
+      case torch::kFloat32: v = one.template operator()<float>(as[k], bs[k]); break;
+      case torch::kFloat64: v = one.template operator()<double>(as[k], bs[k]); break;
+      case torch::kBFloat16: v = one.template operator()<at::BFloat16, float>(as[k], bs[k]); break;
+      default: v = one.template operator()<at::Half, float>(as[k], bs[k]);
+    }
+    o[r * C + col] = v;
   }
 }
 
 struct CopySumsq {  // dst <- src, and the sum of squares of src
-  template <typename T>
+  template <typename S, typename T = S>
   double operator()(torch::Tensor& x, torch::Tensor& y) const {
-    return copy_sumsq_one<T>(x.data_ptr<T>(), y.data_ptr<T>(), x.numel());
+    return copy_sumsq_one<S, T>(x.data_ptr<S>(), y.data_ptr<S>(), x.numel());
   }
 };
 
 struct DiffSumsq {  // the sum of squares of a - b
-  template <typename T>
+  template <typename S, typename T = S>
   double operator()(torch::Tensor& a, torch::Tensor& b) const {
-    return diff_sumsq_one<T>(a.data_ptr<T>(), b.data_ptr<T>(), a.numel());
+    return diff_sumsq_one<S, T>(a.data_ptr<S>(), b.data_ptr<S>(), a.numel());
   }
 };
 
@@ -458,12 +475,13 @@ bool screen_block(torch::Tensor storage, int64_t first, int64_t n, int64_t col, 
 // bucket holds x == hi); sums in float64. A constant group: every edge at its value, all of it in the
 // last bucket (TensorBoard's convention). A group holding NaN or Inf, or nothing: a NaN row.
 namespace {
-template <typename T>
-void extremes(const T* x, int64_t n, double& lo, double& hi, bool& bad) {
+// S: the stored type; T: the type compared in (float for bfloat16 and float16, which it holds exactly).
+template <typename S, typename T = S>
+void extremes(const S* x, int64_t n, double& lo, double& hi, bool& bad) {
   T mn = std::numeric_limits<T>::infinity(), mx = -std::numeric_limits<T>::infinity();
   bool nan = false;
   for (int64_t i = 0; i < n; ++i) {
-    const T v = x[i];
+    const T v = static_cast<T>(x[i]);
     nan |= v != v;
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
@@ -473,14 +491,14 @@ void extremes(const T* x, int64_t n, double& lo, double& hi, bool& bad) {
   hi = std::max(hi, (double)mx);
 }
 
-template <typename T>
-void place(const T* x, int64_t n, double lo, double hi, const double* e, int64_t bins, double* counts,
+template <typename S>
+void place(const S* x, int64_t n, double lo, double hi, const double* e, int64_t bins, double* counts,
            double& sum, double& sumsq) {
   const double scale = bins / (hi - lo);
   std::vector<int64_t> c(bins, 0);
   double s = 0.0, ss = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    const double v = (double)x[i];
+    const double v = static_cast<double>(x[i]);
     s += v;
     ss += v * v;
     const double f = (v - lo) * scale;  // a first guess (inf or NaN for a subnormal range: clamped)
@@ -507,9 +525,9 @@ void histograms_into(std::vector<torch::Tensor> tensors, std::vector<int64_t> gr
     prev = end;
   }
   for (const auto& t : tensors)
-    TORCH_CHECK(t.device().is_cpu() && flat(t) && !t.key_set().has(c10::DispatchKey::Python) &&
-                    (t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kFloat64),
-                "histograms_into: dense float32/float64 CPU tensors only (contiguous or permuted, no gaps)");
+    TORCH_CHECK(t.device().is_cpu() && flat(t) && !t.key_set().has(c10::DispatchKey::Python) && moment_dtype(t),
+                "histograms_into: dense float32/float64/bfloat16/float16 CPU tensors only (contiguous or permuted, "
+                "no gaps)");
   const int64_t W = 2 * bins + 3;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   double* o = out.data_ptr<double>();
@@ -523,10 +541,12 @@ void histograms_into(std::vector<torch::Tensor> tensors, std::vector<int64_t> gr
     for (int64_t k = start; k < end; ++k) {
       const auto& t = tensors[k];
       numel += t.numel();
-      if (t.scalar_type() == torch::kFloat32)
-        extremes<float>(t.data_ptr<float>(), t.numel(), lo, hi, bad);
-      else
-        extremes<double>(t.data_ptr<double>(), t.numel(), lo, hi, bad);
+      switch (t.scalar_type()) {
+        case torch::kFloat32: extremes<float>(t.data_ptr<float>(), t.numel(), lo, hi, bad); break;
+        case torch::kFloat64: extremes<double>(t.data_ptr<double>(), t.numel(), lo, hi, bad); break;
+        case torch::kBFloat16: extremes<at::BFloat16, float>(t.data_ptr<at::BFloat16>(), t.numel(), lo, hi, bad); break;
+        default: extremes<at::Half, float>(t.data_ptr<at::Half>(), t.numel(), lo, hi, bad);
+      }
     }
     if (bad || numel == 0 || !std::isfinite(lo) || !std::isfinite(hi)) {
       std::fill(row, row + W, nan);
@@ -548,10 +568,14 @@ void histograms_into(std::vector<torch::Tensor> tensors, std::vector<int64_t> gr
       e[bins] = hi;
       for (int64_t k = start; k < end; ++k) {
         const auto& t = tensors[k];
-        if (t.scalar_type() == torch::kFloat32)
-          place<float>(t.data_ptr<float>(), t.numel(), lo, hi, e, bins, counts, sum, sumsq);
-        else
-          place<double>(t.data_ptr<double>(), t.numel(), lo, hi, e, bins, counts, sum, sumsq);
+        switch (t.scalar_type()) {
+          case torch::kFloat32: place<float>(t.data_ptr<float>(), t.numel(), lo, hi, e, bins, counts, sum, sumsq); break;
+          case torch::kFloat64: place<double>(t.data_ptr<double>(), t.numel(), lo, hi, e, bins, counts, sum, sumsq); break;
+          case torch::kBFloat16:
+            place<at::BFloat16>(t.data_ptr<at::BFloat16>(), t.numel(), lo, hi, e, bins, counts, sum, sumsq);
+            break;
+          default: place<at::Half>(t.data_ptr<at::Half>(), t.numel(), lo, hi, e, bins, counts, sum, sumsq);
+        }
       }
     }
     row[2 * bins + 1] = sum;
@@ -843,8 +867,8 @@ def cpu_histogram_kernel() -> _HistogramFn | None:
         per group ``tensors[group_end[g - 1]:group_end[g]]`` into ``out`` (a contiguous ``[G, 2 * bins + 3]``
         float64 CPU tensor), reading each tensor twice (its extremes, then each value placed among the
         edges by comparison: the counts are exactly ``numpy.histogram(x, bins=edges)`` of the edges
-        written). Dense float32/float64 CPU tensors only (contiguous, or permuted such as channels-last:
-        read in memory order); anything else raises before anything is written.
+        written). Dense float32/float64/bfloat16/float16 CPU tensors only (contiguous, or permuted such
+        as channels-last: read in memory order); anything else raises before anything is written.
     """
     return _state["histograms"] if cpu_kernel() is not None else None
 
@@ -874,7 +898,8 @@ def cpu_activation_kernel() -> _ActivationFn | None:
 
     Returns:
         ``fn(y, outer, units, inner, kind, a, b, per_unit, out, row)``: the statistics of one activation
-        output ``y`` (a contiguous float32/float64 CPU tensor read as ``[outer, units, inner]``), read
+        output ``y`` (a contiguous float32/float64/bfloat16/float16 CPU tensor read as
+        ``[outer, units, inner]``; half precision compared in float32, which holds it exactly), read
         once, into row ``row`` of ``out`` (a contiguous ``[R, 3]`` float64 CPU tensor: the buffer's
         activation block): the fraction of inactive entries (column 0 for ``kind`` 0, the relu
         family; column 2 otherwise), and with ``per_unit`` the fraction of units inactive for every

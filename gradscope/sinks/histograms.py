@@ -19,11 +19,11 @@ value is placed by comparison with the edges written, so the counts are exactly
   ``lo + (hi - lo) * k / bins`` in float64 and every value placed among them by comparison. A model
   of many small layers spent its histogram step in per-operation overhead: 129 layers of gradients
   and weights took 13.7 ms of operators.
-* CPU tensors otherwise (or half precision, or not contiguous): ``torch.histogram(x, bins,
-  range=(min, max))``, one pass per layer (per chunk of a large tensor); reading ``min`` and ``max``
-  of a CPU tensor waits for nothing, so every layer's are read at once, and the rows of all layers
-  are assembled together (:func:`_rows_cpu`: the values of the per-layer :func:`_row_cpu`, with a few
-  operations per tensor instead of some twenty per layer).
+* CPU tensors otherwise (no kernel built, or a view with gaps between its entries):
+  ``torch.histogram(x, bins, range=(min, max))``, one pass per layer (per chunk of a large
+  tensor); reading ``min`` and ``max`` of a CPU tensor waits for nothing, so every layer's are read
+  at once, and the rows of all layers are assembled together (:func:`_rows_cpu`: the values of the
+  per-layer :func:`_row_cpu`, with a few operations per tensor instead of some twenty per layer).
 * Accelerators: ``min`` and ``max`` stay device tensors (``torch.histc`` with data-dependent bounds
   would read them on the host: a sync), the edges are computed on the device, values are placed
   with ``torch.bucketize`` and counted with ``torch.histc`` over the integer bucket indices, whose
@@ -159,7 +159,7 @@ def _rows_cpu_any(groups: Sequence[Sequence[Tensor]], bins: int) -> Tensor:
             kernel(flat, ends, bins, out)
             return out
         except (RuntimeError, TypeError, ValueError):  # checked before anything is written
-            pass  # a half-precision or non-contiguous tensor: the operator path below
+            pass  # a view with gaps between its entries: the operator path below
     return _rows_cpu(groups, bins)
 
 

@@ -212,7 +212,7 @@ def test_each_way_of_counting_matches_numpy_on_odd_shapes(counter):
 
 
 @pytest.mark.parametrize("path", ["bool", "float", "kernel"])
-@pytest.mark.parametrize("np_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("np_dtype", [np.float16, np.float32, np.float64])
 def test_thresholds_compare_in_the_outputs_dtype_at_the_boundaries(path, np_dtype, monkeypatch):
     # outputs on either side of each threshold as the output's dtype rounds it (as torch compares)
     _choose("kernel" if path == "kernel" else "operators", "cpu", monkeypatch)
@@ -235,6 +235,44 @@ def test_thresholds_compare_in_the_outputs_dtype_at_the_boundaries(path, np_dtyp
             count = acts_mod._unit_counts if path == "bool" else acts_mod._unit_counts_cpu
             got = tuple(float(t) for t in acts_mod._statistics(y, kind, module, False, count))
         np.testing.assert_array_equal(np.array(got), np.array(_expected(y.numpy(), module, 1)), err_msg=str(module))
+
+
+def _bf16_neighbours(c: float) -> list[float]:
+    """``c`` rounded to bfloat16 and the bfloat16 numbers either side of it (NumPy has no bfloat16)."""
+    if c == 0.0:
+        return [-(2.0**-133), 0.0, 2.0**-133]  # the smallest subnormals
+    bits = torch.tensor([abs(c)], dtype=torch.bfloat16).view(torch.int16)  # magnitude order is bit order
+    near = torch.cat([bits - 1, bits, bits + 1]).view(torch.bfloat16).tolist()
+    return near if c > 0 else [-v for v in reversed(near)]
+
+
+def test_the_kernel_counts_bfloat16_outputs_as_torch_compares_them_at_the_boundaries():
+    """A bfloat16 output, read by the kernel in float with its thresholds rounded to bfloat16: the same
+    statistics as torch's own comparisons (both operator paths), at and either side of each threshold."""
+    if not _kernel_available():
+        pytest.skip("the compiled CPU kernel with activation_into is not built on this machine")
+    g = torch.Generator().manual_seed(0)
+    for module in (nn.Tanh(), nn.Sigmoid(), nn.Hardtanh(-0.3, 0.1), nn.Hardsigmoid(), nn.ReLU()):
+        kind = acts_mod._kind(module)
+        assert kind is not None
+        code, a, b = acts_mod._KERNEL_TEST[kind]
+        if kind == "hardtanh":
+            a, b = acts_mod._hard_bounds(module)
+        vals = [v for c in (a, b, -a, 0.0, 1.0) for v in _bf16_neighbours(c)]
+        edge = torch.tensor(vals * 2, dtype=torch.bfloat16).reshape(2, -1)
+        for y in (edge, torch.randn(16, 40, generator=g).to(torch.bfloat16)):
+            out = torch.full((1, 3), float("nan"), dtype=torch.float64)
+            acts_mod._cpu_kernel()(y, y.shape[0], y.shape[1], 1, code, a, b, True, out, 0)
+            got = out[0].tolist()
+            for count in (acts_mod._unit_counts, acts_mod._unit_counts_cpu):
+                want = [float(t) for t in acts_mod._statistics(y, kind, module, False, count)]
+                np.testing.assert_array_equal(np.array(got), np.array(want), err_msg=f"{module} {count.__name__}")
+            # and the definition in float64, the thresholds rounded to bfloat16 first
+            x = y.double()
+            lo, hi = (float(torch.tensor(t, dtype=torch.bfloat16)) for t in (a, b))
+            ina = {0: x <= lo, 1: x.abs() > lo, 2: (x < lo) | (x > hi), 3: (x <= lo) | (x >= hi)}[code]
+            frac = float(np.float32(int(ina.sum())) / np.float32(ina.numel()))
+            assert got[0 if code == 0 else 2] == frac, module
 
 
 class _OpCounter(TorchDispatchMode):

@@ -297,11 +297,19 @@ def _kernel_equals_eager(make_model, x: torch.Tensor, *, check=None) -> None:
 
 
 @pytest.mark.slow
-def test_a_bfloat16_model_on_the_cpu_takes_the_kernel_and_records_what_the_eager_path_records(cpu_kernel):
+def test_a_bfloat16_model_on_the_cpu_takes_the_kernel_and_records_what_the_eager_path_records(cpu_kernel, monkeypatch):
+    # the weight snapshot and the update norm of the sampled steps too: the operator path copies the
+    # weights (_foreach_copy_) and subtracts (_foreach_sub_); the pair kernels do neither
+    ops: list[str] = []
+    for name in ("_foreach_copy_", "_foreach_sub_"):
+        op = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _op=op, _name=name, **k: ops.append(_name) or _op(*a, **k))
     _kernel_equals_eager(
         lambda: nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).to(torch.bfloat16),
         torch.randn(8, 6).to(torch.bfloat16),
     )
+    # the eager run (the reference) took the operator path at its 2 sampled steps; the kernel run never did
+    assert ops == ["_foreach_copy_", "_foreach_sub_"] * 2
 
 
 @pytest.mark.slow
@@ -377,7 +385,8 @@ def test_the_kernel_reads_the_gradients_of_the_parameters_itself_or_declines_wit
 def test_the_weight_snapshot_and_the_update_norm_take_one_pass_each_and_match_float64(cpu_kernel):
     g = torch.Generator().manual_seed(0)
     fused = FusedMoments(MomentPlan(MOMENTS), path="kernel")
-    for dtype, rtol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+    # half precision is summed in float32, as the moments of its gradients are
+    for dtype, rtol in ((torch.float32, 1e-6), (torch.float64, 1e-12), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)):
         src = [torch.randn(shape, generator=g).to(dtype) for shape in ((7, 5), (5,), (3000,))]
         dst = [torch.zeros_like(t) for t in src]
         view = torch.full((3, 4), float("nan"), dtype=torch.float64)
@@ -402,14 +411,16 @@ def test_the_weight_snapshot_and_the_update_norm_take_one_pass_each_and_match_fl
     ref = [float((w.double() ** 2).sum()), float(((after - snap).double() ** 2).sum())]
     np.testing.assert_allclose(view[0].numpy(), ref, rtol=1e-6)
     # what it cannot read (entries laid out differently in a pair, mismatched sizes, a view with gaps,
-    # half precision): False, nothing written
+    # two dtypes in a pair, integers, complex numbers): False, nothing written
     view = torch.full((1, 2), float("nan"), dtype=torch.float64)
     t = torch.randn(4, 3)
     for a, b in (
         (t.t(), torch.zeros(3, 4)),
         (t, torch.zeros(5)),
         (torch.randn(4, 6)[:, ::2], torch.zeros(4, 3)),
-        (t.half(), torch.zeros(4, 3).half()),
+        (t.bfloat16(), torch.zeros(4, 3)),
+        (t.int(), torch.zeros(4, 3).int()),
+        (t.cfloat(), torch.zeros(4, 3).cfloat()),
     ):
         assert not fused.copy_sumsq([a], [b], view, 0)
         assert not fused.diff_sumsq([a], [b], view, [], 1)

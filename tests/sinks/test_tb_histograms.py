@@ -208,15 +208,26 @@ def test_the_compiled_histograms_match_numpy_group_by_group(cpu_kernel):
                 edges, np.linspace(x.min(), x.max(), 17), rtol=1e-15, atol=1e-321
             )  # (subnormals)
         np.testing.assert_allclose([s, ss], [x.sum(), (x**2).sum()], rtol=1e-12)
-    # what the kernel does not take (half precision, a view with gaps between its entries) goes the
-    # operator way: histogram_rows gives the per-layer path's row for it
-    half = [[torch.randn(8, generator=g).to(torch.bfloat16)], [torch.randn(6, 8, generator=g)[:, ::2]]]
-    for got, tensors in zip(H.histogram_rows(half, 8), half):
+    # half precision: its values (which float64 holds exactly) counted against the edges written, a
+    # bfloat16 and a float16 tensor in one group, and a group of float32 with bfloat16
+    half = [
+        [torch.randn(300, generator=g).to(torch.bfloat16), (3 * torch.randn(7, 5, generator=g)).half()],
+        [torch.randn(40, generator=g), torch.randn(9, generator=g).to(torch.bfloat16)],
+    ]
+    for row, tensors in zip(_kernel_rows(half, 8, kernel), half):
+        x = np.concatenate([t.double().numpy().ravel() for t in tensors])
+        edges, counts, s, ss = split_row(row, 8)
+        assert (edges[0], edges[-1]) == (x.min(), x.max())
+        np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
+        np.testing.assert_allclose([s, ss], [x.sum(), (x**2).sum()], rtol=1e-12)
+    # what the kernel does not take (a view with gaps between its entries) goes the operator way:
+    # histogram_rows gives the per-layer path's row for it
+    gapped = [[torch.randn(6, 8, generator=g)[:, ::2]]]
+    for got, tensors in zip(H.histogram_rows(gapped, 8), gapped):
         want = H._row_cpu(tensors, 8)
         assert torch.equal(got, want)
-    for tensors in half:
-        with pytest.raises(RuntimeError, match="dense float32/float64"):
-            _kernel_rows([tensors], 8, kernel)
+    with pytest.raises(RuntimeError, match="dense float32/float64/bfloat16/float16"):
+        _kernel_rows(gapped, 8, kernel)
     # a channels-last weight and a transpose are read in memory order: the same row as their copies
     odd = [
         torch.randn(4, 3, 5, 5, generator=g).to(memory_format=torch.channels_last),
