@@ -1322,16 +1322,24 @@ class FusedMoments:
             False when the path does not apply (not a CPU kernel path, not built yet, a gradient it
             cannot read): nothing was written, use :meth:`__call__`.
         """
-        if self.path not in ("auto", "kernel") or view.device.type != "cpu" or self._mixed:
-            return False  # (mixed: the kernel reads these gradients in parts, which __call__ does)
+        if self.path not in ("auto", "kernel") or view.device.type != "cpu":
+            return False
         fn = cpu_kernel()
         if fn is None:
             return False
         cols, full = self._columns(sampled)
-        try:
-            finite = fn(grads, view, rows, cols, full)
-        except (RuntimeError, TypeError, ValueError):  # checked before anything is written
-            return False
+        if self._mixed:  # the last step had a gradient the kernel reads in parts: straight to them
+            finite = self._write_parts(fn, grads, view, rows, cols, full)
+            if finite is None:
+                return False
+        else:
+            try:
+                finite = fn(grads, view, rows, cols, full)
+            except (RuntimeError, TypeError, ValueError):  # checked before anything is written
+                finite = self._write_parts(fn, grads, view, rows, cols, full)
+                if finite is None:
+                    return False
+                self._mixed = True
         self.last_finite = bool(finite)
         if self.plan.custom:
             custom = self.plan.custom_columns(grads, params, view.device).to(view.dtype)
@@ -1342,6 +1350,45 @@ class FusedMoments:
                 dest.copy_(custom)
         self.last_path = "kernel"
         return True
+
+    def _write_parts(
+        self, fn: _KernelFn, grads: list[Tensor], view: Tensor, rows: list[int], cols: list[int], full: bool
+    ) -> bool | None:
+        """:meth:`write` of gradients the kernel reads in two parts, each straight into its rows of ``view``.
+
+        Dense gradients are read directly, sparse COO ones (an ``nn.Embedding(sparse=True)``) through
+        their coalesced values. The entries a sparse gradient does not store count as zeros: they add
+        nothing to the sums, and bound its min and max by 0, as the eager path measures them.
+
+        Returns:
+            Whether every entry read was finite; None when a gradient is read by neither (complex, a
+            view with gaps): then :meth:`__call__` splits those off to the eager path and writes every
+            row again. Clears the ``_mixed`` hint when no gradient is sparse any more.
+        """
+        sparse = [k for k, g in enumerate(grads) if g.layout == torch.sparse_coo]
+        try:
+            if not sparse:
+                finite = fn(grads, view, rows, cols, full)
+                self._mixed = False  # every gradient dense and read: the next step takes the one call
+                return bool(finite)
+            at = rows or range(len(grads))
+            dense = [k for k in range(len(grads)) if k not in sparse] if len(sparse) < len(grads) else []
+            sparse_rows = [at[k] for k in sparse]
+            values = [grads[k].coalesce().values() for k in sparse]  # (an embedding's backward repeats rows)
+            finite = fn(values, view, sparse_rows, cols, full)
+            if dense:
+                finite = fn([grads[k] for k in dense], view, [at[k] for k in dense], cols, full) and finite
+        except (RuntimeError, TypeError, ValueError):  # (the kernel checks its tensors before writing)
+            return None
+        host = None
+        for r, v, k in zip(sparse_rows, values, sparse):
+            if v.numel() < grads[k].numel():  # entries not stored: zeros
+                host = view.numpy() if host is None else host  # (a CPU tensor: the same memory)
+                for c, bound in ((MOMENT_INDEX["min"], min), (MOMENT_INDEX["max"], max)):
+                    x = float(host[r, c])  # (host memory; NaN: not taken this step, or NaN read)
+                    if x == x:
+                        host[r, c] = bound(x, 0.0)
+        return bool(finite)
 
     def _columns(self, sampled: bool) -> tuple[list[int], bool]:
         """The kernel's column of each moment (-1: not taken) for a step, and whether it takes all six."""

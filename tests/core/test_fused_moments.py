@@ -455,6 +455,64 @@ def test_a_sparse_gradient_is_measured_over_its_values_and_the_other_layers_stay
     assert_all_close(pairs, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
+def test_a_sparse_embedding_is_read_by_the_kernel_at_every_step_and_the_hint_follows_the_gradients(cpu_kernel):
+    """Ordinary and sampled steps, gradients of every sign (the min and max of a sparse gradient are
+    bounded by its zeros), a step where the embedding gets no gradient (every gradient dense: the
+    one call again) and the steps after it: each against NumPy on the dense gradient."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(50, 4, sparse=True)
+    head = nn.Linear(4, 3)
+    opt = torch.optim.SGD([*emb.parameters(), *head.parameters()], lr=0.1)
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    scope = gradscope.watch(model, optimizer=opt, sample_every=2, rules="none", activations=False)
+    moments, eager_sizes = scope._recorder.moments, []
+    eager = scope._recorder.plan.grad_moments
+    scope._recorder.plan.grad_moments = lambda grads, *a, **k: eager_sizes.append(len(grads)) or eager(grads, *a, **k)
+    refs, hints = {}, []
+    for step in range(1, 8):
+        x = torch.randn(6, 4)
+        if step == 4:  # the embedding unused: its gradient stays None
+            loss = head(x).square().mean()
+        else:
+            idx = torch.tensor([[1, 2, 2, 7 + step]])
+            loss = head(emb(idx) + x[:1]).pow(3).mean()  # (odd powers: gradients of both signs)
+        loss.backward()
+        if emb.weight.grad is not None:
+            refs[step] = np_stats(emb.weight.grad.to_dense().double().numpy())
+        opt.step()
+        scope.step()
+        hints.append(moments._mixed)
+        opt.zero_grad()
+    stats = scope.close().stats
+    assert eager_sizes == []
+    assert hints == [True, True, True, False, True, True, True]
+    pairs = []
+    for step, ref in refs.items():
+        sampled = step % 2 == 1
+        for stat in (
+            "l2_norm",
+            "rms",
+            "nonfinite_count",
+            *(("mean", "std", "abs_max", "zero_fraction") if sampled else ()),
+        ):
+            pairs.append((f"step {step} {stat}", value(stats, step, "emb", "weight", stat), ref[stat]))
+    # the moments themselves: stored values all positive, so the zeros not stored are the minimum
+    sparse = torch.sparse_coo_tensor(
+        torch.tensor([[0, 3, 3]]), torch.tensor([2.0, 1.0, 0.5]), (5,), check_invariants=True
+    )
+    grads = [torch.tensor([-1.0, 4.0]), sparse]
+    view = torch.full((3, len(MOMENT_INDEX)), float("nan"), dtype=torch.float64)
+    assert moments.write(grads, grads, view, [2, 0], sampled=True) and moments._mixed
+    want = {"sum": 3.5, "sumsq": 6.25, "min": 0.0, "max": 2.0, "nnz": 2.0, "nonfinite": 0.0}
+    assert {m: view[0, MOMENT_INDEX[m]].item() for m in want} == want  # (3 at index 3: 1 + 0.5 coalesced)
+    assert view[2, MOMENT_INDEX["min"]].item() == -1.0 and torch.isnan(view[1]).all()
+    emb_rows = stats[(stats.layer == "emb") & stats.value.notna()]
+    assert set(emb_rows.step) == set(refs) and 4 not in refs  # no gradient at step 4: nothing recorded
+    assert set(emb_rows[emb_rows.stat == "abs_max"].step) == {1, 3, 5, 7}  # the sampled steps' moments
+    assert_all_close(pairs, rtol=1e-5, atol=1e-7)
+
+
 def test_a_complex_parameter_is_measured_over_its_real_and_imaginary_parts():
     z = torch.complex(torch.tensor([3.0, 0.0, -1.0]), torch.tensor([4.0, 0.0, 2.0]))
     mom = MomentPlan(MOMENTS).grad_moments([z, torch.tensor([1.0, -1.0])], [z, z])[0].numpy()
