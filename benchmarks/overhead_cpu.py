@@ -11,6 +11,7 @@ one intra-op thread there is no spinning to inflate it. Ratios only::
     python benchmarks/overhead_cpu.py --workloads mlp8,mlp128,digits --pairs 100      # many small tensors
     python benchmarks/overhead_cpu.py --workloads mlp8,mlp128,digits --settle         # as a long run flushes
     python benchmarks/overhead_cpu.py --workloads digits-cl --variants gradscope     # channels-last CNN
+    python benchmarks/overhead_cpu.py --workloads mlp8-bf16,emb-mlp8 --variants gradscope  # bfloat16; sparse
 
 Besides the ratios it prints the *fixed* cost of a watched step (median over pairs of watched minus
 bare CPU time over the ordinary steps, in microseconds: what every step pays whatever the model),
@@ -37,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from overhead import Runner, settle_history, step_costs
-from workloads import Workload, channels_last_workloads, cpu_workloads
+from workloads import Workload, cpu_workloads, layout_workloads
 
 import gradscope
 from gradscope.capture import kernels
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ[kernels.KERNEL_ENV] = args.kernel
     kernels.cpu_kernel()  # loaded (or, with --kernel sync, built) now, before anything is timed
-    pool = {w.name: w for w in cpu_workloads() + channels_last_workloads()}
+    pool = {w.name: w for w in cpu_workloads() + layout_workloads()}
     print(
         f"gradscope {gradscope.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, CPU time, "
         f"CPU kernel {kernels.cpu_kernel_state()}"

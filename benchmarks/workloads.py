@@ -202,24 +202,64 @@ def small_tensor_workloads() -> list[Workload]:
     ]
 
 
-def channels_last_workloads() -> list[Workload]:
-    """``digits`` with the model and its images in channels-last memory format, as CPU training often
-    runs a CNN: the convolution weights' gradients are dense but not contiguous (not in the default lists)."""
-    (digits,) = [w for w in small_tensor_workloads() if w.name == "digits"]
+class SparseEmbeddingMLP(nn.Module):
+    """A sparse ``nn.Embedding`` (its gradient a sparse COO tensor), averaged over a bag of lookups, before ``mlp8``."""
 
-    def batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(self, vocab: int = 1000, width: int = 64) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width, sparse=True)
+        self.body = block_mlp(8, width, width)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.body(self.emb(idx).mean(1))
+
+
+def layout_workloads() -> list[Workload]:
+    """Gradients the CPU kernel reads other than contiguous float32 ones (not in the default lists).
+
+    ``digits-cl``: ``digits`` in channels-last memory format, as CPU training often runs a CNN (the
+    convolution weights' gradients are dense but not contiguous). ``mlp8-bf16``: ``mlp8`` in
+    bfloat16 (weights, gradients, activations). ``emb-mlp8``: a sparse embedding in front of ``mlp8``.
+    """
+    small = {w.name: w for w in small_tensor_workloads()}
+    digits, mlp8 = small["digits"], small["mlp8"]
+
+    def cl_batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = digits.make_batch(g)
         return x.contiguous(memory_format=torch.channels_last), y
+
+    def bf16_batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = mlp8.make_batch(g)
+        return x.to(torch.bfloat16), y
+
+    def bag_batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randint(0, 1000, (32, 8), generator=g), torch.randint(0, 10, (32,), generator=g)
 
     return [
         Workload(
             "digits-cl",
             lambda: digits_cnn().to(memory_format=torch.channels_last),
-            batch,
+            cl_batch,
             F.cross_entropy,
             "sgd",
             "digits in channels-last memory format (model and images)",
-        )
+        ),
+        Workload(
+            "mlp8-bf16",
+            lambda: block_mlp(8).to(torch.bfloat16),
+            bf16_batch,
+            lambda out, y: F.cross_entropy(out.float(), y),
+            "sgd",
+            "mlp8 in bfloat16 (weights, gradients and activations)",
+        ),
+        Workload(
+            "emb-mlp8",
+            SparseEmbeddingMLP,
+            bag_batch,
+            F.cross_entropy,
+            "sgd",
+            "a sparse Embedding(1000, 64), 8 lookups averaged per sample, before mlp8; batch 32, SGD",
+        ),
     ]
 
 
