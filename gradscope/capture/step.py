@@ -558,8 +558,8 @@ class StepRecorder:
         return {
             "steps": np.array([r.step for r in rows], dtype=np.int64),
             "skipped": skipped,
-            "has_grad": np.stack([r.has_grad for r in rows]),
-            "trainable": np.stack([r.trainable for r in rows]),
+            "has_grad": _stack_masks([r.has_grad for r in rows]),
+            "trainable": _stack_masks([r.trainable for r in rows]),
             "sampled": np.array([r.sampled for r in rows], dtype=bool),
             "moments": moments,
             "act": act,
@@ -948,6 +948,14 @@ class StepRecorder:
             if pending.sampled and self.acts is not None:
                 buffer, slot = self.buffer, pending.slot
                 self.acts.retarget(lambda: buffer.activations(slot))
+
+
+def _stack_masks(masks: list[np.ndarray]) -> np.ndarray:
+    """``np.stack(masks)``; one copy when every row holds the same (shared, read-only) mask, as most do."""
+    first = masks[0] if masks else None
+    if first is not None and all(m is first for m in masks):
+        return np.broadcast_to(first, (len(masks), *first.shape)).copy()
+    return np.stack(masks)
 
 
 def frame_schema(

@@ -68,7 +68,9 @@ def judged_rows(ctx: RuleContext, lookback: int, *, sampled: bool = False) -> tu
     # Only the tail of the frame is read: from `lookback` rows before the first new one, further back
     # only when rows there are left out (skipped, not sampled), so a call costs what its window holds,
     # not what the run has recorded.
-    start = max(0, new_from - lookback)
+    # (sampled rows: one in about sample_every / every recorded rows, so the first guess reaches that far back)
+    stride = -(-max(1, int(ctx.sample_every)) // max(1, int(ctx.every))) if sampled else 1
+    start = max(0, new_from - lookback * stride)
     while True:
         keep = ~frame.skipped[start:]
         if sampled:
