@@ -220,6 +220,9 @@ def test_the_compiled_histograms_match_numpy_group_by_group(cpu_kernel):
         assert (edges[0], edges[-1]) == (x.min(), x.max())
         np.testing.assert_array_equal(counts, np.histogram(x, bins=edges)[0])
         np.testing.assert_allclose([s, ss], [x.sum(), (x**2).sum()], rtol=1e-12)
+    # NaN or Inf in half precision: a NaN row, as for float32
+    bad = [[torch.tensor([1.0, float("nan"), 2.0]).bfloat16()], [torch.tensor([1.0, float("inf")]).half()]]
+    assert np.isnan(_kernel_rows(bad, 8, kernel)).all()
     # what the kernel does not take (a view with gaps between its entries) goes the operator way:
     # histogram_rows gives the per-layer path's row for it
     gapped = [[torch.randn(6, 8, generator=g)[:, ::2]]]
