@@ -211,17 +211,25 @@ def test_each_way_of_counting_matches_numpy_on_odd_shapes(counter):
         np.testing.assert_array_equal(np.array(got), np.array(want), err_msg=f"{module} {shape}")
 
 
-@pytest.mark.parametrize("path", ["bool", "float", "kernel"])
-@pytest.mark.parametrize("np_dtype", [np.float16, np.float32, np.float64])
-def test_thresholds_compare_in_the_outputs_dtype_at_the_boundaries(path, np_dtype, monkeypatch):
-    # outputs on either side of each threshold as the output's dtype rounds it (as torch compares)
-    _choose("kernel" if path == "kernel" else "operators", "cpu", monkeypatch)
+def _threshold_cases() -> list[tuple[nn.Module, str, int, float, float]]:
+    """One module of each family: ``(module, kind, the kernel's test code, threshold a, threshold b)``."""
+    cases = []
     for module in (nn.Tanh(), nn.Sigmoid(), nn.Hardtanh(-0.3, 0.1), nn.Hardsigmoid(), nn.ReLU()):
         kind = acts_mod._kind(module)
         assert kind is not None
         code, a, b = acts_mod._KERNEL_TEST[kind]
         if kind == "hardtanh":
             a, b = acts_mod._hard_bounds(module)
+        cases.append((module, kind, code, a, b))
+    return cases
+
+
+@pytest.mark.parametrize("path", ["bool", "float", "kernel"])
+@pytest.mark.parametrize("np_dtype", [np.float16, np.float32, np.float64])
+def test_thresholds_compare_in_the_outputs_dtype_at_the_boundaries(path, np_dtype, monkeypatch):
+    # outputs on either side of each threshold as the output's dtype rounds it (as torch compares)
+    _choose("kernel" if path == "kernel" else "operators", "cpu", monkeypatch)
+    for module, kind, code, a, b in _threshold_cases():
         vals = []
         for c in (a, b, -a, 0.0, 1.0):
             f = np_dtype(c)
@@ -252,12 +260,7 @@ def test_the_kernel_counts_bfloat16_outputs_as_torch_compares_them_at_the_bounda
     if not _kernel_available():
         pytest.skip("the compiled CPU kernel with activation_into is not built on this machine")
     g = torch.Generator().manual_seed(0)
-    for module in (nn.Tanh(), nn.Sigmoid(), nn.Hardtanh(-0.3, 0.1), nn.Hardsigmoid(), nn.ReLU()):
-        kind = acts_mod._kind(module)
-        assert kind is not None
-        code, a, b = acts_mod._KERNEL_TEST[kind]
-        if kind == "hardtanh":
-            a, b = acts_mod._hard_bounds(module)
+    for module, kind, code, a, b in _threshold_cases():
         vals = [v for c in (a, b, -a, 0.0, 1.0) for v in _bf16_neighbours(c)]
         edge = torch.tensor(vals * 2, dtype=torch.bfloat16).reshape(2, -1)
         for y in (edge, torch.randn(16, 40, generator=g).to(torch.bfloat16)):
