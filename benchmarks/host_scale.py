@@ -21,6 +21,13 @@ Cases:
 * ``report``: ``scope.report()`` after 100,000 steps of a 100-layer model (real steps, then
   synthetic rows put into the frame, all judged by that ``report()``), then ``str(report)``.
 * ``html``: the HTML report of 200 layers x 4,000 steps (synthetic rows, ``history=None``).
+* ``step``: the host work of an ordinary step with 16, 256 and 2,048 parameter tensors (8, 128 and
+  1,024 ``Linear(8, 8)`` layers): ``scope.step()``, on steps without and with the live screen, and
+  the capture of the optimizer's pre-hook, caches as the step leaves them and after touching 64 MiB.
+  ``scope.step()`` makes the same calls whatever the model (none loops over the parameters); the
+  screen reads every parameter's new rows, as often as its budget allows; the capture hands every
+  gradient to the compiled kernel in one call, which reads each tensor's metadata (tens of
+  nanoseconds a tensor when they are in the caches).
 """
 
 from __future__ import annotations
@@ -264,9 +271,63 @@ def warm_up() -> None:
     _render(report)
 
 
+def case_step(sizes: list[int], steps: int, evict_mib: int) -> None:
+    # The host work of an ordinary step (not sampled, no flush) as the number of parameter tensors
+    # grows: scope.step(), and the capture the optimizer's pre-hook makes (every gradient handed to the
+    # compiled kernel, or the operators, in one call). scope.step() is split by whether the live screen
+    # ran in it: the screen reads the new rows of every parameter, as often as its share of the live
+    # budget allows (a quarter of 1 % of the step time), so it runs at most steps of a slow step and
+    # few of a fast one. Each step is timed as it comes (caches warm), and every other one after
+    # touching `evict_mib` MiB, as a training step with large buffers leaves the caches (the same for
+    # every size).
+    big = torch.ones(evict_mib * (1 << 20) // 4)
+    for n_layers in sizes:
+        torch.manual_seed(0)
+        model = chain(n_layers)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        scope = gradscope.watch(model, optimizer=opt)
+        timer = Timer()
+        timer.wrap(scope._recorder, "_capture_for_step")
+        screen = scope._diagnosis.screen
+        g = torch.Generator().manual_seed(0)
+        times: dict[tuple[str, bool], list[float]] = {}
+        for i in range(1, steps + 1):
+            x = torch.randn(16, 8, generator=g)
+            cold = i % 2 == 1
+            opt.zero_grad(set_to_none=True)
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            if cold:
+                big.mul_(1.0)  # (every byte read and written)
+            opt.step()
+            t0 = time.process_time()
+            scope.step(loss=loss)
+            t1 = time.process_time()
+            if (i - 1) % scope.sample_every == 0 or i % scope.flush_every == 0 or i <= 20:
+                continue
+            key = "screened" if screen.screened_step == i else "scope"
+            times.setdefault((key, cold), []).append(t1 - t0)
+            times.setdefault(("capture", cold), []).append(timer.calls["_capture_for_step"][-1])
+        scope.close()
+
+        def med(key: str, cold: bool, times: dict[tuple[str, bool], list[float]] = times) -> str:
+            v = times.get((key, cold))
+            return f"{float(np.median(v)) * 1e6:.0f}" if v else "-"
+
+        n_tensors = len(list(model.parameters()))
+        n_screened = len(times.get(("screened", False), [])) + len(times.get(("screened", True), []))
+        n_all = n_screened + len(times.get(("scope", False), [])) + len(times.get(("scope", True), []))
+        print(
+            f"step    {n_layers} layers ({n_tensors} tensors): scope.step() {med('scope', False)} / "
+            f"{med('scope', True)} us (warm / after {evict_mib} MiB), with the live screen "
+            f"{med('screened', False)} / {med('screened', True)} us ({n_screened} of {n_all} steps); "
+            f"the optimizer pre-hook's capture {med('capture', False)} / {med('capture', True)} us"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="flush,wide,report,html")
+    ap.add_argument("--cases", default="flush,wide,report,html,step")
     ap.add_argument("--quick", action="store_true", help="small sizes (a smoke run: the figures mean nothing)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -282,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             case_report(10 if q else 100, 3000 if q else 100_000, "default")
         elif case == "html":
             case_html(12 if q else 200, 300 if q else 4000)
+        elif case == "step":
+            case_step([8, 64] if q else [8, 128, 1024], 100 if q else 1000, 64)
         else:
-            ap.error(f"unknown case {case!r}; expected flush, wide, report or html")
+            ap.error(f"unknown case {case!r}; expected flush, wide, report, html or step")
     return 0
 
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_host_scale_benchmark_prints_every_case(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "host_scale.py"), "--quick", "--cases", "flush,report,wide"],
+        [sys.executable, str(ROOT / "benchmarks" / "host_scale.py"), "--quick", "--cases", "flush,report,wide,step"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -35,3 +35,6 @@ def test_host_scale_benchmark_prints_every_case(tmp_path: Path) -> None:
     ), flush
     assert re.search(r"report\(\) \d+\.\d\d s", lines["report"]) and "rows, built when read" in lines["report"]
     assert re.search(r"HTML \d+\.\d\d s \(\d+ KiB\)", proc.stdout), proc.stdout
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step    ")]
+    assert [re.search(r"\((\d+) tensors\)", line).group(1) for line in steps] == ["16", "128"], proc.stdout
+    assert all(re.search(r"scope\.step\(\) \d+ / \d+ us .* capture \d+ / \d+ us", line) for line in steps), steps
