@@ -33,7 +33,6 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -1098,6 +1097,29 @@ def _kernel_reads(g: Tensor) -> int:
     return int(g.layout == torch.strided and dense_layout(g))
 
 
+def _read_sparse(
+    fn: _KernelFn, grads: Sequence[Tensor], out: Tensor, rows: Sequence[int], cols: list[int], full: bool
+) -> bool:
+    """The kernel's moments of sparse COO gradients into rows ``rows`` of ``out`` (``k`` when empty).
+
+    Read over their coalesced values (an embedding's backward repeats a row once per lookup: summed
+    here). The entries a gradient does not store are zeros: they add nothing to the sums, and bound its min
+    and max by 0, as the eager path measures them. Returns whether every entry read was finite;
+    raises, having written nothing, when the kernel cannot read the values.
+    """
+    values = [g.coalesce().values() for g in grads]
+    finite = bool(fn(values, out, list(rows), cols, full))
+    host = None
+    for r, v, g in zip(rows or range(len(grads)), values, grads):
+        if v.numel() < g.numel():  # entries not stored
+            host = out.numpy() if host is None else host  # (a CPU tensor: the same memory)
+            for c, bound in ((MOMENT_INDEX["min"], min), (MOMENT_INDEX["max"], max)):
+                x = float(host[r, c])  # (host memory; NaN: not taken this step, or NaN read)
+                if x == x:
+                    host[r, c] = bound(x, 0.0)
+    return finite
+
+
 # -- choosing the path --------------------------------------------------------------------------------
 _GRAD_COLS = len(GRAD_MOMENTS)
 
@@ -1272,21 +1294,16 @@ class FusedMoments:
         return out
 
     def _sparse_kernel(self, grads: Sequence[Tensor], sampled: bool) -> Tensor | None:
-        """Moments of sparse COO gradients with the kernel, over their coalesced values.
-
-        The entries not stored count as zeros (they add nothing to the sums and bound the min and max
-        by 0), as the eager path measures them.
-        """
-        values = [g.coalesce().values() for g in grads]  # (an embedding's backward repeats rows: summed here)
-        block = self._kernel(values, sampled)
-        if block is None:
+        """Moments of sparse COO gradients with the kernel, over their coalesced values (:func:`_read_sparse`)."""
+        fn = cpu_kernel()
+        if fn is None:
             return None
-        holes = np.array([v.numel() < g.numel() for v, g in zip(values, grads)])
-        if holes.any():
-            host = block.numpy()  # (a CPU tensor: the same memory)
-            for m, bound in (("min", np.minimum), ("max", np.maximum)):
-                col = host[:, MOMENT_INDEX[m]]
-                bound(col, 0.0, out=col, where=holes)  # (NaN, a moment not taken, stays NaN)
+        block = torch.full((len(grads), _GRAD_COLS), float("nan"), dtype=torch.float64)
+        cols, full = self._columns(sampled)
+        try:
+            _read_sparse(fn, grads, block, [], cols, full)
+        except (RuntimeError, TypeError, ValueError):  # (the kernel checks its tensors before writing)
+            return None
         return block
 
     def sumsq(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -1361,9 +1378,9 @@ class FusedMoments:
         nothing to the sums, and bound its min and max by 0, as the eager path measures them.
 
         Returns:
-            Whether every entry read was finite; None when a gradient is read by neither (complex, a
-            view with gaps): then :meth:`__call__` splits those off to the eager path and writes every
-            row again. Clears the ``_mixed`` hint when no gradient is sparse any more.
+            Whether every entry read was finite; None, having written nothing, when a gradient is read
+            by neither (complex, a view with gaps): :meth:`__call__` splits those off to the eager
+            path. Clears the ``_mixed`` hint when no gradient is sparse any more.
         """
         sparse = [k for k, g in enumerate(grads) if g.layout == torch.sparse_coo]
         try:
@@ -1371,24 +1388,17 @@ class FusedMoments:
                 finite = fn(grads, view, rows, cols, full)
                 self._mixed = False  # every gradient dense and read: the next step takes the one call
                 return bool(finite)
+            if any(grads[k].dtype not in _KERNEL_DTYPES for k in sparse):
+                return None  # (complex values: the kernel would decline them after the dense part was written)
             at = rows or range(len(grads))
-            dense = [k for k in range(len(grads)) if k not in sparse] if len(sparse) < len(grads) else []
-            sparse_rows = [at[k] for k in sparse]
-            values = [grads[k].coalesce().values() for k in sparse]  # (an embedding's backward repeats rows)
-            finite = fn(values, view, sparse_rows, cols, full)
-            if dense:
-                finite = fn([grads[k] for k in dense], view, [at[k] for k in dense], cols, full) and finite
+            finite = True
+            if len(sparse) < len(grads):  # first: the kernel checks every dense gradient before writing
+                dense = [k for k in range(len(grads)) if k not in sparse]
+                finite = bool(fn([grads[k] for k in dense], view, [at[k] for k in dense], cols, full))
+            finite = _read_sparse(fn, [grads[k] for k in sparse], view, [at[k] for k in sparse], cols, full) and finite
         except (RuntimeError, TypeError, ValueError):  # (the kernel checks its tensors before writing)
             return None
-        host = None
-        for r, v, k in zip(sparse_rows, values, sparse):
-            if v.numel() < grads[k].numel():  # entries not stored: zeros
-                host = view.numpy() if host is None else host  # (a CPU tensor: the same memory)
-                for c, bound in ((MOMENT_INDEX["min"], min), (MOMENT_INDEX["max"], max)):
-                    x = float(host[r, c])  # (host memory; NaN: not taken this step, or NaN read)
-                    if x == x:
-                        host[r, c] = bound(x, 0.0)
-        return bool(finite)
+        return finite
 
     def _columns(self, sampled: bool) -> tuple[list[int], bool]:
         """The kernel's column of each moment (-1: not taken) for a step, and whether it takes all six."""

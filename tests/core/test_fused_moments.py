@@ -507,6 +507,18 @@ def test_a_sparse_embedding_is_read_by_the_kernel_at_every_step_and_the_hint_fol
     want = {"sum": 3.5, "sumsq": 6.25, "min": 0.0, "max": 2.0, "nnz": 2.0, "nonfinite": 0.0}
     assert {m: view[0, MOMENT_INDEX[m]].item() for m in want} == want  # (3 at index 3: 1 + 0.5 coalesced)
     assert view[2, MOMENT_INDEX["min"]].item() == -1.0 and torch.isnan(view[1]).all()
+    # with a gradient the kernel cannot read (a view with gaps), write() declines and the split reads
+    # the sparse one the same way, the gapped one alone going eager
+    gapped = torch.tensor([[3.0, 9.0, -2.0, 9.0]])[:, ::2]
+    grads = [grads[0], sparse, gapped]
+    view = torch.full((3, len(MOMENT_INDEX)), float("nan"), dtype=torch.float64)
+    assert not moments.write(grads, grads, view, [], sampled=True) and torch.isnan(view).all()
+    eager_sizes.clear()
+    block = moments(grads, grads, sampled=True)
+    assert eager_sizes == [1] and moments.last_path == "eager"
+    got = {m: block[1, MOMENT_INDEX[m]].item() for m in want}
+    assert got == want and block[2, MOMENT_INDEX["min"]].item() == -2.0
+    eager_sizes.clear()
     emb_rows = stats[(stats.layer == "emb") & stats.value.notna()]
     assert set(emb_rows.step) == set(refs) and 4 not in refs  # no gradient at step 4: nothing recorded
     assert set(emb_rows[emb_rows.stat == "abs_max"].step) == {1, 3, 5, 7}  # the sampled steps' moments
