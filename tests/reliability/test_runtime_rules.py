@@ -104,3 +104,42 @@ def test_misbehaving_rules_are_switched_off_by_name_and_the_report_is_still_writ
     assert {f["kind"] for f in written["findings"]} == kinds
     again = gradscope.Report.from_json(path)
     assert isinstance(again.findings[0], Finding)
+
+
+class FollowsOddEvidence(_Base):
+    """Reports once, then returns its first finding again at every evaluation with a later last_step (an episode)."""
+
+    name = "follows_odd_evidence"
+
+    def reset(self):
+        self._first = None
+        self.calls = 0
+
+    def check(self, ctx):
+        import dataclasses
+
+        self.calls += 1
+        if self._first is None:
+            self._first = self.finding_at(ctx, {"obj": object(), "n": 2})
+            return [self._first]
+        return [dataclasses.replace(self._first, last_step=int(ctx.steps[-1]))]
+
+
+def test_evidence_returned_again_is_checked_once_and_its_safe_copy_kept(monkeypatch):
+    # A rule that follows an episode returns the same evidence object at every evaluation; it is walked
+    # for JSON once (tens of followed findings would cost a millisecond per evaluation otherwise), and
+    # what is kept is the same safe copy each time.
+    from gradscope.rules import engine
+
+    walked = []
+    real = engine._json_safe
+    monkeypatch.setattr(engine, "_json_safe", lambda ev: walked.append(id(ev)) or real(ev))
+    rule = FollowsOddEvidence()
+    report, messages = _nan_run(["nonfinite_gradients", rule])
+    ours = [f for f in report.findings if f.kind == "follows_odd_evidence"]
+    assert len(ours) == 1
+    assert ours[0].evidence["n"] == 2 and ours[0].evidence["obj"].startswith("<object object")
+    assert ours[0].last_step == 4  # the episode followed to the last step, through the updates
+    assert rule.calls >= 3
+    assert walked.count(id(rule._first.evidence)) == 1  # checked once, at every evaluation after the first too
+    assert sum("'follows_odd_evidence'" in m and "JSON" in m for m in messages) == 1
