@@ -421,16 +421,20 @@ void diff_sumsq_into(std::vector<torch::Tensor> as, std::vector<torch::Tensor> b
 // one. Each entry's ratio to its level (x * inv[p]) must be NaN-free and, for the
 // positive ones, within [1 / band, band] (zeros are a unit silent for the batch: left out). When
 // every entry is, the level moves by the weighted log-ratios, level[p] += sum_r w[r] log10(ratio),
-// inv[p] = 0.1 ** level[p], and the result is true; otherwise nothing is written and it is false
-// (the caller takes its full path). Two reads of n x P numbers, the same arithmetic as the NumPy path.
+// inv[p] = 0.1 ** level[p], the mean deviation moves by the other weights, dev[p] = dev[p] (1 - sum_r
+// dw[r]) + sum_r dw[r] |log10(ratio)| (over the positive ratios), and the result is true; otherwise
+// nothing is written and it is false (the caller takes its full path). Two reads of n x P numbers, the
+// same arithmetic as the NumPy path.
 bool screen_block(torch::Tensor storage, int64_t first, int64_t n, int64_t col, int64_t n_cols,
-                  torch::Tensor level, torch::Tensor inv, torch::Tensor weights, double band) {
-  for (const auto* t : {&storage, &level, &inv, &weights})
+                  torch::Tensor level, torch::Tensor inv, torch::Tensor weights, double band, torch::Tensor dev,
+                  torch::Tensor dev_weights) {
+  for (const auto* t : {&storage, &level, &inv, &weights, &dev, &dev_weights})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat64 && t->is_contiguous(),
                 "screen_block: contiguous float64 CPU tensors only");
   TORCH_CHECK(storage.dim() == 2, "screen_block: storage must be [capacity, R]");
   const int64_t P = level.numel();
   TORCH_CHECK(inv.numel() == P && weights.numel() >= n, "screen_block: inv [P], weights [>= n]");
+  TORCH_CHECK(dev.numel() == P && dev_weights.numel() >= n, "screen_block: dev [P], dev_weights [>= n]");
   TORCH_CHECK(first >= 0 && n >= 0 && first + n <= storage.size(0), "screen_block: rows out of range");
   TORCH_CHECK(P == 0 || (col >= 0 && n_cols > 0 && col + (P - 1) * n_cols < storage.size(1)),
               "screen_block: column out of range");
@@ -453,15 +457,23 @@ bool screen_block(torch::Tensor storage, int64_t first, int64_t n, int64_t col, 
   if (!known || !(lo * band >= 1.0 && hi <= band)) return false;
   double* lv = level.data_ptr<double>();
   double* ivw = inv.data_ptr<double>();
+  double* dv = dev.data_ptr<double>();
+  const double* dw = dev_weights.data_ptr<double>() + (dev_weights.numel() - n);
   for (int64_t p = 0; p < P; ++p) {
     if (std::isnan(iv[p])) continue;
-    double move = 0.0;
+    double move = 0.0, kept = 0.0, spread = 0.0;
     for (int64_t r = 0; r < n; ++r) {
       const double q = x[r * R + p * n_cols] * iv[p];
-      if (q > 0.0) move += w[r] * std::log10(q);
+      if (q > 0.0) {
+        const double y = std::log10(q);
+        move += w[r] * y;
+        kept += dw[r];
+        spread += dw[r] * std::abs(y);
+      }
     }
     lv[p] += move;
     ivw[p] = std::pow(0.1, lv[p]);
+    dv[p] = dv[p] * (1.0 - kept) + spread;
   }
   return true;
 }
@@ -748,13 +760,16 @@ def _check_and_keep(module: Any) -> None:
     if got != [[25.0, 13.0], 3.0, -4.0]:
         raise RuntimeError(f"update self-check gave {got}")
     level, inv = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    dev, dev_w = torch.ones(2, dtype=torch.float64), torch.tensor([0.5, 0.25], dtype=torch.float64)
     block = torch.tensor([[100.0, 0.0, 1.0, 0.0], [1000.0, 0.0, 10.0, 0.0]], dtype=torch.float64)
-    ok = module.screen_block(block, 0, 2, 0, 2, level, inv, torch.tensor([0.25, 0.75], dtype=torch.float64), 1e4)
+    w = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    ok = module.screen_block(block, 0, 2, 0, 2, level, inv, w, 1e4, dev, dev_w)
     one = torch.ones(2, dtype=torch.float64)
-    bad = module.screen_block(block, 0, 2, 0, 2, torch.zeros(2, dtype=torch.float64), one, one, 10.0)  # 1000 > 10
+    bad = module.screen_block(block, 0, 2, 0, 2, torch.zeros(2, dtype=torch.float64), one, one, 10.0, one, one)
     # sync point: CPU tensors only; the self-check of a freshly loaded kernel, once per process.
-    got = [ok, bad, *level.tolist()]
-    if got != [True, False, 2.75, 0.75]:
+    got = [ok, bad, *level.tolist(), *dev.tolist()]
+    # level: 0.25 * 2 + 0.75 * 3, 0.25 * 0 + 0.75 * 1; dev: 1 * 0.25 + 0.5 * 2 + 0.25 * 3, 0.25 + 0.5 * 0 + 0.25 * 1
+    if got != [True, False, 2.75, 0.75, 2.0, 0.5]:
         raise RuntimeError(f"screen self-check gave {got}")
     hist = torch.zeros(2, 7, dtype=torch.float64)
     # [0, 1, 1, 3] in 2 buckets of [0, 1.5, 3]; a constant group [2, 2]: every edge at 2, both in the last
@@ -837,20 +852,21 @@ _KernelFn = Callable[[list[Tensor], Tensor, list[int], list[int], bool], bool]
 _ActivationFn = Callable[[Tensor, int, int, int, int, float, float, bool, Tensor, int], None]
 
 
-_ScreenFn = Callable[[Tensor, int, int, int, int, Tensor, Tensor, Tensor, float], bool]
+_ScreenFn = Callable[[Tensor, int, int, int, int, Tensor, Tensor, Tensor, float, Tensor, Tensor], bool]
 
 
 def cpu_screen_kernel() -> _ScreenFn | None:
     """The compiled CPU kernel's live screen, or None while the kernel is not available (see :func:`cpu_kernel`).
 
     Returns:
-        ``fn(storage, first, n, col, n_cols, level, inv, weights, band) -> bool``: the common block of
-        :class:`gradscope.capture.live.LiveScreen` in one call: the sums of squares of rows
-        ``first .. first + n - 1`` of ``storage`` (a contiguous ``[capacity, R]`` float64 CPU tensor:
-        the buffer), parameter ``p`` at column ``col + p * n_cols``. True, with ``level`` and ``inv``
-        moved as the NumPy path moves them, when every ratio to the level is NaN-free and the
-        positive ones lie within ``[1 / band, band]``; False, with nothing written, otherwise.
-        ``weights``: the moving average's weights, the newest row's last.
+        ``fn(storage, first, n, col, n_cols, level, inv, weights, band, dev, dev_weights) -> bool``: the
+        common block of :class:`gradscope.capture.live.LiveScreen` in one call: the sums of squares of
+        rows ``first .. first + n - 1`` of ``storage`` (a contiguous ``[capacity, R]`` float64 CPU
+        tensor: the buffer), parameter ``p`` at column ``col + p * n_cols``. True, with ``level``,
+        ``inv`` and ``dev`` (the mean deviation from the level) moved as the NumPy path moves them,
+        when every ratio to the level is NaN-free and the positive ones lie within ``[1 / band, band]``;
+        False, with nothing written, otherwise. ``weights``, ``dev_weights``: the moving averages'
+        weights, the newest row's last.
     """
     return _state["screen"] if cpu_kernel() is not None else None
 

@@ -83,6 +83,13 @@ __all__ = [
 #: most half for the full evaluations at the cadence and a quarter for the screen (:data:`SCREEN_SHARE`).
 LIVE_BUDGET = 0.01
 
+#: A parameter's band around its level is this many times its mean deviation from it, when that is wider than
+#: ``decades`` (up to ``max_decades``): see :class:`LiveScreen`.
+NOISE_FACTOR = 4.0
+
+#: Weight of a new row in the mean deviation (an exponential moving average over about 10 rows).
+NOISE_RATE = 0.1
+
 #: The screen's share of :data:`LIVE_BUDGET`. A quarter: its shift test needs two rows in a row and the
 #: rules confirm over ten, so a screen every step or two finds nothing sooner than one every few steps
 #: (benchmarks/detection.py: the same latencies, to half a step, with a screen at every step as every two).
@@ -280,8 +287,10 @@ class LiveScreen:
         gap_rows: int = 5,
         dead_threshold: float = 0.5,
         saturated_threshold: float = 0.5,
+        max_decades: float = 2.0,
     ) -> None:
         self.decades = float(decades)
+        self.max_decades = max(float(max_decades), self.decades)
         self.warm_rows = int(warm_rows)
         self.gap_rows = int(gap_rows)
         self.dead_threshold = float(dead_threshold)
@@ -294,6 +303,7 @@ class LiveScreen:
         self._rows = 0
         self._P = -1
         self._level = np.zeros(0)  # [P] running log10 sum of squares (NaN: none seen yet)
+        self._dev = np.zeros(0)  # [P] running mean of |log10 sum of squares - level| (0: none seen yet)
         self._inv = np.zeros(0)  # [P] 10 ** -level: the ratio of a row to the level is one multiplication
         self._watch: np.ndarray | None = None  # indices of the parameters with a level (None: all of them)
         self._inv_w = self._inv  # _inv of those
@@ -314,13 +324,16 @@ class LiveScreen:
         self._act_tensor: tuple[np.ndarray, torch.Tensor] | None = None  # _act, and a tensor sharing it
         # EMA weights of the rows of a block, newest last: 0.2 * 0.8 ** (n - 1 - r)
         self._weights = 0.2 * 0.8 ** np.arange(64, dtype=np.float64)[::-1]
-        self._held_tensors: tuple[Any, ...] | None = None  # (level, inv, weights, and their tensors)
+        # the mean deviation's: NOISE_RATE * (1 - NOISE_RATE) ** (n - 1 - r)
+        self._dev_weights = NOISE_RATE * (1.0 - NOISE_RATE) ** np.arange(64, dtype=np.float64)[::-1]
+        self._held_tensors: tuple[Any, ...] | None = None  # (level, inv, weights, dev, dev weights; their tensors)
 
     def _ensure(self, P: int) -> None:
         if self._P == P:
             return
         self._P = P
         self._level = np.full(P, np.nan)
+        self._dev = np.zeros(P)
         self._inv = np.full(P, np.nan)
         self._watch = np.zeros(0, dtype=np.int64)
         self._inv_w = self._inv[:0]
@@ -336,18 +349,23 @@ class LiveScreen:
         # (a copy's tensors would not share the copied arrays' memory: it makes its own when it needs them)
         return {**self.__dict__, "_held_tensors": None, "_act_tensor": None}
 
-    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``_level``, ``_inv`` and ``_weights`` as tensors sharing their memory (made again when replaced)."""
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        """``_level``, ``_inv``, ``_weights``, ``_dev``, ``_dev_weights`` as tensors sharing their memory (made again when replaced)."""
+        arrays = (self._level, self._inv, self._weights, self._dev, self._dev_weights)
         held = self._held_tensors
-        if held is None or held[0] is not self._level or held[1] is not self._inv or held[2] is not self._weights:
-            arrays = (self._level, self._inv, self._weights)
+        if held is None or any(h is not a for h, a in zip(held, arrays)):
             held = self._held_tensors = (*arrays, *(torch.from_numpy(a) for a in arrays))
-        return held[3], held[4], held[5]
+        return held[5:]
 
     def _w(self, n: int) -> np.ndarray:
         if n > len(self._weights):
             self._weights = 0.2 * 0.8 ** np.arange(2 * n, dtype=np.float64)[::-1]
+            self._dev_weights = NOISE_RATE * (1.0 - NOISE_RATE) ** np.arange(2 * n, dtype=np.float64)[::-1]
         return self._weights[len(self._weights) - n :]
+
+    def _dw(self, n: int) -> np.ndarray:
+        self._w(n)
+        return self._dev_weights[len(self._dev_weights) - n :]
 
     def __call__(self, frame: StatsFrame, skip_activations: Sequence[int] = ()) -> list[str]:
         """Look at the frame's rows after :attr:`screened_step`; the reasons to run the rules now (often none).
@@ -470,9 +488,9 @@ class LiveScreen:
                 n = len(sumsq)
                 if n > len(self._weights):
                     self._w(n)
-                level, inv, weights = self._tensors()
+                level, inv, weights, dev, dev_weights = self._tensors()
                 storage, first, n_cols = rows_at
-                if not kernel(storage, first, n, _SUMSQ, n_cols, level, inv, weights, self._band):
+                if not kernel(storage, first, n, _SUMSQ, n_cols, level, inv, weights, self._band, dev, dev_weights):
                     return False
                 self._rows += n
                 return True
@@ -504,14 +522,21 @@ class LiveScreen:
             step = np.zeros(ratio.shape)
             np.log10(ratio, out=step, where=pos)  # no gradient, or a zero one: the level stays
         move = self._w(len(ratio)) @ step
+        # the mean deviation, over the positive ratios (the others keep it)
+        dw = self._dw(len(ratio))
+        kept = dw.sum() if pos is None else dw @ pos
+        spread = dw @ np.abs(step)  # (0 where not positive)
         if watch is None:
             self._level += move
             np.power(0.1, self._level, out=self._inv)
+            self._dev *= 1.0 - kept
+            self._dev += spread
         else:
             level = self._level[watch] + move
             self._level[watch] = level
             self._inv_w = np.power(0.1, level)
             self._inv[watch] = self._inv_w
+            self._dev[watch] = self._dev[watch] * (1.0 - kept) + spread
         self._rows += len(ratio)
         return True
 
@@ -530,21 +555,38 @@ class LiveScreen:
         y = np.full(sumsq.shape, np.nan)
         np.log10(sumsq, out=y, where=(sumsq > 0) & (sumsq < np.inf))
         level = self._level
-        shifted = np.abs(y - level) > 2.0 * self.decades
+        m = len(y)
+        late = max(0, self.warm_rows - self._rows)  # rows of this block still in the warm-up
+        # Each parameter's own band: `decades`, wider (up to `max_decades`) for a parameter whose gradient
+        # RMS is noisy from row to row (NOISE_FACTOR times its mean deviation from the level), so that
+        # its noise does not keep the rules running.
+        deviation = np.abs(y - level)
+        # (the moving average starts from 0 at the second row: divided by its weight so far, as Adam's moments)
+        seen = 1.0 - (1.0 - NOISE_RATE) ** max(self._rows - 1, 1)
+        band = np.clip(NOISE_FACTOR / seen * self._dev, 2.0 * self.decades, 2.0 * self.max_decades)
+        shifted = deviation > band
         # two rows in a row: a one-step spike of a noisy parameter (a bias, an embedding row) is not the
         # start of a collapse or a blow-up, which last
         held = shifted & np.vstack([self._shifted[None], shifted[:-1]])
         new = held > np.vstack([self._held[None], held[:-1]])
-        m = len(y)
-        late = max(0, self.warm_rows - self._rows)  # rows of this block still in the warm-up
         if late < m and new[late:].any():
             reasons.add("shift")
         self._shifted, self._held = shifted[-1].copy(), held[-1].copy()
         self._rows += m
         valid = ~np.isnan(y)
+        # The mean deviation, each row's deviation counted up to `decades` (the fast path's rows lie within
+        # it): a shift raises it by at most NOISE_RATE of that per row, so it does not hide its own second
+        # row. The warm-up's rows count too (a band not yet learnt would be one decade for everyone).
+        d = np.isfinite(deviation)
+        dw = self._dw(m)
+        self._dev = self._dev * (1.0 - dw @ d) + dw @ np.where(d, np.minimum(deviation, 2.0 * self.decades), 0.0)
+        # A row out of the band that is not the second in a row (a spike, or the first row of a shift) does
+        # not move the level: the next row is compared with the level from before it, so a shift is judged
+        # on its full size at its second row, not on what is left once the level has chased it.
+        moves = valid & ~(shifted & ~held)
         w = self._w(m)
-        sw = w @ valid
-        sy = w @ np.where(valid, y, 0.0)
+        sw = w @ moves
+        sy = w @ np.where(moves, y, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             self._level = np.where(np.isnan(level), np.where(sw > 0, sy / sw, np.nan), level * (1.0 - sw) + sy)
         self._inv = np.power(0.1, self._level)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import gradscope
-from gradscope.capture.live import LiveScreen
+from gradscope.capture.live import NOISE_FACTOR, LiveScreen
 
 
 def _rows(n: int, P: int, seed: int, scale=1.0) -> np.ndarray:
@@ -114,3 +114,60 @@ def test_short_steps_get_a_no_gradient_finding_between_flushes_and_move_no_row_b
     for rows, evals in state[50:62]:
         if evals == evals50:  # no full evaluation since the flush: nothing moved
             assert rows == 50
+
+
+def _shift_rows(screen: LiveScreen, sumsq: np.ndarray, size: int) -> list[int]:
+    """The rows (1-based) at the end of each block the screen flagged as a shift, blocks of ``size`` rows."""
+    flagged = []
+    nonfinite = np.zeros_like(sumsq)
+    for at in range(0, len(sumsq), size):
+        sl = slice(at, min(len(sumsq), at + size))
+        if "shift" in screen.block(sl.stop, sumsq[sl], nonfinite[sl], None, None, None):
+            flagged.append(sl.stop)
+    return flagged
+
+
+def test_a_parameter_whose_gradient_rms_is_noisy_gets_a_wider_band_and_a_collapse_is_still_flagged():
+    # Parameter 0: steady (log10 RMS moves 0.13 decades per row). Parameter 1: noisy, as the early layers
+    # of a deep tanh network (0.8 decades per row: it leaves a band of one decade at about one row in
+    # five). Parameter 2 collapses 3 decades from row 401 on, parameter 1 from row 501 on.
+    rng = np.random.default_rng(7)
+    n = 600
+    log_rms = np.column_stack([rng.normal(-2.0, 0.13, n), rng.normal(-3.0, 0.8, n), rng.normal(-2.5, 0.13, n)])
+    log_rms[400:, 2] -= 3.0
+    log_rms[500:, 1] -= 3.0
+    sumsq = 10.0 ** (2 * log_rms)
+    for size in (1, 7):
+        fixed = _shift_rows(LiveScreen(max_decades=1.0), sumsq, size)  # one decade for every parameter
+        own = _shift_rows(LiveScreen(), sumsq, size)
+        # the fixed band flags the noisy parameter again and again before anything happens
+        assert sum(r < 400 for r in fixed) >= 5, fixed
+        # its own band: nothing before the collapse
+        assert [r for r in own if r < 400] == [], own
+        # the collapse of the steady parameter at its second row, 402 (in the block that holds it)
+        assert min(r for r in own if r > 400) == -(-402 // size) * size, own
+        # the noisy parameter's own collapse (3 decades, beyond its wider band of up to 2) within a few rows
+        assert any(502 <= r <= 505 + size for r in own), own
+    # what widened the noisy parameter's band is its mean deviation from its level (in log10 sum of
+    # squares: twice the RMS decades); the steady ones keep the one-decade band
+    screen = LiveScreen()
+    _shift_rows(screen, sumsq[:399], 1)
+    assert NOISE_FACTOR * screen._dev[1] > 2.0 * screen.decades
+    assert (NOISE_FACTOR * screen._dev[[0, 2]] < 2.0 * screen.decades).all()
+
+
+def test_a_one_row_spike_does_not_move_the_level():
+    # Row 30 of parameter 0 jumps 3 decades for that row alone: not a shift, and the level it is judged
+    # against afterwards is the level from before the spike (a spike is left out of the moving average).
+    sumsq = _rows(40, 2, 3, scale=1e-2)
+    sumsq[30, 0] *= 1e6
+    screen = LiveScreen()
+    nonfinite = np.zeros((1, 2))
+    for r in range(30):
+        assert screen.block(r + 1, sumsq[r : r + 1], nonfinite, None, None, None) == set()
+    before = screen._level.copy()
+    assert screen.block(31, sumsq[30:31], nonfinite, None, None, None) == set()
+    assert screen._level[0] == before[0]  # the spike: left out
+    assert screen._level[1] != before[1]  # the other parameter's row moved its level as usual
+    for r in range(31, 40):
+        assert screen.block(r + 1, sumsq[r : r + 1], nonfinite, None, None, None) == set()

@@ -7,6 +7,7 @@ ReLU layer whose bias is set to -100 outputs zero for every sample; ``zero_grad(
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 
@@ -311,13 +312,12 @@ def _screen_block(P: int, n: int, seed: int):
 
 def _both(screen: LiveScreen, storage, sumsq, first: int, n: int):
     """The NumPy path and the kernel path on copies of the same screen: (result, level) of each."""
-    import copy
-
     a, b = copy.deepcopy(screen), copy.deepcopy(screen)
     block = sumsq[first : first + n]
     ra = a._fast(block, np.zeros_like(block), None)
     rb = b._fast(block, np.zeros_like(block), None, (storage, first, 6))
     assert a._rows == b._rows
+    np.testing.assert_allclose(b._dev, a._dev, rtol=1e-12, atol=1e-12)  # the mean deviations move alike
     return (ra, a._level, a._inv), (rb, b._level, b._inv)
 
 
@@ -335,6 +335,13 @@ def test_the_compiled_screen_moves_the_levels_as_the_numpy_path_does(cpu_kernel)
         before = screen._level
         expect = before + w @ (np.log10(sumsq[3 : 3 + n]) - before)
         np.testing.assert_allclose(lb, expect, rtol=1e-12, atol=1e-12)
+        # and the mean deviation: one row at a time, dev <- 0.9 dev + 0.1 |log10 sumsq - level before the block|
+        dev = screen._dev.copy()
+        for row in np.log10(sumsq[3 : 3 + n]):
+            dev = 0.9 * dev + 0.1 * np.abs(row - before)
+        moved = copy.deepcopy(screen)
+        assert moved._fast(sumsq[3 : 3 + n], np.zeros((n, P)), None, (storage, 3, 6))
+        np.testing.assert_allclose(moved._dev, dev, rtol=1e-12, atol=1e-12)
 
 
 def test_the_compiled_screen_leaves_out_what_the_numpy_path_leaves_out(cpu_kernel):
