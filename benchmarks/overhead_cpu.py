@@ -38,25 +38,35 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from overhead import Runner, settle_history, step_costs
-from workloads import Workload, cpu_workloads, layout_workloads
+from workloads import Workload, cpu_workloads, layout_workloads, noisy_workloads
 
 import gradscope
 from gradscope.capture import kernels
 
 
 def measure(
-    wl: Workload, variant: str, *, warmup: int, pairs: int, baseline: str = "bare", settle: bool = False
+    wl: Workload,
+    variant: str,
+    *,
+    warmup: int,
+    pairs: int,
+    baseline: str = "bare",
+    settle: bool = False,
+    batches: int = 4,
+    data_seed: int = 1,
 ) -> dict:
     """Paired CPU times of ``pairs`` steps: ratios, the fixed per-step cost and the flush cost.
 
     ``settle``: before the pairs, the watched run alone trains until its host frame has thinned once
     (``history * (1 + THIN_SLACK)`` recorded steps and one flush), so the pairs see a long run's
     flushes, not the first minutes' (a frame that has not reached ``history`` rows never thins).
+    ``batches``: how many batches the steps go through in turn (both runs see the same ones), drawn from a
+    generator seeded with ``data_seed``.
     """
     torch.manual_seed(0)
     base = wl.make_model()
-    g = torch.Generator().manual_seed(1)
-    batches = [wl.make_batch(g) for _ in range(4)]
+    g = torch.Generator().manual_seed(data_seed)
+    batches = [wl.make_batch(g) for _ in range(batches)]
     bare = Runner(wl, base, "cpu", None, baseline, pairs)
     watched = Runner(wl, copy.deepcopy(base), "cpu", None, variant, pairs)
 
@@ -101,6 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--baseline", default="bare", help="the variant ratios are taken against (e.g. gradscope)")
     ap.add_argument(
+        "--batches",
+        type=int,
+        default=4,
+        help="batches the steps go through in turn (more: statistics as noisy as fresh data)",
+    )
+    ap.add_argument("--data-seed", type=int, default=1, help="seed of the batches' generator")
+    ap.add_argument(
         "--settle",
         action="store_true",
         help="train the watched run until its host history has thinned once before timing (a long run's flushes)",
@@ -115,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ[kernels.KERNEL_ENV] = args.kernel
     kernels.cpu_kernel()  # loaded (or, with --kernel sync, built) now, before anything is timed
-    pool = {w.name: w for w in cpu_workloads() + layout_workloads()}
+    pool = {w.name: w for w in cpu_workloads() + layout_workloads() + noisy_workloads()}
     print(
         f"gradscope {gradscope.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, CPU time, "
         f"CPU kernel {kernels.cpu_kernel_state()}"
@@ -128,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants.split(","):
             pairs = args.pairs or (120 if name in ("gpt", "mlp128") else 200)
             r = measure(
-                pool[name], variant, warmup=args.warmup, pairs=pairs, baseline=args.baseline, settle=args.settle
+                pool[name],
+                variant,
+                warmup=args.warmup,
+                pairs=pairs,
+                baseline=args.baseline,
+                settle=args.settle,
+                batches=args.batches,
+                data_seed=args.data_seed,
             )
             print(
                 f"{name:<10} {variant:<26} {r['bare_ms']:>16.2f} {r['amortised']:>9.3f}x {r['median']:>7.3f}x "

@@ -263,6 +263,34 @@ def layout_workloads() -> list[Workload]:
     ]
 
 
+def tanh_mlp(blocks: int = 16, width: int = 64, classes: int = 10) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(blocks):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+def noisy_workloads() -> list[Workload]:
+    """Models whose gradient statistics move a lot from batch to batch (not in the default lists).
+
+    ``tanh16``: 16 blocks of Linear(64, 64) + Tanh, AdamW: the gradients of its early layers are small
+    and their RMS moves most of a decade from one batch to the next, which is what the live screen must
+    not mistake for the start of a collapse. Run it with ``--batches 64`` (a new batch at most steps):
+    with the default 4 batches in turn the noise repeats and hides.
+    """
+    return [
+        Workload(
+            "tanh16",
+            tanh_mlp,
+            lambda g: (torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)),
+            F.cross_entropy,
+            "adamw",
+            "16 blocks of Linear(64, 64)+Tanh and a classifier (34 tensors, 67k params), batch 32, AdamW",
+        ),
+    ]
+
+
 def cpu_workloads() -> list[Workload]:
     return [
         *small_tensor_workloads(),

@@ -77,8 +77,23 @@ def test_example_runs(path, tmp_path):
             "1",
             "--settle",
         ],
+        [
+            "overhead_cpu.py",
+            "--workloads",
+            "tanh16",
+            "--variants",
+            "gradscope",
+            "--pairs",
+            "3",
+            "--warmup",
+            "1",
+            "--batches",
+            "8",
+            "--data-seed",
+            "0",
+        ],
     ],
-    ids=["overhead", "overhead_cpu", "overhead_cpu-settled"],
+    ids=["overhead", "overhead_cpu", "overhead_cpu-settled", "overhead_cpu-fresh-batches"],
 )
 def test_overhead_benchmarks_print_a_ratio_per_variant(args, tmp_path):
     # The benchmarks behind docs/performance.md keep running; their ratios are printed, never judged here.
