@@ -418,16 +418,17 @@ void diff_sumsq_into(std::vector<torch::Tensor> as, std::vector<torch::Tensor> b
 // The live screen's common block (gradscope.capture.live.LiveScreen): rows [first, first + n) of the
 // CPU buffer `storage` ([capacity, R] float64), the sum of squares of parameter p at column
 // col + p * n_cols. Parameters without a level (inv[p] NaN) are left out, and at least one must have
-// one. Each entry's ratio to its level (x * inv[p]) must be NaN-free and, for the
-// positive ones, within [1 / band, band] (zeros are a unit silent for the batch: left out). When
-// every entry is, the level moves by the weighted log-ratios, level[p] += sum_r w[r] log10(ratio),
-// inv[p] = 0.1 ** level[p], the mean deviation moves by the other weights, dev[p] = dev[p] (1 - sum_r
-// dw[r]) + sum_r dw[r] |log10(ratio)| (over the positive ratios), and the result is true; otherwise
-// nothing is written and it is false (the caller takes its full path). Two reads of n x P numbers, the
-// same arithmetic as the NumPy path.
+// one. Each entry's ratio to its level (q = x * inv[p]) must be NaN-free and, for the positive ones,
+// within the parameter's band: [1 / band, band], or, for a parameter whose gradient is noisy,
+// |log10 q| <= min(max(factor * dev[p], log10 band), wide) (zeros are a unit silent for the batch:
+// left out). When every entry is, the level moves by the weighted log-ratios, level[p] += sum_r w[r]
+// log10 q, inv[p] = 0.1 ** level[p], the mean deviation by the other weights, dev[p] = dev[p] (1 -
+// sum_r dw[r]) + sum_r dw[r] min(|log10 q|, log10 band) (over the positive ratios), and the result is
+// true; otherwise nothing is written and it is false (the caller takes its full path). Two reads of
+// n x P numbers, the same arithmetic as the NumPy path.
 bool screen_block(torch::Tensor storage, int64_t first, int64_t n, int64_t col, int64_t n_cols,
                   torch::Tensor level, torch::Tensor inv, torch::Tensor weights, double band, torch::Tensor dev,
-                  torch::Tensor dev_weights) {
+                  torch::Tensor dev_weights, double factor, double wide) {
   for (const auto* t : {&storage, &level, &inv, &weights, &dev, &dev_weights})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat64 && t->is_contiguous(),
                 "screen_block: contiguous float64 CPU tensors only");
@@ -438,11 +439,13 @@ bool screen_block(torch::Tensor storage, int64_t first, int64_t n, int64_t col, 
   TORCH_CHECK(first >= 0 && n >= 0 && first + n <= storage.size(0), "screen_block: rows out of range");
   TORCH_CHECK(P == 0 || (col >= 0 && n_cols > 0 && col + (P - 1) * n_cols < storage.size(1)),
               "screen_block: column out of range");
+  TORCH_CHECK(band > 1.0, "screen_block: band must be above 1");
   const int64_t R = storage.size(1);
   const double* x = storage.data_ptr<double>() + first * R + col;
   const double* iv = inv.data_ptr<double>();
   const double* w = weights.data_ptr<double>() + (weights.numel() - n);  // the newest row has the last weight
-  double lo = std::numeric_limits<double>::infinity(), hi = -std::numeric_limits<double>::infinity();
+  double* dv = dev.data_ptr<double>();
+  const double narrow = std::log10(band);
   int64_t known = 0;
   for (int64_t p = 0; p < P; ++p) {
     if (std::isnan(iv[p])) continue;  // no level yet (its gradient was always 0 or missing): not judged
@@ -450,14 +453,15 @@ bool screen_block(torch::Tensor storage, int64_t first, int64_t n, int64_t col, 
     for (int64_t r = 0; r < n; ++r) {
       const double q = x[r * R + p * n_cols] * iv[p];
       if (!(q >= 0.0)) return false;  // NaN (and a negative sum of squares, which cannot be)
-      if (q > hi) hi = q;
-      if (q > 0.0 && q < lo) lo = q;
+      if (q > 0.0 && (q > band || q * band < 1.0)) {  // outside the common band: the parameter's own
+        const double own = std::min(std::max(factor * dv[p], narrow), wide);
+        if (!(std::abs(std::log10(q)) <= own)) return false;
+      }
     }
   }
-  if (!known || !(lo * band >= 1.0 && hi <= band)) return false;
+  if (!known) return false;
   double* lv = level.data_ptr<double>();
   double* ivw = inv.data_ptr<double>();
-  double* dv = dev.data_ptr<double>();
   const double* dw = dev_weights.data_ptr<double>() + (dev_weights.numel() - n);
   for (int64_t p = 0; p < P; ++p) {
     if (std::isnan(iv[p])) continue;
@@ -468,7 +472,7 @@ bool screen_block(torch::Tensor storage, int64_t first, int64_t n, int64_t col, 
         const double y = std::log10(q);
         move += w[r] * y;
         kept += dw[r];
-        spread += dw[r] * std::abs(y);
+        spread += dw[r] * std::min(std::abs(y), narrow);
       }
     }
     lv[p] += move;
@@ -763,9 +767,12 @@ def _check_and_keep(module: Any) -> None:
     dev, dev_w = torch.ones(2, dtype=torch.float64), torch.tensor([0.5, 0.25], dtype=torch.float64)
     block = torch.tensor([[100.0, 0.0, 1.0, 0.0], [1000.0, 0.0, 10.0, 0.0]], dtype=torch.float64)
     w = torch.tensor([0.25, 0.75], dtype=torch.float64)
-    ok = module.screen_block(block, 0, 2, 0, 2, level, inv, w, 1e4, dev, dev_w)
+    ok = module.screen_block(block, 0, 2, 0, 2, level, inv, w, 1e4, dev, dev_w, 4.0, 4.0)
     one = torch.ones(2, dtype=torch.float64)
-    bad = module.screen_block(block, 0, 2, 0, 2, torch.zeros(2, dtype=torch.float64), one, one, 10.0, one, one)
+    # 1000 > 10, and beyond the own band of parameter 0 too: min(max(1.5 * 1, 1), 2) = 1.5 < 3
+    bad = module.screen_block(
+        block, 0, 2, 0, 2, torch.zeros(2, dtype=torch.float64), one, one, 10.0, one, one, 1.5, 2.0
+    )
     # sync point: CPU tensors only; the self-check of a freshly loaded kernel, once per process.
     got = [ok, bad, *level.tolist(), *dev.tolist()]
     # level: 0.25 * 2 + 0.75 * 3, 0.25 * 0 + 0.75 * 1; dev: 1 * 0.25 + 0.5 * 2 + 0.25 * 3, 0.25 + 0.5 * 0 + 0.25 * 1
@@ -852,19 +859,20 @@ _KernelFn = Callable[[list[Tensor], Tensor, list[int], list[int], bool], bool]
 _ActivationFn = Callable[[Tensor, int, int, int, int, float, float, bool, Tensor, int], None]
 
 
-_ScreenFn = Callable[[Tensor, int, int, int, int, Tensor, Tensor, Tensor, float, Tensor, Tensor], bool]
+_ScreenFn = Callable[[Tensor, int, int, int, int, Tensor, Tensor, Tensor, float, Tensor, Tensor, float, float], bool]
 
 
 def cpu_screen_kernel() -> _ScreenFn | None:
     """The compiled CPU kernel's live screen, or None while the kernel is not available (see :func:`cpu_kernel`).
 
     Returns:
-        ``fn(storage, first, n, col, n_cols, level, inv, weights, band, dev, dev_weights) -> bool``: the
-        common block of :class:`gradscope.capture.live.LiveScreen` in one call: the sums of squares of
-        rows ``first .. first + n - 1`` of ``storage`` (a contiguous ``[capacity, R]`` float64 CPU
-        tensor: the buffer), parameter ``p`` at column ``col + p * n_cols``. True, with ``level``,
+        ``fn(storage, first, n, col, n_cols, level, inv, weights, band, dev, dev_weights, factor, wide) ->
+        bool``: the common block of :class:`gradscope.capture.live.LiveScreen` in one call: the sums of
+        squares of rows ``first .. first + n - 1`` of ``storage`` (a contiguous ``[capacity, R]`` float64
+        CPU tensor: the buffer), parameter ``p`` at column ``col + p * n_cols``. True, with ``level``,
         ``inv`` and ``dev`` (the mean deviation from the level) moved as the NumPy path moves them,
-        when every ratio to the level is NaN-free and the positive ones lie within ``[1 / band, band]``;
+        when every ratio to the level is NaN-free and the positive ones lie within the parameter's
+        band (``[1 / band, band]``, or ``|log10 ratio| <= min(max(factor * dev[p], log10 band), wide)``);
         False, with nothing written, otherwise. ``weights``, ``dev_weights``: the moving averages'
         weights, the newest row's last.
     """

@@ -252,11 +252,17 @@ class LiveScreen:
       squares);
     * ``no_gradient``: no trainable parameter had a gradient (the whole step), or a parameter that
       had gradients has gone without one for :attr:`gap_rows` rows;
-    * ``shift``: a parameter's gradient RMS moved more than :attr:`decades` decades away from its own
-      running level (an exponential moving average of log10 RMS, after :attr:`warm_rows` rows), at two
-      rows in a row: the start of a collapse or a blow-up (a one-row spike of a noisy bias is not);
+    * ``shift``: a parameter's gradient RMS moved out of its band around its own running level (an
+      exponential moving average of log10 RMS, after :attr:`warm_rows` rows), at two rows in a row: the
+      start of a collapse or a blow-up (a one-row spike of a noisy bias is not, and does not move the
+      level). The band is :attr:`decades` decades, or :data:`NOISE_FACTOR` times the parameter's mean
+      deviation from its level when that is wider, up to :attr:`max_decades`: a gradient whose RMS
+      moves most of a decade from batch to batch (the early layers of a deep tanh network) would
+      otherwise flag again and again. Collapses no longer flag once :attr:`mute_down` is set
+      (``vanishing_gradients`` has reported, which it does once a run), blow-ups once :attr:`mute_up` is;
     * ``activation``: a ReLU-family module with at least ``dead_threshold`` of its units dead, or a
-      tanh/sigmoid module with ``saturated_threshold`` of its outputs saturated, on a sampled row.
+      tanh/sigmoid module with ``saturated_threshold`` of its outputs saturated, on a sampled row
+      (not a module whose finding of that kind a rule has reported: :meth:`reported`).
 
     Only what is *new* counts (a parameter or module flagged that was not at the previous row; a module
     flagged within :data:`ACT_REARM_ROWS` sampled rows of its last flag is not new), so a condition that
@@ -272,7 +278,8 @@ class LiveScreen:
     with cold caches, each NumPy call costs about 10 us); anything else takes the full path.
 
     Args:
-        decades: the RMS jump that counts as a shift.
+        decades: the RMS jump that counts as a shift (the band of a steady gradient).
+        max_decades: the widest band a noisy gradient gets.
         warm_rows: rows before shifts are looked for (the first steps of training move fast).
         gap_rows: rows without a gradient that count as a parameter having stopped getting one.
         dead_threshold: ``dead_units``' threshold.
@@ -300,6 +307,7 @@ class LiveScreen:
         # The level is kept in log10 of the sum of squares: log10 RMS = (that - log10 numel) / 2, so a
         # shift of `decades` in RMS is one of 2 * decades here, and the numel cancels.
         self._band = 10.0 ** (2.0 * self.decades)
+        self._band_max = 10.0 ** (2.0 * self.max_decades)
         self._rows = 0
         self._P = -1
         self._level = np.zeros(0)  # [P] running log10 sum of squares (NaN: none seen yet)
@@ -313,6 +321,12 @@ class LiveScreen:
         self._gap = np.zeros(0, dtype=np.int64)  # [P] rows without a gradient, since the last one
         self._ever = np.zeros(0, dtype=bool)  # [P] had a gradient once
         self._quiet = True  # nothing shifted or non-finite at the previous row: the fast path may run
+        #: Shifts down (a collapse) no longer flag: ``vanishing_gradients`` has reported (once a run).
+        self.mute_down = False
+        #: Shifts up (a blow-up) no longer flag: ``exploding_gradients`` has reported (once a run).
+        self.mute_up = False
+        # (kind, module) whose finding a rule has reported: a crossing there can only update it, not flag
+        self._act_reported: set[tuple[str, int]] = set()
         self._gaps_clean = True  # no gap counted, and the previous row had gradients
         self._none = False  # the previous row had no gradient at all
         #: A parameter that had gradients has gone 1 to ``gap_rows - 1`` rows without one: the live
@@ -356,6 +370,10 @@ class LiveScreen:
         if held is None or any(h is not a for h, a in zip(held, arrays)):
             held = self._held_tensors = (*arrays, *(torch.from_numpy(a) for a in arrays))
         return held[5:]
+
+    def _factor(self) -> float:
+        """NOISE_FACTOR over the weight the mean deviation has gathered (it starts from 0 at the second row, as Adam's moments)."""
+        return NOISE_FACTOR / (1.0 - (1.0 - NOISE_RATE) ** max(self._rows - 1, 1))
 
     def _w(self, n: int) -> np.ndarray:
         if n > len(self._weights):
@@ -490,7 +508,10 @@ class LiveScreen:
                     self._w(n)
                 level, inv, weights, dev, dev_weights = self._tensors()
                 storage, first, n_cols = rows_at
-                if not kernel(storage, first, n, _SUMSQ, n_cols, level, inv, weights, self._band, dev, dev_weights):
+                own = (self._factor(), 2.0 * self.max_decades)
+                if not kernel(
+                    storage, first, n, _SUMSQ, n_cols, level, inv, weights, self._band, dev, dev_weights, *own
+                ):
                     return False
                 self._rows += n
                 return True
@@ -513,19 +534,27 @@ class LiveScreen:
             pos = ratio > 0
             lo = np.minimum.reduce(ratio, axis=None, where=pos, initial=np.inf)
         band = self._band
-        if not (lo * band >= 1.0 and hi <= band):
-            return False
+        wide = not (lo * band >= 1.0 and hi <= band)
+        if wide and not (hi <= self._band_max and lo * self._band_max >= 1.0):
+            return False  # beyond the widest band any parameter can have
         # the level moves by the weighted log-ratios, L += sum_r w_r (y_r - L), the moving average's update
         if pos is None:
             step = np.log10(ratio)
         else:
             step = np.zeros(ratio.shape)
             np.log10(ratio, out=step, where=pos)  # no gradient, or a zero one: the level stays
+        size = np.abs(step)  # (0 where not positive)
+        narrow = 2.0 * self.decades
+        if wide:  # outside the common band: within the parameter's own? (a noisy gradient's, see _full)
+            spread_now = self._dev if watch is None else self._dev[watch]
+            if (size > np.clip(self._factor() * spread_now, narrow, 2.0 * self.max_decades)).any():
+                return False
+            size = np.minimum(size, narrow)
         move = self._w(len(ratio)) @ step
         # the mean deviation, over the positive ratios (the others keep it)
         dw = self._dw(len(ratio))
         kept = dw.sum() if pos is None else dw @ pos
-        spread = dw @ np.abs(step)  # (0 where not positive)
+        spread = dw @ size
         if watch is None:
             self._level += move
             np.power(0.1, self._level, out=self._inv)
@@ -560,17 +589,18 @@ class LiveScreen:
         # Each parameter's own band: `decades`, wider (up to `max_decades`) for a parameter whose gradient
         # RMS is noisy from row to row (NOISE_FACTOR times its mean deviation from the level), so that
         # its noise does not keep the rules running.
-        deviation = np.abs(y - level)
-        # (the moving average starts from 0 at the second row: divided by its weight so far, as Adam's moments)
-        seen = 1.0 - (1.0 - NOISE_RATE) ** max(self._rows - 1, 1)
-        band = np.clip(NOISE_FACTOR / seen * self._dev, 2.0 * self.decades, 2.0 * self.max_decades)
-        shifted = deviation > band
+        signed = y - level
+        deviation = np.abs(signed)
+        shifted = deviation > np.clip(self._factor() * self._dev, 2.0 * self.decades, 2.0 * self.max_decades)
         # two rows in a row: a one-step spike of a noisy parameter (a bias, an embedding row) is not the
         # start of a collapse or a blow-up, which last
         held = shifted & np.vstack([self._shifted[None], shifted[:-1]])
         new = held > np.vstack([self._held[None], held[:-1]])
-        if late < m and new[late:].any():
-            reasons.add("shift")
+        if late < m and not (self.mute_down and self.mute_up):
+            if self.mute_down or self.mute_up:  # one direction left to a rule that can still report
+                new = new & ((signed > 0) if self.mute_down else (signed < 0))
+            if new[late:].any():
+                reasons.add("shift")
         self._shifted, self._held = shifted[-1].copy(), held[-1].copy()
         self._rows += m
         valid = ~np.isnan(y)
@@ -624,13 +654,26 @@ class LiveScreen:
         self.counting = bool((self._ever & (self._gap > 0) & (self._gap < self.gap_rows)).any())
 
     # -- activations ---------------------------------------------------------------------------------------
+    def reported(self, kind: str, module: int) -> None:
+        """A rule reported activation module ``module`` (``kind``: ``"dead"`` or ``"saturated"``): stop flagging it.
+
+        A rule reports a (kind, module) once a run; later crossings only update that finding (its
+        ``last_step``, ``resolved_step``), which the evaluations at the cadence do. Running the rules
+        at once for them would find nothing new: in a deep ReLU network where many modules hover about
+        the threshold it made them run for tens of steps after every few sampled steps.
+        """
+        self._act_reported.add((kind, int(module)))
+
     def _masks(self, kinds: Sequence[str], skip: Sequence[int]) -> tuple[Any, ...]:
         """``(key, relu, saturating, dead threshold, saturated threshold)`` per module, made once per set."""
-        key = (tuple(kinds), tuple(skip))
+        key = (tuple(kinds), tuple(skip), frozenset(self._act_reported))
         if self._act_masks is None or self._act_masks[0] != key:
             relu = np.array([k == "relu" for k in kinds], dtype=bool)
             saturating = np.array([k in _SATURATING for k in kinds], dtype=bool)
             saturating[list(skip)] = False
+            for kind, a in self._act_reported:
+                if a < len(kinds):
+                    (relu if kind == "dead" else saturating)[a] = False
             dead_thr = torch.from_numpy(np.where(relu, self.dead_threshold, np.inf))
             sat_thr = torch.from_numpy(np.where(saturating, self.saturated_threshold, np.inf))
             self._act_masks = (key, relu, saturating, dead_thr, sat_thr)
@@ -1022,9 +1065,22 @@ class Diagnosis:
         return new
 
     # -- acting on findings ----------------------------------------------------------------------------
+    def _quiet_screen(self, f: Finding) -> None:
+        """What the screen need no longer flag once ``f`` is reported (a rule reports each of these once)."""
+        screen = self.screen
+        if f.kind == "vanishing_gradients":
+            screen.mute_down = True
+        elif f.kind == "exploding_gradients":
+            screen.mute_up = True
+        elif f.kind in ("dead_units", "saturated_activations"):
+            modules = self.recorder.schema.act_modules
+            if f.layer in modules:
+                screen.reported("dead" if f.kind == "dead_units" else "saturated", modules.index(f.layer))
+
     def _announce(self, new: list[Finding], step_count: int) -> None:
         on_finding, stop_on = self._options.on_finding, self._options.stop_on
         for f in new:
+            self._quiet_screen(f)
             log_finding(f, step_count)
             if on_finding is not None:
                 try:

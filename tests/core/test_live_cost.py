@@ -171,3 +171,20 @@ def test_a_one_row_spike_does_not_move_the_level():
     assert screen._level[1] != before[1]  # the other parameter's row moved its level as usual
     for r in range(31, 40):
         assert screen.block(r + 1, sumsq[r : r + 1], nonfinite, None, None, None) == set()
+
+
+def test_once_a_rule_has_reported_the_screen_stops_flagging_what_only_updates_it():
+    # vanishing_gradients reports once a run: a later collapse only updates its episode, so collapses no
+    # longer flag; a blow-up (exploding_gradients, not reported yet) still does; then neither.
+    rows = _rows(80, 2, 5, scale=1e-2)
+    rows[30:, 0] *= 1e-6  # parameter 0 collapses 3 decades from row 31
+    rows[50:, 1] *= 1e6  # parameter 1 blows up 3 decades from row 51
+    screen = LiveScreen()
+    screen.mute_down = True
+    flagged = _shift_rows(screen, rows, 1)
+    assert flagged == [52]  # the blow-up's second row; the collapse at 32 is not flagged
+    both = LiveScreen()
+    both.mute_down = both.mute_up = True
+    assert _shift_rows(both, rows, 1) == []
+    np.testing.assert_allclose(both._level, screen._level)  # the levels move all the same
+    assert _shift_rows(LiveScreen(), rows, 1) == [32, 52]

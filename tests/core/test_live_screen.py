@@ -487,3 +487,107 @@ def test_a_hovering_activation_module_does_not_keep_the_rules_running():
     assert crossings >= 20  # the fraction really hovers: it crossed upwards again and again
     act_triggers = [s for s, r in triggers if "activation" in r]
     assert 1 <= len(act_triggers) <= 3, act_triggers
+
+
+def test_the_compiled_screen_takes_a_noisy_parameter_within_its_own_band_as_the_numpy_path_does(cpu_kernel):
+    # Parameter 4 is noisy (its mean deviation widens its band to 2 decades of RMS, 4 in log10 sum of
+    # squares); parameter 6 is steady (the one-decade band). The same jump of 1.5 decades (3 in log10
+    # sum of squares) passes for the first, and sends the block to the full path for the second.
+    storage, sumsq, screen = _screen_block(12, 3, 8)
+    screen._dev[4] = 1.5
+    assert np.clip(screen._factor() * screen._dev[4], 2.0, 4.0) == 4.0
+    sumsq[4, 4] *= 1e3
+    (ra, la, _), (rb, lb, _) = _both(screen, storage, sumsq, 3, 3)
+    assert ra is True and rb is True
+    np.testing.assert_allclose(lb, la, rtol=1e-12, atol=1e-12)
+    # its deviation counts up to the common band (2) in the mean, as in the full path
+    moved = copy.deepcopy(screen)
+    assert moved._fast(sumsq[3:6], np.zeros((3, 12)), None, (storage, 3, 6))
+    before = screen._level[4]
+    dev = screen._dev[4]
+    for y in np.log10(sumsq[3:6, 4]):
+        dev = 0.9 * dev + 0.1 * min(abs(y - before), 2.0)
+    assert moved._dev[4] == pytest.approx(dev, rel=1e-12)
+    for p, factor in ((6, 1e3), (4, 1e5)):  # the steady one at 1.5 decades; the noisy one beyond 2
+        storage2, sumsq2, screen2 = _screen_block(12, 3, 8)
+        screen2._dev[4] = 1.5
+        sumsq2[4, p] *= factor
+        level = screen2._level.copy()
+        (ra, la, _), (rb, lb, _) = _both(screen2, storage2, sumsq2, 3, 3)
+        assert ra is False and rb is False
+        np.testing.assert_array_equal(lb, level)
+
+
+def _two_relus(dead: list[tuple[float, float]]) -> tuple[torch.Tensor, int, int]:
+    from gradscope.capture.live import _ACT_DEAD
+
+    a, n_act_cols = 2, 3
+    storage = torch.zeros((len(dead), a + 2 * n_act_cols), dtype=torch.float64)
+    for j in range(2):
+        storage[:, a + j * n_act_cols + _ACT_DEAD] = torch.tensor([d[j] for d in dead], dtype=torch.float64)
+    return storage, a, n_act_cols
+
+
+@pytest.mark.parametrize("path", ["numpy", "kernel"])
+def test_a_module_a_rule_has_reported_is_not_flagged_again(path, request):
+    from gradscope.capture.live import _ACT_DEAD, _ACT_SATURATED
+
+    if path == "kernel":
+        request.getfixturevalue("cpu_kernel")
+    # both modules cross, fall clearly below (re-armed), then module 0 alone, then both again
+    dead = [(0.7, 0.7), (0.1, 0.1), (0.7, 0.1), (0.1, 0.1), (0.7, 0.7)]
+    storage, a, n_act_cols = _two_relus(dead)
+    screen = LiveScreen(dead_threshold=0.5)
+
+    def fresh(r: int) -> bool:
+        if path == "kernel":
+            return screen._activations_at((storage, [r], a, n_act_cols), ["relu", "relu"], [])
+        row = storage.numpy()[[r], a:].reshape(1, 2, n_act_cols)
+        return screen._activations((row[:, :, _ACT_DEAD], row[:, :, _ACT_SATURATED]), ["relu", "relu"], [])
+
+    assert fresh(0) is True and fresh(1) is False
+    screen.reported("dead", 0)  # dead_units reported module 0
+    assert fresh(2) is False  # module 0 again: only an update of its finding
+    assert fresh(3) is False and fresh(4) is True  # module 1 still flags
+
+
+def test_a_dead_units_finding_quiets_the_screen_for_its_module():
+    # A real run: the first ReLU is dead from step 1 (every pre-activation negative); once dead_units
+    # reports it, the screen leaves that module out and keeps watching the other.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with gradscope.watch(model, optimizer=opt, sample_every=1) as scope:
+        for _ in range(40):
+            loss = model(torch.randn(16, 8)).square().mean()
+            loss.backward()
+            opt.step()
+            scope.step(loss=loss)
+            opt.zero_grad()
+        screen = scope._diagnosis.screen
+        found = [f for f in scope.report().findings if f.kind == "dead_units"]
+        assert [f.layer for f in found] == ["1"]
+        assert screen._act_reported == {("dead", scope.schema.act_modules.index("1"))}
+        relu = screen._masks(scope.schema.act_kinds, [])[1]
+        assert relu.tolist() == [False, True]  # module "1" left out, module "3" still judged
+
+
+def test_gradient_findings_quiet_their_direction_of_the_screen():
+    from gradscope.findings import Finding
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    scope = gradscope.watch(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    screen = scope._diagnosis.screen
+    assert not screen.mute_down and not screen.mute_up
+
+    def finding(kind: str) -> Finding:
+        return Finding(kind=kind, severity="error", step=1, layer="0", message="m", suggestion="s")
+
+    scope._diagnosis._announce([finding("vanishing_gradients")], 1)
+    assert screen.mute_down and not screen.mute_up
+    scope._diagnosis._announce([finding("exploding_gradients")], 2)
+    assert screen.mute_down and screen.mute_up
+    scope.close()
