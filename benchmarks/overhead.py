@@ -46,7 +46,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from workloads import Workload, cpu_workloads, gpu_workloads, hf_workloads, layout_workloads, noisy_workloads
+from workloads import Workload, cpu_workloads, extra_workloads, gpu_workloads, hf_workloads, layout_workloads
 
 import gradscope
 from gradscope.capture import kernels
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         kernels.cpu_kernel()  # loaded (or, with --kernel sync, built) now, before anything is timed
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     pool = {
-        w.name: w for w in cpu_workloads() + layout_workloads() + noisy_workloads() + gpu_workloads() + hf_workloads()
+        w.name: w for w in cpu_workloads() + layout_workloads() + extra_workloads() + gpu_workloads() + hf_workloads()
     }
     default = [w.name for w in (gpu_workloads() if args.device.startswith("cuda") else cpu_workloads())]
     if args.device.startswith("cuda") and "hf-gpt2-small" in pool:

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from overhead import Runner, settle_history, step_costs
-from workloads import Workload, cpu_workloads, layout_workloads, noisy_workloads
+from workloads import Workload, cpu_workloads, extra_workloads, layout_workloads
 
 import gradscope
 from gradscope.capture import kernels
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ[kernels.KERNEL_ENV] = args.kernel
     kernels.cpu_kernel()  # loaded (or, with --kernel sync, built) now, before anything is timed
-    pool = {w.name: w for w in cpu_workloads() + layout_workloads() + noisy_workloads()}
+    pool = {w.name: w for w in cpu_workloads() + layout_workloads() + extra_workloads()}
     print(
         f"gradscope {gradscope.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, CPU time, "
         f"CPU kernel {kernels.cpu_kernel_state()}"

@@ -271,24 +271,153 @@ def tanh_mlp(blocks: int = 16, width: int = 64, classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def noisy_workloads() -> list[Workload]:
-    """Models whose gradient statistics move a lot from batch to batch (not in the default lists).
+class _ResBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.b1 = nn.BatchNorm2d(c)
+        self.c2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(c)
 
-    ``tanh16``: 16 blocks of Linear(64, 64) + Tanh, AdamW: the gradients of its early layers are small
-    and their RMS moves most of a decade from one batch to the next, which is what the live screen must
-    not mistake for the start of a collapse. Run it with ``--batches 64`` (a new batch at most steps):
-    with the default 4 batches in turn the noise repeats and hides.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.b2(self.c2(F.relu(self.b1(self.c1(x))))))
+
+
+def resnet_mini(blocks: int = 6, c: int = 16, classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, c, 3, padding=1),
+        nn.BatchNorm2d(c),
+        nn.ReLU(),
+        *[_ResBlock(c) for _ in range(blocks)],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c, classes),
+    )
+
+
+def norm_mlp(blocks: int, width: int, act: type[nn.Module], d_in: int, classes: int) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(d_in, width)]
+    for _ in range(blocks):
+        layers += [nn.Linear(width, width), nn.LayerNorm(width), act()]
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+class RecurrentLM(nn.Module):
+    """Embedding, a recurrent layer (``nn.LSTM`` or ``nn.GRU``), a vocabulary head."""
+
+    def __init__(self, cell: type[nn.Module], vocab: int, width: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.emb = nn.Embedding(vocab, width)
+        self.rnn = cell(width, hidden, layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.emb(x))[0])
+
+
+def _seq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def extra_workloads() -> list[Workload]:
+    """Models beyond the default lists: the shapes real training has, and noisy statistics.
+
+    Meant to be run with fresh data (``--batches 64``): with the default 4 batches in turn, the batch to
+    batch noise of the statistics repeats and hides. ``tanh16``: 16 blocks of Linear(64, 64) + Tanh,
+    AdamW: the gradients of its early layers are small and their RMS moves most of a decade from one
+    batch to the next, which the live screen must not mistake for the start of a collapse.
+    ``deep-ln``: 48 blocks of Linear(16, 16) + LayerNorm + ReLU, many of whose ReLUs hover about the
+    dead-units threshold. The others: a LayerNorm/GELU MLP of 194 tensors, an LSTM and a GRU language
+    model, a residual CNN with BatchNorm, and (with transformers installed) a BERT classifier built from a
+    config.
     """
-    return [
+
+    def vec(n: int, d: int, classes: int) -> Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
+        return lambda g: (torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g))
+
+    def tokens(n: int, t: int, vocab: int) -> Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
+        return lambda g: (torch.randint(0, vocab, (n, t), generator=g), torch.randint(0, vocab, (n, t), generator=g))
+
+    out = [
         Workload(
             "tanh16",
             tanh_mlp,
-            lambda g: (torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)),
+            vec(32, 64, 10),
             F.cross_entropy,
             "adamw",
             "16 blocks of Linear(64, 64)+Tanh and a classifier (34 tensors, 67k params), batch 32, AdamW",
         ),
+        Workload(
+            "deep-ln",
+            lambda: norm_mlp(48, 16, nn.ReLU, 16, 4),
+            vec(16, 16, 4),
+            F.cross_entropy,
+            "sgd",
+            "48 blocks of Linear(16, 16)+LayerNorm+ReLU (196 tensors, 15k params), batch 16, SGD",
+        ),
+        Workload(
+            "ln-mlp64",
+            lambda: norm_mlp(64, 32, nn.GELU, 32, 10),
+            vec(32, 32, 10),
+            F.cross_entropy,
+            "adamw",
+            "64 blocks of Linear(32, 32)+LayerNorm+GELU (260 tensors, 73k params), batch 32, AdamW",
+        ),
+        Workload(
+            "lstm",
+            lambda: RecurrentLM(nn.LSTM, 500, 64, 128, 2),
+            tokens(16, 32, 500),
+            _seq_loss,
+            "adamw",
+            "Embedding(500, 64), 2-layer LSTM(128), a vocabulary head (0.33M params), 16 x 32 tokens, AdamW",
+        ),
+        Workload(
+            "gru",
+            lambda: RecurrentLM(nn.GRU, 200, 32, 64, 1),
+            tokens(16, 24, 200),
+            _seq_loss,
+            "adamw",
+            "Embedding(200, 32), GRU(64), a vocabulary head (38k params), 16 x 24 tokens, AdamW",
+        ),
+        Workload(
+            "resnet-mini",
+            resnet_mini,
+            lambda g: (torch.randn(32, 3, 16, 16, generator=g), torch.randint(0, 10, (32,), generator=g)),
+            F.cross_entropy,
+            "sgd",
+            "a stem and 6 residual blocks of 16 channels with BatchNorm (29k params, 42 tensors), 32 x 3x16x16, SGD",
+        ),
     ]
+    try:
+        import transformers
+    except ModuleNotFoundError:
+        return out
+
+    def bert_tiny() -> nn.Module:
+        config = transformers.BertConfig(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=64,
+            num_labels=5,
+        )
+        return transformers.BertForSequenceClassification(config)
+
+    out.append(
+        Workload(
+            "bert-tiny",
+            bert_tiny,
+            lambda g: (torch.randint(0, 1000, (16, 32), generator=g), torch.randint(0, 5, (16,), generator=g)),
+            lambda o, y: F.cross_entropy(o.logits, y),
+            "adamw",
+            "transformers BertForSequenceClassification from a config: 6 layers, d=64 (0.27M params), 16 x 32 tokens",
+        )
+    )
+    return out
 
 
 def cpu_workloads() -> list[Workload]:
