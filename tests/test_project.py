@@ -50,6 +50,21 @@ def test_example_runs(path, tmp_path):
         assert list((tmp_path / "runs" / "healthy").glob("events.out.tfevents.*"))
 
 
+def _cpu_args(workload: str, *extra: str) -> list[str]:
+    return [
+        "overhead_cpu.py",
+        "--workloads",
+        workload,
+        "--variants",
+        "gradscope",
+        "--pairs",
+        "3",
+        "--warmup",
+        "1",
+        *extra,
+    ]
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -64,34 +79,9 @@ def test_example_runs(path, tmp_path):
             "--warmup",
             "1",
         ],
-        ["overhead_cpu.py", "--workloads", "cnn", "--variants", "gradscope", "--pairs", "3", "--warmup", "1"],
-        [
-            "overhead_cpu.py",
-            "--workloads",
-            "mlp8",
-            "--variants",
-            "gradscope",
-            "--pairs",
-            "3",
-            "--warmup",
-            "1",
-            "--settle",
-        ],
-        [
-            "overhead_cpu.py",
-            "--workloads",
-            "tanh16",
-            "--variants",
-            "gradscope",
-            "--pairs",
-            "3",
-            "--warmup",
-            "1",
-            "--batches",
-            "8",
-            "--data-seed",
-            "0",
-        ],
+        _cpu_args("cnn"),
+        _cpu_args("mlp8", "--settle"),
+        _cpu_args("tanh16", "--batches", "8", "--data-seed", "0"),
     ],
     ids=["overhead", "overhead_cpu", "overhead_cpu-settled", "overhead_cpu-fresh-batches"],
 )
