@@ -251,6 +251,8 @@ class StepRecorder:
         self._all_true = np.ones(n, dtype=bool)
         self._all_true.flags.writeable = False
         self._all_trainable = [True] * n
+        self._mask_cache: dict[str, tuple[list[Any], np.ndarray]] = {}
+        self._trainable_cache: tuple[list[int], list[bool]] | None = None
         self._one_device = len({t.device for t in layout.tensors}) <= 1
         #: Optimizer steps seen by the pre-hook since the last :meth:`finish` (``scope.step()``): 0 when
         #: ``scope.step()`` is called again without an optimizer step in between.
@@ -378,8 +380,7 @@ class StepRecorder:
         if len(pending.present) == n:
             has = self._all_true  # read-only, shared: rows are stacked (copied) at a flush
         else:
-            has = np.zeros(n, dtype=bool)
-            has[pending.present] = True
+            has = self._mask_of(pending.present, "has")
         trainable = pending.trainable
         if trainable is None:  # the capture failed or never ran
             trainable = [t.requires_grad for t in self.layout.tensors]
@@ -391,7 +392,7 @@ class StepRecorder:
                 has_grad=has,
                 trainable=self._all_true
                 if trainable is self._all_trainable or all(trainable)
-                else np.array(trainable, dtype=bool),
+                else self._mask_of(trainable, "trainable"),
                 sampled=pending.sampled,
             )
         )
@@ -669,6 +670,32 @@ class StepRecorder:
         idx = [i for i, (g, tr) in enumerate(zip(grads, trainable)) if tr and g is not None]
         return idx, trainable, [grads[i] for i in idx]  # type: ignore[misc]  # reason: filtered above
 
+    def _mask_of(self, key: list[Any], kind: str) -> np.ndarray:
+        """A row's mask from present indices (``kind="has"``) or a list of bools, read-only.
+
+        The same array while ``key`` is the same list: a partly frozen model's rows share it, as others
+        share the all-true mask.
+        """
+        cached = self._mask_cache.get(kind)
+        if cached is not None and cached[0] is key:
+            return cached[1]
+        if kind == "has":
+            mask = np.zeros(len(self._all_idx), dtype=bool)
+            mask[key] = True
+        else:
+            mask = np.array(key, dtype=bool)
+        mask.setflags(write=False)
+        self._mask_cache[kind] = (key, mask)
+        return mask
+
+    def _trainable_of(self, present: list[int]) -> list[bool]:
+        """``requires_grad`` of every tensor when exactly ``present`` are trainable (the same list while ``present`` is)."""
+        cached = self._trainable_cache
+        if cached is None or cached[0] is not present:
+            keep = set(present)
+            cached = self._trainable_cache = (present, [i in keep for i in range(len(self.layout.tensors))])
+        return cached[1]
+
     def _index_tensor(self, idx: list[int]) -> Tensor:
         key = tuple(idx)
         t = self._index_cache.get(key)
@@ -687,6 +714,15 @@ class StepRecorder:
             if self.moments.write_params(self.layout.tensors, view, sampled=pending.sampled):
                 self.finite_known = (pending.step, self.moments.last_finite)
                 pending.grads_done = True
+                present = self.moments.last_present
+                if present is not None:  # a partly frozen model: the trainable tensors, read by index
+                    pending.present = present
+                    pending.trainable = self._trainable_of(present)
+                    if self._param_on and pending.sampled:
+                        tensors = self.layout.tensors
+                        self._write_param_sumsq([tensors[i] for i in present], view, present)
+                    self._after_capture(pending, view, present)
+                    return
                 pending.present = self._all_idx
                 pending.trainable = self._all_trainable
                 if self._param_on and pending.sampled:
@@ -704,6 +740,16 @@ class StepRecorder:
             return
         plan = self.plan
         view = self.buffer.moments(pending.slot)
+        if (
+            idx is not self._all_idx
+            and self._one_device
+            and pending.grad_scale is None
+            and plan.needs_grads
+            and len(idx) == sum(trainable)
+        ):
+            # every trainable tensor has its gradient, the others are frozen: read them by index from the
+            # next step on, in one call (this step takes the path below)
+            self.moments.keep_trainable(self.layout.tensors, idx, view)
         tensors = self.layout.tensors
         if (
             not pending.sampled

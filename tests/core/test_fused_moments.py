@@ -614,3 +614,62 @@ def test_attach_optimizer_moves_the_hooks_and_resets_the_weight_snapshots():
     names = [n.split(".") for n, _ in model.named_parameters()]
     got = [value(report.stats, 2, layer, param, "update_ratio") for layer, param in names]
     np.testing.assert_allclose(got, ratio, rtol=1e-4)
+
+
+class _FrozenTrunk(nn.Module):
+    """A frozen first layer, a trainable body, and an auxiliary head left out at step 7 (no gradient there)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(6, 16)
+        self.body = nn.Sequential(nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.head = nn.Linear(16, 3)
+        self.aux = nn.Linear(16, 1)
+        self.trunk.requires_grad_(False)
+        self.step = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(self.trunk(x))
+        out = self.head(h).square().mean()
+        return out if self.step == 7 else out + self.aux(h).mean()
+
+
+def _frozen_run(path: str) -> tuple:
+    torch.manual_seed(0)
+    model = _FrozenTrunk()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scope = gradscope.watch(model, optimizer=opt, sample_every=2, rules="none")
+    scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
+    x = torch.randn(8, 6)
+    by_index = []
+    for step in range(1, 11):
+        model.step = step
+        if step == 5:
+            model.trunk.weight.requires_grad_(True)  # unfrozen (its bias stays frozen)
+        model(x).backward()
+        opt.step()
+        scope.step()
+        by_index.append(scope._recorder.moments.last_present is not None)
+        opt.zero_grad()
+    stats = scope.close().stats
+    return stats, by_index, (scope.frame.has_grad.copy(), scope.frame.trainable.copy())
+
+
+@pytest.mark.slow
+def test_a_partly_frozen_model_is_read_by_index_in_one_call_and_records_what_the_eager_path_records(cpu_kernel):
+    """The trainable tensors of a partly frozen model are read in C++ by index (one call, no Python loop
+    over the tensors) from the step after the frozen ones were seen; a tensor unfrozen, or a trainable
+    one without a gradient, sends that step the general way and the next ones by index again."""
+    (a, by_index, (has, trainable)), (b, _, (has_b, trainable_b)) = _frozen_run("auto"), _frozen_run("eager")
+    # step 1: the general path finds the frozen ones; 5: one unfrozen; 7: the auxiliary head without
+    # a gradient; 8: the general path finds the new set of frozen ones
+    assert by_index == [False, True, True, True, False, True, False, False, True, True]
+    assert a[["step", "layer", "param", "stat"]].equals(b[["step", "layer", "param", "stat"]])
+    assert {"update_ratio", "param_norm"} <= set(a["stat"])
+    np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-5, atol=1e-8)
+    np.testing.assert_array_equal(has, has_b)
+    np.testing.assert_array_equal(trainable, trainable_b)
+    # tensors: trunk.weight, trunk.bias, body.1.weight, body.1.bias, head.weight, head.bias, aux.weight, aux.bias
+    assert has[:, :2].tolist() == [[False, False]] * 4 + [[True, False]] * 6
+    assert has[6, 6:].tolist() == [False, False] and has[5, 6:].tolist() == [True, True]
+    assert trainable[0].tolist() == [False, False, True, True, True, True, True, True]
