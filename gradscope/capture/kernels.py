@@ -1489,9 +1489,13 @@ class FusedMoments:
         once (a list of the same tensors, in the same order, at every call: the layout's). Custom
         statistics need the gradients in Python, so they take :meth:`write`.
 
+        A partly frozen model takes the same one call once :meth:`keep_trainable` has named its
+        trainable tensors: :attr:`last_present` then lists the rows written.
+
         Returns:
-            False, having written nothing, when the path does not apply (a parameter frozen or without a
-            gradient, a gradient the kernel cannot read, the kernel not built): use :meth:`write`.
+            False, having written nothing, when the path does not apply (a trainable parameter without a
+            gradient, a frozen one not named by :meth:`keep_trainable`, a gradient the kernel cannot read,
+            the kernel not built): use :meth:`write`.
         """
         self.last_present = None
         if self.plan.custom or self.path not in ("auto", "kernel"):
