@@ -54,6 +54,7 @@ def measure(
     settle: bool = False,
     batches: int = 4,
     data_seed: int = 1,
+    freeze: float = 0.0,
 ) -> dict:
     """Paired CPU times of ``pairs`` steps: ratios, the fixed per-step cost and the flush cost.
 
@@ -61,10 +62,14 @@ def measure(
     (``history * (1 + THIN_SLACK)`` recorded steps and one flush), so the pairs see a long run's
     flushes, not the first minutes' (a frame that has not reached ``history`` rows never thins).
     ``batches``: how many batches the steps go through in turn (both runs see the same ones), drawn from a
-    generator seeded with ``data_seed``.
+    generator seeded with ``data_seed``. ``freeze``: the share of the model's parameter tensors, the
+    first ones, frozen in both runs (``requires_grad=False``, as in fine-tuning).
     """
     torch.manual_seed(0)
     base = wl.make_model()
+    tensors = list(base.parameters())
+    for p in tensors[: int(len(tensors) * freeze)]:
+        p.requires_grad_(False)
     g = torch.Generator().manual_seed(data_seed)
     batches = [wl.make_batch(g) for _ in range(batches)]
     bare = Runner(wl, base, "cpu", None, baseline, pairs)
@@ -117,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         help="batches the steps go through in turn (more: statistics as noisy as fresh data)",
     )
     ap.add_argument("--data-seed", type=int, default=1, help="seed of the batches' generator")
+    ap.add_argument("--freeze", type=float, default=0.0, help="share of the parameter tensors frozen (the first ones)")
     ap.add_argument(
         "--settle",
         action="store_true",
@@ -153,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 settle=args.settle,
                 batches=args.batches,
                 data_seed=args.data_seed,
+                freeze=args.freeze,
             )
             print(
                 f"{name:<10} {variant:<26} {r['bare_ms']:>16.2f} {r['amortised']:>9.3f}x {r['median']:>7.3f}x "

@@ -81,7 +81,7 @@ def _cpu_args(workload: str, *extra: str) -> list[str]:
         ],
         _cpu_args("cnn"),
         _cpu_args("mlp8", "--settle"),
-        _cpu_args("tanh16", "--batches", "8", "--data-seed", "0"),
+        _cpu_args("tanh16", "--batches", "8", "--data-seed", "0", "--freeze", "0.5"),
     ],
     ids=["overhead", "overhead_cpu", "overhead_cpu-settled", "overhead_cpu-fresh-batches"],
 )
