@@ -6,9 +6,9 @@ synchronisation and never index a raw moment column.
 
 Layer and model values aggregate exactly: a built-in statistic of a group is derived from the group's
 moments (sums, minima, maxima of its parameters' moments), computed for all groups at once with one
-``reduceat`` per moment over the parameters sorted by group, never a Python loop over layers and never
-a dense parameters x layers matrix: a flush costs O(rows x parameters), the same per parameter with
-10 layers or 5000.
+``reduceat`` per kind of moment (the sums together, the minima, the maxima) over the parameters
+sorted by group, never a Python loop over layers and never a dense parameters x layers matrix: a
+flush costs O(rows x parameters), the same per parameter with 10 layers or 5000.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from gradscope.stats.base import MomentView, Statistic
-from gradscope.stats.moments import MOMENT_INDEX, MOMENTS, SUM_MOMENTS
+from gradscope.stats.moments import MOMENT_INDEX, MOMENTS
 from gradscope.stats.registry import STATISTICS
 
 if TYPE_CHECKING:
@@ -98,10 +98,12 @@ class _Groups:
         return cls(n_groups=len(members), order=order, starts=starts, nonempty=nonempty, identity=identity)
 
     def _reduce(self, ufunc: np.ufunc, x: np.ndarray, empty: float) -> np.ndarray:
-        """``ufunc.reduceat`` of ``x [R, P]`` over each group, ``[R, G]`` (``empty`` for empty groups)."""
+        """``ufunc.reduceat`` of ``x [R, P, ...]`` over each group, ``[R, G, ...]`` (``empty`` for empty groups)."""
         if len(self.nonempty) == self.n_groups and self.identity:
-            return ufunc.reduceat(x, self.starts, axis=1) if len(self.starts) else np.zeros((x.shape[0], 0))
-        out = np.full((x.shape[0], self.n_groups), empty)
+            if not len(self.starts):
+                return np.zeros((x.shape[0], 0, *x.shape[2:]))
+            return ufunc.reduceat(x, self.starts, axis=1)
+        out = np.full((x.shape[0], self.n_groups, *x.shape[2:]), empty)
         if len(self.nonempty):
             xs = x if self.identity else x[:, self.order]
             out[:, self.nonempty] = ufunc.reduceat(xs, self.starts, axis=1)
@@ -127,6 +129,29 @@ class _Groups:
     def count(self, has: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """``sum(weights[p])`` over each group's parameters in ``has``, ``[R, G]`` (0 when none)."""
         return self._reduce(np.add, np.where(has, np.asarray(weights, dtype=np.float64)[None, :], 0.0), 0.0)
+
+    def moments(self, mom: np.ndarray, has: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """The moments ``names`` of ``mom [R, P, k]`` (in that order) aggregated over each group, ``[R, G, k]``.
+
+        Sums over the parameters in ``has`` for the summed moments, minima and maxima for ``min`` and
+        ``max`` (as :meth:`sum` and :meth:`extreme`): one reduction per kind of moment, whatever ``k``.
+        A group without a parameter in ``has`` comes out 0 for a sum and NaN for a minimum or maximum.
+        """
+        out = np.empty((mom.shape[0], self.n_groups, len(names)))
+        present = has[:, :, None]
+        kinds = (
+            ("sum", np.add, 0.0, 0.0),
+            ("min", np.minimum, np.inf, np.nan),
+            ("max", np.maximum, -np.inf, np.nan),
+        )
+        with np.errstate(invalid="ignore", over="ignore"):
+            for kind, ufunc, fill, empty in kinds:
+                cols = [i for i, m in enumerate(names) if (m if m in ("min", "max") else "sum") == kind]
+                if not cols:
+                    continue
+                part = mom if len(cols) == len(names) else mom[:, :, cols]
+                out[:, :, cols] = self._reduce(ufunc, np.where(present, part, fill), empty)
+        return out
 
     def any(self, has: np.ndarray) -> np.ndarray:
         """Whether any of each group's parameters is in ``has [R, P]``, ``[R, G]`` bool."""
@@ -565,19 +590,23 @@ class StatsFrame:
         if builtin:
             n = groups.count(has, sch.numels)
             empty = n == 0
-            agg = np.full((*n.shape, len(MOMENTS)), np.nan)
-            for m in sorted({m for s in builtin for m in s.moments}):
-                col = moments[rows, :, MOMENT_INDEX[m]]  # one column, not a copy of every moment
-                if m in SUM_MOMENTS:
-                    vals = groups.sum(col, has)
-                elif m == "min":
-                    vals = groups.extreme(np.minimum, col, has, np.inf)
-                else:
-                    vals = groups.extreme(np.maximum, col, has, -np.inf)
-                agg[..., MOMENT_INDEX[m]] = np.where(empty, np.nan, vals)
+            names = sorted({m for s in builtin for m in s.moments}, key=MOMENT_INDEX.__getitem__)
+            index = [MOMENT_INDEX[m] for m in names]
+            # the moments wanted, every kind aggregated in one reduction (not one per moment)
+            mom = moments[rows]
+            part = (
+                mom[:, :, index[0] : index[-1] + 1]
+                if index == list(range(index[0], index[-1] + 1))
+                else mom[..., index]
+            )
+            agg = groups.moments(part, has, names)
+            agg[empty] = np.nan
             numel = np.where(empty, np.nan, n)
-            for s in builtin:
-                out[s.name] = derive(s, agg, numel)
+            columns = {m: agg[..., i] for i, m in enumerate(names)}
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                for s in builtin:
+                    assert s.derive is not None  # built-in statistics derive from moments
+                    out[s.name] = s.derive(MomentView({m: columns[m] for m in s.moments}, numel))
         for stat in stats:
             if stat in sch.custom:
                 vals = moments[rows, :, sch.custom_column(stat)]
