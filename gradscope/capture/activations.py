@@ -30,7 +30,7 @@ from gradscope.capture import kernels
 from gradscope.capture.hooks import HookManager
 from gradscope.capture.weakcall import WeakCall
 
-__all__ = ["ACTIVATION_KINDS", "SATURATION_DERIVATIVE", "ActivationMonitor", "find_activations"]
+__all__ = ["ACTIVATION_KINDS", "MIN_UNIT_SAMPLES", "SATURATION_DERIVATIVE", "ActivationMonitor", "find_activations"]
 
 #: Module type -> family. "relu": piecewise linear, dead when the output is <= 0 (zero gradient, or
 #: a tiny slope for leaky variants); "tanh"/"sigmoid"/"hardtanh": saturating, dead gradient at the ends.
@@ -52,6 +52,12 @@ ACTIVATION_KINDS: dict[type, str] = {
 SATURATION_DERIVATIVE = 0.01
 _SIGMOID_LOW = (1.0 - (1.0 - SATURATION_DERIVATIVE) ** 0.5) / 2.0  # 4 y (1 - y) = SATURATION_DERIVATIVE
 _TANH_HIGH = (1.0 - SATURATION_DERIVATIVE) ** 0.5  # 1 - y**2 = SATURATION_DERIVATIVE
+
+#: Entries per unit (samples x positions) below which a unit's output is not judged dead. A unit is dead
+#: when it is inactive for every sample; over one or two samples (a mixture-of-experts' expert that
+#: the router sent one token) half of the healthy units of a ReLU layer are. From 8 on, a unit active
+#: for half the inputs looks dead in 0.4 % of batches.
+MIN_UNIT_SAMPLES = 8
 
 _CHANNEL_FIRST = (
     nn.Conv1d,
@@ -122,16 +128,18 @@ def _geometry(shape: torch.Size, numel: int, channel_first_3d: bool) -> tuple[in
 
     ``[N, C, *spatial]`` (4-D and more, 3-D channel first) is ``[N, C, prod(spatial)]``; otherwise the
     units are the last axis and every other axis is a sample: ``[numel / F, F, 1]``. Below 2-D there
-    are no units (``per_unit`` False): ``[1, 1, numel]``.
+    are no units (``per_unit`` False): ``[1, 1, numel]``. With fewer than :data:`MIN_UNIT_SAMPLES`
+    entries per unit, ``per_unit`` is False too (no dead fraction is taken, only the inactive one).
     """
     nd = len(shape)
     if nd < 2:
         return 1, 1, numel, False
     if nd >= 4 or (nd == 3 and channel_first_3d):
         outer, units = shape[0], shape[1]
-        return outer, units, numel // (outer * units), True
+        inner = numel // (outer * units)
+        return outer, units, inner, outer * inner >= MIN_UNIT_SAMPLES
     units = shape[-1]
-    return numel // units, units, 1, True
+    return numel // units, units, 1, numel // units >= MIN_UNIT_SAMPLES
 
 
 def _inactive(y: Tensor, kind: str, module: nn.Module) -> Tensor:

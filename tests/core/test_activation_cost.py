@@ -45,8 +45,8 @@ def _expected(y: np.ndarray, module: nn.Module, unit_axis: int | None) -> tuple[
     """(zero, dead, saturated) fractions as float32 divisions of exact counts (NaN where not applicable)."""
     ina = _inactive_np(y, module)
     frac = float(np.float32(ina.sum()) / np.float32(ina.size))
-    if unit_axis is None:
-        dead = float("nan")
+    if unit_axis is None or ina.size // ina.shape[unit_axis] < acts_mod.MIN_UNIT_SAMPLES:
+        dead = float("nan")  # no units, or too few samples per unit to call one dead
     else:
         other = tuple(a for a in range(ina.ndim) if a != unit_axis)
         per_unit = np.all(ina, axis=other)
@@ -234,10 +234,12 @@ def test_thresholds_compare_in_the_outputs_dtype_at_the_boundaries(path, np_dtyp
         for c in (a, b, -a, 0.0, 1.0):
             f = np_dtype(c)
             vals += [np.nextafter(f, np_dtype(-10)), f, np.nextafter(f, np_dtype(10))]
-        y = torch.tensor(np.array(vals * 2, dtype=np_dtype).reshape(2, -1))
+        # (as many samples per unit as a dead fraction needs)
+        rows = acts_mod.MIN_UNIT_SAMPLES
+        y = torch.tensor(np.array(vals * rows, dtype=np_dtype).reshape(rows, -1))
         if path == "kernel":
             out = torch.full((2, 3), float("nan"), dtype=torch.float64)
-            acts_mod._cpu_kernel()(y, 2, y.shape[1], 1, code, a, b, True, out, 1)
+            acts_mod._cpu_kernel()(y, rows, y.shape[1], 1, code, a, b, True, out, 1)
             got = tuple(out[1].tolist())
         else:
             count = acts_mod._unit_counts if path == "bool" else acts_mod._unit_counts_cpu
@@ -262,7 +264,9 @@ def test_the_kernel_counts_bfloat16_outputs_as_torch_compares_them_at_the_bounda
     g = torch.Generator().manual_seed(0)
     for module, kind, code, a, b in _threshold_cases():
         vals = [v for c in (a, b, -a, 0.0, 1.0) for v in _bf16_neighbours(c)]
-        edge = torch.tensor(vals * 2, dtype=torch.bfloat16).reshape(2, -1)
+        edge = torch.tensor(vals * acts_mod.MIN_UNIT_SAMPLES, dtype=torch.bfloat16).reshape(
+            acts_mod.MIN_UNIT_SAMPLES, -1
+        )
         for y in (edge, torch.randn(16, 40, generator=g).to(torch.bfloat16)):
             out = torch.full((1, 3), float("nan"), dtype=torch.float64)
             acts_mod._cpu_kernel()(y, y.shape[0], y.shape[1], 1, code, a, b, True, out, 0)
@@ -292,7 +296,7 @@ def _ops_of_sampled_forward(blocks: int) -> int:
     """ATen operators a sampled training forward dispatches beyond the same forward unwatched."""
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(blocks) for m in (nn.Linear(8, 8), nn.ReLU())])
-    x = torch.randn(4, 8)
+    x = torch.randn(acts_mod.MIN_UNIT_SAMPLES, 8)
     with _OpCounter() as bare:
         model(x)
     with gradscope.watch(model, sample_every=1, rules="none") as scope:
