@@ -189,24 +189,12 @@ bool moments_into(std::vector<torch::Tensor> xs, torch::Tensor out, std::vector<
 // requires grad and has a gradient this kernel reads (a dense float32/float64/bfloat16/float16 CPU
 // tensor, contiguous or channels-last, not a tensor subclass): it returns 1 when every gradient entry
 // was finite, 2 when one was not; otherwise it returns 0 having written nothing, and the caller
-// gathers the gradients itself.
-//
-// A ParamSet may also be a subset of a model's parameters, the trainable ones of a partly frozen model:
-// `rows` gives each one's row, and `others` (the frozen ones) must all still be frozen
-// (requires_grad false), or it returns 0 (one was unfrozen: the caller looks again).
+// gathers the gradients itself (or calls moments_present, below, when some have no gradient).
 struct ParamSet {
   std::vector<torch::Tensor> params;
   std::vector<torch::Tensor> grads;
-  std::vector<int64_t> rows;
-  std::vector<torch::Tensor> others;
   explicit ParamSet(std::vector<torch::Tensor> ps) : params(std::move(ps)) { grads.reserve(params.size()); }
-  ParamSet(std::vector<torch::Tensor> ps, std::vector<int64_t> rs, std::vector<torch::Tensor> os)
-      : params(std::move(ps)), rows(std::move(rs)), others(std::move(os)) {
-    TORCH_CHECK(rows.size() == params.size(), "ParamSet: one row per parameter");
-    grads.reserve(params.size());
-  }
   int64_t moments_into(torch::Tensor out, std::vector<int64_t> cols, bool full) {
-    for (const auto& p : others) if (p.requires_grad()) return 0;
     grads.clear();
     for (const auto& p : params) {
       if (!p.requires_grad() || p.key_set().has(c10::DispatchKey::Python)) return 0;
@@ -217,10 +205,37 @@ struct ParamSet {
       grads.push_back(g);
     }
     if (out.dim() != 2 || out.size(0) < (int64_t)grads.size()) return 0;
-    for (const int64_t r : rows) if (r < 0 || r >= out.size(0)) return 0;
-    const bool finite = ::moments_into(grads, out, rows, cols, full);
+    const bool finite = ::moments_into(grads, out, {}, cols, full);
     grads.clear();  // no reference to a gradient outlives the call
     return finite ? 1 : 2;
+  }
+  // Where some parameters have no gradient this step (the experts a router did not pick, a branch not
+  // taken, frozen ones): each gradient present is read into its parameter's row, the rows of the others
+  // are left as they are. Returns (status, present, frozen): status as moments_into (0, nothing written,
+  // when a gradient present is one this kernel does not read), the indices read, and those of the
+  // parameters that do not require grad.
+  std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>> moments_present(torch::Tensor out,
+                                                                                  std::vector<int64_t> cols,
+                                                                                  bool full) {
+    std::vector<int64_t> present, frozen;
+    if (out.dim() != 2 || out.size(0) < (int64_t)params.size()) return {0, present, frozen};
+    grads.clear();
+    for (size_t k = 0; k < params.size(); ++k) {
+      const auto& p = params[k];
+      if (p.key_set().has(c10::DispatchKey::Python)) { grads.clear(); return {0, {}, {}}; }
+      if (!p.requires_grad()) { frozen.push_back((int64_t)k); continue; }
+      const torch::Tensor& g = p.grad();
+      if (!g.defined()) continue;
+      if (!g.device().is_cpu() || !flat(g) || g.key_set().has(c10::DispatchKey::Python) || !moment_dtype(g)) {
+        grads.clear();
+        return {0, {}, {}};
+      }
+      grads.push_back(g);
+      present.push_back((int64_t)k);
+    }
+    const bool finite = ::moments_into(grads, out, present, cols, full);
+    grads.clear();
+    return {finite ? 1 : 2, present, frozen};
   }
 };
 
@@ -670,8 +685,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("diff_sumsq_into", &diff_sumsq_into);
   py::class_<ParamSet>(m, "ParamSet")
       .def(py::init<std::vector<torch::Tensor>>())
-      .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>, std::vector<torch::Tensor>>())
-      .def("moments_into", &ParamSet::moments_into);
+      .def("moments_into", &ParamSet::moments_into)
+      .def("moments_present", &ParamSet::moments_present);
 }
 """
 
@@ -1197,13 +1212,12 @@ class FusedMoments:
         self._tails: dict[tuple[int, torch.device], Tensor] = {}
         self._cols: dict[bool, tuple[list[int], bool]] = {}
         self._param_set: tuple[list[Tensor], Any] | None = None  # (the list, the kernel's copy of it)
-        # a partly frozen model: (the list, the trainable ones' indices, the kernel's set of them)
-        self._subset: tuple[list[Tensor], list[int], Any] | None = None
-        self._subset_declined = 0
-        self._subset_used = False
-        #: After :meth:`write_params` returned True: the indices of the parameters it read (the same list
-        #: object while they stay the same), or None when it read every one.
+        #: After :meth:`write_params` returned True: the indices of the parameters it read, or None when
+        #: it read every one; :attr:`last_frozen` then lists those that do not require grad.
         self.last_present: list[int] | None = None
+        self.last_frozen: list[int] = []
+        # the whole list read with gradients missing (moments_present): tried first while it is needed
+        self._sparse = False
         self._rows: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # row indices on the device
         #: The last step's gradients were read in parts (:meth:`_split`): the next one starts there.
         self._mixed = False
@@ -1458,28 +1472,7 @@ class FusedMoments:
 
     def __getstate__(self) -> dict[str, Any]:
         # The kernel's copy of the parameter list is neither copied nor pickled: made again on use.
-        return {**self.__dict__, "_param_set": None, "_subset": None}
-
-    def keep_trainable(self, params: list[Tensor], present: list[int], view: Tensor) -> None:
-        """Read the gradients of ``params[i] for i in present`` in C++ from now on (:meth:`write_params`).
-
-        For a partly frozen model: called after a step whose only parameters without a gradient were the
-        frozen ones. The kernel then reads the trainable ones by index, in one call, for as long as the
-        frozen ones stay frozen and the others keep their gradients.
-        """
-        if self.plan.custom or self.path not in ("auto", "kernel") or self._subset_declined >= 3:
-            return  # (a set that the kernel keeps declining is not made again and again)
-        if view.device.type != "cpu" or cpu_kernel() is None:
-            return
-        keep = set(present)
-        try:
-            kernel_set = _state["param_set"](
-                [params[i] for i in present], list(present), [p for i, p in enumerate(params) if i not in keep]
-            )
-        except (RuntimeError, TypeError, ValueError):
-            return
-        self._subset = (params, list(present), kernel_set)
-        self._subset_used = False
+        return {**self.__dict__, "_param_set": None}
 
     def write_params(self, params: list[Tensor], view: Tensor, *, sampled: bool) -> bool:
         """The compiled CPU kernel's path with the gradients read in C++: moments of ``p.grad`` into ``view``.
@@ -1489,33 +1482,17 @@ class FusedMoments:
         once (a list of the same tensors, in the same order, at every call: the layout's). Custom
         statistics need the gradients in Python, so they take :meth:`write`.
 
-        A partly frozen model takes the same one call once :meth:`keep_trainable` has named its
-        trainable tensors: :attr:`last_present` then lists the rows written.
+        Some parameters without a gradient (frozen ones, experts a router did not pick, a branch not
+        taken) are left out in the same one call: :attr:`last_present` then lists the rows written and
+        :attr:`last_frozen` the parameters that do not require grad.
 
         Returns:
-            False, having written nothing, when the path does not apply (a trainable parameter without a
-            gradient, a frozen one not named by :meth:`keep_trainable`, a gradient the kernel cannot read,
-            the kernel not built): use :meth:`write`.
+            False, having written nothing, when the path does not apply (a gradient the kernel cannot
+            read, the kernel not built): use :meth:`write`.
         """
-        self.last_present = None
+        self.last_present, self.last_frozen = None, []
         if self.plan.custom or self.path not in ("auto", "kernel"):
             return False
-        sub = self._subset
-        if sub is not None and sub[0] is params:
-            # a partly frozen model: its trainable parameters, by index (see keep_trainable)
-            cols, full = self._columns(sampled)
-            try:
-                status = sub[2].moments_into(view, cols, full)
-            except (RuntimeError, TypeError, ValueError):  # checked before anything is written
-                status = 0
-            if status:
-                self.last_path = "kernel"
-                self.last_finite = status == 1
-                self.last_present = sub[1]
-                self._subset_used = True
-                return True
-            self._subset = None  # one was unfrozen, or went without a gradient: the caller looks again
-            self._subset_declined += not self._subset_used  # (declined before it was ever used)
         held = self._param_set
         if held is None or held[0] is not params:
             # (checked once per parameter list: the buffer's device does not change, nor does the kernel)
@@ -1526,12 +1503,29 @@ class FusedMoments:
             except (RuntimeError, TypeError, ValueError):
                 return False
         cols, full = self._columns(sampled)
-        try:
-            status = held[1].moments_into(view, cols, full)
-        except (RuntimeError, TypeError, ValueError):  # checked before anything is written
-            return False
+        status = 0
+        if not self._sparse:
+            try:
+                status = held[1].moments_into(view, cols, full)
+            except (RuntimeError, TypeError, ValueError):  # checked before anything is written
+                return False
         if not status:
-            return False
+            # Some parameters have no gradient this step (a mixture of experts' unpicked experts, a branch
+            # not taken), or are frozen: the gradients present, read in the same one call. While steps
+            # need it, it is tried first (a router picks other experts at every step).
+            try:
+                status, present, frozen = held[1].moments_present(view, cols, full)
+            except (RuntimeError, TypeError, ValueError):
+                status = 0
+            if not status:
+                self._sparse = False
+                return False
+            self._sparse = len(present) < len(params)
+            self.last_path = "kernel"
+            self.last_finite = status == 1
+            if len(present) < len(params):
+                self.last_present, self.last_frozen = present, frozen
+            return True
         self.last_path = "kernel"
         self.last_finite = status == 1
         self.last_present = None

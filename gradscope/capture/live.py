@@ -251,7 +251,11 @@ class LiveScreen:
     * ``nonfinite``: a gradient with a NaN/Inf entry (the ``nonfinite`` moment, or a non-finite sum of
       squares);
     * ``no_gradient``: no trainable parameter had a gradient (the whole step), or a parameter that
-      had gradients has gone without one for :attr:`gap_rows` rows;
+      had gradients has gone without one for :attr:`gap_rows` rows, or for more than twice its longest
+      gap so far when that is longer (a parameter that gets a gradient now and then, the experts of a
+      mixture-of-experts layer, a branch taken at some steps, is judged against its own gaps, as
+      ``no_gradient`` judges it; not a parameter whose layer that rule has reported:
+      :meth:`reported_params`);
     * ``shift``: a parameter's gradient RMS moved out of its band around its own running level (an
       exponential moving average of log10 RMS, after :attr:`warm_rows` rows), at two rows in a row: the
       start of a collapse or a blow-up (a one-row spike of a noisy bias is not, and does not move the
@@ -320,6 +324,9 @@ class LiveScreen:
         self._bad = np.zeros(0, dtype=bool)  # [P] non-finite at the previous row
         self._gap = np.zeros(0, dtype=np.int64)  # [P] rows without a gradient, since the last one
         self._ever = np.zeros(0, dtype=bool)  # [P] had a gradient once
+        self._limit = np.zeros(0, dtype=np.int64)  # [P] the gap that flags: gap_rows, or 2 x the longest + 1
+        self._gap_quiet = np.zeros(0, dtype=bool)  # [P] reported by no_gradient: never flagged again
+        self._gap_muted: set[int] = set()  # (those parameters, kept for a new P)
         self._quiet = True  # nothing shifted or non-finite at the previous row: the fast path may run
         #: Shifts down (a collapse) no longer flag: ``vanishing_gradients`` has reported (once a run).
         self.mute_down = False
@@ -329,8 +336,8 @@ class LiveScreen:
         self._act_reported: set[tuple[str, int]] = set()
         self._gaps_clean = True  # no gap counted, and the previous row had gradients
         self._none = False  # the previous row had no gradient at all
-        #: A parameter that had gradients has gone 1 to ``gap_rows - 1`` rows without one: the live
-        #: diagnosis screens every row until the count reaches ``gap_rows`` (or the gradient is back).
+        #: A parameter that had gradients is one row short of its flagging gap: the live diagnosis
+        #: screens the next row (the flag then comes at the row that reaches it).
         self.counting = False
         # [A] sampled rows since each activation module was last flagged, up to ACT_REARM_ROWS (armed)
         self._act: np.ndarray | None = None
@@ -356,6 +363,9 @@ class LiveScreen:
         self._bad = np.zeros(P, dtype=bool)
         self._gap = np.zeros(P, dtype=np.int64)
         self._ever = np.zeros(P, dtype=bool)
+        self._limit = np.full(P, self.gap_rows, dtype=np.int64)
+        self._gap_quiet = np.zeros(P, dtype=bool)
+        self._gap_quiet[[p for p in self._gap_muted if p < P]] = True
         self._quiet = False
         self._gaps_clean = False
 
@@ -627,31 +637,56 @@ class LiveScreen:
 
     # -- gaps ----------------------------------------------------------------------------------------------
     def _gaps_block(self, has: np.ndarray, trainable: np.ndarray | None, reasons: set[str]) -> None:
-        """Per parameter, the rows since its last gradient: a stop, or a step with no gradient at all."""
+        """Per parameter, the rows since its last gradient: a stop, or a step with no gradient at all.
+
+        A parameter flags when its gap reaches its limit: ``gap_rows``, or twice the longest gap it
+        has closed (had a gradient again after) plus one, when that is more. A branch used every
+        other step, or an expert picked by a router at one step in three, so flags only when its
+        gap is longer than it has been, not at every gap.
+        """
         if trainable is None:
             trainable = np.ones_like(has)
         missing = trainable > has
         if not missing.any():  # the common case: every trainable parameter has its gradient
             if not self._gaps_clean:
                 self._none = False
+                closed = self._ever & (self._gap > 0)
+                if closed.any():
+                    self._closed(closed)
                 self._gap[:] = 0
                 self._gaps_clean = True
                 self.counting = False
             self._ever |= has.any(axis=0)
             return
         self._gaps_clean = False
+        watched = ~self._gap_quiet
         for r in range(len(has)):
             got = has[r] & trainable[r]
             none = not got.any()
             if none and not self._none:
                 reasons.add("no_gradient")
             self._none = none
+            if none:  # a step with no gradient anywhere says nothing about one parameter
+                continue
+            closed = got & (self._gap > 0) & self._ever
+            if closed.any():
+                self._closed(closed)
             self._gap = np.where(got, 0, self._gap + missing[r])
-            if (self._ever & (self._gap == self.gap_rows)).any():
+            if (self._ever & watched & (self._gap == self._limit)).any():
                 reasons.add("no_gradient")
             self._ever |= got
-        # a parameter that had gradients is on its way to `gap_rows` rows without one: screen every row
-        self.counting = bool((self._ever & (self._gap > 0) & (self._gap < self.gap_rows)).any())
+        # a parameter that had gradients is one row short of its limit: screen the next row
+        self.counting = bool((self._ever & watched & (self._gap == self._limit - 1)).any())
+
+    def _closed(self, closed: np.ndarray) -> None:
+        """Gaps of the parameters in ``closed`` ended (a gradient came back): their limits follow the longest."""
+        self._limit = np.where(closed, np.maximum(self._limit, 2 * self._gap + 1), self._limit)
+
+    def reported_params(self, params: Sequence[int]) -> None:
+        """``no_gradient`` reported the layer of ``params``: their gaps no longer flag (the rule follows them)."""
+        self._gap_muted.update(int(p) for p in params)
+        if len(self._gap_quiet):
+            self._gap_quiet[[p for p in params if p < len(self._gap_quiet)]] = True
 
     # -- activations ---------------------------------------------------------------------------------------
     def reported(self, kind: str, module: int) -> None:
@@ -1076,6 +1111,10 @@ class Diagnosis:
             modules = self.recorder.schema.act_modules
             if f.layer in modules:
                 screen.reported("dead" if f.kind == "dead_units" else "saturated", modules.index(f.layer))
+        elif f.kind == "no_gradient" and f.layer is not None:
+            schema = self.recorder.schema
+            if f.layer in schema.layers:
+                screen.reported_params(schema.layer_members[schema.layers.index(f.layer)])
 
     def _announce(self, new: list[Finding], step_count: int) -> None:
         on_finding, stop_on = self._options.on_finding, self._options.stop_on

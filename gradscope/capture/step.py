@@ -252,7 +252,7 @@ class StepRecorder:
         self._all_true.flags.writeable = False
         self._all_trainable = [True] * n
         self._mask_cache: dict[str, tuple[list[Any], np.ndarray]] = {}
-        self._trainable_cache: tuple[list[int], list[bool]] | None = None
+        self._frozen_cache: tuple[list[int], list[bool]] | None = None
         self._one_device = len({t.device for t in layout.tensors}) <= 1
         #: Optimizer steps seen by the pre-hook since the last :meth:`finish` (``scope.step()``): 0 when
         #: ``scope.step()`` is called again without an optimizer step in between.
@@ -688,12 +688,14 @@ class StepRecorder:
         self._mask_cache[kind] = (key, mask)
         return mask
 
-    def _trainable_of(self, present: list[int]) -> list[bool]:
-        """``requires_grad`` of every tensor when exactly ``present`` are trainable (the same list while ``present`` is)."""
-        cached = self._trainable_cache
-        if cached is None or cached[0] is not present:
-            keep = set(present)
-            cached = self._trainable_cache = (present, [i in keep for i in range(len(self.layout.tensors))])
+    def _trainable_without(self, frozen: list[int]) -> list[bool]:
+        """``requires_grad`` of every tensor when exactly ``frozen`` are not trainable (kept while they are the same)."""
+        cached = self._frozen_cache
+        if cached is None or cached[0] != frozen:
+            trainable = [True] * len(self.layout.tensors)
+            for i in frozen:
+                trainable[i] = False
+            cached = self._frozen_cache = (frozen, trainable)
         return cached[1]
 
     def _index_tensor(self, idx: list[int]) -> Tensor:
@@ -715,9 +717,10 @@ class StepRecorder:
                 self.finite_known = (pending.step, self.moments.last_finite)
                 pending.grads_done = True
                 present = self.moments.last_present
-                if present is not None:  # a partly frozen model: the trainable tensors, read by index
+                if present is not None:  # some tensors without a gradient (frozen, or not used this step)
                     pending.present = present
-                    pending.trainable = self._trainable_of(present)
+                    frozen = self.moments.last_frozen
+                    pending.trainable = self._trainable_without(frozen) if frozen else self._all_trainable
                     if self._param_on and pending.sampled:
                         tensors = self.layout.tensors
                         self._write_param_sumsq([tensors[i] for i in present], view, present)
@@ -740,16 +743,6 @@ class StepRecorder:
             return
         plan = self.plan
         view = self.buffer.moments(pending.slot)
-        if (
-            idx is not self._all_idx
-            and self._one_device
-            and pending.grad_scale is None
-            and plan.needs_grads
-            and len(idx) == sum(trainable)
-        ):
-            # every trainable tensor has its gradient, the others are frozen: read them by index from the
-            # next step on, in one call (this step takes the path below)
-            self.moments.keep_trainable(self.layout.tensors, idx, view)
         tensors = self.layout.tensors
         if (
             not pending.sampled

@@ -364,7 +364,8 @@ def test_the_kernel_reads_the_gradients_of_the_parameters_itself_or_declines_wit
     assert fused.write_params(params, view, sampled=True)
     _check(view, [p.grad for p in params], rtol=1e-5)
     params[-2].grad = None  # (a backward would warn of a gradient laid out unlike its parameter)
-    # a parameter without a gradient, a frozen one, a gradient with gaps: nothing written, False
+    # a parameter without a gradient, a frozen one: the others read in the same call, their rows named
+    # (and the frozen ones); a gradient with gaps: nothing written, False
     for spoil in ("none", "frozen", "strided"):
         model.zero_grad(set_to_none=False)
         model(torch.randn(8, 5)).square().mean().backward()
@@ -376,9 +377,23 @@ def test_the_kernel_reads_the_gradients_of_the_parameters_itself_or_declines_wit
         else:
             last.grad = torch.randn(last.shape[0], 2 * last.shape[1])[:, ::2]
         view = torch.full((len(params), len(MOMENT_INDEX)), float("nan"), dtype=torch.float64)
-        assert not fused.write_params(params, view, sampled=True), spoil
-        assert torch.isnan(view).all(), spoil
+        if spoil == "strided":
+            assert not fused.write_params(params, view, sampled=True), spoil
+            assert torch.isnan(view).all(), spoil
+            continue
+        assert fused.write_params(params, view, sampled=True), spoil
+        others = [*range(len(params) - 2), len(params) - 1]
+        assert fused.last_present == others, spoil
+        assert fused.last_frozen == ([len(params) - 2] if spoil == "frozen" else []), spoil
+        assert torch.isnan(view[len(params) - 2]).all(), spoil  # the row of the one without a gradient: untouched
+        _check(view[others], [params[i].grad for i in others], rtol=1e-5)
+        # every gradient back: the whole list, last_present None again
         last.requires_grad_(True)
+        model.zero_grad(set_to_none=False)
+        model(torch.randn(8, 5)).square().mean().backward()
+        view = torch.full((len(params), len(MOMENT_INDEX)), float("nan"), dtype=torch.float64)
+        assert fused.write_params(params, view, sampled=False) and fused.last_present is None, spoil
+        _check(view, [p.grad for p in params], rtol=1e-5, moments=("sumsq", "nonfinite"))
 
 
 @pytest.mark.slow
@@ -486,7 +501,8 @@ def test_a_sparse_embedding_is_read_by_the_kernel_at_every_step_and_the_hint_fol
         opt.zero_grad()
     stats = scope.close().stats
     assert eager_sizes == []
-    assert hints == [True, True, True, False, True, True, True]
+    # (step 4, the embedding without a gradient, is read in one call, leaving the hint as it was)
+    assert hints == [True] * 7
     pairs = []
     for step, ref in refs.items():
         sampled = step % 2 == 1
@@ -657,13 +673,11 @@ def _frozen_run(path: str) -> tuple:
 
 @pytest.mark.slow
 def test_a_partly_frozen_model_is_read_by_index_in_one_call_and_records_what_the_eager_path_records(cpu_kernel):
-    """The trainable tensors of a partly frozen model are read in C++ by index (one call, no Python loop
-    over the tensors) from the step after the frozen ones were seen; a tensor unfrozen, or a trainable
-    one without a gradient, sends that step the general way and the next ones by index again."""
+    """The gradients of a partly frozen model are read in C++ by index (one call, no Python loop over the
+    tensors) at every step: from the first, with a tensor unfrozen (step 5) and with a trainable one
+    without a gradient (step 7), the kernel naming the rows it read and the frozen tensors."""
     (a, by_index, (has, trainable)), (b, _, (has_b, trainable_b)) = _frozen_run("auto"), _frozen_run("eager")
-    # step 1: the general path finds the frozen ones; 5: one unfrozen; 7: the auxiliary head without
-    # a gradient; 8: the general path finds the new set of frozen ones
-    assert by_index == [False, True, True, True, False, True, False, False, True, True]
+    assert by_index == [True] * 10
     assert a[["step", "layer", "param", "stat"]].equals(b[["step", "layer", "param", "stat"]])
     assert {"update_ratio", "param_norm"} <= set(a["stat"])
     np.testing.assert_allclose(a["value"].to_numpy(), b["value"].to_numpy(), rtol=1e-5, atol=1e-8)

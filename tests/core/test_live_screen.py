@@ -591,3 +591,101 @@ def test_gradient_findings_quiet_their_direction_of_the_screen():
     scope._diagnosis._announce([finding("exploding_gradients")], 2)
     assert screen.mute_down and screen.mute_up
     scope.close()
+
+
+def test_a_parameter_that_gets_a_gradient_now_and_then_is_judged_against_its_own_gaps():
+    """An expert a router picks at some steps: its gaps do not flag once it has shown them; a gap longer
+    than twice its longest does (as ``no_gradient`` judges it); a layer that rule reported is left alone."""
+    screen = LiveScreen()  # gap_rows 5
+    rng = np.random.default_rng(0)
+
+    def rows(expert: list[bool], other: bool | None = None) -> list[str]:
+        """Rows where parameter 0 always has its gradient, 1 (the expert) as given, 2 every other row."""
+        n = len(expert)
+        has = np.ones((n, 3), dtype=bool)
+        has[:, 1] = expert
+        has[:, 2] = [r % 2 == 0 for r in range(n)] if other is None else other
+        sumsq = np.where(has, rng.uniform(0.9, 1.1, has.shape), np.nan)
+        return sorted(screen.block(0, sumsq, np.zeros(has.shape), has, np.ones_like(has), None))
+
+    def gap(n: int) -> list[bool]:
+        return [False] * n + [True]  # n rows without a gradient, then one with it
+
+    assert rows([True, *gap(3)]) == []  # a gap of 3 rows: below gap_rows; the expert's limit is now 7
+    assert rows(gap(6)) == []  # 6: within it; now 13
+    assert rows([False] * 12) == []
+    assert rows([False]) == ["no_gradient"]  # the 13th row without one: longer than it has been
+    assert rows([True]) == []  # the gap closes at 13: the limit is now 27
+    # screened row by row, the count one row short of the limit says so (the flag then comes at its own row)
+    rows([False] * 25)
+    assert not screen.counting
+    rows([False])
+    assert screen.counting  # 26 of 27
+    assert rows([False]) == ["no_gradient"]
+    # no_gradient reported the expert's layer: its gaps no longer flag, nor make the next row screened
+    screen.reported_params([1])
+    assert rows([True] + [False] * 80) == [] and not screen.counting
+    # parameter 2, used every other row (limit 5), stops: it still flags at its 5th row without one
+    assert rows([True] * 5, other=[False] * 5) == ["no_gradient"]
+
+
+class _Experts(nn.Module):
+    """A router picking one of ``n`` ReLU experts per sample: most experts see a few samples at a step, some none."""
+
+    def __init__(self, n: int = 8, d: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, d)
+        self.gate = nn.Linear(d, n)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d)) for _ in range(n))
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        pick = self.gate(h).argmax(-1)
+        mixed = torch.zeros_like(h)
+        for e in pick.unique().tolist():
+            rows = pick == e
+            mixed[rows] = self.experts[e](h[rows])
+        return self.out(h + mixed)
+
+
+def _experts_run(path: str, steps: int = 120):
+    from gradscope.capture.kernels import FusedMoments
+
+    torch.manual_seed(0)
+    model = _Experts()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scope = gradscope.watch(model, optimizer=opt, sample_every=5)
+    scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
+    g = torch.Generator().manual_seed(1)
+    by_index = []
+    for _ in range(steps):
+        x, y = torch.randn(12, 6, generator=g), torch.randint(0, 3, (12,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        scope.step(loss=loss)
+        by_index.append(scope._recorder.moments.last_present is not None)
+        opt.zero_grad(set_to_none=True)
+    return scope, by_index
+
+
+def test_a_mixture_of_experts_is_read_in_one_call_and_its_routing_does_not_keep_the_rules_running(cpu_kernel):
+    """Experts without a gradient at most steps: the kernel reads the gradients present in one call
+    (the same statistics as the eager path), the screen learns each expert's gaps instead of flagging
+    them at every step, and an expert that saw one or two samples is not called dead."""
+    scope, by_index = _experts_run("auto")
+    eager, _ = _experts_run("eager")
+    assert sum(by_index) >= 100  # steps where some expert had no gradient, read by index in one call
+    a, b = scope.close(), eager.close()
+    np.testing.assert_array_equal(scope.frame.has_grad, eager.frame.has_grad)
+    assert a.stats[["step", "layer", "param", "stat"]].equals(b.stats[["step", "layer", "param", "stat"]])
+    np.testing.assert_allclose(a.stats["value"].to_numpy(), b.stats["value"].to_numpy(), rtol=1e-5, atol=1e-8)
+    has = scope.frame.has_grad
+    assert (~has.all(axis=1)).sum() >= 100  # (routing left experts out at most steps)
+    cadence = scope._diagnosis.cadence
+    assert cadence.triggered <= 6, cadence.triggered  # (each flag runs the rules for HOT_STEPS steps)
+    assert not [f for f in a.findings if f.kind == "dead_units"]
+    # the expert samples per step: the dead fraction is taken only where an expert saw 8 or more
+    dead = a.stats[(a.stats.stat == "act_dead_fraction") & a.stats.layer.str.startswith("experts.")]
+    assert len(dead) < len(a.stats[(a.stats.stat == "act_zero_fraction") & a.stats.layer.str.startswith("experts.")])
