@@ -303,6 +303,33 @@ def norm_mlp(blocks: int, width: int, act: type[nn.Module], d_in: int, classes: 
     return nn.Sequential(*layers)
 
 
+class RoutedExperts(nn.Module):
+    """A mixture-of-experts MLP: a router sends each sample to its top ``k`` of ``n`` experts (as Mixtral's layers).
+
+    The experts the router did not pick at a step get no gradient (``zero_grad`` sets them to None),
+    so the set of tensors with a gradient changes at every step.
+    """
+
+    def __init__(self, n_experts: int, d: int = 64, hidden: int = 128, k: int = 2, d_in: int = 32, classes: int = 10):
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.gate = nn.Linear(d, n_experts, bias=False)
+        self.k = k
+        self.experts = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d)) for _ in range(n_experts)
+        )
+        self.out = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        weights, picked = self.gate(h).softmax(-1).topk(self.k, dim=-1)
+        mixed = torch.zeros_like(h)
+        for e in picked.unique().tolist():
+            rows, slot = (picked == e).nonzero(as_tuple=True)
+            mixed = mixed.index_add(0, rows, self.experts[e](h[rows]) * weights[rows, slot, None])
+        return self.out(h + mixed)
+
+
 class RecurrentLM(nn.Module):
     """Embedding, a recurrent layer (``nn.LSTM`` or ``nn.GRU``), a vocabulary head."""
 
@@ -329,9 +356,10 @@ def extra_workloads() -> list[Workload]:
     AdamW: the gradients of its early layers are small and their RMS moves most of a decade from one
     batch to the next, which the live screen must not mistake for the start of a collapse.
     ``deep-ln``: 48 blocks of Linear(16, 16) + LayerNorm + ReLU, many of whose ReLUs hover about the
-    dead-units threshold. The others: a LayerNorm/GELU MLP of 194 tensors, an LSTM and a GRU language
-    model, a residual CNN with BatchNorm, and (with transformers installed) a BERT classifier built from a
-    config.
+    dead-units threshold. ``moe32``, ``moe128``: a mixture-of-experts layer (:class:`RoutedExperts`),
+    most of whose experts have no gradient at a step. The others: a LayerNorm/GELU MLP of 194 tensors,
+    an LSTM and a GRU language model, a residual CNN with BatchNorm, and (with transformers installed) a
+    BERT classifier built from a config.
     """
 
     def vec(n: int, d: int, classes: int) -> Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]:
@@ -388,6 +416,18 @@ def extra_workloads() -> list[Workload]:
             F.cross_entropy,
             "sgd",
             "a stem and 6 residual blocks of 16 channels with BatchNorm (29k params, 42 tensors), 32 x 3x16x16, SGD",
+        ),
+        *(
+            Workload(
+                f"moe{n}",
+                lambda n=n: RoutedExperts(n),
+                vec(32, 32, 10),
+                F.cross_entropy,
+                "adamw",
+                f"a top-2 router over {n} ReLU-MLP experts of 64-128-64 ({4 * n + 5} tensors), batch 32, AdamW: "
+                "the experts not picked have no gradient",
+            )
+            for n in (32, 128)
         ),
     ]
     try:

@@ -82,8 +82,9 @@ def _cpu_args(workload: str, *extra: str) -> list[str]:
         _cpu_args("cnn"),
         _cpu_args("mlp8", "--settle"),
         _cpu_args("tanh16", "--batches", "8", "--data-seed", "0", "--freeze", "0.5"),
+        _cpu_args("moe32", "--batches", "8"),
     ],
-    ids=["overhead", "overhead_cpu", "overhead_cpu-settled", "overhead_cpu-fresh-batches"],
+    ids=["overhead", "overhead_cpu", "overhead_cpu-settled", "overhead_cpu-fresh-batches", "overhead_cpu-experts"],
 )
 def test_overhead_benchmarks_print_a_ratio_per_variant(args, tmp_path):
     # The benchmarks behind docs/performance.md keep running; their ratios are printed, never judged here.

@@ -6,7 +6,6 @@ the activation modules; see :mod:`gradscope.capture.activations`), so windows he
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar
 
 import numpy as np
@@ -92,7 +91,7 @@ class _ActivationRule(Rule):
                 changed = [ep.follow(steps, flags[:, j], int(th["confirm"])) for j, (_, ep) in zip(followed, kept)]
             for (reported_finding, ep), moved in zip(kept, changed):
                 if moved:
-                    out.append(dataclasses.replace(reported_finding, last_step=ep.last, resolved_step=ep.resolved))
+                    out.append(reported_finding.with_episode(ep.last, ep.resolved))
             fresh = [j for j, a in enumerate(mods) if a not in reported]
             if not fresh:
                 return out
@@ -132,7 +131,7 @@ class _ActivationRule(Rule):
             ep = Episode(last=int(held.max()))
             ep.follow(steps, flags[:, j], int(th["confirm"]))  # later rows may already show it clearing
             reported[a] = (finding, ep)
-            out.append(dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved))
+            out.append(finding.with_episode(ep.last, ep.resolved))
         return out
 
     def _finding(

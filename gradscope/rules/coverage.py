@@ -12,7 +12,7 @@ from gradscope.findings import Finding
 from gradscope.rules._common import layer_label, steps_label
 from gradscope.rules.base import Rule, RuleContext
 from gradscope.rules.registry import register_rule
-from gradscope.rules.window import Episode, steps_to_rows
+from gradscope.rules.window import Episode, follow_episodes, steps_to_rows
 
 if TYPE_CHECKING:
     from gradscope.stats.frame import StatsFrame
@@ -80,6 +80,8 @@ class NoGradient(Rule):
         self._last_step = 0  # steps, not row indices: a bounded frame thins old rows between flushes
         self._reported: set[int] = set()
         self._episodes: dict[str, tuple[Finding, Episode, list[int]]] = {}  # layer -> (finding, episode, params)
+        self._columns: tuple[tuple[int, ...], np.ndarray, np.ndarray] | None = None  # (key, parameters, starts)
+        self._followed: tuple[int, np.ndarray] | None = None  # (episodes, the parameters of their layers)
         # steps at which no trainable parameter had a gradient (not kept beyond what is reported)
         self._empty = {"count": 0, "first": -1, "last": -1}
         self._empty_episode: tuple[Finding, Episode] | None = None
@@ -186,8 +188,8 @@ class NoGradient(Rule):
         schema = frame.schema
         done = np.zeros(P, dtype=bool)  # reported, or in a layer whose episode is followed
         done[list(self._reported)] = True
-        for layer in self._episodes:
-            done[schema.layer_members[schema.layers.index(layer)]] = True
+        if self._episodes:
+            done[self._episode_params(schema)] = True
         if not (flagged & ~done).any():
             return out  # nothing the loop below could report
         for li, members in enumerate(schema.layer_members):
@@ -219,7 +221,8 @@ class NoGradient(Rule):
                         "If the layer is unused on purpose, freeze it (requires_grad_(False)) or remove it; otherwise "
                         "look for a .detach(), torch.no_grad(), .item()/.numpy() round trip or integer cast between "
                         "it and the loss, or a branch the forward pass skips (with DDP, unused parameters also need "
-                        "find_unused_parameters=True)."
+                        "find_unused_parameters=True). An expert of a mixture-of-experts layer that the router never "
+                        "picks: add a load-balancing (auxiliary) loss, or router noise."
                     ),
                     evidence={
                         "params": [schema.param_names[p] for p in bad],
@@ -275,11 +278,40 @@ class NoGradient(Rule):
         steps = frame.steps[rows]
         has, trainable = frame.has_grad[rows], frame.trainable[rows]
         keep = ~_empty_rows(has, trainable)
-        for finding, ep, bad in self._episodes.values():
-            flags = (trainable[:, bad] & ~has[:, bad]).any(axis=1)
-            if ep.follow(steps[keep], flags[keep], 1):
-                out.append(dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved))
+        episodes = list(self._episodes.values())
+        if not episodes:
+            return out
+        # every episode's flags at once: the parameters of each, one after the other, reduced per episode
+        # (a mixture of experts has one episode per expert layer the router left out for long)
+        cols, starts = self._episode_columns(episodes)
+        missing = (trainable & ~has)[keep][:, cols]
+        flags = np.logical_or.reduceat(missing, starts, axis=1) if len(missing) else missing[:, : len(starts)]
+        changed = follow_episodes([ep for _, ep, _ in episodes], steps[keep], flags, 1)
+        for j in np.flatnonzero(changed).tolist():
+            finding, ep, _ = episodes[j]
+            out.append(finding.with_episode(ep.last, ep.resolved))
         return out
+
+    def _episode_params(self, schema: Any) -> np.ndarray:
+        """Every parameter of the layers whose episode is followed (kept while those layers are the same)."""
+        key = len(self._episodes)
+        cached = self._followed
+        if cached is None or cached[0] != key:
+            index = {layer: i for i, layer in enumerate(schema.layers)}
+            params = [p for layer in self._episodes for p in schema.layer_members[index[layer]]]
+            cached = self._followed = (key, np.asarray(params, dtype=np.int64))
+        return cached[1]
+
+    def _episode_columns(self, episodes: list[tuple[Finding, Episode, list[int]]]) -> tuple[np.ndarray, np.ndarray]:
+        """The parameters of ``episodes`` one after the other, and where each episode's start (kept while they are the same)."""
+        key = tuple(id(bad) for _, _, bad in episodes)  # (each episode's own list of parameters)
+        cached = self._columns
+        if cached is None or cached[0] != key:
+            sizes = [len(bad) for _, _, bad in episodes]
+            cols = np.fromiter((p for _, _, bad in episodes for p in bad), dtype=np.int64, count=sum(sizes))
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+            cached = self._columns = (key, cols, starts)
+        return cached[1], cached[2]
 
     def _no_gradient_anywhere(self, ctx: RuleContext, rows: np.ndarray) -> list[Finding]:
         """The model-level finding for steps at which no trainable parameter had a gradient, and its episode."""
@@ -290,7 +322,7 @@ class NoGradient(Rule):
                 return []
             flags = _empty_rows(frame.has_grad[rows], frame.trainable[rows])
             if ep.follow(frame.steps[rows], flags, 1):
-                return [dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved)]
+                return [finding.with_episode(ep.last, ep.resolved)]
             return []
         e = self._empty
         th = self.thresholds
@@ -318,7 +350,7 @@ class NoGradient(Rule):
         if len(rows):
             ep.follow(frame.steps[rows], _empty_rows(frame.has_grad[rows], frame.trainable[rows]), 1)
         self._empty_episode = (finding, ep)
-        return [dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved)]
+        return [finding.with_episode(ep.last, ep.resolved)]
 
 
 def _empty_rows(has: np.ndarray, trainable: np.ndarray) -> np.ndarray:

@@ -159,6 +159,8 @@ class RuleEngine:
         # every evaluation; that object is not walked again (tens of findings followed at once cost
         # a millisecond per evaluation otherwise).
         self._checked_evidence: dict[tuple[str, str | None], tuple[Any, Any]] = {}
+        # (kind, layer) -> the finding last found well formed: its copies with new steps are checked on those
+        self._valid: dict[tuple[str, str | None], Finding] = {}
         self.updated: list[Finding] = []  # kept findings whose episode the last run() changed
 
     def check_requirements(self, collected: Iterable[str], *, activations: bool) -> None:
@@ -229,7 +231,7 @@ class RuleEngine:
             update = episodes.get((kept.kind, kept.layer))
             if update is None or (update.last_step, update.resolved_step) == (kept.last_step, kept.resolved_step):
                 continue
-            self.findings[i] = dataclasses.replace(kept, last_step=update.last_step, resolved_step=update.resolved_step)
+            self.findings[i] = kept.with_episode(update.last_step, update.resolved_step)
             self.updated.append(self.findings[i])
         return new
 
@@ -245,10 +247,26 @@ class RuleEngine:
         if isinstance(found, (str, bytes, Mapping, Finding)) or not isinstance(found, Iterable):
             raise _Malformed(f"check() returned {type(found).__name__}, not a list of Finding")
         out = list(found)
+        valid = self._valid
         for f in out:
             if not isinstance(f, Finding):
                 raise _Malformed(f"check() returned a {type(f).__name__} among its findings, not a Finding")
-            bad = _malformed_field(f)
+            # A finding followed over an episode comes back at each evaluation as a copy of the one checked,
+            # its last_step and resolved_step moved: only those are checked again.
+            known = valid.get((f.kind, f.layer))
+            if (
+                known is not None
+                and known.step == f.step
+                and known.severity is f.severity
+                and known.message is f.message
+                and known.suggestion is f.suggestion
+                and known.evidence is f.evidence
+            ):
+                bad = _malformed_steps(f)
+            else:
+                bad = _malformed_field(f)
+                if not bad:
+                    valid[(f.kind, f.layer)] = f
             if bad:
                 raise _Malformed(f"check() returned a Finding whose {bad}")
         for i, f in enumerate(out):
@@ -278,17 +296,24 @@ class _Malformed(Exception):
     """A rule's ``check()`` returned something that is not a list of well-formed findings."""
 
 
-def _malformed_field(f: Finding) -> str | None:
-    if not isinstance(f.kind, str) or not f.kind:
-        return f"kind is {f.kind!r}, not a rule name"
-    if f.severity not in SEVERITIES:
-        return f"severity is {f.severity!r}, not one of {SEVERITIES}"
-    for name in ("step", "last_step", "resolved_step"):
+def _malformed_steps(f: Finding, names: tuple[str, ...] = ("last_step", "resolved_step")) -> str | None:
+    for name in names:
         value = getattr(f, name)
         if (value is not None or name == "step") and (
             isinstance(value, bool) or not isinstance(value, numbers.Integral)
         ):
             return f"{name} is {value!r}, not an int"
+    return None
+
+
+def _malformed_field(f: Finding) -> str | None:
+    if not isinstance(f.kind, str) or not f.kind:
+        return f"kind is {f.kind!r}, not a rule name"
+    if f.severity not in SEVERITIES:
+        return f"severity is {f.severity!r}, not one of {SEVERITIES}"
+    bad = _malformed_steps(f, ("step", "last_step", "resolved_step"))
+    if bad:
+        return bad
     if f.layer is not None and not isinstance(f.layer, str):
         return f"layer is {f.layer!r}, not a layer key or None"
     if not isinstance(f.message, str) or not isinstance(f.suggestion, str):

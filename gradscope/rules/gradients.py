@@ -7,7 +7,6 @@ compared in depth (forward) order; "first in backward order" is the layer neares
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -224,7 +223,7 @@ class VanishingGradients(Rule):
     def _with_episode(self, finding: Finding) -> Finding:
         ep = self._episode
         assert ep is not None
-        return dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved)
+        return finding.with_episode(ep.last, ep.resolved)
 
     def _follow(self, steps: np.ndarray, collapsed: np.ndarray, names: list[str]) -> list[Finding]:
         """The episode update of the layer reported, or nothing when it did not change."""
@@ -566,7 +565,7 @@ class ExplodingGradients(Rule):
         self._first = finding
         self._episode = Episode(last=first_step)
         self._follow(ctx)
-        return [dataclasses.replace(finding, last_step=self._episode.last, resolved_step=self._episode.resolved)]
+        return [finding.with_episode(self._episode.last, self._episode.resolved)]
 
     def _follow(self, ctx: RuleContext) -> list[Finding]:
         """The episode update of the finding reported, or nothing when it did not change.
@@ -602,7 +601,7 @@ class ExplodingGradients(Rule):
                 flags = values["bad"] | (values["lg"] >= level)
         if not ep.follow(ctx.frame.steps[rows], flags, int(th["window"])):
             return []
-        return [dataclasses.replace(first, last_step=ep.last, resolved_step=ep.resolved)]
+        return [first.with_episode(ep.last, ep.resolved)]
 
     @staticmethod
     def _warmup_level(ctx: RuleContext, valid: np.ndarray, n_rows: int) -> tuple[float | None, bool]:

@@ -494,7 +494,7 @@ class LossNotDecreasing(Rule):
         ratio = _update_ratio(frame, rows)
         held = ~(np.nan_to_num(ratio, nan=0.0) >= float(self.thresholds["collapse"]) * ref)
         if ep.follow(frame.steps[rows], held, 1):
-            return [dataclasses.replace(finding, last_step=ep.last, resolved_step=ep.resolved)]
+            return [finding.with_episode(ep.last, ep.resolved)]
         return []
 
     @staticmethod
