@@ -213,7 +213,10 @@ struct ParamSet {
   // taken, frozen ones): each gradient present is read into its parameter's row, the rows of the others
   // are left as they are. Returns (status, present, frozen): status as moments_into (0, nothing written,
   // when a gradient present is one this kernel does not read), the indices read, and those of the
-  // parameters that do not require grad.
+  // parameters that do not require grad; both lists empty when they are those of the previous call
+  // (a partly frozen model: the same at every step, so no list is made).
+  std::vector<int64_t> last_present, last_frozen;
+  bool seen = false;
   std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>> moments_present(torch::Tensor out,
                                                                                   std::vector<int64_t> cols,
                                                                                   bool full) {
@@ -235,7 +238,12 @@ struct ParamSet {
     }
     const bool finite = ::moments_into(grads, out, present, cols, full);
     grads.clear();
-    return {finite ? 1 : 2, present, frozen};
+    const int64_t status = finite ? 1 : 2;
+    if (seen && present == last_present && frozen == last_frozen) return {status, {}, {}};
+    seen = true;
+    last_present = present;
+    last_frozen = frozen;
+    return {-status, present, frozen};  // negative: new lists
   }
 };
 
@@ -1218,6 +1226,7 @@ class FusedMoments:
         self.last_frozen: list[int] = []
         # the whole list read with gradients missing (moments_present): tried first while it is needed
         self._sparse = False
+        self._present: tuple[list[int], list[int]] | None = None  # its last lists (None: every gradient)
         self._rows: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # row indices on the device
         #: The last step's gradients were read in parts (:meth:`_split`): the next one starts there.
         self._mixed = False
@@ -1520,11 +1529,14 @@ class FusedMoments:
             if not status:
                 self._sparse = False
                 return False
-            self._sparse = len(present) < len(params)
+            if status < 0:  # other tensors than at the previous call (the same lists keep their identity)
+                status = -status
+                self._present = (present, frozen) if len(present) < len(params) else None
+            self._sparse = self._present is not None
             self.last_path = "kernel"
             self.last_finite = status == 1
-            if len(present) < len(params):
-                self.last_present, self.last_frozen = present, frozen
+            if self._present is not None:
+                self.last_present, self.last_frozen = self._present
             return True
         self.last_path = "kernel"
         self.last_finite = status == 1
