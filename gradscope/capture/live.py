@@ -286,6 +286,8 @@ class LiveScreen:
         max_decades: the widest band a noisy gradient gets.
         warm_rows: rows before shifts are looked for (the first steps of training move fast).
         gap_rows: rows without a gradient that count as a parameter having stopped getting one.
+        gap_confirm_rows: ``no_gradient``'s ``confirm``, in rows: the rows the rules need to run after a gap
+            flag (:attr:`gap_span`).
         dead_threshold: ``dead_units``' threshold.
         saturated_threshold: ``saturated_activations``' threshold.
     """
@@ -299,11 +301,16 @@ class LiveScreen:
         dead_threshold: float = 0.5,
         saturated_threshold: float = 0.5,
         max_decades: float = 2.0,
+        gap_confirm_rows: int = 10,
     ) -> None:
         self.decades = float(decades)
         self.max_decades = max(float(max_decades), self.decades)
         self.warm_rows = int(warm_rows)
         self.gap_rows = int(gap_rows)
+        self.gap_confirm_rows = int(gap_confirm_rows)
+        #: After a block that flagged gaps alone: rows until ``no_gradient`` can confirm the longest of them
+        #: (its ``confirm`` rows without a gradient; at once when the gap is that long already).
+        self.gap_span = 0
         self.dead_threshold = float(dead_threshold)
         self.saturated_threshold = float(saturated_threshold)
         #: Last step screened.
@@ -476,6 +483,7 @@ class LiveScreen:
         self.screened_step = last_step
         self._ensure(sumsq.shape[1])
         reasons: set[str] = set()
+        self.gap_span = 0
         if has is not None:
             self._gaps_block(has, trainable, reasons)
         elif not self._gaps_clean:
@@ -665,6 +673,7 @@ class LiveScreen:
             none = not got.any()
             if none and not self._none:
                 reasons.add("no_gradient")
+                self.gap_span = max(self.gap_span, self.gap_confirm_rows)
             self._none = none
             if none:  # a step with no gradient anywhere says nothing about one parameter
                 continue
@@ -672,8 +681,11 @@ class LiveScreen:
             if closed.any():
                 self._closed(closed)
             self._gap = np.where(got, 0, self._gap + missing[r])
-            if (self._ever & watched & (self._gap == self._limit)).any():
+            hit = self._ever & watched & (self._gap == self._limit)
+            if hit.any():
                 reasons.add("no_gradient")
+                # the rule confirms at `confirm` rows (or at once past it): the rules run until then, not longer
+                self.gap_span = max(self.gap_span, self.gap_confirm_rows - int(self._limit[hit].min()) + 1)
             self._ever |= got
         # a parameter that had gradients is one row short of its limit: screen the next row
         self.counting = bool((self._ever & watched & (self._gap == self._limit - 1)).any())
@@ -809,9 +821,11 @@ class Diagnosis:
         self.unflushed = 0
         th = {rule.name: rule.thresholds for rule in engine.rules}
         #: The per-row screen that triggers full evaluations (see :class:`LiveScreen`).
+        confirm = int(th.get("no_gradient", {}).get("confirm", 10))
         self.screen = LiveScreen(
             dead_threshold=float(th.get("dead_units", {}).get("threshold", 0.5)),
             saturated_threshold=float(th.get("saturated_activations", {}).get("threshold", 0.5)),
+            gap_confirm_rows=max(1, -(-confirm // max(1, int(options.every)))),
         )
         self._hot_until = 0  # the rules run at every recorded step up to this step (after a screen flag)
         self._hot_acts = False  # ... at its sampled steps only (the flag was about activations alone)
@@ -982,6 +996,10 @@ class Diagnosis:
         self._hot_acts = acts_only
         # Activation statistics arrive at sampled steps only: rules that confirm over 3 of them need 3 x sample_every.
         span = max(HOT_STEPS, 3 * self._options.sample_every) if acts_only else HOT_STEPS
+        if reasons == ["no_gradient"]:
+            # gaps alone: until no_gradient can confirm them (at once for a gap as long as its `confirm`), not
+            # 25 steps (the experts of a mixture of experts flag now and then early in a run: 25 evaluations each)
+            span = max(1, self.screen.gap_span)
         self._hot_until = max(self._hot_until, step_count + span)
         self.last_trigger = (step_count, reasons)
         self.cadence.triggered += 1
