@@ -685,7 +685,7 @@ class LiveScreen:
             if hit.any():
                 reasons.add("no_gradient")
                 # the rule confirms at `confirm` rows (or at once past it): the rules run until then, not longer
-                self.gap_span = max(self.gap_span, self.gap_confirm_rows - int(self._limit[hit].min()) + 1)
+                self.gap_span = max(self.gap_span, 1, self.gap_confirm_rows - int(self._limit[hit].min()) + 1)
             self._ever |= got
         # a parameter that had gradients is one row short of its limit: screen the next row
         self.counting = bool((self._ever & watched & (self._gap == self._limit - 1)).any())

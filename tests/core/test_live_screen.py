@@ -615,6 +615,7 @@ def test_a_parameter_that_gets_a_gradient_now_and_then_is_judged_against_its_own
     assert rows(gap(6)) == []  # 6: within it; now 13
     assert rows([False] * 12) == []
     assert rows([False]) == ["no_gradient"]  # the 13th row without one: longer than it has been
+    assert screen.gap_span == 1  # past no_gradient's confirm (10 rows): the rules confirm it at once
     assert rows([True]) == []  # the gap closes at 13: the limit is now 27
     # screened row by row, the count one row short of the limit says so (the flag then comes at its own row)
     rows([False] * 25)
@@ -625,8 +626,11 @@ def test_a_parameter_that_gets_a_gradient_now_and_then_is_judged_against_its_own
     # no_gradient reported the expert's layer: its gaps no longer flag, nor make the next row screened
     screen.reported_params([1])
     assert rows([True] + [False] * 80) == [] and not screen.counting
-    # parameter 2, used every other row (limit 5), stops: it still flags at its 5th row without one
+    # parameter 2, used every other row (limit 5), stops: it still flags at its 5th row without one, and
+    # the rules then run for the 6 rows no_gradient needs to reach its 10
     assert rows([True] * 5, other=[False] * 5) == ["no_gradient"]
+    assert screen.gap_span == 6
+    assert rows([True] * 5, other=[False] * 5) == [] and screen.gap_span == 0
 
 
 class _Experts(nn.Module):
