@@ -253,14 +253,14 @@ class RuleEngine:
                 raise _Malformed(f"check() returned a {type(f).__name__} among its findings, not a Finding")
             # A finding followed over an episode comes back at each evaluation as a copy of the one checked,
             # its last_step and resolved_step moved: only those are checked again.
-            known = valid.get((f.kind, f.layer))
+            checked = valid.get((f.kind, f.layer))
             if (
-                known is not None
-                and known.step == f.step
-                and known.severity is f.severity
-                and known.message is f.message
-                and known.suggestion is f.suggestion
-                and known.evidence is f.evidence
+                checked is not None
+                and checked.step == f.step
+                and checked.severity is f.severity
+                and checked.message is f.message
+                and checked.suggestion is f.suggestion
+                and checked.evidence is f.evidence
             ):
                 bad = _malformed_steps(f)
             else:
