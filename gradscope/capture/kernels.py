@@ -1312,7 +1312,7 @@ class FusedMoments:
             if block is None:
                 return None
             paths.append(self.last_path)
-            out.index_copy_(0, self._rows_tensor(rows, device), block)
+            out.index_copy_(0, self.rows_tensor(rows, device), block)
         # the path of the whole call: the slowest any group took
         self.last_path = "foreach" if "foreach" in paths else paths[0]
         return out
@@ -1357,7 +1357,7 @@ class FusedMoments:
             if block is None:
                 block, taken = self.plan.grad_moments(gs, ps, sampled=sampled), "eager"
             paths.append(taken)
-            out.index_copy_(0, self._rows_tensor(rows, device), block.to(device))
+            out.index_copy_(0, self.rows_tensor(rows, device), block.to(device))
         self.last_path = "eager" if "eager" in paths else paths[0]
         return out
 
@@ -1572,7 +1572,7 @@ class FusedMoments:
                 return False
             dest = view[:, col]
             if rows:
-                dest.index_copy_(0, self._rows_tensor(rows, view.device), sums)
+                dest.index_copy_(0, self.rows_tensor(rows, view.device), sums)
             else:
                 dest.copy_(sums)
             return True
@@ -1627,7 +1627,7 @@ class FusedMoments:
             if rows is None and len(groups) == 1:
                 where = None
             else:  # (the rows of the tensors of this dtype; cached on the device, made once per set)
-                where = self._rows_tensor(group if rows is None else [rows[i] for i in group], device)
+                where = self.rows_tensor(group if rows is None else [rows[i] for i in group], device)
             if "sumsq" in wanted:
                 _put_column(view, MOMENT_INDEX["sumsq"], sumsq, where)
             if "nonfinite" in wanted:  # a flag: 1 for a gradient holding NaN or Inf (exact while 0)
@@ -1639,14 +1639,24 @@ class FusedMoments:
         """Whether the weights' side goes to the Triton kernel: on CUDA by default, on CPU tensors when forced."""
         return (self.path in ("auto", "foreach") and view.device.type == "cuda") or self.path == "triton"
 
-    def _rows_tensor(self, rows: list[int], device: torch.device) -> Tensor:
+    def rows_tensor(self, rows: list[int], device: torch.device) -> Tensor:
+        """``rows`` as a long tensor on ``device``, kept per set of rows (the last 64 sets).
+
+        On CUDA it is copied from pinned memory without waiting: ``torch.tensor(rows, device=...)`` copies
+        pageable memory, a host sync, and a set of rows that changes at every step (the experts a router
+        picked) would make one per step.
+        """
         key = (tuple(rows), device)
         t = self._rows.get(key)
         if t is None:
             if len(self._rows) > 64:
                 self._rows.clear()
-            host = torch.tensor(rows, dtype=torch.long)  # (made once per set of rows; a pinned copy does not wait)
-            t = self._rows[key] = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+            host = torch.tensor(rows, dtype=torch.long)
+            if device.type == "cuda":
+                t = host.pin_memory().to(device, non_blocking=True)
+            else:
+                t = host if device.type == "cpu" else host.to(device)
+            self._rows[key] = t
         return t
 
     def _tail(self, n: int, device: torch.device) -> Tensor:

@@ -234,7 +234,6 @@ class StepRecorder:
         self._opt_seen = False
         self._trust_optimizer = optimizer is not None
         self._prev: dict[int, Tensor] = {}  # weights before the optimizer step (update ratio)
-        self._index_cache: dict[tuple[int, ...], Tensor] = {}
         # DTensor shards go through the eager path (the fused ones read plain storage). So does every
         # distributed run: ranks must compute bit-identical moments of the same replicated gradients,
         # and a rank without the compiled kernel (another machine, a build in progress) would not.
@@ -699,14 +698,8 @@ class StepRecorder:
         return cached[1]
 
     def _index_tensor(self, idx: list[int]) -> Tensor:
-        key = tuple(idx)
-        t = self._index_cache.get(key)
-        if t is None:
-            if len(self._index_cache) > 64:
-                self._index_cache.clear()
-            t = torch.tensor(idx, dtype=torch.long, device=self.buffer.device)
-            self._index_cache[key] = t
-        return t
+        """``idx`` on the buffer's device (no host sync on CUDA: :meth:`FusedMoments.rows_tensor`)."""
+        return self.moments.rows_tensor(idx, self.buffer.device)
 
     def _capture_grads(self, pending: PendingStep, *, snapshot: bool = False) -> None:
         """Moments of every present gradient and weight into the pending row (device work only)."""

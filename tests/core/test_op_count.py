@@ -199,8 +199,8 @@ def test_gradients_of_two_dtypes_cost_operators_per_dtype_not_per_tensor(sampled
         grads = _mixed(n)
         fused = FusedMoments(MomentPlan(MOMENTS), path="foreach")
         view = torch.full((n, len(MOMENTS)), float("nan"), dtype=torch.float64)
-        fused._rows_tensor([i for i in range(n) if i % 2 == 0], view.device)  # (cached index tensors: made once)
-        fused._rows_tensor([i for i in range(n) if i % 2], view.device)
+        fused.rows_tensor([i for i in range(n) if i % 2 == 0], view.device)  # (cached index tensors: made once)
+        fused.rows_tensor([i for i in range(n) if i % 2], view.device)
         with _CountOps() as mode:
             if sampled:
                 block = fused(grads, grads, sampled=True)

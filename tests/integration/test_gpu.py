@@ -340,3 +340,45 @@ def test_the_triton_pair_kernel_on_cuda_copies_and_matches_float64():
     copied = tm.triton_pair_sumsq(a, b, copy=True)
     np.testing.assert_allclose(copied.cpu().numpy(), [float((x.double() ** 2).sum()) for x in a], rtol=1e-5)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+class _Experts(nn.Module):
+    """A router sending each sample to one of 8 experts: which experts get a gradient changes at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(64, 8)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)) for _ in range(8))
+
+    def forward(self, x: torch.Tensor, pick: list[int]) -> torch.Tensor:
+        # the routing is given (a router's own argmax and unique() would sync: that is the model's, not ours)
+        out = self.gate(x)[:, :8]
+        for e in pick:
+            out = out + self.experts[e](x)
+        return out
+
+
+def test_a_mixture_of_experts_never_syncs():
+    """Other tensors have a gradient at every step (the experts picked): their rows are written by index,
+    the index tensors copied from pinned memory, without a sync, sampled steps included."""
+    torch.manual_seed(0)
+    model = _Experts().cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = [data(s) for s in range(1, 31)]
+    picks = [[s % 8, (3 * s + 1) % 8] for s in range(1, 31)]
+    scope = gradscope.watch(model, optimizer=opt, flush_every=100, sample_every=3)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for (x, y), pick in zip(batches, picks):
+            loss = (model(x, pick) - y).pow(2).mean()
+            loss.backward()
+            opt.step()
+            scope.step(loss=loss)
+            opt.zero_grad(set_to_none=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    report = scope.close()
+    assert report.steps == 30 and not report.errors, report.errors
+    has = scope.frame.has_grad
+    assert (~has.all(axis=1)).all()  # every step left experts out
