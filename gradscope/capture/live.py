@@ -668,25 +668,40 @@ class LiveScreen:
             return
         self._gaps_clean = False
         watched = ~self._gap_quiet
-        for r in range(len(has)):
-            got = has[r] & trainable[r]
-            none = not got.any()
-            if none and not self._none:
+        got = has & trainable
+        # rows with no gradient anywhere: flagged when they start; they say nothing about one parameter
+        none = ~got.any(axis=1)
+        if none.any():
+            if (none & ~np.concatenate([[self._none], none[:-1]])).any():
                 reasons.add("no_gradient")
                 self.gap_span = max(self.gap_span, self.gap_confirm_rows)
-            self._none = none
-            if none:  # a step with no gradient anywhere says nothing about one parameter
-                continue
-            closed = got & (self._gap > 0) & self._ever
-            if closed.any():
-                self._closed(closed)
-            self._gap = np.where(got, 0, self._gap + missing[r])
-            hit = self._ever & watched & (self._gap == self._limit)
+            keep = ~none
+            got, missing = got[keep], missing[keep]
+        self._none = bool(none[-1])
+        m = len(got)
+        if m:
+            # Row by row, each parameter's gap would go: 0 at a row with its gradient, +1 at a row without
+            # (not while frozen); a gap that closes raises the limit to 2 x gap + 1; a flag where the gap
+            # reaches the limit. Written in closed form over the block (cumulative counts and scans), as
+            # no_gradient's own update: a fixed number of NumPy calls, whatever the rows.
+            index = np.arange(m)[:, None]
+            last_got = np.maximum.accumulate(np.where(got, index, -1), axis=0)  # [m, P] the last row with one
+            misses = np.cumsum(missing, axis=0)
+            since = misses - np.take_along_axis(misses, np.maximum(last_got, 0), axis=0)
+            gap_after = np.where(last_got >= 0, since, self._gap[None, :] + misses)
+            gap_before = np.concatenate([self._gap[None, :], gap_after[:-1]])
+            ever_before = self._ever[None, :] | np.concatenate([np.zeros((1, got.shape[1]), bool), last_got[:-1] >= 0])
+            closed = got & (gap_before > 0) & ever_before
+            limit = np.maximum(
+                self._limit[None, :], np.maximum.accumulate(np.where(closed, 2 * gap_before + 1, 0), axis=0)
+            )
+            hit = ever_before & watched[None, :] & (gap_after > 0) & (gap_after == limit)
             if hit.any():
                 reasons.add("no_gradient")
                 # the rule confirms at `confirm` rows (or at once past it): the rules run until then, not longer
-                self.gap_span = max(self.gap_span, 1, self.gap_confirm_rows - int(self._limit[hit].min()) + 1)
-            self._ever |= got
+                self.gap_span = max(self.gap_span, 1, self.gap_confirm_rows - int(limit[hit].min()) + 1)
+            self._gap, self._limit = gap_after[-1].copy(), limit[-1].copy()
+            self._ever |= got.any(axis=0)
         # a parameter that had gradients is one row short of its limit: screen the next row
         self.counting = bool((self._ever & watched & (self._gap == self._limit - 1)).any())
 

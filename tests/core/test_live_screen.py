@@ -693,3 +693,67 @@ def test_a_mixture_of_experts_is_read_in_one_call_and_its_routing_does_not_keep_
     # the expert samples per step: the dead fraction is taken only where an expert saw 8 or more
     dead = a.stats[(a.stats.stat == "act_dead_fraction") & a.stats.layer.str.startswith("experts.")]
     assert len(dead) < len(a.stats[(a.stats.stat == "act_zero_fraction") & a.stats.layer.str.startswith("experts.")])
+
+
+def _gaps_by_row(rows: list[tuple[np.ndarray, np.ndarray]], gap_rows: int = 5, confirm: int = 10):
+    """The screen's gap test written row by row, as its docstring says: the reference of the block form."""
+    P = len(rows[0][0])
+    gap, limit = np.zeros(P, int), np.full(P, gap_rows)
+    ever, none_before = np.zeros(P, bool), False
+    out = []
+    for has, trainable in rows:
+        got, missing = has & trainable, trainable & ~has
+        flag, span = False, 0
+        none = not got.any()
+        if none and not none_before:
+            flag, span = True, confirm
+        none_before = none
+        if not none:
+            for p in range(P):
+                if got[p]:
+                    if gap[p] > 0 and ever[p]:
+                        limit[p] = max(limit[p], 2 * gap[p] + 1)
+                    gap[p] = 0
+                elif missing[p]:
+                    gap[p] += 1
+            hit = ever & (gap == limit)
+            if hit.any():
+                flag, span = True, max(span, 1, confirm - int(limit[hit].min()) + 1)
+            ever |= got
+        out.append((flag, span, gap.copy(), limit.copy()))
+    return out
+
+
+def test_the_screens_gaps_in_blocks_follow_the_row_by_row_definition():
+    """Random experts, frozen stretches and steps without any gradient, screened in blocks of 1 to 9 rows:
+    the same flags, the same rules' span, the same gaps and limits as the definition row by row."""
+    rng = np.random.default_rng(7)
+    P, n = 6, 400
+    use = np.array([1.0, 0.9, 0.5, 0.25, 0.1, 0.6])  # how often each parameter gets a gradient
+    rows = []
+    for r in range(n):
+        has = rng.random(P) < use
+        trainable = np.ones(P, bool)
+        if 100 <= r < 130:
+            trainable[5] = False  # frozen for a while: no gradient, and no gap counted
+        if r in (200, 201, 202, 300):
+            has[:] = False  # no gradient anywhere
+        if 250 <= r < 290:
+            has[2] = False  # a long stop
+        rows.append((has & trainable, trainable))
+    want = _gaps_by_row(rows)
+    screen = LiveScreen()
+    r = 0
+    while r < n:
+        k = int(rng.integers(1, 10))
+        block = rows[r : r + k]
+        has = np.array([h for h, _ in block])
+        trainable = np.array([t for _, t in block])
+        sumsq = np.where(has, 1.0, np.nan)
+        got = screen.block(0, sumsq, np.zeros(has.shape), has, trainable, None)
+        flags = [w[0] for w in want[r : r + k]]
+        assert ("no_gradient" in got) == any(flags), r
+        assert screen.gap_span == max([w[1] for w in want[r : r + k]], default=0), r
+        np.testing.assert_array_equal(screen._gap, want[r + len(block) - 1][2])
+        np.testing.assert_array_equal(screen._limit, want[r + len(block) - 1][3])
+        r += k
