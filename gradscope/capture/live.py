@@ -687,7 +687,7 @@ class LiveScreen:
             index = np.arange(m)[:, None]
             last_got = np.maximum.accumulate(np.where(got, index, -1), axis=0)  # [m, P] the last row with one
             misses = np.cumsum(missing, axis=0)
-            since = misses - np.take_along_axis(misses, np.maximum(last_got, 0), axis=0)
+            since: np.ndarray = misses - np.take_along_axis(misses, np.maximum(last_got, 0), axis=0)
             gap_after = np.where(last_got >= 0, since, self._gap[None, :] + misses)
             gap_before = np.concatenate([self._gap[None, :], gap_after[:-1]])
             ever_before = self._ever[None, :] | np.concatenate([np.zeros((1, got.shape[1]), bool), last_got[:-1] >= 0])
