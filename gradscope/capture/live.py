@@ -486,13 +486,8 @@ class LiveScreen:
         self.gap_span = 0
         if has is not None:
             self._gaps_block(has, trainable, reasons)
-        elif not self._gaps_clean:
-            # every parameter had its gradient
-            self._none = False
-            self._gap[:] = 0
-            self._ever[:] = True
-            self._gaps_clean = True
-            self.counting = False
+        elif not self._gaps_clean:  # every parameter had its gradient: the gaps counted close
+            self._gaps_block(np.ones(sumsq.shape, dtype=bool), None, reasons)
         if skipped is not None:
             keep = ~skipped
             sumsq, nonfinite = sumsq[keep], nonfinite[keep]
@@ -655,18 +650,9 @@ class LiveScreen:
         if trainable is None:
             trainable = np.ones_like(has)
         missing = trainable > has
-        if not missing.any():  # the common case: every trainable parameter has its gradient
-            if not self._gaps_clean:
-                self._none = False
-                closed = self._ever & (self._gap > 0)
-                if closed.any():
-                    self._closed(closed)
-                self._gap[:] = 0
-                self._gaps_clean = True
-                self.counting = False
+        if self._gaps_clean and not missing.any():  # the common case: nothing counted, nothing missing
             self._ever |= has.any(axis=0)
             return
-        self._gaps_clean = False
         watched = ~self._gap_quiet
         got = has & trainable
         # rows with no gradient anywhere: flagged when they start; they say nothing about one parameter
@@ -704,10 +690,7 @@ class LiveScreen:
             self._ever |= got.any(axis=0)
         # a parameter that had gradients is one row short of its limit: screen the next row
         self.counting = bool((self._ever & watched & (self._gap == self._limit - 1)).any())
-
-    def _closed(self, closed: np.ndarray) -> None:
-        """Gaps of the parameters in ``closed`` ended (a gradient came back): their limits follow the longest."""
-        self._limit = np.where(closed, np.maximum(self._limit, 2 * self._gap + 1), self._limit)
+        self._gaps_clean = not (self._none or self._gap.any())
 
     def reported_params(self, params: Sequence[int]) -> None:
         """``no_gradient`` reported the layer of ``params``: their gaps no longer flag (the rule follows them)."""

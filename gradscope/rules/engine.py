@@ -154,13 +154,11 @@ class RuleEngine:
         self._seen: set[tuple[str, str | None]] = set()
         self._broken: set[str] = set()
         self._broken_evidence: set[str] = set()
-        # (kind, layer) -> (evidence object a rule returned, what it was checked into): a rule following
-        # an episode returns the first finding again with new steps and the same evidence object, at
-        # every evaluation; that object is not walked again (tens of findings followed at once cost
-        # a millisecond per evaluation otherwise).
-        self._checked_evidence: dict[tuple[str, str | None], tuple[Any, Any]] = {}
-        # (kind, layer) -> the finding last found well formed: its copies with new steps are checked on those
-        self._valid: dict[tuple[str, str | None], Finding] = {}
+        # (kind, layer) -> (the finding last checked, its evidence made JSON-safe): a rule following an
+        # episode returns that finding again at every evaluation, its last_step and resolved_step moved and
+        # everything else the same objects; such a copy has its steps checked, nothing else (tens of findings
+        # followed at once would cost a millisecond per evaluation, hundreds several, walked again).
+        self._known: dict[tuple[str, str | None], tuple[Finding, Any]] = {}
         self.updated: list[Finding] = []  # kept findings whose episode the last run() changed
 
     def check_requirements(self, collected: Iterable[str], *, activations: bool) -> None:
@@ -247,49 +245,51 @@ class RuleEngine:
         if isinstance(found, (str, bytes, Mapping, Finding)) or not isinstance(found, Iterable):
             raise _Malformed(f"check() returned {type(found).__name__}, not a list of Finding")
         out = list(found)
-        valid = self._valid
         for f in out:
             if not isinstance(f, Finding):
                 raise _Malformed(f"check() returned a {type(f).__name__} among its findings, not a Finding")
-            # A finding followed over an episode comes back at each evaluation as a copy of the one checked,
-            # its last_step and resolved_step moved: only those are checked again.
-            checked = valid.get((f.kind, f.layer))
-            if (
-                checked is not None
-                and checked.step == f.step
-                and checked.severity is f.severity
-                and checked.message is f.message
-                and checked.suggestion is f.suggestion
-                and checked.evidence is f.evidence
-            ):
+        for i, f in enumerate(out):
+            key = (f.kind, f.layer)
+            known = self._known.get(key)
+            if known is not None and _same_but_steps(known[0], f):
                 bad = _malformed_steps(f)
+                if bad:
+                    raise _Malformed(f"check() returned a Finding whose {bad}")
+                safe = known[1]
             else:
                 bad = _malformed_field(f)
-                if not bad:
-                    valid[(f.kind, f.layer)] = f
-            if bad:
-                raise _Malformed(f"check() returned a Finding whose {bad}")
-        for i, f in enumerate(out):
-            key_f = (f.kind, f.layer)
-            known = self._checked_evidence.get(key_f)
-            if known is not None and known[0] is f.evidence:
-                if known[1] is not f.evidence:
-                    out[i] = dataclasses.replace(f, evidence=known[1])
-                continue
-            safe = _json_safe(f.evidence)
-            self._checked_evidence[key_f] = (f.evidence, safe)
+                if bad:
+                    raise _Malformed(f"check() returned a Finding whose {bad}")
+                safe = _json_safe(f.evidence)
+                self._known[key] = (f, safe)
+                if safe is not f.evidence:
+                    self._warn_evidence(rule)
             if safe is not f.evidence:
-                key = f"{rule.name}-evidence"
-                if key not in self._broken_evidence:
-                    self._broken_evidence.add(key)
-                    msg = (
-                        f"Rule {rule.name!r} ({type(rule).__name__}) gave evidence that is not JSON-able; the values "
-                        "that are not are written as their repr()."
-                    )
-                    self.errors.append(msg)
-                    warnings.warn(msg, GradscopeWarning, stacklevel=3)
                 out[i] = dataclasses.replace(f, evidence=safe)
         return out
+
+    def _warn_evidence(self, rule: Rule) -> None:
+        key = f"{rule.name}-evidence"
+        if key not in self._broken_evidence:
+            self._broken_evidence.add(key)
+            msg = (
+                f"Rule {rule.name!r} ({type(rule).__name__}) gave evidence that is not JSON-able; the values "
+                "that are not are written as their repr()."
+            )
+            self.errors.append(msg)
+            warnings.warn(msg, GradscopeWarning, stacklevel=4)
+
+
+def _same_but_steps(a: Finding, b: Finding) -> bool:
+    """``b`` is a copy of ``a`` with at most its ``last_step`` and ``resolved_step`` moved (the same objects)."""
+    return (
+        a.step == b.step
+        and a.severity is b.severity
+        and a.message is b.message
+        and a.suggestion is b.suggestion
+        and a.evidence is b.evidence
+        and a.provisional == b.provisional
+    )
 
 
 class _Malformed(Exception):

@@ -626,6 +626,16 @@ def test_a_parameter_that_gets_a_gradient_now_and_then_is_judged_against_its_own
     # no_gradient reported the expert's layer: its gaps no longer flag, nor make the next row screened
     screen.reported_params([1])
     assert rows([True] + [False] * 80) == [] and not screen.counting
+    # a block with every gradient (passed as all present) closes the gaps as any other: parameter 0
+    # goes 8 rows without one (a flag), then every parameter has its gradient
+    other = LiveScreen()
+    has = np.ones((9, 3), dtype=bool)
+    has[1:, 0] = False
+    assert sorted(other.block(0, np.where(has, 1.0, np.nan), np.zeros(has.shape), has, np.ones_like(has), None)) == [
+        "no_gradient"
+    ]
+    other.block(0, np.ones((2, 3)), np.zeros((2, 3)), None, None, None)
+    assert other._limit[0] == 17 and other._gap[0] == 0 and not other.counting
     # parameter 2, used every other row (limit 5), stops: it still flags at its 5th row without one, and
     # the rules then run for the 6 rows no_gradient needs to reach its 10
     assert rows([True] * 5, other=[False] * 5) == ["no_gradient"]
@@ -725,8 +735,9 @@ def _gaps_by_row(rows: list[tuple[np.ndarray, np.ndarray]], gap_rows: int = 5, c
 
 
 def test_the_screens_gaps_in_blocks_follow_the_row_by_row_definition():
-    """Random experts, frozen stretches and steps without any gradient, screened in blocks of 1 to 9 rows:
-    the same flags, the same rules' span, the same gaps and limits as the definition row by row."""
+    """Random experts, frozen stretches, steps without any gradient and a stretch with every gradient (its
+    blocks passed as all present), screened in blocks of 1 to 9 rows: the same flags, the same rules' span,
+    the same gaps and limits as the definition row by row."""
     rng = np.random.default_rng(7)
     P, n = 6, 400
     use = np.array([1.0, 0.9, 0.5, 0.25, 0.1, 0.6])  # how often each parameter gets a gradient
@@ -740,6 +751,8 @@ def test_the_screens_gaps_in_blocks_follow_the_row_by_row_definition():
             has[:] = False  # no gradient anywhere
         if 250 <= r < 290:
             has[2] = False  # a long stop
+        if 320 <= r < 345:
+            has[:] = True  # every gradient: blocks passed as "all present" (has=None) close the gaps
         rows.append((has & trainable, trainable))
     want = _gaps_by_row(rows)
     screen = LiveScreen()
@@ -750,7 +763,8 @@ def test_the_screens_gaps_in_blocks_follow_the_row_by_row_definition():
         has = np.array([h for h, _ in block])
         trainable = np.array([t for _, t in block])
         sumsq = np.where(has, 1.0, np.nan)
-        got = screen.block(0, sumsq, np.zeros(has.shape), has, trainable, None)
+        full = has.all() and trainable.all()
+        got = screen.block(0, sumsq, np.zeros(has.shape), None if full else has, None if full else trainable, None)
         flags = [w[0] for w in want[r : r + k]]
         assert ("no_gradient" in got) == any(flags), r
         assert screen.gap_span == max([w[1] for w in want[r : r + k]], default=0), r
