@@ -690,7 +690,7 @@ class StepRecorder:
     def _trainable_without(self, frozen: list[int]) -> list[bool]:
         """``requires_grad`` of every tensor when exactly ``frozen`` are not trainable (kept while they are the same)."""
         cached = self._frozen_cache
-        if cached is None or cached[0] != frozen:
+        if cached is None or cached[0] is not frozen:  # (the kernel hands the same list while it is the same)
             trainable = [True] * len(self.layout.tensors)
             for i in frozen:
                 trainable[i] = False
