@@ -275,3 +275,77 @@ def test_a_sparse_embedding_costs_the_eager_path_for_itself_alone():
     np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), rtol=1e-5, atol=1e-8)
     # without the split every tensor had its own operators: the eager run's count grows with the model
     assert sum(eager[4].values()) > sum(small[4].values())
+
+
+class _RoutedExperts(nn.Module):
+    """A top-1 router over ``n`` experts: only the experts picked at a step get a gradient (as Mixtral's layers)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.gate = nn.Linear(8, n, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(n))
+        self.picked: list[set[int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inp(x))
+        weight, picked = self.gate(h).softmax(-1).max(-1)
+        chosen = sorted(set(picked.tolist()))
+        self.picked.append(set(chosen))
+        out = h
+        for e in chosen:
+            rows = (picked == e).nonzero(as_tuple=True)[0]
+            out = out.index_add(0, rows, self.experts[e](h[rows]) * weight[rows, None])
+        return out
+
+
+def _experts_run(n: int, path: str) -> tuple[list[Counter[str]], object, list[set[int]]]:
+    """ATen operators of ``scope.step()`` at steps 1-12 of a router over ``n`` experts (2 samples: at most 2 picked)."""
+    torch.manual_seed(0)
+    model = _RoutedExperts(n)
+    scope = gradscope.watch(model, activations=False, rules="none", flush_every=100)
+    scope._recorder.moments = FusedMoments(scope._recorder.plan, path=path)
+    g = torch.Generator().manual_seed(1)
+    counts = []
+    for _ in range(12):
+        model(torch.randn(2, 8, generator=g)).square().mean().backward()
+        with _CountOps() as mode:
+            scope.step()
+        counts.append(mode.ops)
+        model.zero_grad(set_to_none=True)
+    if path == "foreach":
+        assert scope._recorder.moments.last_path == "foreach"
+    return counts, scope.close(), model.picked
+
+
+def test_a_mixture_of_experts_costs_as_many_operators_whatever_the_number_of_experts():
+    """The set of tensors with a gradient changes at every step (the experts the router picked): their
+    rows are written by index, in as many operators with 4, 16 or 64 experts, and the values and the
+    rows left without a gradient are those of the per-tensor eager path."""
+    runs = {n: _experts_run(n, "foreach") for n in (4, 16, 64)}
+
+    def launching(c: Counter[str]) -> dict[str, int]:
+        # views launch nothing; a set of rows not seen before makes its index tensor (lift_fresh), and a
+        # number of rows not seen before on a sampled step its block of NaN (full): once each, then cached
+        return {k: v for k, v in c.items() if k not in ("select", "slice", "view", "lift_fresh", "full")}
+
+    for step in (2, 5, 11, 12):  # ordinary and sampled (1, 11) steps
+        per_n = [launching(runs[n][0][step - 1]) for n in (4, 16, 64)]
+        assert per_n[0] == per_n[1] == per_n[2], (step, per_n)
+    ordinary = launching(runs[64][0][4])
+    assert ordinary.get("index_copy_") == 2 and ordinary.get("_foreach_powsum") == 1, ordinary
+    _, report, picked = runs[16]
+    _, want, _ = _experts_run(16, "eager")
+    got = report.stats.set_index(["step", "layer", "param", "stat"])["value"]
+    ref = want.stats.set_index(["step", "layer", "param", "stat"])["value"]
+    assert got.index.equals(ref.index)
+    np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), rtol=1e-5, atol=1e-7)
+    # the experts recorded with a gradient at each step are those the router picked, no more
+    stats = report.stats
+    norms = stats[
+        (stats["stat"] == "l2_norm") & (stats["param"] == "weight") & stats["layer"].str.startswith("experts.")
+    ]
+    for step, chosen in enumerate(picked, start=1):
+        at = norms[norms["step"] == step]
+        with_grad = {int(layer.split(".")[1]) for layer in at.loc[at["value"].notna(), "layer"]}
+        assert with_grad == chosen, (step, with_grad, chosen)
