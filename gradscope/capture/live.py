@@ -21,8 +21,9 @@ hands each new **confirmed** finding on (sinks at the next flush, ``on_finding``
   fixed number of NumPy calls. On a CPU it reads the rows in place, in the buffer's host memory:
   nothing is copied into the frame unless the rules are about to run. It runs every ``k_s`` steps,
   ``k_s`` from a quarter of the budget (a 1 ms step gets a screen every few steps, a 20 ms one
-  every step or two), and at once on a sampled row (activation statistics), on the step a gradient
-  goes missing and while its rows without one are counted. When it sees something new, the rules run
+  every step or two), and at once on a sampled row (activation statistics), on the step a steady
+  gradient (one present at every row so far) goes missing and at the row where its gap reaches the
+  screen's limit (:attr:`LiveScreen.gap_due`). When it sees something new, the rules run
   at once and then at every recorded step for :data:`HOT_STEPS` steps, so that a rule's ``confirm``
   span is judged as it completes (when only activation modules crossed a threshold, at the sampled
   steps of the next ``3 * sample_every`` instead: their evidence arrives there alone). A healthy run rarely triggers it; a broken one pays a few
@@ -109,6 +110,7 @@ HOT_STEPS = 25
 _SATURATING = ("tanh", "sigmoid", "hardtanh", "hardsigmoid")
 
 _SUMSQ, _NONFINITE = MOMENT_INDEX["sumsq"], MOMENT_INDEX["nonfinite"]
+_NEVER = 1 << 62  # LiveScreen.gap_due with no gap open
 _ACT_DEAD = ACTIVATION_STATISTICS.index("act_dead_fraction")
 _ACT_SATURATED = ACTIVATION_STATISTICS.index("act_saturated_fraction")
 
@@ -331,6 +333,7 @@ class LiveScreen:
         self._bad = np.zeros(0, dtype=bool)  # [P] non-finite at the previous row
         self._gap = np.zeros(0, dtype=np.int64)  # [P] rows without a gradient, since the last one
         self._ever = np.zeros(0, dtype=bool)  # [P] had a gradient once
+        self._closed = np.zeros(0, dtype=bool)  # [P] went without one and got it again (not steady)
         self._limit = np.zeros(0, dtype=np.int64)  # [P] the gap that flags: gap_rows, or 2 x the longest + 1
         self._gap_quiet = np.zeros(0, dtype=bool)  # [P] reported by no_gradient: never flagged again
         self._gap_muted: set[int] = set()  # (those parameters, kept for a new P)
@@ -343,9 +346,13 @@ class LiveScreen:
         self._act_reported: set[tuple[str, int]] = set()
         self._gaps_clean = True  # no gap counted, and the previous row had gradients
         self._none = False  # the previous row had no gradient at all
-        #: A parameter that had gradients is one row short of its flagging gap: the live diagnosis
-        #: screens the next row (the flag then comes at the row that reaches it).
-        self.counting = False
+        #: Rows after the last one screened at which the first open gap of a *steady* parameter (one that
+        #: had its gradient at every row so far, then lost it) reaches its limit: the live diagnosis screens
+        #: that row, so the flag comes at the row that reaches the limit. :data:`_NEVER` when none is open.
+        #: Parameters whose gradient comes and goes (an expert, a branch) are judged at the screen's cadence.
+        self.gap_due = _NEVER
+        self._steady_checked: tuple[Any, Any] | None = None  # (has, trainable) masks last found complete
+        self._fresh: np.ndarray | None = None  # [P] steady, not muted, with its gradient at the last row screened
         # [A] sampled rows since each activation module was last flagged, up to ACT_REARM_ROWS (armed)
         self._act: np.ndarray | None = None
         self._act_masks: tuple[Any, ...] | None = None
@@ -370,11 +377,13 @@ class LiveScreen:
         self._bad = np.zeros(P, dtype=bool)
         self._gap = np.zeros(P, dtype=np.int64)
         self._ever = np.zeros(P, dtype=bool)
+        self._closed = np.zeros(P, dtype=bool)
         self._limit = np.full(P, self.gap_rows, dtype=np.int64)
         self._gap_quiet = np.zeros(P, dtype=bool)
         self._gap_quiet[[p for p in self._gap_muted if p < P]] = True
         self._quiet = False
         self._gaps_clean = False
+        self._fresh = None
 
     def __getstate__(self) -> dict[str, Any]:
         # (a copy's tensors would not share the copied arrays' memory: it makes its own when it needs them)
@@ -484,6 +493,8 @@ class LiveScreen:
         self._ensure(sumsq.shape[1])
         reasons: set[str] = set()
         self.gap_span = 0
+        self.gap_due = _NEVER
+        self._fresh = None
         if has is not None:
             self._gaps_block(has, trainable, reasons)
         elif not self._gaps_clean:  # every parameter had its gradient: the gaps counted close
@@ -688,13 +699,38 @@ class LiveScreen:
                 self.gap_span = max(self.gap_span, 1, self.gap_confirm_rows - int(limit[hit].min()) + 1)
             self._gap, self._limit = gap_after[-1].copy(), limit[-1].copy()
             self._ever |= got.any(axis=0)
-        # a parameter that had gradients is one row short of its limit: screen the next row
-        self.counting = bool((self._ever & watched & (self._gap == self._limit - 1)).any())
+            self._closed |= closed.any(axis=0)
+        # a steady parameter's open gap, short of its limit: the row that reaches the limit is screened
+        open_gaps = self._ever & watched & ~self._closed & (self._gap > 0) & (self._gap < self._limit)
+        if open_gaps.any():
+            self.gap_due = int((self._limit - self._gap)[open_gaps].min())
         self._gaps_clean = not (self._none or self._gap.any())
+
+    def went_missing(self, has: np.ndarray, trainable: np.ndarray) -> bool:
+        """Whether a row not screened yet lacks the gradient of a steady trainable parameter the screen saw last with one.
+
+        ``has`` / ``trainable``: the row's masks ``[P]``. A parameter that always had its gradient and
+        stops getting one (a detached branch) is then screened from the row it goes missing; one whose
+        gradient comes and goes is not looked at here. The same masks as the last call that found nothing
+        (a partly frozen model's rows share theirs) cost one comparison.
+        """
+        checked = self._steady_checked
+        if checked is not None and checked[0] is has and checked[1] is trainable:
+            return False
+        if len(has) != self._P:
+            return False  # nothing screened yet: the first screen looks at every row
+        fresh = self._fresh
+        if fresh is None:  # (once per screen)
+            fresh = self._fresh = self._ever & ~self._closed & ~self._gap_quiet & (self._gap == 0)
+        missing = bool((fresh & trainable & ~has).any())
+        if not missing:
+            self._steady_checked = (has, trainable)
+        return missing
 
     def reported_params(self, params: Sequence[int]) -> None:
         """``no_gradient`` reported the layer of ``params``: their gaps no longer flag (the rule follows them)."""
         self._gap_muted.update(int(p) for p in params)
+        self._fresh = None
         if len(self._gap_quiet):
             self._gap_quiet[[p for p in params if p < len(self._gap_quiet)]] = True
 
@@ -932,8 +968,15 @@ class Diagnosis:
                 and cadence.screen_waiting < cadence.k_screen
                 and cadence.waiting < cadence.k_eval
                 and not (last.sampled and self._acts)
-                # a gradient just went missing, or rows without one are being counted: screen now
-                and (full or not (was_full or self.screen.counting))
+                # a steady gradient just went missing, or its gap reaches the limit at this row: screen now
+                and (
+                    full
+                    or not (
+                        was_full
+                        or cadence.screen_waiting >= self.screen.gap_due
+                        or self.screen.went_missing(last.has_grad, last.trainable)
+                    )
+                )
             ):
                 return  # the ordinary step: counters compared, one row's non-finite counts read
         else:

@@ -10,6 +10,7 @@ their findings between flushes. Timing is printed by benchmarks, never asserted 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -78,16 +79,24 @@ def _mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
 
 
-def test_short_steps_get_a_no_gradient_finding_between_flushes_and_move_no_row_before():
+@pytest.mark.parametrize("activations", [True, False], ids=["activations", "no-activations"])
+def test_short_steps_get_a_no_gradient_finding_between_flushes_and_move_no_row_before(activations):
     # Real clock, steps of well under a millisecond: full evaluations mostly at flushes (50 steps). The
-    # bias of the output layer stops getting a gradient at step 63: the step it goes missing, and each
-    # step while its rows are counted, is screened, so the finding comes long before the flush at 100
-    # (no_gradient confirms a stop after 10 steps once the parameter has a window of history, 50 steps).
+    # bias of the output layer stops getting a gradient at step 63: the step it goes missing is screened,
+    # and the row where its gap reaches the screen's 5 rows, so the finding comes long before the flush at
+    # 100 (no_gradient confirms a stop after 10 steps once the parameter has a window of history, 50
+    # steps). Without activation statistics, no sampled row is screened at once: the gap's own schedule
+    # finds it (it once waited for the flush there).
     seen: list[tuple[int, str, str | None]] = []
     now = {"step": 0}
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    scope = gradscope.watch(model, optimizer=opt, on_finding=lambda f: seen.append((now["step"], f.kind, f.layer)))
+    scope = gradscope.watch(
+        model,
+        optimizer=opt,
+        activations=activations,
+        on_finding=lambda f: seen.append((now["step"], f.kind, f.layer)),
+    )
     cadence = scope._diagnosis.cadence
     g = torch.Generator().manual_seed(1)
     state = []

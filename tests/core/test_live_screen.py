@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 import gradscope
-from gradscope.capture.live import HOT_STEPS, LiveScreen
+from gradscope.capture.live import _NEVER, HOT_STEPS, LiveScreen
 
 
 @pytest.fixture(autouse=True)
@@ -617,15 +617,13 @@ def test_a_parameter_that_gets_a_gradient_now_and_then_is_judged_against_its_own
     assert rows([False]) == ["no_gradient"]  # the 13th row without one: longer than it has been
     assert screen.gap_span == 1  # past no_gradient's confirm (10 rows): the rules confirm it at once
     assert rows([True]) == []  # the gap closes at 13: the limit is now 27
-    # screened row by row, the count one row short of the limit says so (the flag then comes at its own row)
-    rows([False] * 25)
-    assert not screen.counting
-    rows([False])
-    assert screen.counting  # 26 of 27
-    assert rows([False]) == ["no_gradient"]
-    # no_gradient reported the expert's layer: its gaps no longer flag, nor make the next row screened
+    # its gradient comes and goes: its open gap schedules no screen (the screen's cadence judges it)
+    rows([False] * 26)
+    assert screen.gap_due == _NEVER
+    assert rows([False]) == ["no_gradient"]  # 27 of 27
+    # no_gradient reported the expert's layer: its gaps no longer flag
     screen.reported_params([1])
-    assert rows([True] + [False] * 80) == [] and not screen.counting
+    assert rows([True] + [False] * 80) == [] and screen.gap_due == _NEVER
     # a block with every gradient (passed as all present) closes the gaps as any other: parameter 0
     # goes 8 rows without one (a flag), then every parameter has its gradient
     other = LiveScreen()
@@ -635,7 +633,7 @@ def test_a_parameter_that_gets_a_gradient_now_and_then_is_judged_against_its_own
         "no_gradient"
     ]
     other.block(0, np.ones((2, 3)), np.zeros((2, 3)), None, None, None)
-    assert other._limit[0] == 17 and other._gap[0] == 0 and not other.counting
+    assert other._limit[0] == 17 and other._gap[0] == 0 and other.gap_due == _NEVER
     # parameter 2, used every other row (limit 5), stops: it still flags at its 5th row without one, and
     # the rules then run for the 6 rows no_gradient needs to reach its 10
     assert rows([True] * 5, other=[False] * 5) == ["no_gradient"]
@@ -771,3 +769,36 @@ def test_the_screens_gaps_in_blocks_follow_the_row_by_row_definition():
         np.testing.assert_array_equal(screen._gap, want[r + len(block) - 1][2])
         np.testing.assert_array_equal(screen._limit, want[r + len(block) - 1][3])
         r += k
+
+
+def test_a_steady_parameter_that_loses_its_gradient_is_screened_where_its_gap_reaches_the_limit():
+    """Between screens the live diagnosis asks two cheap questions of a row: does it lack the gradient of
+    a parameter that always had one (``went_missing``: screen it now), and has an open gap of such a
+    parameter reached its limit (``gap_due`` rows after the last screen)? A parameter whose gradient comes
+    and goes (an expert) is left to the screen's cadence, and a frozen one is not missing."""
+    screen = LiveScreen()  # gap_rows 5
+    screen.block(10, np.ones((10, 3)), np.zeros((10, 3)), None, None, None)
+    assert screen.gap_due == _NEVER
+    trainable = np.ones(3, dtype=bool)
+    lost = np.array([False, True, True])
+    assert screen.went_missing(lost, trainable)  # parameter 0 had its gradient at every row so far
+    assert not screen.went_missing(lost, np.array([False, True, True]))  # frozen: not missing
+    assert (
+        screen.block(11, np.array([[np.nan, 1.0, 1.0]]), np.zeros((1, 3)), lost[None], trainable[None], None) == set()
+    )
+    assert screen.gap_due == 4  # 1 row without it: the 5th is 4 rows on
+    assert not screen.went_missing(lost, trainable)  # counted already
+    rows = np.tile(lost, (4, 1))
+    flagged = screen.block(15, np.where(rows, 1.0, np.nan), np.zeros((4, 3)), rows, np.ones_like(rows), None)
+    assert flagged == {"no_gradient"} and screen.gap_due == _NEVER  # flagged at its limit: nothing more scheduled
+    # the gradient comes back: the gap closed, parameter 0 now comes and goes; a new gap is the cadence's
+    assert (
+        screen.block(16, np.ones((1, 3)), np.zeros((1, 3)), np.ones((1, 3), bool), np.ones((1, 3), bool), None) == set()
+    )
+    assert not screen.went_missing(lost, trainable)
+    assert (
+        screen.block(17, np.array([[np.nan, 1.0, 1.0]]), np.zeros((1, 3)), lost[None], trainable[None], None) == set()
+    )
+    assert screen.gap_due == _NEVER
+    # parameter 1 never lost its gradient: still steady
+    assert screen.went_missing(np.array([False, False, True]), trainable)
