@@ -123,8 +123,8 @@ class LiveCadence:
 
     Policy: ``step_time`` is the wall time the training spends between two ``scope.step()`` calls
     (from the end of one call to the start of the next, so gradscope's own flushes and evaluations are
-    not counted in it), and ``eval_time`` the wall time of one live evaluation; both are smoothed
-    (exponential moving averages). An evaluation every ``k`` recorded steps costs
+    not counted in it), and ``eval_time`` the wall time of one evaluation; both are smoothed
+    (exponential moving averages, below). An evaluation every ``k`` recorded steps costs
     ``eval_time / (k * step_time)`` of the run, so::
 
         k = clamp(ceil(eval_time / (budget / 2 * step_time)), 1, flush_every)
@@ -135,6 +135,18 @@ class LiveCadence:
     ``eval_time``. The screen (:class:`LiveScreen`) gets a quarter of the budget (:data:`SCREEN_SHARE`)
     the same way: every ``k_s = clamp(ceil(screen_time / (budget / 4 * step_time)), 1, flush_every)``
     steps.
+
+    Both times are measured at every live screen and evaluation, and at a flush's own while ``k_s``
+    or ``k`` is ``flush_every`` (no live one measures it then; a flush's counts in neither
+    :attr:`screens` nor :attr:`evaluations`). A measurement under half the estimate replaces it; others
+    are averaged in. The first screens and evaluations of a run pay one-time costs (first calls), so a
+    high estimate is common early, and it makes the next measurement rare; a low one corrects itself
+    quickly, by the frequent measurements it brings. The screen's warm-up rows
+    (:attr:`LiveScreen.warming`: its full path) are not measured at all; until they are screened,
+    ``k_s`` is 1. Before, only live ones were measured, so a first figure that pinned ``k_s`` at
+    ``flush_every`` was never corrected: a 21-tensor model whose first two screens took 0.60 and 0.45
+    ms (60 us later) was screened at flushes alone for the whole run, and a blow-up of its gradients
+    waited for the next flush.
 
     Args:
         flush_every: the scope's ``flush_every`` (the largest ``k``).
@@ -213,11 +225,13 @@ class LiveCadence:
         k = self.k_screen = self.screen_every
         return k < self.flush_every and self.screen_waiting >= k
 
-    def screened(self, seconds: float) -> None:
-        """A screen ran and took ``seconds``."""
+    def screened(self, seconds: float | None, *, live: bool = True) -> None:
+        """A screen ran and took ``seconds`` (None: not timed; ``live=False``: a flush's, not in :attr:`screens`)."""
         self.screen_waiting = 0
-        self.screens += 1
-        self.screen_time = seconds if self.screen_time is None else 0.8 * self.screen_time + 0.2 * seconds
+        if live:
+            self.screens += 1
+        if seconds is not None:
+            self.screen_time = _smoothed(self.screen_time, seconds, 0.8)
         self.k_screen = self.screen_every
 
     @property
@@ -234,13 +248,21 @@ class LiveCadence:
         k = self.k_eval = self.every
         return k < self.flush_every and self.waiting >= k
 
-    def evaluated(self, seconds: float | None = None) -> None:
-        """An evaluation ran (``seconds``: a live one, timed; None: at a flush)."""
+    def evaluated(self, seconds: float | None = None, *, live: bool = True) -> None:
+        """An evaluation ran and took ``seconds`` (None: not timed; ``live=False``: a flush's, not in :attr:`evaluations`)."""
         self.waiting = 0
         if seconds is not None:
-            self.evaluations += 1
-            self.eval_time = seconds if self.eval_time is None else 0.5 * self.eval_time + 0.5 * seconds
+            if live:
+                self.evaluations += 1
+            self.eval_time = _smoothed(self.eval_time, seconds, 0.5)
         self.k_eval = self.every
+
+
+def _smoothed(estimate: float | None, seconds: float, keep: float) -> float:
+    """An exponential moving average keeping ``keep`` of ``estimate``; a sample under half of it replaces it."""
+    if estimate is None or seconds < 0.5 * estimate:
+        return seconds
+    return keep * estimate + (1.0 - keep) * seconds
 
 
 class LiveScreen:
@@ -362,6 +384,11 @@ class LiveScreen:
         # the mean deviation's: NOISE_RATE * (1 - NOISE_RATE) ** (n - 1 - r)
         self._dev_weights = NOISE_RATE * (1.0 - NOISE_RATE) ** np.arange(64, dtype=np.float64)[::-1]
         self._held_tensors: tuple[Any, ...] | None = None  # (level, inv, weights, dev, dev weights; their tensors)
+
+    @property
+    def warming(self) -> bool:
+        """Whether the next block is screened on the full path for want of rows (the first :attr:`warm_rows`)."""
+        return self._rows < self.warm_rows
 
     def _ensure(self, P: int) -> None:
         if self._P == P:
@@ -991,6 +1018,7 @@ class Diagnosis:
         if not (screen or evaluate):
             return
         clock = cadence.clock
+        warming = self.screen.warming
         t0 = clock()
         try:
             if host is None:
@@ -1001,7 +1029,7 @@ class Diagnosis:
                 screen = True
             if screen:
                 t1 = clock()
-                cadence.screened(t1 - t0)
+                cadence.screened(None if warming else t1 - t0)  # (the warm-up's full path: not what it costs later)
                 t0 = t1
                 if reasons:
                     self._triggered(reasons, step_count)
@@ -1121,9 +1149,15 @@ class Diagnosis:
         evaluation outside the live budget. ``flush()``, ``close()``, a distributed run and the first
         flush of a run (the cadence not settled yet, :attr:`LiveCadence.settled`) always judge.
         """
+        cadence, clock = self.cadence, self.cadence.clock
         if self._host is not None and not self._dist.active and self.engine.rules and self.recorder.rows:
             try:  # the rows about to leave the buffer: the screen keeps its levels and counts continuous
+                t0, seen, warming = clock(), self.screen.screened_step, self.screen.warming
                 reasons = self._screen_host()
+                if self.screen.screened_step != seen:  # it screened rows
+                    # timed where the live screens are too rare to keep the estimate current (k_s = flush_every)
+                    pinned = cadence.k_screen >= cadence.flush_every and not warming
+                    cadence.screened(clock() - t0 if pinned else None, live=False)
                 if reasons:
                     self._triggered(reasons, step_count)
             except Exception as exc:  # monitoring must never stop training
@@ -1133,8 +1167,12 @@ class Diagnosis:
         if due and not final and self._live_judges(step_count):
             new: list[Finding] = []
         else:
-            self.cadence.evaluated()
+            t0, rows = clock(), cadence.waiting
             new = self._judge(final=final, step_count=step_count)
+            # timed where no live evaluation keeps the estimate current (k = flush_every), when it judged
+            # new rows and not in final mode (closing: never repeated)
+            timed = rows and cadence.k_eval >= cadence.flush_every and not (final or self._dist.active)
+            cadence.evaluated(clock() - t0 if timed else None, live=False)
         frame = self.recorder.frame
         start = int(np.searchsorted(frame.steps, self._written_step, side="right"))
         if start < len(frame) or final or self._unsent or self._unsent_updates:

@@ -298,6 +298,33 @@ def test_cadence_follows_the_budget(step_time, eval_time, k):
     assert c.due() == (k < 50)
 
 
+def test_a_slow_first_measurement_does_not_pin_the_cadence():
+    """The first screens of a run cost several times a later one (first calls, the warm-up's full path).
+    Kept as the estimate, such a figure made ``k_s`` ``flush_every``, where only live screens were timed:
+    nothing corrected it. A flush's screen and evaluation now refresh the estimates (without counting as
+    live ones), and a time under half the estimate replaces it; above, it is averaged in."""
+    clock = FakeClock()
+    c = LiveCadence(50, clock=clock)  # budget 1%: the screen gets 0.25% of the step time
+    for _ in range(3):
+        c.step_started()
+        c.step_ended()
+        clock.now += 0.002  # 2 ms steps
+    c.step_started()
+    c.screened(600e-6)  # 600 us: ceil(600 / 5) = 120 steps, clamped
+    assert c.screen_every == 50 and c.screens == 1
+    c.screened(None, live=False)  # the screen's warm-up: not timed
+    assert c.screen_time == pytest.approx(600e-6) and c.screens == 1
+    c.screened(60e-6, live=False)  # a flush's screen
+    assert c.screen_time == pytest.approx(60e-6) and c.screen_every == 12 and c.screens == 1
+    c.screened(100e-6)  # above half the estimate: averaged (0.8 / 0.2)
+    assert c.screen_time == pytest.approx(0.8 * 60e-6 + 0.2 * 100e-6) and c.screens == 2
+    c.evaluated(0.004)  # the same for evaluations (0.5 / 0.5)
+    c.evaluated(0.001, live=False)
+    assert c.eval_time == pytest.approx(0.001) and c.evaluations == 1 and c.every == 50
+    c.evaluated(0.0015)
+    assert c.eval_time == pytest.approx(0.00125) and c.evaluations == 2
+
+
 def test_frame_append_is_amortised_and_exact():
     from gradscope.stats.frame import FrameSchema
 

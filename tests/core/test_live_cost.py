@@ -125,6 +125,52 @@ def test_short_steps_get_a_no_gradient_finding_between_flushes_and_move_no_row_b
             assert rows == 50
 
 
+class _Block(nn.Module):
+    """A pre-norm MLP block with a GELU: no activation module gradscope measures (GELU is not one)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln, self.fc1, self.act, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(self.ln(x))))
+
+
+def test_a_blow_up_on_a_fast_model_without_activation_statistics_is_found_between_flushes():
+    # Real clock, steps of about 2 ms, no activation statistics, so no sampled row is screened at once:
+    # only the screen's cadence finds the blow-up. The first screens of a run cost 0.5-0.6 ms (the
+    # warm-up's full path), about ten times a later one; that figure used to pin the screen at the
+    # flushes for the whole run (the finding at step 100). At step 60 every weight matrix is multiplied
+    # by 8: the gradient norm grows ~100x within 10 steps.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), *[_Block(32) for _ in range(4)], nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seen: list[tuple[int, str]] = []
+    now = {"step": 0}
+    scope = gradscope.watch(model, optimizer=opt, on_finding=lambda f: seen.append((now["step"], f.kind)))
+    assert scope._recorder.acts is None or not scope._recorder.acts.entries
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 101):
+        now["step"] = step
+        if step == 60:
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() == 2:
+                        p.mul_(8.0)
+        x, y = torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        scope.step(loss=loss)
+        opt.zero_grad()
+    report = scope.close()
+    assert any(f.kind == "exploding_gradients" and f.step == 60 for f in report.findings), report.findings
+    step = next(s for s, kind in seen if kind == "exploding_gradients")
+    assert 60 < step < 100, seen  # between flushes (the flush at 100 found it before)
+    cadence = scope._diagnosis.cadence
+    assert cadence.screen_every < 50  # the estimate came down from the warm-up's
+
+
 def _shift_rows(screen: LiveScreen, sumsq: np.ndarray, size: int) -> list[int]:
     """The rows (1-based) at the end of each block the screen flagged as a shift, blocks of ``size`` rows."""
     flagged = []
