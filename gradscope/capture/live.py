@@ -521,7 +521,7 @@ class LiveScreen:
         reasons: set[str] = set()
         self.gap_span = 0
         self.gap_due = _NEVER
-        self._fresh = None
+        self._fresh = self._steady_checked = None  # (what the check of the rows to come compares with)
         if has is not None:
             self._gaps_block(has, trainable, reasons)
         elif not self._gaps_clean:  # every parameter had its gradient: the gaps counted close
@@ -738,8 +738,8 @@ class LiveScreen:
 
         ``has`` / ``trainable``: the row's masks ``[P]``. A parameter that always had its gradient and
         stops getting one (a detached branch) is then screened from the row it goes missing; one whose
-        gradient comes and goes is not looked at here. The same masks as the last call that found nothing
-        (a partly frozen model's rows share theirs) cost one comparison; others a Python loop over the
+        gradient comes and goes is not looked at here. The same masks as the last call since the last
+        screen that found nothing (a partly frozen model's rows share theirs) cost one comparison; others a Python loop over the
         steady parameters, no NumPy call (it runs at every step of a mixture of experts, between
         training steps, where each NumPy call costs about 10 us).
         """
@@ -762,7 +762,7 @@ class LiveScreen:
     def reported_params(self, params: Sequence[int]) -> None:
         """``no_gradient`` reported the layer of ``params``: their gaps no longer flag (the rule follows them)."""
         self._gap_muted.update(int(p) for p in params)
-        self._fresh = None
+        self._fresh = self._steady_checked = None
         if len(self._gap_quiet):
             self._gap_quiet[[p for p in params if p < len(self._gap_quiet)]] = True
 
