@@ -1000,15 +1000,7 @@ class Diagnosis:
                 and cadence.screen_waiting < cadence.k_screen
                 and cadence.waiting < cadence.k_eval
                 and not (last.sampled and self._acts)
-                # a steady gradient just went missing, or its gap reaches the limit at this row: screen now
-                and (
-                    full
-                    or not (
-                        was_full
-                        or cadence.screen_waiting >= self.screen.gap_due
-                        or self.screen.went_missing(last.has_grad, last.trainable)
-                    )
-                )
+                and not self._gap_check(last, full, was_full)
             ):
                 return  # the ordinary step: counters compared, one row's non-finite counts read
         else:
@@ -1019,6 +1011,11 @@ class Diagnosis:
             screen = True
         else:
             screen = cadence.screen_due() or hot
+            if rows:  # (the same look for a steady gradient's gap as on a CPU: host masks, no copy)
+                last = rows[-1]
+                full = last.has_grad is last.trainable
+                was_full, self._was_full = self._was_full, full
+                screen = screen or self._gap_check(last, full, was_full)
         evaluate = hot or cadence.due()
         if not (screen or evaluate):
             return
@@ -1047,6 +1044,22 @@ class Diagnosis:
             self._problem("live", f"live evaluation at step {step_count} failed: {type(exc).__name__}: {exc}")
         if evaluate:
             cadence.evaluated(clock() - t0)
+
+    def _gap_check(self, last: RecordedRow, full: bool, was_full: bool) -> bool:
+        """Whether row ``last`` is screened now for a steady gradient: it just went missing, or its gap reaches the limit here.
+
+        ``full``: ``last`` has every gradient (``was_full``: the row before had). A parameter that had its
+        gradient at every row and stops getting one is so flagged at the row its gap reaches the screen's
+        limit, and ``no_gradient`` confirms it about ten steps after the stop, whatever ``k_s``.
+        """
+        if full:
+            return False
+        screen = self.screen
+        return (
+            was_full
+            or self.cadence.screen_waiting >= screen.gap_due
+            or screen.went_missing(last.has_grad, last.trainable)
+        )
 
     def _live_judges(self, step_count: int) -> bool:
         """At a due flush: the live cadence will judge these rows before the next flush, and nothing is due now."""

@@ -79,14 +79,19 @@ def _mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
 
 
-@pytest.mark.parametrize("activations", [True, False], ids=["activations", "no-activations"])
-def test_short_steps_get_a_no_gradient_finding_between_flushes_and_move_no_row_before(activations):
+@pytest.mark.parametrize(
+    ("activations", "in_place"),
+    [(True, True), (False, True), (False, False)],
+    ids=["activations", "no-activations", "accelerator-path"],
+)
+def test_short_steps_get_a_no_gradient_finding_between_flushes_and_move_no_row_before(activations, in_place):
     # Real clock, steps of well under a millisecond: full evaluations mostly at flushes (50 steps). The
     # bias of the output layer stops getting a gradient at step 63: the step it goes missing is screened,
     # and the row where its gap reaches the screen's 5 rows, so the finding comes long before the flush at
     # 100 (no_gradient confirms a stop after 10 steps once the parameter has a window of history, 50
     # steps). Without activation statistics, no sampled row is screened at once: the gap's own schedule
-    # finds it (it once waited for the flush there).
+    # finds it (it once waited for the flush there). ``in_place=False``: the path of a buffer on an
+    # accelerator (rows streamed into the frame, screened there), forced on this CPU buffer.
     seen: list[tuple[int, str, str | None]] = []
     now = {"step": 0}
     model = _mlp()
@@ -97,6 +102,8 @@ def test_short_steps_get_a_no_gradient_finding_between_flushes_and_move_no_row_b
         activations=activations,
         on_finding=lambda f: seen.append((now["step"], f.kind, f.layer)),
     )
+    if not in_place:
+        scope._diagnosis._host = None
     cadence = scope._diagnosis.cadence
     g = torch.Generator().manual_seed(1)
     state = []
@@ -116,6 +123,8 @@ def test_short_steps_get_a_no_gradient_finding_between_flushes_and_move_no_row_b
     assert layer == "4" and 67 <= step <= 75  # 5 rows without it (63-67), then the rule's own 10 steps
     (f,) = [f for f in report.findings if f.kind == "no_gradient"]
     assert (f.step, f.layer) == (63, "4")
+    if not in_place:
+        return
     # between the flush at step 50 and the stop, the screen read the rows in place: the frame grew only
     # when the cadence ran a full evaluation (it may, to measure one)
     rows50, evals50 = state[49]
