@@ -1640,7 +1640,7 @@ class FusedMoments:
         return (self.path in ("auto", "foreach") and view.device.type == "cuda") or self.path == "triton"
 
     def rows_tensor(self, rows: list[int], device: torch.device) -> Tensor:
-        """``rows`` as a long tensor on ``device``, kept per set of rows (the last 64 sets).
+        """``rows`` as a long tensor on ``device``, kept per set of rows (up to 64 sets, then made afresh).
 
         On CUDA it is copied from pinned memory without waiting: ``torch.tensor(rows, device=...)`` copies
         pageable memory, a host sync, and a set of rows that changes at every step (the experts a router
